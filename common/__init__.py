@@ -1,0 +1,1 @@
+"""Shared pieces: config, schedule maths, policy network, messages, codec, checkpoint I/O."""

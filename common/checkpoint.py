@@ -1,0 +1,137 @@
+"""Checkpoint I/O: written atomically, verified on load.
+
+A checkpoint is a directory ``ckpt-<iteration>`` holding the policy (safetensors, via
+``save_pretrained``), the optimizer state, ``state.json`` (iteration, policy version, prompt
+cursor, ...), the RNG states and a ``manifest.json`` of every file's size and sha256. It is
+written into a temporary sibling, every file fsynced, then renamed into place; the ``latest``
+marker is written last (also by rename). Loading checks the manifest: a damaged checkpoint is
+reported and skipped in favour of the previous one. The last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"ckpt-{iteration:08d}"
+
+
+def save_checkpoint(
+    root: Path,
+    iteration: int,
+    policy: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint ``iteration`` under ``root`` atomically; return its directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(iteration)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    policy.save_pretrained(tmp / "policy")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for p in [*files, tmp / MANIFEST]:
+        _fsync(p)
+    for d in {p.parent for p in files} | {tmp}:
+        _fsync(d)
+    if final.exists():  # a re-run of the same iteration after a resume replaces it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    _write_atomic(root / LATEST, final.name + "\n")
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first (temporaries excluded)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("ckpt-"))
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file of the manifest is there with its size and hash, else what is wrong."""
+    mpath = ckpt / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    for rel, meta in manifest.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"missing {rel}"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{rel} does not match its hash"
+    return None
+
+
+def find_latest(root: Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
+    return None
+
+
+def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore weights (and optimizer, RNG) from ``ckpt``; return its state dict."""
+    problem = verify(ckpt)
+    if problem is not None:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {problem}")
+    from safetensors.torch import load_file
+
+    policy.load_state_dict(load_file(ckpt / "policy" / "model.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+    return json.loads((ckpt / "state.json").read_text())

@@ -1,0 +1,130 @@
+"""msgpack, the byte format wherever data leaves Ray (the rollout log, HTTP bodies).
+
+numpy arrays travel as msgpack ext type 1: a msgpack header [dtype, shape] followed by the raw
+little-endian bytes. Decoding is strict and bounded: a size limit on the whole payload, a
+whitelist of dtypes, shape/size agreement, then pydantic validation. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, TypeVar
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+ARRAY_EXT = 1
+DTYPES = {"bool", "uint8", "int32", "int64", "float16", "float32", "float64"}
+MAX_BYTES = 256 * 2**20  # default bound on one decoded payload
+MAX_DIMS = 8
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class DecodeError(ValueError):
+    """Malformed, oversized or wrongly typed bytes."""
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.name not in DTYPES:
+            raise TypeError(f"cannot encode arrays of dtype {obj.dtype}")
+        arr = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
+        header = msgpack.packb([obj.dtype.name, list(obj.shape)])
+        return msgpack.ExtType(ARRAY_EXT, header + arr.tobytes())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != ARRAY_EXT:
+        raise DecodeError(f"unknown msgpack ext type {code}")
+    unpacker = msgpack.Unpacker(max_buffer_size=len(data), strict_map_key=True)
+    unpacker.feed(data)
+    try:
+        dtype, shape = unpacker.unpack()
+    except Exception as e:  # noqa: BLE001 - any malformed header is a DecodeError
+        raise DecodeError(f"bad array header: {e}") from None
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise DecodeError(f"array dtype {dtype!r} is not allowed")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise DecodeError(f"bad array shape {shape!r}")
+    body = data[unpacker.tell() :]
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if expected != len(body):
+        raise DecodeError(f"array of dtype {dtype} and shape {shape} needs {expected} bytes, got {len(body)}")
+    return np.frombuffer(body, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype)
+
+
+def pack(obj: Any) -> bytes:
+    """Encode a pydantic model or plain data (dicts, lists, scalars, numpy arrays)."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack_raw(data: bytes, max_bytes: int = MAX_BYTES) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise DecodeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max_bytes
+        )
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types for malformed input
+        raise DecodeError(f"malformed msgpack: {type(e).__name__}: {e}") from None
+
+
+def unpack(data: bytes, model: type[M], max_bytes: int = MAX_BYTES) -> M:
+    """Decode and validate bytes into ``model``; DecodeError names what is wrong."""
+    raw = unpack_raw(data, max_bytes)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise DecodeError(f"invalid {model.__name__}: {e}") from None
+
+
+# --- append-only record logs -----------------------------------------------------------------
+
+
+def append_records(path: Path, records: list[BaseModel]) -> None:
+    """Append records to a msgpack stream file, flushed to disk."""
+    with open(path, "ab") as f:
+        for r in records:
+            f.write(pack(r))
+        f.flush()
+
+
+def read_records(source: Path | BinaryIO, model: type[M], max_record: int = 2**20) -> Iterator[M]:
+    """Iterate the records of a msgpack stream file written by ``append_records``.
+
+    A truncated last record (a crash mid-write) ends the iteration; any other damage raises.
+    """
+    f = open(source, "rb") if isinstance(source, (str, Path)) else source
+    try:
+        unpacker = msgpack.Unpacker(
+            f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max_record
+        )
+        for raw in unpacker:
+            try:
+                yield model.model_validate(raw)
+            except ValidationError as e:
+                raise DecodeError(f"invalid {model.__name__} record: {e}") from None
+    except (msgpack.OutOfData, ValueError) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(f"damaged record stream: {e}") from None
+    finally:
+        if isinstance(source, (str, Path)):
+            f.close()

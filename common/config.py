@@ -1,0 +1,243 @@
+"""The run configuration: every section, every field, documented where it is declared.
+
+Precedence, lowest to highest: the defaults below, the YAML file given by ``--config``, then
+dotted command-line flags (``--rollout.k=4``). The field descriptions are the ``--help`` text.
+Unknown keys, wrong types and impossible values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+BaselineName = Literal["none", "mean", "rloo", "xctx", "js", "js_loco"]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentConfig(Section):
+    name: str = Field("toy", min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
+    seed: int = Field(0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it.")
+    output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
+
+
+class ToyConfig(Section):
+    """The toy problem: a class-conditional Gaussian mixture sampled by an exact rectified flow."""
+
+    dim: int = Field(8, ge=1, description="Dimension D of a sample.")
+    num_classes: int = Field(10, ge=1, description="Number of classes; prompts are 'class 0' .. 'class N-1'.")
+    modes_per_class: int = Field(4, ge=1, description="Gaussian modes per class.")
+    mode_scale: float = Field(1.0, gt=0, description="Standard deviation of the random mode centres.")
+    spread: float = Field(0.1, gt=0, description="Standard deviation of each mode.")
+    token_len: int = Field(4, ge=1, description="Length of the fixed 'text token' embedding of a class.")
+    token_dim: int = Field(16, ge=1, description="Width of each 'text token'.")
+    seed: int = Field(1234, ge=0, description="Seed that fixes the mixture and the class embeddings.")
+
+
+class SamplerConfig(Section):
+    backend: Literal["toy"] = Field("toy", description="Sampler backend.")
+    toy: ToyConfig = Field(default_factory=ToyConfig, description="Options of the toy backend.")
+
+
+class PolicyConfig(Section):
+    variant: Literal["conditional", "global"] = Field(
+        "conditional",
+        description="'conditional': alpha from (x_T, text) in one forward pass; 'global': one learnable alpha for all contexts.",
+    )
+    init: Literal["scratch", "default"] = Field(
+        "default",
+        description="'scratch': standard init (the paper); 'default': Dirichlet mean = the backend's default schedule.",
+    )
+    concentration: float = Field(
+        20.0, gt=0, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
+    )
+    widths: list[int] = Field(
+        [32, 64, 128, 256], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
+    )
+    attn_heads: int = Field(4, ge=1, description="Heads of each cross-attention layer.")
+    groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every width).")
+    head_hidden: int = Field(256, ge=1, description="Hidden width of the 2-layer MLP head.")
+    use_pooled: bool = Field(True, description="Feed the pooled text embedding to the head.")
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self) -> "PolicyConfig":
+        bad = [w for w in self.widths if w % self.groups]
+        if bad:
+            raise ValueError(f"groups={self.groups} must divide every width; it does not divide {bad}")
+        bad = [w for w in self.widths if w % self.attn_heads]
+        if bad:
+            raise ValueError(f"attn_heads={self.attn_heads} must divide every width; it does not divide {bad}")
+        return self
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(2, ge=1, description="Number of RolloutWorker actors.")
+    k: int = Field(2, ge=2, description="K: rollouts (schedules) per context.")
+    steps: int = Field(4, ge=1, description="L: model evaluations (NFE) per sample.")
+    contexts_per_iter: int = Field(16, ge=1, description="C: contexts (prompt, seed) per iteration.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each rollout worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
+    min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
+
+
+class RewardSpec(Section):
+    name: str = Field(
+        ..., min_length=1, description="A registered reward name ('toy') or an import path 'pkg.module:Class'."
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the combined reward.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the reward's __init__.")
+    num_servers: int = Field(1, ge=1, description="RewardServer actors hosting this reward.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each of its servers.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each of its servers.")
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of its servers (own dependencies).")
+
+
+class LearnerConfig(Section):
+    iterations: int = Field(100, ge=0, description="Policy updates in the run.")
+    baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
+    checkpoint_every: int = Field(50, ge=1, description="Write a checkpoint every N iterations (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
+    eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
+    eval_seeds: int = Field(64, ge=2, description="Held-out noises per eval prompt.")
+    train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
+    rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
+    progress: bool = Field(True, description="Show a tqdm progress bar.")
+
+
+class RayConfig(Section):
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local cluster started by this run (ignored when joining a cluster)."
+    )
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster started by this run.")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of ray.init().")
+
+
+class Config(BaseSettings):
+    """steinsched: learn instance-level sampling schedules with REINFORCE and a James-Stein baseline."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        cli_prog_name="python -m learner.main",
+        cli_implicit_flags=False,
+        cli_avoid_json=False,
+    )
+
+    config: Path | None = Field(None, description="YAML file with any of the sections below; flags override it.")
+    resume: str | None = Field(
+        None, description="'auto': continue from the latest complete checkpoint in the run dir, or a checkpoint path."
+    )
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Name, seed, output.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="The frozen sampler.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and batch shape.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="toy")],
+        min_length=1,
+        description="Rewards and their weights, as a JSON list on the command line.",
+    )
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Optimisation and evaluation.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="ray.init() settings.")
+
+    @model_validator(mode="after")
+    def _batch_fits_baseline(self) -> "Config":
+        c, base = self.rollout.contexts_per_iter, self.learner.baseline
+        need = {"xctx": 2, "js": 2, "js_loco": 3}.get(base, 1)
+        if c < need:
+            raise ValueError(
+                f"rollout.contexts_per_iter={c} is too small for learner.baseline={base!r}: it needs at least {need}"
+            )
+        if self.rollout.min_workers > self.rollout.num_workers:
+            raise ValueError(
+                f"rollout.min_workers={self.rollout.min_workers} exceeds rollout.num_workers={self.rollout.num_workers}"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.experiment.output_dir / self.experiment.name
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude={"config", "resume"})
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A user's config mistake, with a message fit to print as it is."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
+    """Build the config from ``argv`` (defaults < YAML from --config < flags) and ``overrides``.
+
+    ``overrides`` are nested dicts merged over the YAML (used by tests and benches); flags still
+    win over them. Raises ConfigError with a readable message; argparse exits on unknown flags.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    data: dict[str, Any] = _read_yaml(known.config) if known.config else {}
+    _deep_merge(data, overrides)
+    if known.config is not None:
+        data["config"] = known.config
+    try:
+        return Config(_cli_parse_args=argv, **data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    except SettingsError as e:
+        raise ConfigError(f"invalid command line: {e}") from None
+
+
+def load_yaml_config(path: Path | str) -> Config:
+    """Load and validate a YAML config file alone (no command line)."""
+    return load_config(["--config", str(path)])
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value

@@ -1,0 +1,96 @@
+"""Messages between the learner, the rollout workers and the reward servers (DESIGN.md section 2).
+
+Pydantic models with ``extra="forbid"``. Arrays are numpy; inside Ray they travel as they are,
+outside Ray (the rollout log, HTTP) through ``common.codec``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArrayMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class SamplerSpec(Message):
+    """What the learner needs to know of a sampler without loading it."""
+
+    backend: str
+    x_shape: tuple[int, ...] = Field(description="Shape of one initial noise x_T ([D] or [C, H, W]).")
+    token_dim: int = Field(gt=0)
+    pooled_dim: int = Field(ge=0)
+    train_prompts: list[str] = Field(min_length=1)
+    eval_prompts: list[str] = Field(min_length=1)
+
+
+class Context(Message):
+    """One (prompt, initial noise) pair; ``index`` is its position in the run's context stream."""
+
+    index: int = Field(ge=0)
+    prompt: str
+    seed: int = Field(ge=0)
+
+
+ScheduleMode = Literal["sample", "mean", "default"]
+
+
+class RolloutRequest(Message):
+    """K rollouts for each context, under policy ``version`` (``mode='sample'``), or one sample per
+    context with a fixed schedule: the Dirichlet mean (``'mean'``) or the backend default."""
+
+    request_id: str
+    iteration: int = Field(ge=0)
+    version: int = Field(ge=0)
+    contexts: list[Context] = Field(min_length=1)
+    k: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    mode: ScheduleMode = "sample"
+
+
+class RolloutBatch(ArrayMessage):
+    """What a worker returns for one request (the images travel separately, as an object ref).
+
+    Holds what the learner needs to recompute log pi with gradients: the policy inputs, the
+    action and the behaviour log-prob, with the ids and the version that produced them.
+    """
+
+    request_id: str
+    iteration: int
+    version: int
+    worker: int
+    contexts: list[Context]
+    x: np.ndarray  # [C, *x_shape] float32: initial noises
+    tokens: list[np.ndarray]  # C x [T_c, E] float32, trimmed to each prompt's real length
+    pooled: np.ndarray | None  # [C, P] float32
+    tau: np.ndarray  # [C, K, L+1] float64: the executed schedules
+    logp: np.ndarray  # [C, K] float64: behaviour log-probs (0 for fixed schedules)
+    seconds: float = 0.0  # time the worker spent on the request
+
+    @property
+    def prompts(self) -> list[str]:
+        return [c.prompt for c in self.contexts]
+
+
+class RolloutRecord(Message):
+    """One rollout in the run's rollout log (rollouts.msgpack): ids, action, rewards, advantage."""
+
+    iteration: int
+    context: int
+    k: int
+    prompt: str
+    seed: int
+    version: int
+    tau: list[float]
+    logp: float
+    reward: float
+    rewards: dict[str, float]
+    baseline: float
+    advantage: float

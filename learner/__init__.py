@@ -1,0 +1,1 @@
+"""The learner: entry point, training loop, baselines, update, evaluation, metrics."""

@@ -1,0 +1,48 @@
+"""The REINFORCE update (DESIGN.md section 1).
+
+g = 1/(C*K) sum_c sum_i (r_ci - b_ci) grad log pi(tau_ci | c), baseline detached; log pi is
+recomputed here with gradients from the inputs each rollout carries. Plain REINFORCE: no std
+normalisation (optional), no clipping of the ratio, no KL. AdamW and a gradient-norm clip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.policy import PolicyInputs, SchedulePolicy, entropy, log_prob
+
+
+def reinforce_step(
+    policy: SchedulePolicy,
+    optimizer: torch.optim.Optimizer,
+    inputs: PolicyInputs,
+    tau: np.ndarray,
+    advantage: np.ndarray,
+    behaviour_logp: np.ndarray,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One update on C contexts x K rollouts; returns the step's metrics."""
+    policy.train()
+    alpha = policy(inputs)  # [C, L+1]
+    c, k = advantage.shape
+    logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(tau))  # [C, K] float64
+    adv = torch.from_numpy(np.asarray(advantage, dtype=np.float64))
+    loss = -(adv * logp).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}); the update is skipped")
+    optimizer.step()
+    policy.eval()
+    with torch.no_grad():
+        conc = alpha.sum(-1)
+        return {
+            "learner/pg_loss": float(loss),
+            "learner/grad_norm": float(grad_norm),
+            # on-policy: the recomputed log-prob must equal the worker's (a drift means stale weights)
+            "learner/logp_drift": float((logp.detach() - torch.from_numpy(behaviour_logp)).abs().max()),
+            "policy/entropy": float(entropy(alpha).mean()),
+            "policy/concentration": float(conc.mean()),
+        }

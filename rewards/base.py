@@ -1,0 +1,99 @@
+"""The Reward protocol, the registry of built-ins and the loader of plug-ins (DESIGN.md section 5).
+
+A reward is a class whose ``__init__(**kwargs)`` loads its model once and whose
+``__call__(images, prompts)`` returns a float32 array [N]; scoring is a pure function of its
+inputs, so a retry or a restart is harmless. Built-ins register under a name (a duplicate name is
+refused); a plug-in is named by import path, ``"my_pkg.mod:MyReward"``, with kwargs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray: ...
+
+
+_REGISTRY: dict[str, type] = {}
+_BUILTIN_MODULES = ("rewards.toy",)
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: register a built-in reward under ``name``; a duplicate name is an error."""
+
+    def wrap(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered() -> dict[str, type]:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+    return dict(_REGISTRY)
+
+
+def resolve(name: str) -> type:
+    """A registered name or an import path 'pkg.module:Class' -> the reward class, checked."""
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"reward {name!r}: cannot import module {mod_name!r}: {e}") from None
+        cls = getattr(module, attr, None)
+        if cls is None:
+            raise ValueError(f"reward {name!r}: module {mod_name!r} has no attribute {attr!r}")
+    else:
+        builtins = registered()
+        if name not in builtins:
+            raise ValueError(
+                f"unknown reward {name!r}: use one of {sorted(builtins)} or an import path 'pkg.module:Class'"
+            )
+        cls = builtins[name]
+    if not callable(cls):
+        raise ValueError(f"reward {name!r} is not a class or factory")
+    call = getattr(cls, "__call__", None) if inspect.isclass(cls) else cls
+    try:
+        params = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None:
+        positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if inspect.isclass(cls):
+            positional = positional[1:]  # self
+        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+            raise ValueError(f"reward {name!r}: __call__ must take (images, prompts)")
+    return cls
+
+
+def build(name: str, kwargs: dict[str, Any]) -> Reward:
+    cls = resolve(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"reward {name!r}: bad kwargs {sorted(kwargs)}: {e}") from None
+
+
+def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
+    """A reward's output as float32 [N], or a ValueError naming the reward and the prompt."""
+    arr = np.asarray(scores, dtype=np.float32)
+    if arr.shape != (len(prompts),):
+        raise ValueError(f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images; expected [N]")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"reward {name!r} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r} "
+            f"({bad.size} of {len(prompts)} non-finite); the step is stopped"
+        )
+    return arr

@@ -1,0 +1,1 @@
+"""Rollout side: samplers (backends) and the RolloutWorker actor."""

@@ -1,0 +1,45 @@
+"""The Sampler protocol: what a backend must do for the rollout worker (DESIGN.md section 4).
+
+A user's backend implements these methods; it does not subclass anything of ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from common.messages import SamplerSpec
+
+
+@dataclass
+class PromptFeatures:
+    """The policy's view of one prompt: text tokens trimmed to their real length, pooled embedding."""
+
+    tokens: np.ndarray  # [T, E] float32
+    pooled: np.ndarray | None  # [P] float32
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    def spec(self) -> SamplerSpec:
+        """Shapes of the policy inputs and the backend's train / eval prompts."""
+        ...
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        """The stock schedule at ``steps`` NFE as a point of the simplex, [L+1] float64."""
+        ...
+
+    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        """Policy features of each prompt (a prompt the backend cannot read is a ValueError)."""
+        ...
+
+    def initial_noise(self, seeds: list[int]) -> np.ndarray:
+        """x_T for each seed, [N, *x_shape] float32, a pure function of the seed."""
+        ...
+
+    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Run the frozen sampler; sample n starts from ``noise[n]`` at ``times[n, 0]`` and
+        evaluates the model at ``times[n, :]`` (its own schedule), stepping to 0 at the end."""
+        ...

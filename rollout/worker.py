@@ -1,0 +1,123 @@
+"""RolloutWorker: a frozen sampler and a policy copy; K rollouts per context (a Ray actor in a run).
+
+Every random draw is a function of ids: x_T of the context seed, tau of (run seed, iteration,
+context index, k). A re-sent request therefore gives the same rollout. Workers return data;
+only the learner logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import PolicyConfig, SamplerConfig
+from common.messages import RolloutBatch, RolloutRequest
+from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_tau
+from common.schedule import guard_tau, times_from_tau
+from rollout.backends import build_sampler
+from rollout.sampler import PromptFeatures
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        worker_id: int,
+        sampler: dict[str, Any],
+        policy: dict[str, Any],
+        steps: int,
+        run_seed: int,
+        torch_threads: int = 1,
+    ):
+        torch.set_num_threads(torch_threads)
+        self.worker_id, self.run_seed = worker_id, run_seed
+        self.sampler = build_sampler(SamplerConfig(**sampler))
+        spec = self.sampler.spec()
+        self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
+        self.policy = SchedulePolicy(**self._policy_kwargs).eval()
+        self.version = -1
+        self._features: dict[str, PromptFeatures] = {}
+
+    def spec(self):
+        return self.sampler.spec()
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        return self.sampler.default_tau(steps)
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """The policy's constructor arguments for this sampler (the learner builds the same)."""
+        return dict(self._policy_kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        new = [p for p in dict.fromkeys(prompts) if p not in self._features]
+        if new:
+            self._features.update(zip(new, self.sampler.encode(new)))
+        return [self._features[p] for p in prompts]
+
+    def sample(self, request: RolloutRequest, weights: dict[str, np.ndarray] | None) -> tuple[RolloutBatch, np.ndarray]:
+        """Rollouts for ``request`` under ``weights`` (version ``request.version``).
+
+        Returns (batch, images); called with ``num_returns=2`` so the images stay an object ref
+        that goes to the reward servers without passing through the learner. Images are ordered
+        context-major: row c*K + i is rollout i of context c.
+        """
+        start = time.perf_counter()
+        if request.mode != "default" and request.version != self.version:
+            if weights is None:
+                raise ValueError(f"request {request.request_id} needs policy version {request.version}")
+            load_numpy_state(self.policy, weights)
+            self.version = request.version
+        ctxs, k, steps = request.contexts, request.k, request.steps
+        prompts = [c.prompt for c in ctxs]
+        feats = self._encode(prompts)
+        x = self.sampler.initial_noise([c.seed for c in ctxs])
+        pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats])
+        tokens = [f.tokens for f in feats]
+
+        if request.mode == "sample":
+            with torch.no_grad():
+                alpha = self.policy(collate(x, tokens, pooled)).double()
+            a = alpha.numpy()
+            tau = np.stack(
+                [
+                    [guard_tau(sample_tau(a[i], (self.run_seed, request.iteration, c.index, j))) for j in range(k)]
+                    for i, c in enumerate(ctxs)
+                ]
+            )
+            logp = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(tau)).numpy()
+        else:
+            if request.mode == "mean":
+                with torch.no_grad():
+                    alpha = self.policy(collate(x, tokens, pooled)).double().numpy()
+                mean = alpha / alpha.sum(-1, keepdims=True)
+            else:
+                mean = np.tile(self.sampler.default_tau(steps), (len(ctxs), 1))
+            tau = np.repeat(mean[:, None, :], k, axis=1)
+            logp = np.zeros((len(ctxs), k))
+        if tau.shape[-1] != steps + 1:
+            raise ValueError(f"policy has L={tau.shape[-1] - 1} steps but the request asks for L={steps}")
+
+        times = times_from_tau(tau.reshape(-1, steps + 1))
+        images = self.sampler.sample(
+            [p for p in prompts for _ in range(k)], np.repeat(x, k, axis=0), times
+        )
+        batch = RolloutBatch(
+            request_id=request.request_id,
+            iteration=request.iteration,
+            version=request.version,
+            worker=self.worker_id,
+            contexts=list(ctxs),
+            x=x,
+            tokens=tokens,
+            pooled=pooled,
+            tau=tau,
+            logp=logp,
+            seconds=time.perf_counter() - start,
+        )
+        return batch, images
