@@ -76,10 +76,15 @@ def unpack_raw(data: bytes, max_bytes: int = MAX_BYTES) -> Any:
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise DecodeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
     try:
-        return msgpack.unpackb(
-            data, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max_bytes
-        )
+        unpacker.feed(data)
+        obj = unpacker.unpack()
+        if unpacker.tell() != len(data):
+            raise DecodeError(f"{len(data) - unpacker.tell()} trailing bytes after the message")
+        return obj
+    except msgpack.OutOfData:
+        raise DecodeError("truncated msgpack message") from None
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - msgpack raises many types for malformed input

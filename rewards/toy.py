@@ -17,7 +17,7 @@ from rewards.base import register
 
 @register("toy")
 class ToyReward:
-    def __init__(self, floor: float = -20.0, **problem):
+    def __init__(self, floor: float = -10.0, **problem):
         """``problem``: the toy mixture's settings (the sampler's ``sampler.toy`` section)."""
         self.floor = floor
         self.mixture = ToyMixture(**problem)

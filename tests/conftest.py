@@ -1,0 +1,56 @@
+"""Shared fixtures. Ray runs with auth disabled (a token left by an earlier ray.init() would
+otherwise break `ray job submit`), an explicit num_cpus, and is shut down in teardown."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster shared by the tests of a session (started once: Ray is slow to start)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_overrides(tmp_path: Path, **sections) -> dict:
+    """Config overrides for a run that takes seconds: tiny policy, few iterations, output in tmp."""
+    base = {
+        "experiment": {"name": "t", "seed": 0, "output_dir": str(tmp_path)},
+        "sampler": {"backend": "toy", "toy": {"dim": 4}},
+        "policy": {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16},
+        "rollout": {"num_workers": 2, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
+        "rewards": [{"name": "toy", "num_cpus": 0.5}],
+        "learner": {"iterations": 3, "checkpoint_every": 2, "eval_seeds": 4, "progress": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(base.get(name), dict):
+            base[name] = {**base[name], **values}
+        else:
+            base[name] = values
+    return base

@@ -1,0 +1,116 @@
+"""Config: every shipped YAML loads; mistakes exit non-zero with one message naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import Config, ConfigError, load_config, load_yaml_config
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS, "configs/ ships at least one YAML"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "learner.main" in first, "every YAML starts with the command that runs it"
+    cfg = load_yaml_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.config == path
+
+
+def test_precedence_defaults_yaml_flags(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"rollout": {"k": 4, "steps": 6}, "learner": {"baseline": "rloo"}}))
+    cfg = load_config(["--config", str(p), "--rollout.k=8"])
+    assert cfg.rollout.k == 8  # flag beats YAML
+    assert cfg.rollout.steps == 6  # YAML beats default
+    assert cfg.learner.baseline == "rloo"
+    assert cfg.rollout.num_workers == Config().rollout.num_workers  # default kept
+
+
+def test_rewards_list_from_flag():
+    cfg = load_config(['--rewards=[{"name": "toy", "weight": 2.0, "kwargs": {"floor": -5}}]'])
+    assert cfg.rewards[0].weight == 2.0 and cfg.rewards[0].kwargs == {"floor": -5}
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"rollout": {"bogus": 1}}, "rollout.bogus"),
+        ({"nonsense": {}}, "nonsense"),
+        ({"rollout": {"k": 1}}, "rollout.k"),
+        ({"rollout": {"steps": 0}}, "rollout.steps"),
+        ({"rollout": {"k": "two"}}, "rollout.k"),
+        ({"rollout": {"contexts_per_iter": 1}, "learner": {"baseline": "js"}}, "contexts_per_iter"),
+        ({"rollout": {"contexts_per_iter": 1}, "learner": {"baseline": "xctx"}}, "contexts_per_iter"),
+        ({"rollout": {"contexts_per_iter": 2}, "learner": {"baseline": "js_loco"}}, "contexts_per_iter"),
+        ({"learner": {"baseline": "ppo"}}, "learner.baseline"),
+        ({"rewards": [{"name": "toy", "wieght": 1}]}, "rewards.0.wieght"),
+        ({"policy": {"widths": [30], "groups": 8}}, "groups"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, data, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(p)])
+    assert field in str(e.value)
+
+
+def test_rloo_with_one_context_is_fine():
+    cfg = load_config(["--rollout.contexts_per_iter=1", "--learner.baseline=rloo"])
+    assert cfg.rollout.contexts_per_iter == 1
+
+
+def test_yaml_must_be_a_mapping(tmp_path: Path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(["--config", str(p)])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = load_config(["--rollout.k=4", "--experiment.seed=7"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(cfg.to_yaml())
+    again = load_yaml_config(p)
+    assert again.model_dump(exclude={"config"}) == cfg.model_dump(exclude={"config"})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "learner.main", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_mistakes_exit_2_without_traceback(tmp_path: Path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("rollout:\n  k: 1\n  colour: blue\n")
+    res = _cli("--config", str(p))
+    assert res.returncode == 2
+    assert "rollout.k" in res.stderr and "rollout.colour: unknown key" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _cli("--rollout.nope=3")
+    assert res.returncode == 2 and "--rollout.nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_help_lists_every_field():
+    res = _cli("--help")
+    assert res.returncode == 0
+    for section, model in Config.model_fields.items():
+        assert f"--{section}" in res.stdout
+    for name in ("--rollout.k", "--learner.baseline", "--policy.init", "--sampler.toy.spread", "--ray.num_cpus"):
+        assert name in res.stdout
+    assert "rollouts (schedules) per context" in res.stdout  # descriptions are the help text

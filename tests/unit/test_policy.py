@@ -1,0 +1,149 @@
+"""The Dirichlet schedule policy: shapes, variants, init, masking, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.policy import (
+    ALPHA_MIN,
+    PolicyInputs,
+    SchedulePolicy,
+    collate,
+    describe,
+    load_numpy_state,
+    log_prob,
+    sample_tau,
+    state_to_numpy,
+)
+from common.schedule import uniform_flow_tau
+
+TINY = dict(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16)
+
+
+def _inputs(b=3, x_shape=(4,), t=5, e=6, p=6, seed=0) -> PolicyInputs:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, 3:] = False
+    return PolicyInputs(
+        x=torch.randn(b, *x_shape, generator=g),
+        tokens=torch.randn(b, t, e, generator=g),
+        mask=mask,
+        pooled=torch.randn(b, p, generator=g),
+    )
+
+
+@pytest.mark.parametrize("x_shape", [(4,), (4, 16, 16), (3, 8, 8)])
+def test_conditional_shapes_vector_and_image(x_shape):
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=5, in_channels=x_shape[0], token_dim=6, pooled_dim=6, **TINY).eval()
+    alpha = pol(_inputs(x_shape=x_shape))
+    assert alpha.shape == (3, 6) and alpha.dtype == torch.float32
+    assert bool((alpha > ALPHA_MIN).all())
+
+
+def test_default_init_mean_is_the_default_schedule():
+    tau0 = uniform_flow_tau(4)
+    for variant in ("conditional", "global"):
+        pol = SchedulePolicy(
+            steps=4, in_channels=4, token_dim=6, pooled_dim=6, variant=variant, init="default",
+            default_tau=tau0.tolist(), concentration=50.0, **TINY,
+        ).eval()
+        alpha = pol(_inputs()).detach().double()
+        mean = (alpha / alpha.sum(-1, keepdim=True)).numpy()
+        assert np.allclose(alpha.sum(-1).numpy(), 50.0, rtol=1e-4)
+        # tau_1 = 0 is floored at 1e-3 so the mean lies inside the simplex
+        expected = np.maximum(tau0, 1e-3) / np.maximum(tau0, 1e-3).sum()
+        np.testing.assert_allclose(mean, np.broadcast_to(expected, mean.shape), atol=1e-5)
+
+
+def test_padding_tokens_are_ignored():
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=3, in_channels=4, token_dim=6, pooled_dim=0, **TINY).eval()
+    inp = _inputs(b=1)
+    inp.mask[0, 3:] = False
+    garbage = inp.tokens.clone()
+    garbage[0, 3:] = 1e3
+    a1 = pol(inp)
+    a2 = pol(PolicyInputs(inp.x, garbage, inp.mask, None))
+    a3 = pol(PolicyInputs(inp.x, inp.tokens[:, :3], inp.mask[:, :3], None))
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(a1, a3, atol=1e-6, rtol=1e-5)
+
+
+def test_all_masked_context_is_an_error():
+    pol = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    inp = _inputs(b=2)
+    inp.mask[1] = False
+    with pytest.raises(ValueError, match="at least one real text token"):
+        pol(inp)
+
+
+def test_conditional_output_depends_on_inputs_global_does_not():
+    torch.manual_seed(1)
+    cond = SchedulePolicy(steps=3, in_channels=4, token_dim=6, pooled_dim=6, **TINY).eval()
+    glob = SchedulePolicy(steps=3, in_channels=4, token_dim=6, variant="global").eval()
+    a = cond(_inputs(seed=0))
+    b = cond(_inputs(seed=1))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(glob(_inputs(seed=0)), glob(_inputs(seed=1)))
+    assert glob.num_parameters() == 4
+
+
+def test_save_and_load_restore_an_identical_policy(tmp_path):
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=4, in_channels=4, token_dim=6, pooled_dim=6, **TINY).eval()
+    pol.save_pretrained(tmp_path / "p")
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+    again = SchedulePolicy.from_pretrained(tmp_path / "p").eval()
+    assert again.steps == 4 and again.num_parameters() == pol.num_parameters()
+    inp = _inputs()
+    torch.testing.assert_close(pol(inp), again(inp), rtol=0, atol=0)
+    assert "parameters" in describe(pol)
+
+
+def test_numpy_state_round_trip():
+    torch.manual_seed(0)
+    a = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    torch.manual_seed(1)
+    b = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    load_numpy_state(b, state_to_numpy(a))
+    inp = _inputs(b=2)
+    torch.testing.assert_close(a(inp), b(inp), rtol=0, atol=0)
+
+
+def test_sample_tau_is_a_pure_function_of_the_key():
+    alpha = np.array([0.5, 2.0, 3.0, 1.0])
+    a = sample_tau(alpha, (0, 3, 7, 1))
+    assert np.array_equal(a, sample_tau(alpha, (0, 3, 7, 1)))
+    assert not np.array_equal(a, sample_tau(alpha, (0, 3, 7, 0)))
+    assert a.dtype == np.float64 and abs(a.sum() - 1) < 1e-12
+
+
+def test_log_prob_matches_the_dirichlet_density():
+    from scipy.stats import dirichlet
+
+    alpha = torch.tensor([[0.7, 2.0, 3.5]], requires_grad=True)
+    tau = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    lp = log_prob(alpha, tau)
+    assert lp.dtype == torch.float64
+    assert abs(float(lp.detach()) - dirichlet.logpdf(tau[0].numpy(), alpha.detach()[0].double().numpy())) < 1e-9
+    lp.sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad).all()
+
+
+def test_collate_pads_and_masks():
+    toks = [np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)]
+    inp = collate(np.zeros((2, 5), np.float32), toks, None)
+    assert inp.tokens.shape == (2, 4, 3)
+    assert inp.mask.tolist() == [[True, True, False, False], [True] * 4]
+    with pytest.raises(ValueError):
+        collate(np.zeros((3, 5), np.float32), toks, None)
+
+
+def test_bad_variant_or_init():
+    with pytest.raises(ValueError, match="variant"):
+        SchedulePolicy(steps=3, in_channels=4, token_dim=6, variant="local")
+    with pytest.raises(ValueError, match="default_tau"):
+        SchedulePolicy(steps=3, in_channels=4, token_dim=6, init="default")

@@ -1,0 +1,73 @@
+"""Reward registry, plug-in loading and the checks that keep a bad reward out of an update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewards.base import build, check_scores, register, registered, resolve
+from rewards.server import RewardServer
+from rewards.toy import ToyReward
+
+
+class GoodReward:
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, images, prompts):
+        return np.full(len(prompts), self.scale, dtype=np.float32)
+
+
+class NoPromptsReward:
+    def __call__(self, images):
+        return np.zeros(len(images))
+
+
+class NanReward:
+    def __call__(self, images, prompts):
+        out = np.zeros(len(prompts), dtype=np.float32)
+        out[-1] = np.nan
+        return out
+
+
+def test_builtins_registered_and_duplicates_refused():
+    assert registered()["toy"] is ToyReward
+    with pytest.raises(ValueError, match="already registered"):
+        register("toy")(GoodReward)
+
+
+def test_import_path_plugins():
+    r = build("tests.unit.test_rewards:GoodReward", {"scale": 2.0})
+    assert r([0, 0], ["a", "b"]).tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="cannot import module"):
+        resolve("no_such_pkg.mod:Thing")
+    with pytest.raises(ValueError, match="has no attribute"):
+        resolve("tests.unit.test_rewards:Missing")
+    with pytest.raises(ValueError, match=r"\(images, prompts\)"):
+        resolve("tests.unit.test_rewards:NoPromptsReward")
+    with pytest.raises(ValueError, match="unknown reward 'hpsv9'"):
+        resolve("hpsv9")
+    with pytest.raises(ValueError, match="bad kwargs"):
+        build("tests.unit.test_rewards:GoodReward", {"colour": 1})
+
+
+def test_non_finite_and_wrong_shape_name_reward_and_prompt():
+    with pytest.raises(ValueError, match=r"reward 'nan'.*non-finite.*'class 5'"):
+        check_scores("nan", NanReward()(None, ["class 1", "class 5"]), ["class 1", "class 5"])
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        check_scores("x", np.zeros(3), ["a", "b"])
+    server = RewardServer("tests.unit.test_rewards:NanReward", {})
+    with pytest.raises(ValueError, match="non-finite"):
+        server.score(np.zeros((2, 4)), ["class 0", "class 1"])
+
+
+def test_toy_reward_is_the_floored_log_density():
+    r = ToyReward(floor=-10.0, dim=4, seed=3)
+    on_mode = r.mixture.means[2, 0][None]
+    far = np.full((1, 4), 50.0)
+    s = r(np.concatenate([on_mode, far]), ["class 2", "class 2"])
+    assert s.dtype == np.float32
+    assert s[1] == -10.0
+    assert s[0] == pytest.approx(r.mixture.log_density(on_mode, np.array([2]))[0], rel=1e-6)
+    with pytest.raises(ValueError, match="class 99"):
+        r(on_mode, ["class 99"])
