@@ -1,12 +1,12 @@
 """Variance of the policy-gradient estimate under each reward baseline (the paper's Figure 2a).
 
-    cd <repo> && python bench/baseline_variance.py                # K in {2,4,8,16}, C=16, 200 trials
-    python bench/baseline_variance.py --warmup 50 --trials 400 --out /tmp/variance.png
+    cd <repo> && python bench/baseline_variance.py     # K in {2,4,8,16}, C=16, 200 trials, ~1 min
+    python bench/baseline_variance.py --warmup 0 --trials 400 --out /tmp/variance.png
 
 The toy problem of ``configs/toy.yaml`` (sampler, reward, policy, L), in-process: no Ray.
 
-Method. The policy parameters are fixed: at init, and with ``--warmup N`` also after N REINFORCE
-steps (so alpha is no longer the init point and every layer receives gradient; at the default
+Method. The policy parameters are fixed: at init, and (``--warmup N``, default 50; 0 skips it)
+also after N REINFORCE steps with the config's baseline, K and optimiser (so alpha is no longer the init point and every layer receives gradient; at the default
 init the head's last weight is zero, so only the head's last layer does). A trial draws C
 contexts (prompt uniformly from the train prompts, a fresh noise seed) and K schedules per
 context from the policy, runs the sampler and scores the samples. From the SAME samples every
@@ -142,6 +142,22 @@ def _trace_cov(sum_g: np.ndarray, sum_sq: float, n: int) -> float:
     return float((sum_sq - sum_g @ sum_g / n) / (n - 1))
 
 
+def policy_gradients(alpha: torch.Tensor, tau: np.ndarray, adv: np.ndarray, params: list[torch.Tensor]) -> np.ndarray:
+    """g for each advantage matrix ``adv`` [B, C, K]: [B, P] float64, flattened over ``params``.
+
+    g_b = 1/(C*K) sum_ci adv_bci grad_theta log pi(tau_ci | c) = J^T v_b, with J = d alpha / d theta
+    and v_b = 1/(C*K) sum_i adv_bci d log pi(tau_ci | c) / d alpha_c. The v_b are cheap (alpha
+    space); one batched backward through the policy then gives every g_b, three times faster on a
+    CPU than one backward of the surrogate per baseline (the unit test checks they agree).
+    """
+    k = tau.shape[1]
+    a = alpha.detach().double().requires_grad_()
+    logp = log_prob(a[:, None, :].expand(-1, k, -1), torch.from_numpy(tau))  # [C, K] float64
+    v = torch.stack([torch.autograd.grad((torch.from_numpy(ab) * logp).mean(), a, retain_graph=True)[0] for ab in adv])
+    grads = torch.autograd.grad(alpha, params, grad_outputs=v.to(alpha.dtype), is_grads_batched=True)
+    return torch.cat([g.reshape(len(adv), -1) for g in grads], dim=1).double().numpy()
+
+
 def measure(
     toy: Toy, policy: SchedulePolicy, ks: list[int], contexts: int, trials: int, seed: int, label: str
 ) -> VarianceTable:
@@ -165,24 +181,23 @@ def measure(
             tau, r = toy.rollouts(
                 alpha.detach().double().numpy(), prompts, inputs.x.numpy(), k, np.random.default_rng([seed, _SCHEDULES, k, t])
             )
-            logp = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(tau))  # [C, K] float64
-            grp = t % groups
-            count[grp] += 1
-            for i, name in enumerate(BASELINES):
+            adv = []
+            for name in BASELINES:
                 b, diag = baselines.compute(name, r)  # the same rewards for every baseline
+                adv.append(r - b)
                 if name in alphas:
                     alphas[name].append(float(np.mean(diag["alpha"])))
-                surrogate = (torch.from_numpy(r - b) * logp).mean()  # its gradient is g
-                grads = torch.autograd.grad(surrogate, params, retain_graph=i + 1 < nb)
-                g = torch.cat([gr.reshape(-1) for gr in grads]).double().numpy()
-                sum_g[i, grp] += g
-                sum_sq[i, grp] += g @ g
-        n = int(count.sum())
-        full = np.array([_trace_cov(sum_g[i].sum(0), sum_sq[i].sum(), n) for i in range(nb)])
-        # delete-a-group jackknife: the variances with group h left out, then the ratio's s.e.
+            g = policy_gradients(alpha, tau, np.stack(adv), params)  # [baselines, P]
+            grp = t % groups
+            count[grp] += 1
+            sum_g[:, grp] += g
+            sum_sq[:, grp] += (g * g).sum(1)
+        tot_g, tot_sq, n = sum_g.sum(1), sum_sq.sum(1), int(count.sum())
+        full = np.array([_trace_cov(tot_g[i], tot_sq[i], n) for i in range(nb)])
+        # delete-a-group jackknife: every variance with group h left out, then the ratio's s.e.
         loo = np.array(
             [
-                [_trace_cov(sum_g[i].sum(0) - sum_g[i, h], sum_sq[i].sum() - sum_sq[i, h], n - int(count[h])) for h in range(groups)]
+                [_trace_cov(tot_g[i] - sum_g[i, h], tot_sq[i] - sum_sq[i, h], n - int(count[h])) for h in range(groups)]
                 for i in range(nb)
             ]
         )  # [baselines, groups]
@@ -226,6 +241,7 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 4.2), squeeze=False, sharey=True)
     markers = dict(zip(BASELINES, "osD^v"))
@@ -234,7 +250,10 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
             ls = "--" if name == REFERENCE else "-"
             ax.errorbar(tab.ks, tab.ratio[i], yerr=tab.ratio_se[i], marker=markers.get(name, "o"), ls=ls, capsize=3, label=name)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_locator(LogLocator(base=2))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(tab.ks, [str(k) for k in tab.ks])
         ax.set_xlabel("K (rollouts per context)")
         ax.set_title(f"{tab.label}\nC={tab.contexts}, L={steps}, {tab.trials} trials", fontsize=10)
@@ -255,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16], help="Rollouts per context to compare.")
     p.add_argument("--contexts", type=int, default=16, help="C: contexts per gradient estimate (js_loco needs 3).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the policy init and of every draw.")
-    p.add_argument("--warmup", type=int, default=0, help="Also measure after this many REINFORCE steps (0: init only).")
+    p.add_argument("--warmup", type=int, default=50, help="Also measure after this many REINFORCE steps (0: init only).")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "baseline_variance.png", help="Where the PNG goes.")
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ class ExperimentConfig(Section):
 class ToyConfig(Section):
     """The toy problem: a class-conditional Gaussian mixture sampled by an exact rectified flow."""
 
-    dim: int = Field(8, ge=1, description="Dimension D of a sample.")
+    dim: int = Field(4, ge=1, description="Dimension D of a sample.")
     num_classes: int = Field(10, ge=1, description="Number of classes; prompts are 'class 0' .. 'class N-1'.")
     modes_per_class: int = Field(4, ge=1, description="Gaussian modes per class.")
     mode_scale: float = Field(1.0, gt=0, description="Standard deviation of the random mode centres.")
@@ -62,11 +62,11 @@ class PolicyConfig(Section):
         20.0, gt=0, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
     )
     widths: list[int] = Field(
-        [32, 64, 128, 256], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
+        [32, 32, 64, 64], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
     )
     attn_heads: int = Field(4, ge=1, description="Heads of each cross-attention layer.")
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every width).")
-    head_hidden: int = Field(256, ge=1, description="Hidden width of the 2-layer MLP head.")
+    head_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer MLP head.")
     use_pooled: bool = Field(True, description="Feed the pooled text embedding to the head.")
 
     @model_validator(mode="after")
@@ -85,7 +85,7 @@ class RolloutConfig(Section):
     k: int = Field(2, ge=2, description="K: rollouts (schedules) per context.")
     steps: int = Field(4, ge=1, description="L: model evaluations (NFE) per sample.")
     contexts_per_iter: int = Field(16, ge=1, description="C: contexts (prompt, seed) per iteration.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each rollout worker.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
 
@@ -103,17 +103,17 @@ class RewardSpec(Section):
 
 
 class LearnerConfig(Section):
-    iterations: int = Field(100, ge=0, description="Policy updates in the run.")
+    iterations: int = Field(500, ge=0, description="Policy updates in the run.")
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
-    checkpoint_every: int = Field(50, ge=1, description="Write a checkpoint every N iterations (and at the end).")
+    checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N iterations (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
-    eval_seeds: int = Field(64, ge=2, description="Held-out noises per eval prompt.")
+    eval_seeds: int = Field(200, ge=2, description="Held-out noises per eval prompt.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
@@ -147,7 +147,7 @@ class Config(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and batch shape.")
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="toy")],
+        default_factory=lambda: [RewardSpec(name="toy", kwargs={"floor": -10.0})],
         min_length=1,
         description="Rewards and their weights, as a JSON list on the command line.",
     )

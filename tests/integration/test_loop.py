@@ -66,21 +66,17 @@ def test_tiny_run_writes_everything(ray_local, tmp_path):
     assert summary["default"]["n"] == 10 * 4  # 10 eval prompts x 4 seeds
 
 
-def test_same_seed_same_weights_and_resume_is_exact(ray_local, tmp_path):
+def test_resume_is_exact(ray_local, tmp_path):
+    """Stop after 2 iterations, resume the same run to 4: bit-identical to the uninterrupted run."""
     _, a = _run(tmp_path / "a", learner={"iterations": 4, "checkpoint_every": 2})
-    _, b = _run(tmp_path / "b", learner={"iterations": 4, "checkpoint_every": 2})
-    wa, wb = _weights(a.run_dir), _weights(b.run_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-    # stop after 2 iterations, then resume the same run to 4: identical to the uninterrupted run
     _run(tmp_path / "c", learner={"iterations": 2, "checkpoint_every": 2})
     _, c = _run(tmp_path / "c", ["--resume", "auto"], learner={"iterations": 4, "checkpoint_every": 2})
-    wc = _weights(c.run_dir)
+    wa, wc = _weights(a.run_dir), _weights(c.run_dir)
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
-
-    _, d = _run(tmp_path / "d", experiment={"seed": 1}, learner={"iterations": 4, "checkpoint_every": 2})
-    wd = _weights(d.run_dir)
-    assert not all(torch.equal(wa[k], wd[k]) for k in wa)
+    # and the weights did move: the test would notice a resume that skipped the updates
+    _, z = _run(tmp_path / "z", learner={"iterations": 2, "checkpoint_every": 2})
+    wz = _weights(z.run_dir)
+    assert not all(torch.equal(wa[k], wz[k]) for k in wa)
 
 
 def test_custom_reward_by_import_path_trains(ray_local, tmp_path):

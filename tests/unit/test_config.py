@@ -114,3 +114,9 @@ def test_cli_help_lists_every_field():
     for name in ("--rollout.k", "--learner.baseline", "--policy.init", "--sampler.toy.spread", "--ray.num_cpus"):
         assert name in res.stdout
     assert "rollouts (schedules) per context" in res.stdout  # descriptions are the help text
+
+
+def test_embedded_default_is_the_toy_config():
+    """`python -m learner.main` with no arguments runs configs/toy.yaml."""
+    toy = load_yaml_config(REPO / "configs" / "toy.yaml")
+    assert load_config([]).model_dump(exclude={"config"}) == toy.model_dump(exclude={"config"})

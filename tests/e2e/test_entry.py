@@ -1,0 +1,37 @@
+"""The real entry point, `python -m learner.main --config configs/toy.yaml`, on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.policy import SchedulePolicy
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray
+
+
+def test_entry_point_trains_and_prints_the_table(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "learner.main", "--config", "configs/toy.yaml",
+            f"--experiment.output_dir={tmp_path}", "--experiment.name=e2e",
+            "--learner.iterations=4", "--learner.eval_seeds=8", "--learner.checkpoint_every=2",
+            "--learner.progress=false", "--ray.num_cpus=2",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "held-out evaluation after 4 iterations" in res.stdout
+    assert "learned (mean) - default" in res.stdout
+    run = tmp_path / "e2e"
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["default"]["n"] == 80
+    assert SchedulePolicy.from_pretrained(run / "policy").steps == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["ckpt-00000002", "ckpt-00000004"]
