@@ -6,9 +6,9 @@
 The toy problem of ``configs/toy.yaml`` (sampler, reward, policy, L), in-process: no Ray.
 
 Method. The policy parameters are fixed: at init, and (``--warmup N``, default 50; 0 skips it)
-also after N REINFORCE steps with the config's baseline, K and optimiser (so alpha is no longer the init point and every layer receives gradient; at the default
-init the head's last weight is zero, so only the head's last layer does). A trial draws C
-contexts (prompt uniformly from the train prompts, a fresh noise seed) and K schedules per
+also after N REINFORCE steps with the config's baseline, K and optimiser, so that alpha is no
+longer the init point and every layer receives gradient (the default init zeroes the head's last
+weight, so at init only the head's last layer does). A trial draws C contexts (prompt uniformly from the train prompts, a fresh noise seed) and K schedules per
 context from the policy, runs the sampler and scores the samples. From the SAME samples every
 baseline gives one estimate (DESIGN.md section 1)
 
@@ -16,7 +16,8 @@ baseline gives one estimate (DESIGN.md section 1)
 
 flattened over all policy parameters. Its variance is the trace of its covariance over trials,
 E||g - E g||^2, estimated unbiasedly from the sums of g and of ||g||^2; it is reported as a ratio
-to RLOO's. Its standard error is a delete-a-group jackknife: the trials are dealt into
+to RLOO's. Variance only: the small bias of xctx and js (their baseline depends on r_ci) is not
+counted. Its standard error is a delete-a-group jackknife: the trials are dealt into
 ``JACKKNIFE_GROUPS`` groups and the ratio is recomputed with each group left out (the sums of g
 per group are kept, never one g per trial: 214k parameters x trials x baselines would not fit).
 Contexts are shared by every K (a trial's contexts depend on (seed, trial) only), so the columns
@@ -91,7 +92,7 @@ class Toy:
     def rollouts(self, alpha: np.ndarray, prompts: list[str], x: np.ndarray, k: int, rng: np.random.Generator):
         """K schedules per context from Dirichlet(alpha), sampled and scored: (tau [C,K,L+1], r [C,K])."""
         c = len(prompts)
-        tau = guard_tau(np.stack([rng.dirichlet(a, size=k) for a in alpha]))  # floored point: executed and scored
+        tau = guard_tau(np.stack([rng.dirichlet(a, size=k) for a in alpha]))  # the floored point is run and scored
         rep = [p for p in prompts for _ in range(k)]
         samples = self.sampler.sample(rep, np.repeat(x, k, axis=0), times_from_tau(tau.reshape(c * k, -1)))
         return tau, self.reward(samples, rep).astype(np.float64).reshape(c, k)
@@ -127,7 +128,7 @@ class VarianceTable:
             rule,
         ]
         for i, name in enumerate(self.names):
-            cells = "".join(f"{f'{self.ratio[i, j]:.4g} +- {self.ratio_se[i, j]:.2g}':>18}" for j in range(len(self.ks)))
+            cells = "".join(f"{f'{q:.4g} +- {se:.2g}':>18}" for q, se in zip(self.ratio[i], self.ratio_se[i]))
             lines.append(f"{name:<10}{cells}")
         lines.append(rule)
         ref = self.names.index(REFERENCE)
@@ -142,7 +143,9 @@ def _trace_cov(sum_g: np.ndarray, sum_sq: float, n: int) -> float:
     return float((sum_sq - sum_g @ sum_g / n) / (n - 1))
 
 
-def policy_gradients(alpha: torch.Tensor, tau: np.ndarray, adv: np.ndarray, params: list[torch.Tensor]) -> np.ndarray:
+def policy_gradients(
+    alpha: torch.Tensor, tau: np.ndarray, adv: np.ndarray, params: list[torch.Tensor]
+) -> np.ndarray:
     """g for each advantage matrix ``adv`` [B, C, K]: [B, P] float64, flattened over ``params``.
 
     g_b = 1/(C*K) sum_ci adv_bci grad_theta log pi(tau_ci | c) = J^T v_b, with J = d alpha / d theta
@@ -178,9 +181,8 @@ def measure(
         for t in range(trials):
             prompts, inputs = toy.contexts(np.random.default_rng([seed, _CONTEXTS, t]), contexts)
             alpha = policy(inputs)  # [C, L+1], with the graph to every parameter
-            tau, r = toy.rollouts(
-                alpha.detach().double().numpy(), prompts, inputs.x.numpy(), k, np.random.default_rng([seed, _SCHEDULES, k, t])
-            )
+            rng = np.random.default_rng([seed, _SCHEDULES, k, t])
+            tau, r = toy.rollouts(alpha.detach().double().numpy(), prompts, inputs.x.numpy(), k, rng)
             adv = []
             for name in BASELINES:
                 b, diag = baselines.compute(name, r)  # the same rewards for every baseline
@@ -230,7 +232,8 @@ def warm_up(toy: Toy, policy: SchedulePolicy, cfg: Config, steps: int, seed: int
         prompts, inputs = toy.contexts(np.random.default_rng([seed, _WARMUP, step]), c)
         with torch.no_grad():
             alpha = policy(inputs).double()
-        tau, r = toy.rollouts(alpha.numpy(), prompts, inputs.x.numpy(), k, np.random.default_rng([seed, _WARMUP, step, 1]))
+        rng = np.random.default_rng([seed, _WARMUP, step, 1])
+        tau, r = toy.rollouts(alpha.numpy(), prompts, inputs.x.numpy(), k, rng)
         behaviour = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(tau)).numpy()
         b, _ = baselines.compute(lc.baseline, r)
         reinforce_step(policy, optimizer, inputs, tau, r - b, behaviour, lc.grad_clip)
@@ -248,7 +251,7 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
     for ax, tab in zip(axes[0], tables):
         for i, name in enumerate(tab.names):
             ls = "--" if name == REFERENCE else "-"
-            ax.errorbar(tab.ks, tab.ratio[i], yerr=tab.ratio_se[i], marker=markers.get(name, "o"), ls=ls, capsize=3, label=name)
+            ax.errorbar(tab.ks, tab.ratio[i], yerr=tab.ratio_se[i], marker=markers[name], ls=ls, capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_locator(LogLocator(base=2))
@@ -268,8 +271,10 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "toy.yaml", help="Toy run config (sampler, reward, policy, L).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config", type=Path, default=REPO / "configs" / "toy.yaml", help="Toy run config (sampler, reward, policy, L)."
+    )
     p.add_argument("--trials", type=int, default=200, help="Independent gradient estimates per K.")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16], help="Rollouts per context to compare.")
     p.add_argument("--contexts", type=int, default=16, help="C: contexts per gradient estimate (js_loco needs 3).")
@@ -291,11 +296,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[VarianceTable]:
     args = parse_args(argv)
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     cfg = load_config(["--config", str(args.config)])
     toy = Toy.from_config(cfg)
     torch.manual_seed(args.seed)
-    policy = SchedulePolicy(**policy_kwargs(cfg.policy, toy.sampler.spec(), toy.steps, toy.sampler.default_tau(toy.steps))).eval()
+    kwargs = policy_kwargs(cfg.policy, toy.sampler.spec(), toy.steps, toy.sampler.default_tau(toy.steps))
+    policy = SchedulePolicy(**kwargs).eval()
     print(f"{describe(policy)}; baselines {', '.join(BASELINES)}")
 
     tables = [measure(toy, policy, args.ks, args.contexts, args.trials, args.seed, "policy at init")]
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[VarianceTable]:
         tables.append(measure(toy, policy, args.ks, args.contexts, args.trials, args.seed, label))
         print(tables[-1].format(), flush=True)
     plot(tables, args.out, toy.steps)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; {time.perf_counter() - start:.1f} s in all")
     return tables
 
 

@@ -72,8 +72,9 @@ def check_tau(tau: np.ndarray, steps: int) -> None:
         raise ValueError("tau must be finite and non-negative")
     if not np.allclose(tau.sum(-1), 1.0, atol=1e-6):
         raise ValueError("tau must sum to 1")
-    if steps > 1 and np.any(tau[..., 1:-1] <= 0):
-        raise ValueError("two evaluation times coincide (a zero inner component of tau)")
+    if np.any(tau[..., 1:] <= 0):
+        # tau_1 = 0 is the stock start (t_1 = 1); any later zero makes two times coincide or t_L = 0
+        raise ValueError("two evaluation times coincide or t_L = 0 (a zero component of tau after the first)")
 
 
 # --- default schedules, as points of the simplex ---------------------------------------------
@@ -94,7 +95,7 @@ def uniform_flow_tau(steps: int) -> np.ndarray:
 def shifted_flow_tau(steps: int, shift: float) -> np.ndarray:
     """The uniform flow schedule after the static time shift ``s*t / (1 + (s-1)*t)`` (SD3, Flux)."""
     times = np.linspace(1.0, 1.0 / steps, steps, dtype=np.float64)
-    times = shift * times / (1.0 + (shift - 1.0) * times)
+    times = np.minimum(shift * times / (1.0 + (shift - 1.0) * times), 1.0)  # rounding can pass 1
     return tau_from_times(times)
 
 
