@@ -8,20 +8,20 @@ The toy problem of ``configs/toy.yaml`` (sampler, reward, policy, L), in-process
 Method. The policy parameters are fixed: at init, and (``--warmup N``, default 50; 0 skips it)
 also after N REINFORCE steps with the config's baseline, K and optimiser, so that alpha is no
 longer the init point and every layer receives gradient (the default init zeroes the head's last
-weight, so at init only the head's last layer does). A trial draws C contexts (prompt uniformly from the train prompts, a fresh noise seed) and K schedules per
-context from the policy, runs the sampler and scores the samples. From the SAME samples every
-baseline gives one estimate (DESIGN.md section 1)
+weight, so at init only the head's last layer does). A trial draws C contexts (prompt uniformly
+from the train prompts, a fresh noise seed) and K schedules per context from the policy, runs
+the sampler and scores the samples. From the SAME samples every baseline gives one estimate
+(DESIGN.md section 1)
 
     g = 1/(C*K) sum_c sum_i (r_ci - b_ci) grad_theta log pi(tau_ci | c)
 
 flattened over all policy parameters. Its variance is the trace of its covariance over trials,
-E||g - E g||^2, estimated unbiasedly from the sums of g and of ||g||^2; it is reported as a ratio
-to RLOO's. Variance only: the small bias of xctx and js (their baseline depends on r_ci) is not
-counted. Its standard error is a delete-a-group jackknife: the trials are dealt into
-``JACKKNIFE_GROUPS`` groups and the ratio is recomputed with each group left out (the sums of g
-per group are kept, never one g per trial: 214k parameters x trials x baselines would not fit).
-Contexts are shared by every K (a trial's contexts depend on (seed, trial) only), so the columns
-differ only by K.
+E||g - E g||^2, estimated unbiasedly from the sums of g and of ||g||^2, and reported as a ratio
+to RLOO's with a delete-a-group jackknife standard error: the trials are dealt into
+``JACKKNIFE_GROUPS`` groups and the ratio is recomputed with each group left out (sums of g are
+kept per group, never one g per trial: 214k parameters x trials x baselines would not fit).
+Variance only: the small bias of xctx and js (their baseline depends on r_ci) is not counted.
+A trial's contexts depend on (seed, trial) only, so every K sees the same contexts.
 """
 
 from __future__ import annotations
@@ -273,13 +273,13 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--config", type=Path, default=REPO / "configs" / "toy.yaml", help="Toy run config (sampler, reward, policy, L)."
+        "--config", type=Path, default=REPO / "configs" / "toy.yaml", help="Toy config (sampler, reward, policy, L)."
     )
     p.add_argument("--trials", type=int, default=200, help="Independent gradient estimates per K.")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16], help="Rollouts per context to compare.")
-    p.add_argument("--contexts", type=int, default=16, help="C: contexts per gradient estimate (js_loco needs 3).")
+    p.add_argument("--contexts", type=int, default=16, help="C: contexts per estimate (js_loco needs 3).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the policy init and of every draw.")
-    p.add_argument("--warmup", type=int, default=50, help="Also measure after this many REINFORCE steps (0: init only).")
+    p.add_argument("--warmup", type=int, default=50, help="Also measure after N REINFORCE steps (0: init only).")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "baseline_variance.png", help="Where the PNG goes.")
     args = p.parse_args(argv)
