@@ -41,8 +41,9 @@ def test_tiny_run_writes_everything(ray_local, tmp_path):
     assert [m["step"] for m in train_rows] == [1, 2, 3]
     for key in ("rollout/reward_mean", "rollout/images_per_s", "baseline/alpha", "learner/grad_norm", "policy/entropy"):
         assert all(np.isfinite(m[key]) for m in train_rows), key
-    # on-policy: the learner's recomputed log-probs equal the workers' behaviour log-probs
-    assert max(m["learner/logp_drift"] for m in train_rows) < 1e-9
+    # on-policy: the learner's recomputed log-probs equal the workers' behaviour log-probs up to
+    # float32 batch-size effects in the policy (~1e-7); stale weights would show as O(1e-2)
+    assert max(m["learner/logp_drift"] for m in train_rows) < 1e-4
 
     recs = list(read_records(run / "rollouts.msgpack", RolloutRecord))
     assert len(recs) == iters * C * K
