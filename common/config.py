@@ -103,6 +103,11 @@ class RolloutConfig(Section):
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward server (Ray max_restarts).")
+    restart_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
+    )
+    max_attempts: int = Field(5, ge=1, description="Sends of one rollout request before the step fails.")
 
 
 class RewardSpec(Section):
@@ -172,6 +177,9 @@ class Config(BaseSettings):
     resume: str | None = Field(
         None, description="'auto': continue from the latest complete checkpoint in the run dir, or a checkpoint path."
     )
+    resume_changes: bool = Field(
+        False, description="Allow --resume with a config that differs from the checkpoint's in a field that matters."
+    )
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Name, seed, output.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="The frozen sampler.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
@@ -203,8 +211,38 @@ class Config(BaseSettings):
         return self.experiment.output_dir / self.experiment.name
 
     def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude={"config", "resume"})
+        data = self.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})
         return yaml.safe_dump(data, sort_keys=False)
+
+
+#: Fields that may change between a checkpoint and its resume: scale, logging and evaluation.
+#: Any other difference (seed, sampler, policy, K, L, C, rewards, optimisation) is refused.
+RESUME_FREE = {
+    "experiment.output_dir", "ray", "learner.iterations", "learner.progress", "learner.checkpoint_every",
+    "learner.keep_checkpoints", "learner.eval_every", "learner.eval_prompts", "learner.eval_seeds",
+    "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log",
+    "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus", "rollout.min_workers",
+    "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts",
+}
+_REWARD_RESOURCES = {"num_servers", "num_cpus", "num_gpus", "runtime_env"}
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: "Config") -> list[str]:
+    """Dotted names of the fields that matter where ``cfg`` differs from a checkpoint's config."""
+    now = cfg.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})
+    out = []
+    for section in sorted(set(saved) | set(now)):
+        old, new = saved.get(section), now.get(section)
+        if section == "rewards":
+            strip = lambda rs: [{k: v for k, v in r.items() if k not in _REWARD_RESOURCES} for r in rs or []]  # noqa: E731
+            if strip(old) != strip(new):
+                out.append("rewards")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{section}.{k}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_FREE and section not in RESUME_FREE]
+        elif old != new and section not in RESUME_FREE:
+            out.append(section)
+    return out
 
 
 class ConfigError(ValueError):
@@ -222,6 +260,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {path}: section names must be strings, got {bad!r}")
     return data
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from common.messages import Context, ScheduleMode
-from learner.groups import MetricGroup, Pending, RewardGroup, RolloutGroup, collect
+from learner.groups import Collected, Dispatcher, MetricGroup
 
 DEFAULT = "default"
 
@@ -60,14 +60,14 @@ def _mean_se(x: np.ndarray) -> dict[str, float]:
 
 
 def run_schedule(
-    rollouts: RolloutGroup, contexts: list[Context], steps: int, version: int, weights: ray.ObjectRef, s: Schedule
-) -> list[Pending]:
-    return rollouts.sample(contexts, 1, steps, iteration=0, version=version, weights=weights, mode=s.mode, tau=s.tau)
+    dispatcher: Dispatcher, contexts: list[Context], steps: int, version: int, weights: ray.ObjectRef, s: Schedule
+) -> Collected:
+    requests = dispatcher.rollouts.requests(contexts, 1, steps, iteration=0, version=version, mode=s.mode, tau=s.tau)
+    return dispatcher.run(requests, weights)
 
 
 def evaluate(
-    rollouts: RolloutGroup,
-    rewards: RewardGroup,
+    dispatcher: Dispatcher,
     metrics: MetricGroup | None,
     contexts: list[Context],
     steps: int,
@@ -78,10 +78,9 @@ def evaluate(
     """Reward (and set metrics) of each schedule on ``contexts``, one sample per context."""
     result = EvalResult({})
     for name, sched in schedules.items():
-        pending = run_schedule(rollouts, contexts, steps, version, weights, sched)
-        batches, scored, _ = collect(pending, rewards.score(pending))
-        result.rewards[name] = rewards.combine(scored).total
-        result.taus[name] = np.concatenate([b.tau[:, 0] for b in batches])
+        got = run_schedule(dispatcher, contexts, steps, version, weights, sched)
+        result.rewards[name] = dispatcher.rewards.combine(got.scored).total
+        result.taus[name] = np.concatenate([b.tau[:, 0] for b in got.batches])
         if metrics is not None and metrics.names:
-            result.metrics[name] = metrics.measure(pending)
+            result.metrics[name] = metrics.measure(got.pending)
     return result

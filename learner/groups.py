@@ -1,33 +1,63 @@
 """Actor groups the learner drives as if they were local objects (verl's worker groups).
 
-``RolloutGroup.sample`` fans a list of contexts out over the rollout workers; ``RewardGroup.score``
-fans the workers' image refs out over the reward servers, so images travel worker -> reward
-server as object refs and never through the learner.
+``RolloutGroup`` holds the rollout workers, ``RewardGroup`` the reward servers (one set per
+configured reward), ``MetricGroup`` the evaluation-metric servers. ``Dispatcher.run`` fans a
+list of contexts out as requests: each request is one unit of work (a worker samples, the
+reward servers score its images, which travel as object refs and never through the learner).
+
+Faults: the actors restart when they die (Ray ``max_restarts``). A unit whose worker or reward
+server died is re-sent whole, under the same request id, to a live worker; since every random
+draw is a function of ids, the re-sent unit gives the same rollouts. Results are kept once per
+request id, so each (iteration, context, k) rollout is used exactly once even when Ray reports
+an actor error for a call that did finish. A worker that stays dead (restarts exhausted, or not
+back within ``restart_timeout_s``) leaves the group; below ``min_workers`` the run stops with
+``WorkersLost``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from common.config import Config, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.server import MetricServer, RewardServer
 from rollout.worker import RolloutWorker
 
+#: What a dead or restarting actor looks like to its caller. A RayTaskError (an exception raised
+#: by our own code in the actor, e.g. a non-finite reward) is not among them: it stops the step.
+ACTOR_FAULTS = (RayActorError, ObjectLostError)
+
+
+class WorkersLost(RuntimeError):
+    """Fewer live rollout workers (or reward servers) than the run needs."""
+
+
+def _alive(actor: Any, timeout_s: float) -> bool:
+    """True once ``actor`` answers (after a restart if it had one); False if it is dead for good
+    (its restarts are exhausted: calls fail at once) or not back within ``timeout_s``."""
+    try:
+        ray.get(actor.pid.remote(), timeout=timeout_s)
+        return True
+    except (RayActorError, GetTimeoutError):
+        return False
+
 
 @dataclass
 class Pending:
-    """One in-flight rollout request: its metadata ref and its image ref."""
+    """One in-flight request: its metadata ref, its image ref and its score refs (one per reward)."""
 
     request: RolloutRequest
+    worker: int
     batch: ray.ObjectRef
     images: ray.ObjectRef
+    scores: list[ray.ObjectRef] = field(default_factory=list)
 
     @property
     def prompts(self) -> list[str]:
@@ -37,11 +67,15 @@ class Pending:
 class RolloutGroup:
     def __init__(self, cfg: Config):
         r = cfg.rollout
-        actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+        actor = ray.remote(RolloutWorker).options(
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0
+        )
         self.workers = [
             actor.remote(i, cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed)
             for i in range(r.num_workers)
         ]
+        self.alive = list(range(r.num_workers))
+        self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
 
     def spec(self) -> SamplerSpec:
         return ray.get(self.workers[0].spec.remote())
@@ -49,34 +83,36 @@ class RolloutGroup:
     def policy_kwargs(self) -> dict[str, Any]:
         return ray.get(self.workers[0].policy_kwargs.remote())
 
-    def sample(
-        self,
-        contexts: list[Context],
-        k: int,
-        steps: int,
-        iteration: int,
-        version: int,
-        weights: ray.ObjectRef | None,
-        mode: ScheduleMode = "sample",
-        tau: list[float] | None = None,
-    ) -> list[Pending]:
-        """Split ``contexts`` evenly over the workers; return the in-flight requests in order."""
-        chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.workers)) if len(c)]
-        pending = []
-        for worker, idx in zip(self.workers, chunks):
-            req = RolloutRequest(
-                request_id=uuid.uuid4().hex,
-                iteration=iteration,
-                version=version,
-                contexts=[contexts[i] for i in idx],
-                k=k,
-                steps=steps,
-                mode=mode,
-                tau=tau,
+    def pids(self) -> list[int]:
+        return ray.get([self.workers[i].pid.remote() for i in self.alive])
+
+    def requests(
+        self, contexts: list[Context], k: int, steps: int, iteration: int, version: int,
+        mode: ScheduleMode = "sample", tau: list[float] | None = None,
+    ) -> list[RolloutRequest]:
+        """Split ``contexts`` evenly, one request per live worker, in context order."""
+        chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.alive)) if len(c)]
+        return [
+            RolloutRequest(
+                request_id=uuid.uuid4().hex, iteration=iteration, version=version,
+                contexts=[contexts[i] for i in idx], k=k, steps=steps, mode=mode, tau=tau,
             )
-            batch, images = worker.sample.options(num_returns=2).remote(req, weights)
-            pending.append(Pending(req, batch, images))
-        return pending
+            for idx in chunks
+        ]
+
+    def submit(self, request: RolloutRequest, weights: ray.ObjectRef | None, worker: int) -> Pending:
+        batch, images = self.workers[worker].sample.options(num_returns=2).remote(request, weights)
+        return Pending(request, worker, batch, images)
+
+    def check(self, worker: int) -> None:
+        """After a fault on ``worker``: keep it if it came back, else drop it from the group."""
+        if worker in self.alive and not _alive(self.workers[worker], self.restart_timeout_s):
+            self.alive.remove(worker)
+        if len(self.alive) < self.min_workers:
+            raise WorkersLost(
+                f"only {len(self.alive)} of {len(self.workers)} rollout workers are alive "
+                f"(rollout.min_workers={self.min_workers}); their restarts are exhausted"
+            )
 
 
 @dataclass
@@ -86,31 +122,39 @@ class Scores:
 
 
 class RewardGroup:
-    def __init__(self, specs: list[RewardSpec], extra_kwargs: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, specs: list[RewardSpec], extra_kwargs: dict[str, dict[str, Any]] | None = None,
+                 max_restarts: int = 3, restart_timeout_s: float = 120.0):
         """``extra_kwargs[name]`` is merged under a spec's own kwargs (the toy reward's mixture)."""
         self.specs = specs
         self.servers: list[list[Any]] = []
+        self.restart_timeout_s = restart_timeout_s
         for spec in specs:
             kwargs = {**(extra_kwargs or {}).get(spec.name, {}), **spec.kwargs}
             actor = ray.remote(RewardServer).options(
-                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, runtime_env=spec.runtime_env
+                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, runtime_env=spec.runtime_env,
+                max_restarts=max_restarts, max_task_retries=0,
             )
             self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
-        self._turn = 0
+        self.alive = [list(range(len(s))) for s in self.servers]
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
+        self._turn = 0
 
-    def score(self, pending: list[Pending]) -> list[ray.ObjectRef]:
-        """Start scoring every request with every reward; returns refs [request][reward]."""
-        refs = []
-        for p in pending:
-            row = []
-            for servers in self.servers:
-                row.append(servers[self._turn % len(servers)].score.remote(p.images, p.prompts))
-            self._turn += 1
-            refs.append(row)
-        return refs
+    def score(self, p: Pending) -> None:
+        """Start scoring ``p``'s images with every reward (round robin over each reward's servers)."""
+        p.scores = []
+        for j, servers in enumerate(self.servers):
+            alive = self.alive[j]
+            p.scores.append(servers[alive[self._turn % len(alive)]].score.remote(p.images, p.prompts))
+        self._turn += 1
+
+    def check(self) -> None:
+        """After a scoring fault: drop servers that stay dead; stop if a reward has none left."""
+        for j, servers in enumerate(self.servers):
+            self.alive[j] = [i for i in self.alive[j] if _alive(servers[i], self.restart_timeout_s)]
+            if not self.alive[j]:
+                raise WorkersLost(f"every reward server of {self.specs[j].name!r} is dead; restarts are exhausted")
 
     def combine(self, scored: list[list[np.ndarray]]) -> Scores:
         """Concatenate per-request scores and weight them into the total reward."""
@@ -142,11 +186,55 @@ class MetricGroup:
         return dict(zip(out, ray.get(list(out.values()))))
 
 
-def collect(pending: list[Pending], score_refs: list[list[ray.ObjectRef]]) -> tuple[list[RolloutBatch], list[list[np.ndarray]], float]:
-    """Wait for every request's metadata and scores; returns them and the seconds waited."""
-    start = time.perf_counter()
-    batches = ray.get([p.batch for p in pending])
-    flat = ray.get([ref for row in score_refs for ref in row])
-    width = len(score_refs[0]) if score_refs else 0
-    scored = [flat[i * width : (i + 1) * width] for i in range(len(score_refs))]
-    return batches, scored, time.perf_counter() - start
+@dataclass
+class Collected:
+    batches: list[RolloutBatch]  # in request order
+    scored: list[list[np.ndarray]]  # [request][reward]
+    pending: list[Pending]  # the units whose results were kept (image refs for metrics and plots)
+    seconds: float
+    faults: int
+
+
+class Dispatcher:
+    """Runs requests as units of work (sample, then score) with re-sends on actor faults."""
+
+    def __init__(self, rollouts: RolloutGroup, rewards: RewardGroup, max_attempts: int = 5):
+        self.rollouts, self.rewards, self.max_attempts = rollouts, rewards, max_attempts
+        self.faults = 0  # actor faults survived over the run
+
+    def _launch(self, request: RolloutRequest, weights: ray.ObjectRef | None, turn: int) -> Pending:
+        alive = self.rollouts.alive
+        p = self.rollouts.submit(request, weights, alive[turn % len(alive)])
+        self.rewards.score(p)
+        return p
+
+    def run(self, requests: list[RolloutRequest], weights: ray.ObjectRef | None) -> Collected:
+        start, faults = time.perf_counter(), 0
+        units = [self._launch(r, weights, i) for i, r in enumerate(requests)]
+        done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
+        attempts = {r.request_id: 1 for r in requests}
+        i = 0
+        while i < len(units):
+            p = units[i]
+            rid = p.request.request_id
+            try:
+                batch = ray.get(p.batch)
+                scores = ray.get(p.scores)
+            except ACTOR_FAULTS as e:
+                faults += 1
+                if attempts[rid] >= self.max_attempts:
+                    raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
+                self.rollouts.check(p.worker)
+                self.rewards.check()
+                attempts[rid] += 1
+                units[i] = self._launch(p.request, weights, p.worker + attempts[rid])
+                continue
+            if rid not in done:  # a request's results are used once, whatever Ray reported
+                done[rid] = (batch, scores, p)
+            i += 1
+        self.faults += faults
+        kept = [done[r.request_id] for r in requests]
+        return Collected(
+            batches=[b for b, _, _ in kept], scored=[s for _, s, _ in kept], pending=[p for _, _, p in kept],
+            seconds=time.perf_counter() - start, faults=faults,
+        )

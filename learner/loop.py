@@ -23,15 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from common.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from common.codec import append_records
-from common.config import Config, RayConfig
+from common.codec import append_records, read_records
+from common.config import Config, RayConfig, resume_conflicts
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, collate, describe, state_to_numpy
 from learner import baselines
 from learner.contexts import ContextStream, eval_contexts
 from learner import plots
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
-from learner.groups import MetricGroup, RewardGroup, RolloutGroup, collect
+from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, WorkersLost
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl
 from learner.update import reinforce_step
 
@@ -74,7 +74,8 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
     lc = cfg.learner
     try:
         rollouts = RolloutGroup(cfg)
-        rewards = RewardGroup(cfg.rewards, _reward_extras(cfg))
+        rewards = RewardGroup(cfg.rewards, _reward_extras(cfg), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s)
+        dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
         torch.manual_seed(cfg.experiment.seed)
@@ -90,7 +91,14 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
                 print(f"--resume auto: no checkpoint in {ckpt_dir}; starting fresh")
             else:
                 state = load_checkpoint(ckpt, policy, optimizer)
+                conflicts = resume_conflicts(state["config"], cfg)
+                if conflicts and not cfg.resume_changes:
+                    raise ValueError(
+                        f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
+                        " (pass --resume_changes=true to resume anyway)"
+                    )
                 start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
+                _drop_records_after(run_dir, start)
                 print(f"resumed from {ckpt} at iteration {start}")
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
@@ -100,12 +108,20 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         bar = tqdm(range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train")
         for it in bar:
             t0 = time.perf_counter()
+            cursor = stream.cursor
             contexts = stream.next(C)
 
             # SAMPLING: K schedules per context on the workers, scored by the reward servers
-            pending = rollouts.sample(contexts, K, L, it, version, weights)
-            batches, scored, wait_s = collect(pending, rewards.score(pending))
-            scores = rewards.combine(scored)
+            try:
+                got = dispatcher.run(rollouts.requests(contexts, K, L, it, version), weights)
+            except WorkersLost:
+                # too few actors left: keep what was learned (the state before this iteration)
+                state = {"iteration": it, "version": version, "cursor": cursor, **_static_state(cfg)}
+                ckpt = save_checkpoint(ckpt_dir, it, policy, optimizer, state, keep=lc.keep_checkpoints)
+                print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
+                raise
+            batches = got.batches
+            scores = rewards.combine(got.scored)
             r = scores.total.reshape(C, K)
 
             # BASELINE and ADVANTAGE (per-context and cross-context statistics, James-Stein)
@@ -133,11 +149,12 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
                 {
                     "rollout/reward_mean": float(r.mean()),
                     "rollout/reward_std": float(r.std()),
-                    "rollout/images_per_s": C * K / max(wait_s, 1e-9),
+                    "rollout/images_per_s": C * K / max(got.seconds, 1e-9),
                     "rollout/worker_seconds": float(sum(bt.seconds for bt in batches)),
                     "baseline/adv_std": float(adv.std()),
                     "system/step_seconds": step_s,
-                    "system/workers_alive": float(len(rollouts.workers)),
+                    "system/workers_alive": float(len(rollouts.alive)),
+                    "system/faults": float(got.faults),
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }
@@ -149,10 +166,12 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
 
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                state = {"iteration": it + 1, "version": version, "cursor": stream.cursor, "baseline": lc.baseline}
+                state = {"iteration": it + 1, "version": version, "cursor": stream.cursor, **_static_state(cfg)}
                 save_checkpoint(ckpt_dir, it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
-                res = evaluate(rollouts, rewards, None, held_out, L, version, weights, {DEFAULT: Schedule("default"), learned: Schedule("mean")})
+                res = evaluate(
+                    dispatcher, None, held_out, L, version, weights, {DEFAULT: Schedule("default"), learned: Schedule("mean")}
+                )
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
         policy.save_pretrained(run_dir / "policy")
@@ -161,7 +180,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             return RunResult(run_dir, lc.iterations, version, policy, None)
 
         schedules = {DEFAULT: Schedule("default"), **(baselines_to_beat or {}), learned: Schedule("mean")}
-        result = evaluate(rollouts, rewards, metrics, held_out, L, version, weights, schedules)
+        result = evaluate(dispatcher, metrics, held_out, L, version, weights, schedules)
         n_prompts = len(lc.eval_prompts or spec.eval_prompts)
         title = (
             f"held-out evaluation after {lc.iterations} iterations: {n_prompts} prompts x {lc.eval_seeds} noises,"
@@ -172,7 +191,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         loggers.close()
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
         if lc.plots:
-            _plot(run_dir, rollouts, spec.x_shape, held_out, result, schedules, learned, L, version, weights)
+            _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, L, version, weights)
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
         if started_ray:
@@ -187,7 +206,7 @@ def _eval_metrics(res: EvalResult) -> dict[str, float]:
     return out
 
 
-def _plot(run_dir, rollouts, x_shape, held_out, result, schedules, learned, steps, version, weights) -> None:
+def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, steps, version, weights) -> None:
     """schedules.png, reward_curve.png, and samples.png for image backends (first noise of each
     held-out prompt; these few images are fetched to the learner only to be drawn)."""
     plots.plot_schedules(run_dir / "schedules.png", [c.prompt for c in held_out], result.taus, learned)
@@ -200,9 +219,33 @@ def _plot(run_dir, rollouts, x_shape, held_out, result, schedules, learned, step
     grid = list(firsts.values())
     images = {}
     for name, sched in schedules.items():
-        pending = run_schedule(rollouts, grid, steps, version, weights, sched)
-        images[name] = np.concatenate(ray.get([p.images for p in pending]))
+        got = run_schedule(dispatcher, grid, steps, version, weights, sched)
+        images[name] = np.concatenate(ray.get([p.images for p in got.pending]))
     plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images)
+
+
+def _static_state(cfg: Config) -> dict:
+    """What a checkpoint records besides the counters: the config it was trained with (a resume
+    under a config that differs where it matters is refused)."""
+    return {"config": cfg.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})}
+
+
+def _drop_records_after(run_dir: Path, iteration: int) -> None:
+    """On resume, forget logged rollouts and metrics of iterations the checkpoint does not hold,
+    so that each rollout appears once in the log; the files are rewritten atomically."""
+    log = run_dir / "rollouts.msgpack"
+    if log.exists():
+        keep = [r for r in read_records(log, RolloutRecord) if r.iteration < iteration]
+        tmp = log.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        append_records(tmp, keep)
+        os.replace(tmp, log)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= iteration]
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in rows))
+        os.replace(tmp, metrics)
 
 
 def _records(batches, r, b, adv, per_reward, k: int) -> list[RolloutRecord]:
