@@ -41,11 +41,28 @@ class WorkersLost(RuntimeError):
 
 def _alive(actor: Any, timeout_s: float) -> bool:
     """True once ``actor`` answers (after a restart if it had one); False if it is dead for good
-    (its restarts are exhausted: calls fail at once) or not back within ``timeout_s``."""
-    try:
-        ray.get(actor.pid.remote(), timeout=timeout_s)
-        return True
-    except (RayActorError, GetTimeoutError):
+    (restarts exhausted) or not back within ``timeout_s``. Right after a death, calls fail for a
+    while even when a restart is coming, so a failed call is retried until the deadline unless
+    the cluster already reports the actor DEAD."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return True
+        except GetTimeoutError:
+            return False
+        except RayActorError:
+            if _dead_for_good(actor) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def _dead_for_good(actor: Any) -> bool:
+    try:  # the GCS's view of the actor: DEAD only once its restarts are exhausted
+        from ray._private import state
+
+        return state.actors(actor_id=actor._actor_id.hex()).get("State") == "DEAD"
+    except Exception:  # noqa: BLE001 - an unanswerable query is not evidence of death
         return False
 
 

@@ -1,0 +1,118 @@
+"""Fault tests on a real local Ray cluster with the toy backend: actors are SIGKILLed mid-run,
+and the run must end with exactly the weights of a fault-free run, every rollout used once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from common.codec import read_records
+from common.config import load_config
+from common.messages import RolloutRecord
+from common.policy import SchedulePolicy
+from learner.groups import WorkersLost
+from learner.loop import train
+from learner.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+ITERS, C, K = 30, 4, 2
+
+
+class Killer(threading.Thread):
+    """SIGKILLs a live actor of ``class_name`` every ``every_s`` seconds, ``kills`` times."""
+
+    def __init__(self, class_name: str, kills: int, every_s: float, first_after_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.class_name, self.kills, self.every_s, self.first_after_s = class_name, kills, every_s, first_after_s
+        self.done: list[int] = []
+        self.stop = threading.Event()
+
+    def _live_pids(self, seen: set[str]) -> list[int]:
+        from ray._private import state
+
+        return [
+            a["Pid"] for aid, a in state.actors().items()
+            if a["ActorClassName"] == self.class_name and a["State"] == "ALIVE" and a.get("Pid") and aid in seen
+        ]
+
+    def run(self) -> None:
+        from ray._private import state
+
+        # only actors created by this run (those that exist after it started), not earlier runs' dead ones
+        time.sleep(self.first_after_s)
+        while len(self.done) < self.kills and not self.stop.is_set():
+            seen = set(state.actors())
+            pids = [p for p in self._live_pids(seen) if p not in self.done]
+            if pids:
+                pid = pids[len(self.done) % len(pids)]
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    self.done.append(pid)
+                except ProcessLookupError:
+                    pass
+            self.stop.wait(self.every_s)
+
+
+def _run(tmp_path, name, **sections):
+    over = tiny_overrides(tmp_path, experiment={"name": name, "seed": 0, "output_dir": str(tmp_path)}, **sections)
+    over["learner"] = {**over["learner"], "iterations": ITERS, "checkpoint_every": 10}
+    over["rollout"] = {**over["rollout"], **sections.get("rollout", {}), "contexts_per_iter": C, "k": K}
+    return train(load_config([], **over))
+
+
+def _weights(run_dir):
+    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
+
+
+def _assert_every_rollout_once(run_dir):
+    recs = list(read_records(run_dir / "rollouts.msgpack", RolloutRecord))
+    ids = [(r.iteration, r.context, r.k) for r in recs]
+    assert len(ids) == ITERS * C * K and len(set(ids)) == len(ids), "a rollout was lost or used twice"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    res = _run(tmp_path_factory.mktemp("ref"), "ref")
+    return _weights(res.run_dir)
+
+
+@pytest.mark.parametrize("victim", ["RolloutWorker", "RewardServer"])
+def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
+    killer = Killer(victim, kills=3, every_s=1.5)
+    killer.start()
+    try:
+        res = _run(tmp_path, "faulty", rollout={"max_restarts": 5})
+    finally:
+        killer.stop.set()
+        killer.join()
+    faults = sum(m.get("system/faults", 0) for m in read_jsonl(res.run_dir / "metrics.jsonl"))
+    print(f"\n{victim}: injected {len(killer.done)} SIGKILLs, the learner saw {faults:.0f} failed requests")
+    assert len(killer.done) >= 2, "the faults were injected too late to matter"
+    _assert_every_rollout_once(res.run_dir)
+    w = _weights(res.run_dir)
+    assert all(torch.equal(reference[k], w[k]) for k in reference), "faults changed the trained weights"
+
+
+def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
+    killer = Killer("RolloutWorker", kills=2, every_s=0.2, first_after_s=2.0)
+    killer.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(WorkersLost, match="rollout workers are alive"):
+            over = tiny_overrides(tmp_path, rollout={"max_restarts": 0, "restart_timeout_s": 20.0})
+            over["learner"] = {**over["learner"], "iterations": 100000}
+            train(load_config([], **over))
+    finally:
+        killer.stop.set()
+        killer.join()
+    print(f"\nall workers dead: injected {len(killer.done)} SIGKILLs, stopped after {time.perf_counter() - t0:.1f} s")
+    assert time.perf_counter() - t0 < 120
+    ckpts = sorted((tmp_path / "t" / "checkpoints").glob("ckpt-*"))
+    assert ckpts, "the run stops only after writing a checkpoint"
