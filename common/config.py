@@ -150,6 +150,9 @@ class LearnerConfig(Section):
     )
     plots: bool = Field(True, description="Write PNGs of schedules, samples and the reward curve into the run dir.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
+    torch_threads: int = Field(
+        1, ge=1, description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine."
+    )
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
@@ -220,7 +223,7 @@ class Config(BaseSettings):
 RESUME_FREE = {
     "experiment.output_dir", "ray", "learner.iterations", "learner.progress", "learner.checkpoint_every",
     "learner.keep_checkpoints", "learner.eval_every", "learner.eval_prompts", "learner.eval_seeds",
-    "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log",
+    "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log", "learner.torch_threads",
     "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus", "rollout.min_workers",
     "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts",
 }

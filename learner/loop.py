@@ -78,6 +78,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
+        torch.set_num_threads(lc.torch_threads)
         torch.manual_seed(cfg.experiment.seed)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
