@@ -6,6 +6,7 @@ cursor, ...), the RNG states and a ``manifest.json`` of every file's size and sh
 written into a temporary sibling, every file fsynced, then renamed into place; the ``latest``
 marker is written last (also by rename). Loading checks the manifest: a damaged checkpoint is
 reported and skipped in favour of the previous one. The last ``keep`` checkpoints are kept.
+``CheckpointStore`` puts the same layout on a local path or an fsspec URL (shared storage).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +142,68 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
     return json.loads((ckpt / "state.json").read_text())
+
+
+class CheckpointStore:
+    """Checkpoints under a local path or an fsspec URL (shared storage: ``s3://``, ``gs://``, ...).
+
+    A local root uses the functions above. A remote root gets the same layout: each checkpoint is
+    written and verified locally, uploaded under a temporary name, moved into place, and only then
+    named in ``latest``; object stores have no atomic rename, so a half-moved checkpoint is caught
+    by its manifest when loaded. Loading downloads a checkpoint into a local temporary directory.
+    """
+
+    def __init__(self, root: str | Path):
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._scratch = tempfile.TemporaryDirectory(prefix="steinsched-ckpt-")
+
+    def __str__(self) -> str:
+        return self.root if self.local else f"{self.fs.protocol}:{self.root}"
+
+    def save(self, iteration: int, policy: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
+        if self.local:
+            return str(save_checkpoint(Path(self.root), iteration, policy, optimizer, state, keep))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = save_checkpoint(Path(tmp), iteration, policy, optimizer, state, keep=1)
+            staging = f"{self.root}/.{local.name}.tmp-{os.getpid()}"
+            final = f"{self.root}/{local.name}"
+            self.fs.put(str(local) + "/", staging, recursive=True)
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)
+            self.fs.mv(staging, final, recursive=True)
+            self.fs.pipe(f"{self.root}/{LATEST}", (local.name + "\n").encode())
+        names = self._names()
+        for old in names[:-keep]:
+            self.fs.rm(f"{self.root}/{old}", recursive=True)
+        return final
+
+    def _names(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return sorted(n for n in names if n.startswith("ckpt-"))
+
+    def latest(self, log=print) -> Path | None:
+        """A local, verified copy of the newest good checkpoint (damaged ones reported, skipped)."""
+        if self.local:
+            return find_latest(Path(self.root), log)
+        for name in reversed(self._names()):
+            local = self.fetch(f"{self.root}/{name}")
+            problem = verify(local)
+            if problem is None:
+                return local
+            log(f"checkpoint {self}/{name} is damaged ({problem}); trying the previous one")
+        return None
+
+    def fetch(self, path: str) -> Path:
+        """A local copy of the checkpoint directory ``path`` (itself when the store is local)."""
+        if self.local:
+            return Path(path)
+        dest = Path(self._scratch.name) / path.rstrip("/").rsplit("/", 1)[-1]
+        shutil.rmtree(dest, ignore_errors=True)
+        self.fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
+        return dest

@@ -138,6 +138,9 @@ class LearnerConfig(Section):
     adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
     checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N iterations (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints go: a path or an fsspec URL such as s3://bucket/run (None: <run dir>/checkpoints)."
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
     eval_seeds: int = Field(100, ge=2, description="Held-out noises per eval prompt.")
@@ -224,6 +227,7 @@ RESUME_FREE = {
     "experiment.output_dir", "ray", "learner.iterations", "learner.progress", "learner.checkpoint_every",
     "learner.keep_checkpoints", "learner.eval_every", "learner.eval_prompts", "learner.eval_seeds",
     "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log", "learner.torch_threads",
+    "learner.checkpoint_dir",
     "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus", "rollout.min_workers",
     "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts",
 }

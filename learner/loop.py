@@ -22,7 +22,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from common.checkpoint import CheckpointStore, load_checkpoint
 from common.codec import append_records, read_records
 from common.config import Config, RayConfig, resume_conflicts
 from common.messages import RolloutRecord
@@ -85,11 +85,11 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         stream = ContextStream(lc.train_prompts or spec.train_prompts, cfg.experiment.seed)
         held_out = eval_contexts(lc.eval_prompts or spec.eval_prompts, lc.eval_seeds, cfg.experiment.seed)
         start, version = 0, 0
-        ckpt_dir = run_dir / "checkpoints"
+        store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
         if cfg.resume:
-            ckpt = find_latest(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume)
+            ckpt = store.latest() if cfg.resume == "auto" else store.fetch(cfg.resume)
             if ckpt is None:
-                print(f"--resume auto: no checkpoint in {ckpt_dir}; starting fresh")
+                print(f"--resume auto: no checkpoint in {store}; starting fresh")
             else:
                 state = load_checkpoint(ckpt, policy, optimizer)
                 conflicts = resume_conflicts(state["config"], cfg)
@@ -118,7 +118,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
                 state = {"iteration": it, "version": version, "cursor": cursor, **_static_state(cfg)}
-                ckpt = save_checkpoint(ckpt_dir, it, policy, optimizer, state, keep=lc.keep_checkpoints)
+                ckpt = store.save(it, policy, optimizer, state, keep=lc.keep_checkpoints)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
             batches = got.batches
@@ -168,7 +168,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
                 state = {"iteration": it + 1, "version": version, "cursor": stream.cursor, **_static_state(cfg)}
-                save_checkpoint(ckpt_dir, it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
+                store.save(it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
                 res = evaluate(
                     dispatcher, None, held_out, L, version, weights, {DEFAULT: Schedule("default"), learned: Schedule("mean")}

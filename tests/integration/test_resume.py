@@ -94,3 +94,12 @@ def test_resume_refuses_a_config_that_matters(ray_local, tmp_path):
     # scale and evaluation may change; --resume_changes=true allows the rest
     train(load_config(flags + ["--resume=auto", "--rollout.num_workers=1", "--learner.iterations=3"]))
     train(load_config(flags + ["--resume=auto", "--learner.lr=0.1", "--learner.iterations=4", "--resume_changes=true"]))
+
+
+def test_resume_from_checkpoints_on_an_fsspec_url(uninterrupted, tmp_path):
+    flags = FLAGS + [f"--experiment.output_dir={tmp_path}", f"--learner.checkpoint_dir=memory://ck-{tmp_path.name}"]
+    train(load_config(flags + ["--learner.iterations=3"]))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    res = train(load_config(flags + ["--resume=auto"]))
+    w = _weights(res.run_dir)
+    assert all(torch.equal(uninterrupted[k], w[k]) for k in uninterrupted)

@@ -66,3 +66,29 @@ def test_keeps_the_last_n(tmp_path):
     for i in range(1, 6):
         save_checkpoint(tmp_path, i, pol, opt, {"iteration": i}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004", "ckpt-00000005"]
+
+
+def test_store_on_an_fsspec_url(tmp_path):
+    import fsspec
+
+    from common.checkpoint import CheckpointStore
+
+    url = f"memory://ckpt-test-{tmp_path.name}/run"
+    store = CheckpointStore(url)
+    pol = _policy()
+    opt = torch.optim.AdamW(pol.parameters())
+    for i in (1, 2, 3):
+        store.save(i, pol, opt, {"iteration": i}, keep=2)
+    fs = fsspec.filesystem("memory")
+    root = f"/ckpt-test-{tmp_path.name}/run"
+    assert fs.cat(f"{root}/latest").decode().strip() == "ckpt-00000003"
+    assert store._names() == ["ckpt-00000002", "ckpt-00000003"]
+    local = store.latest()
+    assert local.name == "ckpt-00000003" and verify(local) is None
+    other = _policy(1)
+    assert load_checkpoint(local, other, None) == {"iteration": 3}
+    assert all(torch.equal(a, b) for a, b in zip(pol.state_dict().values(), other.state_dict().values()))
+    # a damaged remote checkpoint is skipped in favour of the previous one
+    fs.pipe(f"{root}/ckpt-00000003/state.json", b'{"iteration": 99}')
+    msgs = []
+    assert store.latest(log=msgs.append).name == "ckpt-00000002" and "damaged" in msgs[0]
