@@ -21,7 +21,7 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("rewards.toy",)
+_BUILTIN_MODULES = ("rewards.toy", "rewards.hps")
 
 
 def register(name: str) -> Callable[[type], type]:
