@@ -21,7 +21,7 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("rewards.toy", "rewards.hps")
+_BUILTIN_MODULES = ("rewards.toy", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http")
 
 
 def register(name: str) -> Callable[[type], type]:
