@@ -7,6 +7,7 @@ server as object refs and never through the learner.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from common.config import Config, RewardSpec
+from common.config import Config, ConfigError, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.server import RewardServer
 from rollout.worker import RolloutWorker
@@ -94,10 +95,25 @@ class RewardGroup:
                 num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, runtime_env=spec.runtime_env
             )
             self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
+        self._wait_started()
         self._turn = 0
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
+
+    def _wait_started(self) -> None:
+        """Every server has built its reward (module, class, call signature, kwargs, model load).
+
+        The reward is resolved inside its server, in its own runtime_env (its module may not even
+        import in the learner's environment), so a bad spec shows here, at startup, as one line
+        naming the reward: not as an actor traceback at the first scoring call.
+        """
+        for j, (spec, servers) in enumerate(zip(self.specs, self.servers)):
+            try:
+                ray.get([s.pid.remote() for s in servers])
+            except ray.exceptions.RayActorError as e:
+                lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+                raise ConfigError(f"rewards[{j}] ({spec.name!r}) could not start: {lines[-1].strip() if lines else e}") from None
 
     def score(self, pending: list[Pending]) -> list[ray.ObjectRef]:
         """Start scoring every request with every reward; returns refs [request][reward]."""

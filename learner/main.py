@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from learner.loop import train  # heavy imports (ray, torch) only after the config is valid
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # found at startup: e.g. a reward that cannot be built in its server
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
