@@ -1,6 +1,6 @@
 """HPS scoring throughput: the real ViT-H-14 architecture (random weights) on this machine.
 
-    PYTHONPATH=$PWD python bench/reward_throughput.py              # about 2-3 minutes on 2 cores
+    PYTHONPATH=$PWD python bench/reward_throughput.py   # ~150 s of CPU time: ~1.5-2 min on 2 idle cores
     PYTHONPATH=$PWD python bench/reward_throughput.py --reps 3 --size 1024 --json out.json
 
 Measures images per second of ``rewards.hps.HPSReward`` (preprocessing, image tower, cosine) at
