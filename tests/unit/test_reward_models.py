@@ -151,3 +151,26 @@ def test_image_forms():
         as_uint8_images(np.full((1, 4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="uint8 or float"):
         as_uint8_images(np.zeros((1, 4, 4, 3), np.int32))
+
+
+def test_prompt_cache_encodes_each_prompt_once_and_stays_bounded():
+    from rewards.cache import PromptCache
+
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return torch.tensor([[float(len(p)), 1.0] for p in prompts])
+
+    cache = PromptCache(encode, max_prompts=2)
+    assert cache(["ab", "abc", "ab"])[:, 0].tolist() == [2.0, 3.0, 2.0]
+    assert cache(["abc", "ab"])[:, 0].tolist() == [3.0, 2.0]
+    assert calls == [["ab", "abc"]] and (cache.hits, cache.misses) == (3, 2)
+    cache(["x"])  # evicts the least recently used ("abc" was used before "ab")
+    cache(["ab"])
+    cache(["abc"])
+    assert calls[1:] == [["x"], ["abc"]]
+    off = PromptCache(encode, max_prompts=0)
+    off(["q", "q"])
+    off(["q"])
+    assert calls[-2:] == [["q"], ["q"]]
