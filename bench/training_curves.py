@@ -31,7 +31,7 @@ from common.config import load_config  # noqa: E402
 from learner.loop import train  # noqa: E402
 from learner.metrics import read_jsonl  # noqa: E402
 
-DIFF = "learned (mean) - default"
+DIFF = "learned instance-level - default"
 
 
 def run_one(config: str, out: Path, baseline: str, seed: int, k: int, iterations: int) -> tuple[np.ndarray, float]:

@@ -49,6 +49,17 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and sha256 in ``directory/manifest.json``; fsync files and dirs."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for p in [*files, directory / MANIFEST]:
+        _fsync(p)
+    for d in {p.parent for p in files} | {directory}:
+        _fsync(d)
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"ckpt-{iteration:08d}"
 
@@ -71,13 +82,7 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for p in [*files, tmp / MANIFEST]:
-        _fsync(p)
-    for d in {p.parent for p in files} | {tmp}:
-        _fsync(d)
+    write_manifest(tmp)
     if final.exists():  # a re-run of the same iteration after a resume replaces it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

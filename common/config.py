@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class ExperimentConfig(Section):
-    name: str = Field("toy", min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
+    name: str = Field("digits", min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     seed: int = Field(0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it.")
     output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
 
@@ -44,9 +44,24 @@ class ToyConfig(Section):
     seed: int = Field(1234, ge=0, description="Seed that fixes the mixture and the class embeddings.")
 
 
+class DigitsConfig(Section):
+    """The digits backend: a flow-matching MLP the project trains on scikit-learn's 8x8 digits."""
+
+    hidden: int = Field(512, ge=8, description="Hidden width of the velocity MLP.")
+    depth: int = Field(4, ge=1, description="Hidden layers of the velocity MLP.")
+    emb_dim: int = Field(64, ge=2, multiple_of=2, description="Width of the time and label embeddings (= token width).")
+    train_steps: int = Field(2500, ge=1, description="Training steps of the one-time (cached) training.")
+    batch_size: int = Field(256, ge=1, description="Training batch size.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate of the one-time training.")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Label dropout for classifier-free guidance.")
+    seed: int = Field(0, ge=0, description="Seed of the one-time training (part of the cache key).")
+    guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance scale at sampling.")
+
+
 class SamplerConfig(Section):
-    backend: Literal["toy"] = Field("toy", description="Sampler backend.")
+    backend: Literal["toy", "digits"] = Field("digits", description="Sampler backend.")
     toy: ToyConfig = Field(default_factory=ToyConfig, description="Options of the toy backend.")
+    digits: DigitsConfig = Field(default_factory=DigitsConfig, description="Options of the digits backend.")
 
 
 class PolicyConfig(Section):
@@ -102,6 +117,13 @@ class RewardSpec(Section):
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of its servers (own dependencies).")
 
 
+class MetricSpec(Section):
+    name: str = Field(..., min_length=1, description="A registered metric name ('digits_fd') or 'pkg.module:Class'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by its server.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by its server.")
+
+
 class LearnerConfig(Section):
     iterations: int = Field(500, ge=0, description="Policy updates in the run.")
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
@@ -113,7 +135,15 @@ class LearnerConfig(Section):
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
-    eval_seeds: int = Field(200, ge=2, description="Held-out noises per eval prompt.")
+    eval_seeds: int = Field(100, ge=2, description="Held-out noises per eval prompt.")
+    eval_metrics: list[MetricSpec] = Field(
+        default_factory=lambda: [MetricSpec(name="digits_fd")],
+        description="Set-level metrics of the held-out evaluation (not rewards), e.g. a Frechet distance.",
+    )
+    global_baseline: bool = Field(
+        True, description="Also train a 'global' policy (one schedule for all) and add it to the final table."
+    )
+    plots: bool = Field(True, description="Write PNGs of schedules, samples and the reward curve into the run dir.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
@@ -147,7 +177,7 @@ class Config(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and batch shape.")
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="toy", kwargs={"floor": -10.0})],
+        default_factory=lambda: [RewardSpec(name="digits")],
         min_length=1,
         description="Rewards and their weights, as a JSON list on the command line.",
     )

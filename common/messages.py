@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Message(BaseModel):
@@ -39,12 +39,13 @@ class Context(Message):
     seed: int = Field(ge=0)
 
 
-ScheduleMode = Literal["sample", "mean", "default"]
+ScheduleMode = Literal["sample", "mean", "default", "fixed"]
 
 
 class RolloutRequest(Message):
-    """K rollouts for each context, under policy ``version`` (``mode='sample'``), or one sample per
-    context with a fixed schedule: the Dirichlet mean (``'mean'``) or the backend default."""
+    """K rollouts for each context under policy ``version`` (``mode='sample'``), or samples with a
+    deterministic schedule: the policy's Dirichlet mean (``'mean'``), the backend's default
+    (``'default'``) or the given ``tau`` for every context (``'fixed'``)."""
 
     request_id: str
     iteration: int = Field(ge=0)
@@ -53,6 +54,15 @@ class RolloutRequest(Message):
     k: int = Field(ge=1)
     steps: int = Field(ge=1)
     mode: ScheduleMode = "sample"
+    tau: list[float] | None = Field(None, description="The schedule of mode 'fixed' (L+1 components).")
+
+    @model_validator(mode="after")
+    def _tau_iff_fixed(self) -> "RolloutRequest":
+        if (self.mode == "fixed") != (self.tau is not None):
+            raise ValueError("tau is given exactly when mode is 'fixed'")
+        if self.tau is not None and len(self.tau) != self.steps + 1:
+            raise ValueError(f"tau has {len(self.tau)} components, expected L+1 = {self.steps + 1}")
+        return self
 
 
 class RolloutBatch(ArrayMessage):

@@ -141,6 +141,14 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
             feats.append(inputs.pooled.float())
         return F.softplus(self.head(torch.cat(feats, dim=1))) + ALPHA_MIN
 
+    def global_mean_tau(self) -> list[float]:
+        """The Dirichlet mean of a ``global`` policy: its one learned schedule."""
+        if self.variant != "global":
+            raise ValueError("only a global policy has one schedule for every context")
+        with torch.no_grad():
+            alpha = (F.softplus(self.h) + ALPHA_MIN).double()
+        return (alpha / alpha.sum()).tolist()
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

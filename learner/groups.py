@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from common.config import Config, ConfigError, RewardSpec
+from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
-from rewards.server import RewardServer
+from rewards.server import MetricServer, RewardServer
 from rollout.worker import RolloutWorker
 
 
@@ -59,6 +59,7 @@ class RolloutGroup:
         version: int,
         weights: ray.ObjectRef | None,
         mode: ScheduleMode = "sample",
+        tau: list[float] | None = None,
     ) -> list[Pending]:
         """Split ``contexts`` evenly over the workers; return the in-flight requests in order."""
         chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.workers)) if len(c)]
@@ -72,6 +73,7 @@ class RolloutGroup:
                 k=k,
                 steps=steps,
                 mode=mode,
+                tau=tau,
             )
             batch, images = worker.sample.options(num_returns=2).remote(req, weights)
             pending.append(Pending(req, batch, images))
@@ -135,6 +137,25 @@ class RewardGroup:
             per_reward[self.keys[j]] = s
             total = total + spec.weight * s.astype(np.float64)
         return Scores(total=np.asarray(total), per_reward=per_reward)
+
+
+class MetricGroup:
+    """One MetricServer per evaluation metric: features per request (from the image refs), then
+    one distance over the whole set, computed on the server."""
+
+    def __init__(self, specs: list[MetricSpec]):
+        self.names = [m.name for m in specs]
+        self.servers = [
+            ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
+            for m in specs
+        ]
+
+    def measure(self, pending: list[Pending]) -> dict[str, float]:
+        out = {}
+        for name, server in zip(self.names, self.servers):
+            feats = [server.features.remote(p.images, p.prompts) for p in pending]
+            out[name] = server.distance.remote(*feats)
+        return dict(zip(out, ray.get(list(out.values()))))
 
 
 def collect(pending: list[Pending], score_refs: list[list[ray.ObjectRef]]) -> tuple[list[RolloutBatch], list[list[np.ndarray]], float]:

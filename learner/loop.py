@@ -29,9 +29,10 @@ from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, collate, describe, state_to_numpy
 from learner import baselines
 from learner.contexts import ContextStream, eval_contexts
-from learner.evaluate import EvalResult, evaluate
-from learner.groups import RewardGroup, RolloutGroup, collect
-from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger
+from learner import plots
+from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
+from learner.groups import MetricGroup, RewardGroup, RolloutGroup, collect
+from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl
 from learner.update import reinforce_step
 
 
@@ -40,6 +41,7 @@ class RunResult:
     run_dir: Path
     iterations: int
     version: int
+    policy: SchedulePolicy
     evaluation: EvalResult | None
 
 
@@ -61,7 +63,9 @@ def _reward_extras(cfg: Config) -> dict[str, dict]:
     return {"toy": cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"})} if cfg.sampler.backend == "toy" else {}
 
 
-def train(cfg: Config) -> RunResult:
+def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, final_eval: bool = True) -> RunResult:
+    """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
+    ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -71,6 +75,7 @@ def train(cfg: Config) -> RunResult:
     try:
         rollouts = RolloutGroup(cfg)
         rewards = RewardGroup(cfg.rewards, _reward_extras(cfg))
+        metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
         torch.manual_seed(cfg.experiment.seed)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).eval()
@@ -88,6 +93,7 @@ def train(cfg: Config) -> RunResult:
                 start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
                 print(f"resumed from {ckpt} at iteration {start}")
         print(f"{describe(policy)}; run dir {run_dir}")
+        learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
         weights = ray.put(state_to_numpy(policy))
@@ -146,25 +152,57 @@ def train(cfg: Config) -> RunResult:
                 state = {"iteration": it + 1, "version": version, "cursor": stream.cursor, "baseline": lc.baseline}
                 save_checkpoint(ckpt_dir, it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
-                res = evaluate(rollouts, rewards, held_out, L, version, weights)
-                loggers.log(it + 1, {f"eval/{k}": v["mean"] for k, v in res.summary().items()})
+                res = evaluate(rollouts, rewards, None, held_out, L, version, weights, {DEFAULT: Schedule("default"), learned: Schedule("mean")})
+                loggers.log(it + 1, _eval_metrics(res))
         bar.close()
+        policy.save_pretrained(run_dir / "policy")
+        if not final_eval:
+            loggers.close()
+            return RunResult(run_dir, lc.iterations, version, policy, None)
 
-        result = evaluate(rollouts, rewards, held_out, L, version, weights)
+        schedules = {DEFAULT: Schedule("default"), **(baselines_to_beat or {}), learned: Schedule("mean")}
+        result = evaluate(rollouts, rewards, metrics, held_out, L, version, weights, schedules)
         n_prompts = len(lc.eval_prompts or spec.eval_prompts)
         title = (
             f"held-out evaluation after {lc.iterations} iterations: {n_prompts} prompts x {lc.eval_seeds} noises,"
             f" L={L}, reward {'+'.join(s.name for s in cfg.rewards)}"
         )
         print(result.table(title))
-        loggers.log(lc.iterations, {f"eval/{k}": v["mean"] for k, v in result.summary().items()})
+        loggers.log(lc.iterations, _eval_metrics(result))
         loggers.close()
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
-        policy.save_pretrained(run_dir / "policy")
-        return RunResult(run_dir, lc.iterations, version, result)
+        if lc.plots:
+            _plot(run_dir, rollouts, spec.x_shape, held_out, result, schedules, learned, L, version, weights)
+        return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _eval_metrics(res: EvalResult) -> dict[str, float]:
+    out = {}
+    for name, s in res.summary().items():
+        out[f"eval/{name}/reward"] = s["mean"]
+        out.update({f"eval/{name}/{m}": v for m, v in s.items() if m not in ("mean", "se", "n")})
+    return out
+
+
+def _plot(run_dir, rollouts, x_shape, held_out, result, schedules, learned, steps, version, weights) -> None:
+    """schedules.png, reward_curve.png, and samples.png for image backends (first noise of each
+    held-out prompt; these few images are fetched to the learner only to be drawn)."""
+    plots.plot_schedules(run_dir / "schedules.png", [c.prompt for c in held_out], result.taus, learned)
+    plots.plot_reward_curve(run_dir / "reward_curve.png", read_jsonl(run_dir / "metrics.jsonl"))
+    if len(x_shape) < 3:
+        return
+    firsts = {}
+    for c in held_out:
+        firsts.setdefault(c.prompt, c)
+    grid = list(firsts.values())
+    images = {}
+    for name, sched in schedules.items():
+        pending = run_schedule(rollouts, grid, steps, version, weights, sched)
+        images[name] = np.concatenate(ray.get([p.images for p in pending]))
+    plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images)
 
 
 def _records(batches, r, b, adv, per_reward, k: int) -> list[RolloutRecord]:

@@ -2,13 +2,40 @@
 
 Also what ``ray job submit -- python -m learner.main ...`` runs on a cluster. A user's config
 mistake exits with status 2 and one readable message; ``--help`` lists every field.
+
+With ``learner.global_baseline`` (on by default) the run first trains a ``global`` policy (one
+learned schedule for every context, the paper's "learned global schedule" baseline) in
+``<run dir>/global``, then the configured policy, and the final table compares the default
+schedule, the learned global schedule and the learned instance-level schedules.
 """
 
 from __future__ import annotations
 
 import sys
 
-from common.config import ConfigError, load_config
+from common.config import Config, ConfigError, load_config
+
+
+def run(cfg: Config) -> None:
+    import ray
+
+    from learner.evaluate import Schedule
+    from learner.loop import init_ray, train
+
+    started = init_ray(cfg.ray)
+    try:
+        to_beat = {}
+        if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
+            g = cfg.model_copy(deep=True)
+            g.policy.variant = "global"
+            g.experiment.name = f"{cfg.experiment.name}/global"
+            print("training the learned global schedule (the baseline to beat) ...")
+            res = train(g, final_eval=False)
+            to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
+        train(cfg, baselines_to_beat=to_beat)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from learner.loop import train  # heavy imports (ray, torch) only after the config is valid
-
     try:
-        train(cfg)
+        run(cfg)
     except ConfigError as e:  # found at startup: e.g. a reward that cannot be built in its server
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,10 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("rewards.toy", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http")
+_METRICS: dict[str, type] = {}
+_BUILTIN_MODULES = (
+    "rewards.toy", "rewards.digits", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http",
+)
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -34,6 +37,35 @@ def register(name: str) -> Callable[[type], type]:
         return cls
 
     return wrap
+
+
+def register_metric(name: str) -> Callable[[type], type]:
+    """Class decorator for a set-level evaluation metric (not a reward): a class with
+    ``features(images, prompts) -> [N, F]`` and ``distance(*features) -> float``."""
+
+    def wrap(cls: type) -> type:
+        if name in _METRICS and _METRICS[name] is not cls:
+            raise ValueError(f"a metric named {name!r} is already registered ({_METRICS[name].__qualname__})")
+        _METRICS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
+    """A registered metric name or an import path 'pkg.module:Class' -> the metric, checked."""
+    registered()
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        cls = getattr(importlib.import_module(mod_name), attr, None)
+    else:
+        cls = _METRICS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown metric {name!r}: use one of {sorted(_METRICS)} or an import path 'pkg.module:Class'")
+    for method in ("features", "distance"):
+        if not callable(getattr(cls, method, None)):
+            raise ValueError(f"metric {name!r} has no {method}() method")
+    return cls(**kwargs)
 
 
 def registered() -> dict[str, type]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rewards.base import build, check_scores
+from rewards.base import build, build_metric, check_scores
 
 
 class RewardServer:
@@ -35,3 +35,24 @@ class RewardServer:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class MetricServer:
+    """Hosts one set-level evaluation metric (e.g. a Frechet distance): per-request features, then
+    one distance over all of them. Images arrive as object refs, as for rewards."""
+
+    def __init__(self, name: str, kwargs: dict[str, Any], torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.name = name
+        self.metric = build_metric(name, kwargs)
+
+    def features(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.metric.features(images, list(prompts)))
+
+    def distance(self, *features: np.ndarray) -> float:
+        value = float(self.metric.distance(*features))
+        if not np.isfinite(value):
+            raise ValueError(f"metric {self.name!r} returned a non-finite value ({value})")
+        return value

@@ -68,7 +68,7 @@ class RolloutWorker:
         context-major: row c*K + i is rollout i of context c.
         """
         start = time.perf_counter()
-        if request.mode != "default" and request.version != self.version:
+        if request.mode in ("sample", "mean") and request.version != self.version:
             if weights is None:
                 raise ValueError(f"request {request.request_id} needs policy version {request.version}")
             load_numpy_state(self.policy, weights)
@@ -97,7 +97,8 @@ class RolloutWorker:
                     alpha = self.policy(collate(x, tokens, pooled)).double().numpy()
                 mean = alpha / alpha.sum(-1, keepdims=True)
             else:
-                mean = np.tile(self.sampler.default_tau(steps), (len(ctxs), 1))
+                fixed = self.sampler.default_tau(steps) if request.mode == "default" else np.asarray(request.tau)
+                mean = np.tile(fixed, (len(ctxs), 1))
             tau = np.repeat(mean[:, None, :], k, axis=1)
             logp = np.zeros((len(ctxs), k))
         if tau.shape[-1] != steps + 1:

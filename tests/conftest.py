@@ -46,7 +46,10 @@ def tiny_overrides(tmp_path: Path, **sections) -> dict:
         "policy": {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16},
         "rollout": {"num_workers": 2, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
         "rewards": [{"name": "toy", "num_cpus": 0.5}],
-        "learner": {"iterations": 3, "checkpoint_every": 2, "eval_seeds": 4, "progress": False},
+        "learner": {
+            "iterations": 3, "checkpoint_every": 2, "eval_seeds": 4, "progress": False,
+            "eval_metrics": [], "global_baseline": False, "plots": False,
+        },
     }
     for name, values in sections.items():
         if isinstance(values, dict) and isinstance(base.get(name), dict):

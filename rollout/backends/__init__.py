@@ -11,4 +11,8 @@ def build_sampler(cfg: SamplerConfig) -> Sampler:
         from rollout.backends.toy import ToySampler
 
         return ToySampler(**cfg.toy.model_dump())
+    if cfg.backend == "digits":
+        from rollout.backends.digits import DigitsSampler
+
+        return DigitsSampler(**cfg.digits.model_dump())
     raise ValueError(f"unknown sampler backend {cfg.backend!r}")

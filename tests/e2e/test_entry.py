@@ -29,9 +29,38 @@ def test_entry_point_trains_and_prints_the_table(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "held-out evaluation after 4 iterations" in res.stdout
-    assert "learned (mean) - default" in res.stdout
+    assert "learned instance-level - default" in res.stdout
     run = tmp_path / "e2e"
     summary = json.loads((run / "eval.json").read_text())
     assert summary["default"]["n"] == 80
     assert SchedulePolicy.from_pretrained(run / "policy").steps == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["ckpt-00000002", "ckpt-00000004"]
+
+
+def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
+    """`python -m learner.main` (the README's first command) on a tiny budget: the digits demo
+    with the learned global schedule, the held-out table with the Frechet distance, and PNGs."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "learner.main", f"--experiment.output_dir={tmp_path}",
+            "--learner.iterations=3", "--learner.eval_seeds=6", "--learner.progress=false", "--ray.num_cpus=2",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "training the learned global schedule" in out
+    for row in ("default", "learned global", "learned instance-level", "learned instance-level - default"):
+        assert f"\n{row} " in out, row
+    assert "digits_fd (lower better)" in out
+    run = tmp_path / "digits"
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["default"]["n"] == 60 and summary["default"]["digits_fd"] > 0
+    assert summary["learned global"]["digits_fd"] > 0 and summary["learned instance-level"]["digits_fd"] > 0
+    for png in ("schedules.png", "samples.png", "reward_curve.png"):
+        assert (run / png).stat().st_size > 10_000, png
+    assert (run / "global" / "policy" / "model.safetensors").is_file()
+    glob = SchedulePolicy.from_pretrained(run / "global" / "policy")
+    assert glob.variant == "global" and len(glob.global_mean_tau()) == 5

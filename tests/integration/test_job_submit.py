@@ -187,8 +187,8 @@ def test_job_submit_toy(ray_head: str, tmp_path: Path):
     train_steps = [m["step"] for m in metrics if "rollout/reward_mean" in m]
     assert train_steps == [1, 2, 3], metrics
     ev = json.loads((run_dir / "eval.json").read_text())
-    assert {"default", "learned (mean)", "learned (mean) - default"} <= set(ev)
-    assert ev["default"]["n"] == ev["learned (mean)"]["n"] > 0
+    assert {"default", "learned instance-level", "learned instance-level - default"} <= set(ev)
+    assert ev["default"]["n"] == ev["learned instance-level"]["n"] > 0
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*"))
     assert "ckpt-00000003" in ckpts, ckpts
     assert (run_dir / "checkpoints" / "ckpt-00000003" / "manifest.json").is_file()

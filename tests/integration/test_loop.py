@@ -63,7 +63,7 @@ def test_tiny_run_writes_everything(ray_local, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "tb").is_dir()
     assert (run / "checkpoints" / "latest").read_text().strip() == "ckpt-00000003"
     summary = json.loads((run / "eval.json").read_text())
-    assert {"default", "learned (mean)", "learned (mean) - default"} <= set(summary)
+    assert {"default", "learned instance-level", "learned instance-level - default"} <= set(summary)
     assert summary["default"]["n"] == 10 * 4  # 10 eval prompts x 4 seeds
 
 

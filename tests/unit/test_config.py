@@ -116,7 +116,7 @@ def test_cli_help_lists_every_field():
     assert "rollouts (schedules) per context" in res.stdout  # descriptions are the help text
 
 
-def test_embedded_default_is_the_toy_config():
-    """`python -m learner.main` with no arguments runs configs/toy.yaml."""
-    toy = load_yaml_config(REPO / "configs" / "toy.yaml")
+def test_embedded_default_is_the_digits_config():
+    """`python -m learner.main` with no arguments runs configs/digits.yaml."""
+    toy = load_yaml_config(REPO / "configs" / "digits.yaml")
     assert load_config([]).model_dump(exclude={"config"}) == toy.model_dump(exclude={"config"})
