@@ -180,7 +180,7 @@ def test_job_submit_toy(ray_head: str, tmp_path: Path):
 
     # the held-out table, printed by the driver, reached the submitter
     assert "held-out evaluation after 3 iterations" in res.stdout
-    assert re.search(r"learned \(mean\) - default\s+-?\d", res.stdout), "held-out table rows missing"
+    assert re.search(r"learned instance-level - default\s+-?\d", res.stdout), "held-out table rows missing"
 
     run_dir = out_dir / "job"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
