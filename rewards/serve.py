@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from common.codec import DecodeError, pack, unpack
-from rewards.base import build, check_scores
+from rewards.base import _shown, build, check_scores
 from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
 
 
@@ -79,8 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raw = self.server.reward(req.images, req.prompts)
             scores = check_scores(self.server.name, raw, req.prompts)
         except Exception as e:  # noqa: BLE001 - any failure of the reward goes back as a 500
-            shown = req.prompts[:3] + (["..."] if len(req.prompts) > 3 else [])
-            return self._error(500, f"reward {self.server.name!r} failed on prompts {shown}: {type(e).__name__}: {e}")
+            if isinstance(e, ValueError) and str(e).startswith(f"reward {self.server.name!r}"):
+                return self._error(500, str(e))  # check_scores' message already names reward and prompt
+            return self._error(500, f"reward {self.server.name!r} failed on prompts {_shown(req.prompts)}: {type(e).__name__}: {e}")
         self._send(200, pack(ScoreResponse(scores=scores)))
 
 

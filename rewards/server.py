@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rewards.base import build, build_metric, check_scores
+from rewards.base import _shown, build, build_metric, check_scores
 
 
 class RewardServer:
@@ -29,8 +29,7 @@ class RewardServer:
         try:
             raw = self.reward(images, prompts)
         except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompts named
-            shown = prompts if len(prompts) <= 4 else prompts[:4] + [f"... {len(prompts)} in all"]
-            raise RuntimeError(f"reward {self.name!r} failed on prompts {shown}: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}") from e
         return check_scores(self.name, raw, prompts)
 
     def pid(self) -> int:
