@@ -16,6 +16,7 @@ back within ``restart_timeout_s``) leaves the group; below ``min_workers`` the r
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
-from common.config import Config, MetricSpec, RewardSpec
+from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.server import MetricServer, RewardServer
 from rollout.worker import RolloutWorker
@@ -153,10 +154,25 @@ class RewardGroup:
             )
             self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
         self.alive = [list(range(len(s))) for s in self.servers]
+        self._wait_started()
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
         self._turn = 0
+
+    def _wait_started(self) -> None:
+        """Every server has built its reward (module, class, call signature, kwargs, model load).
+
+        The reward is resolved inside its server, in its own runtime_env (its module may not even
+        import in the learner's environment), so a bad spec shows here, at startup, as one line
+        naming the reward: not as an actor traceback at the first scoring call.
+        """
+        for j, (spec, servers) in enumerate(zip(self.specs, self.servers)):
+            try:
+                ray.get([s.pid.remote() for s in servers])
+            except ray.exceptions.RayActorError as e:
+                lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+                raise ConfigError(f"rewards[{j}] ({spec.name!r}) could not start: {lines[-1].strip() if lines else e}") from None
 
     def score(self, p: Pending) -> None:
         """Start scoring ``p``'s images with every reward (round robin over each reward's servers)."""

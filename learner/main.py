@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as e:  # found at startup: e.g. a reward that cannot be built in its server
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,7 +22,9 @@ class Reward(Protocol):
 
 _REGISTRY: dict[str, type] = {}
 _METRICS: dict[str, type] = {}
-_BUILTIN_MODULES = ("rewards.toy", "rewards.digits")
+_BUILTIN_MODULES = (
+    "rewards.toy", "rewards.digits", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http",
+)
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -114,11 +116,22 @@ def build(name: str, kwargs: dict[str, Any]) -> Reward:
         raise ValueError(f"reward {name!r}: bad kwargs {sorted(kwargs)}: {e}") from None
 
 
+def _shown(prompts: Sequence[str], n: int = 4) -> list[str]:
+    prompts = list(prompts)
+    return prompts if len(prompts) <= n else prompts[:n] + [f"... {len(prompts)} in all"]
+
+
 def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
     """A reward's output as float32 [N], or a ValueError naming the reward and the prompt."""
-    arr = np.asarray(scores, dtype=np.float32)
+    try:
+        arr = np.asarray(scores, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {_shown(prompts)}: {e}") from None
     if arr.shape != (len(prompts),):
-        raise ValueError(f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images; expected [N]")
+        raise ValueError(
+            f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images (prompts {_shown(prompts)}); "
+            "expected [N]; the step is stopped"
+        )
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         i = int(bad[0])

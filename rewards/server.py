@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rewards.base import build, build_metric, check_scores
+from rewards.base import _shown, build, build_metric, check_scores
 
 
 class RewardServer:
@@ -23,8 +23,14 @@ class RewardServer:
         self.reward = build(name, kwargs)
 
     def score(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
-        """Scores [N] float32; a non-finite score or a wrong shape raises, naming reward and prompt."""
-        return check_scores(self.name, self.reward(images, list(prompts)), prompts)
+        """Scores [N] float32; a crash, a non-finite score or a wrong shape raises, naming the reward
+        and the prompt(s): the step stops and nothing reaches the policy."""
+        prompts = list(prompts)
+        try:
+            raw = self.reward(images, prompts)
+        except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompts named
+            raise RuntimeError(f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}") from e
+        return check_scores(self.name, raw, prompts)
 
     def pid(self) -> int:
         return os.getpid()

@@ -54,8 +54,10 @@ def test_import_path_plugins():
 def test_non_finite_and_wrong_shape_name_reward_and_prompt():
     with pytest.raises(ValueError, match=r"reward 'nan'.*non-finite.*'class 5'"):
         check_scores("nan", NanReward()(None, ["class 1", "class 5"]), ["class 1", "class 5"])
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"reward 'x' returned shape \(3,\) for 2 images \(prompts \['a', 'b'\]\)"):
         check_scores("x", np.zeros(3), ["a", "b"])
+    with pytest.raises(ValueError, match=r"reward 'x' returned str, not numbers, for prompts \['a'\]"):
+        check_scores("x", "oops", ["a"])
     server = RewardServer("tests.unit.test_rewards:NanReward", {})
     with pytest.raises(ValueError, match="non-finite"):
         server.score(np.zeros((2, 4)), ["class 0", "class 1"])

@@ -1,0 +1,150 @@
+"""A reward scored by a remote service over HTTP, with msgpack bodies (DESIGN.md section 2).
+
+Protocol (served by ``python -m rewards.serve``):
+
+    POST /score   Content-Type: application/msgpack
+        request   {"images": uint8 [N, H, W, 3], "prompts": [N strings]}
+        200       {"scores": float32 [N]}
+        4xx, 5xx  {"error": "message"}
+    GET /health   200 {"reward": name}
+
+Arrays travel as ``common.codec``'s ext type (dtype, shape, raw little-endian bytes). Both
+sides decode strictly: a size limit first, then the codec's dtype whitelist and shape/size
+agreement, then pydantic validation of the message (dtype, rank, sizes, N agreeing with the
+prompts). Nothing is ever unpickled.
+
+The client retries a bounded number of times, with exponential backoff, on what a retry can
+cure (connection refused or reset, a timeout, 429, 502, 503, 504); a 4xx or a 500 (the reward
+itself failed) is raised at once with the server's message. Scoring is a pure function of its
+inputs, so a retried request is harmless.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from common.codec import DecodeError, pack, unpack
+from common.messages import ArrayMessage, Message
+from rewards.base import register
+from rewards.images import stack_uint8
+
+CONTENT_TYPE = "application/msgpack"
+MAX_REQUEST_BYTES = 256 * 2**20
+MAX_RESPONSE_BYTES = 2**20
+MAX_SIDE = 8192
+MAX_PROMPT_CHARS = 20_000
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+class ScoreRequest(ArrayMessage):
+    images: np.ndarray = Field(description="uint8 [N, H, W, 3]")
+    prompts: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreRequest":
+        a = self.images
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {a.dtype} {list(a.shape)}")
+        if not (1 <= a.shape[1] <= MAX_SIDE and 1 <= a.shape[2] <= MAX_SIDE):
+            raise ValueError(f"image sides must be 1..{MAX_SIDE}, got {a.shape[1]}x{a.shape[2]}")
+        if a.shape[0] != len(self.prompts):
+            raise ValueError(f"{a.shape[0]} images for {len(self.prompts)} prompts")
+        if any(len(p) > MAX_PROMPT_CHARS for p in self.prompts):
+            raise ValueError(f"a prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return self
+
+
+class ScoreResponse(ArrayMessage):
+    scores: np.ndarray = Field(description="float32 [N]")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreResponse":
+        if self.scores.dtype != np.float32 or self.scores.ndim != 1:
+            raise ValueError(f"scores must be float32 [N], got {self.scores.dtype} {list(self.scores.shape)}")
+        return self
+
+
+class ErrorResponse(Message):
+    error: str
+
+
+class Health(Message):
+    reward: str
+
+
+class RemoteRewardError(RuntimeError):
+    """The service answered with an error, or did not answer within the retries."""
+
+
+@register("http")
+class HttpReward:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 120.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ):
+        """
+        url: the service's base URL (``http://host:port``); requests go to ``{url}/score``.
+        timeout: seconds for each attempt (connect and read).
+        retries: further attempts after the first, on connection errors, timeouts, 429/502/503/504.
+        backoff: seconds before the first retry, doubling after each.
+        """
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"http reward: url must start with http:// or https://, got {url!r}")
+        if retries < 0 or timeout <= 0:
+            raise ValueError("http reward: retries must be >= 0 and timeout > 0")
+        self.url = url.rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.max_response_bytes = max_response_bytes
+        self.attempts = 0  # total HTTP attempts made (for tests and logs)
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"{self.url}/score", data=body, method="POST", headers={"Content-Type": CONTENT_TYPE}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read(self.max_response_bytes + 1)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(self.max_response_bytes + 1)
+
+    def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
+        body = pack(ScoreRequest(images=stack_uint8(images), prompts=list(prompts)))
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.attempts += 1
+            try:
+                status, data = self._post(body)
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                continue
+            if len(data) > self.max_response_bytes:
+                raise RemoteRewardError(f"{self.url}: response exceeds {self.max_response_bytes} bytes")
+            if status == 200:
+                try:
+                    scores = unpack(data, ScoreResponse, self.max_response_bytes).scores
+                except DecodeError as e:
+                    raise RemoteRewardError(f"{self.url}: bad response: {e}") from None
+                if scores.shape != (len(prompts),):
+                    raise RemoteRewardError(f"{self.url}: {scores.shape[0]} scores for {len(prompts)} prompts")
+                return scores
+            try:
+                msg = unpack(data, ErrorResponse, self.max_response_bytes).error
+            except DecodeError:
+                msg = data[:200].decode("utf-8", "replace")
+            last = f"HTTP {status}: {msg}"
+            if status not in RETRY_STATUS:
+                raise RemoteRewardError(f"{self.url}: {last}")
+        raise RemoteRewardError(f"{self.url}: no answer after {self.retries + 1} attempts ({last})")

@@ -1,0 +1,63 @@
+"""The image forms a reward accepts, brought to one: a list of uint8 [H, W, 3] arrays.
+
+uint8 [N, H, W, 3] is the canonical form: the one the HTTP scorer sends and the one a decoded
+PNG has. A sampler may hand over float images in [0, 1] instead, channels first ([N, 3, H, W],
+torch's convention) or last; they are quantised as an image file would be
+(``round(255 * x)``, clipped, as diffusers' ``numpy_to_pil``), so a reward scores exactly what
+a saved image would show. Grey images ([..., 1]) are repeated to RGB; PIL images are converted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _one(img: Any) -> np.ndarray:
+    if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if hasattr(img, "detach"):  # a torch tensor
+        img = img.detach().float().cpu().numpy()
+    a = np.asarray(img)
+    if a.ndim != 3:
+        raise ValueError(f"an image must have 3 dimensions ([H, W, C] or [C, H, W]), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        if a.shape[-1] not in (1, 3):
+            raise ValueError(f"a uint8 image must be [H, W, 3] or [H, W, 1], got shape {a.shape}")
+    elif np.issubdtype(a.dtype, np.floating):
+        if a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+            a = a.transpose(1, 2, 0)
+        if a.shape[-1] not in (1, 3):
+            raise ValueError(f"a float image must be [3, H, W] or [H, W, 3] in [0, 1], got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError("an image has non-finite pixels")
+        a = np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {a.dtype}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"an empty image of shape {a.shape}")
+    return a
+
+
+def as_uint8_images(images: Any) -> list[np.ndarray]:
+    """A batch (an array or tensor [N, ...], or a sequence of images) -> N uint8 [H, W, 3] arrays."""
+    if hasattr(images, "ndim") and images.ndim == 4:
+        return [_one(images[i]) for i in range(images.shape[0])]
+    if isinstance(images, (list, tuple)):
+        return [_one(img) for img in images]
+    raise ValueError(
+        f"images must be a batch [N, H, W, 3] / [N, 3, H, W] or a list of images, got {type(images).__name__}"
+        + (f" of shape {tuple(images.shape)}" if hasattr(images, "shape") else "")
+    )
+
+
+def stack_uint8(images: Any) -> np.ndarray:
+    """Same-size images as one uint8 [N, H, W, 3] array (the HTTP scorer's wire form)."""
+    arrs = as_uint8_images(images)
+    shapes = {a.shape for a in arrs}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different sizes cannot be stacked: {sorted(shapes)}")
+    return np.stack(arrs) if arrs else np.zeros((0, 1, 1, 3), np.uint8)

@@ -1,0 +1,165 @@
+"""The HTTP scorer against the reference server (python -m rewards.serve) on loopback only.
+
+Round trip: HPS (the tiny parity architecture) served over HTTP scores as it does in-process.
+Strictness: oversized, malformed, wrongly typed and mis-shaped bodies are refused with 4xx;
+a bad reward behind the server is an error naming the reward and the prompt. Retries are
+bounded, timeouts honoured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from common.codec import pack, unpack
+from rewards.base import build
+from rewards.http import ErrorResponse, Health, HttpReward, RemoteRewardError
+from rewards.server import RewardServer
+from tests.conftest import REPO
+from tests.fixtures.hps.make_fixture import make_images
+
+FIXTURE = REPO / "tests" / "fixtures" / "hps"
+HPS_KWARGS = {"checkpoint": str(FIXTURE / "tiny-hps.pt"), "arch": str(FIXTURE / "tiny-hps.json")}
+
+
+def _serve(reward: str, kwargs: dict, *extra: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "rewards.serve", "--reward", reward, "--kwargs", json.dumps(kwargs), "--port", "0", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), reward
+
+
+def _url(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline()  # "serving reward 'x' on http://127.0.0.1:PORT"
+    assert "serving reward" in line, f"server did not start (exit {proc.poll()})"
+    return line.split(" on ")[-1].strip()
+
+
+@pytest.fixture(scope="module")
+def servers():
+    procs = [
+        _serve("hps", HPS_KWARGS, "--torch-threads", "1"),
+        _serve("tests.integration.rewards_for_tests:BadImageReward", {}, "--max-bytes", "200000"),
+    ]  # both start at once: their imports overlap
+    try:
+        yield {name: _url(p) for p, name in procs}
+    finally:
+        for p, _ in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+def _post(url: str, body: bytes, content_type: str = "application/msgpack") -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/score", body=body, headers={"Content-Type": content_type})
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def test_hps_round_trip_matches_in_process(servers):
+    url = servers["hps"]
+    images = np.stack([make_images()[0]] * 2 + [make_images()[1][:224, :224]])  # one batch, one size
+    prompts = ["a photo of an astronaut riding a horse on the moon", "abstract painting", "abstract painting"]
+    remote = build("http", {"url": url, "timeout": 30})
+    local = build("hps", HPS_KWARGS)
+    np.testing.assert_allclose(remote(images, prompts), local(images, prompts), atol=1e-6)
+    # the HTTP reward inside a RewardServer, as a run hosts it
+    served = RewardServer("http", {"url": url})
+    assert served.score(images, prompts).shape == (3,)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/health")
+    assert unpack(conn.getresponse().read(), Health).reward == "hps"
+
+
+def test_strict_decoding_refuses_bad_bodies(servers):
+    url = servers["hps"]
+    ok = {"images": np.zeros((1, 8, 8, 3), np.uint8), "prompts": ["a"]}
+
+    def refused(body: bytes, status: int, match: str, **kw) -> None:
+        code, data = _post(url, body, **kw)
+        assert code == status
+        assert match in unpack(data, ErrorResponse).error
+
+    refused(pack({**ok, "images": np.zeros((1, 8, 8, 3), np.float32)}), 400, "must be uint8 [N, H, W, 3]")
+    refused(pack({**ok, "images": np.zeros((1, 8, 8), np.uint8)}), 400, "must be uint8 [N, H, W, 3]")
+    refused(pack({**ok, "prompts": ["a", "b"]}), 400, "1 images for 2 prompts")
+    refused(pack({**ok, "extra": 1}), 400, "Extra inputs are not permitted")
+    refused(b"\x93\x01\x02", 400, "truncated")
+    refused(msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["object", [1]]) + b"x"), "prompts": ["a"]}), 400,
+            "dtype 'object' is not allowed")
+    refused(msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["uint8", [1, 8, 8, 3]]) + b"xx"), "prompts": ["a"]}),
+            400, "needs 192 bytes, got 2")
+    refused(msgpack.packb({"images": msgpack.ExtType(7, b""), "prompts": ["a"]}), 400, "unknown msgpack ext type 7")
+    refused(pickle_bytes(), 400, "")  # a pickle is just malformed msgpack here: never unpickled
+    refused(pack(ok), 415, "Content-Type must be", content_type="application/octet-stream")
+    # the size limit, before any decoding (this server: --max-bytes 200000)
+    big = pack({"images": np.zeros((3, 200, 200, 3), np.uint8), "prompts": ["a"] * 3})
+    code, data = _post(servers["tests.integration.rewards_for_tests:BadImageReward"], big)
+    assert code == 413 and "exceeds the limit of 200000" in unpack(data, ErrorResponse).error
+
+
+def pickle_bytes() -> bytes:
+    import pickle
+
+    return pickle.dumps({"images": [1, 2, 3]})
+
+
+def test_bad_remote_reward_names_reward_and_prompt(servers):
+    r = HttpReward(servers["tests.integration.rewards_for_tests:BadImageReward"], timeout=10, retries=3, backoff=0.01)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* non-finite .* prompt 'nan please'"):
+        r(images, ["fine", "nan please"])
+    with pytest.raises(RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* failed on prompts \['crash please'"):
+        r(images[:1], ["crash please"])
+    assert r.attempts == 2  # a 500 is the reward's own failure: not retried
+    assert r(images, ["fine", "fine"]).tolist() == [0.0, 0.0]
+
+
+def test_retries_are_bounded_and_timeouts_honoured():
+    with socket.socket() as s:  # a free port with nobody listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = HttpReward(f"http://127.0.0.1:{port}", timeout=1, retries=2, backoff=0.01)
+    with pytest.raises(RemoteRewardError, match="no answer after 3 attempts"):
+        r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+    assert r.attempts == 3
+
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        r = HttpReward(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3, retries=1, backoff=0.01)
+        start = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match="no answer after 2 attempts.*timed out"):
+            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+        assert time.perf_counter() - start < 3
+        assert r.attempts == 2
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        silent.close()
