@@ -2,7 +2,8 @@
 
 (a) with the default schedule our per-sample loop reproduces the stock diffusers pipeline (SD1.5
     and SDXL: with EulerDiscreteScheduler) for the same prompt and latents, to 1e-4;
-(b) a batch of samples with different schedules equals the same samples run one at a time.
+(b) a batch of samples with different schedules equals the same samples run one at a time;
+and any schedule matches the stock pipeline told to run that schedule (rollout/backends/reference.py).
 The bfloat16 CUDA variants of both carry the ``gpu`` marker.
 """
 
@@ -102,6 +103,21 @@ def test_default_schedule_reproduces_the_stock_pipeline(case: Case, steps: int):
     # x_T is what the stock pipeline draws from the same seed with a CPU generator
     ref = case.stock(PROMPTS[0], steps, seed=11)
     assert np.abs(ref - ours[0]).max() <= TOL
+
+
+def test_any_schedule_matches_the_stock_pipeline_on_that_schedule(case: Case):
+    """Beyond the default: the stock pipeline told to run our schedule (shift off for flows, custom
+    timesteps t*T - 1 for Euler) gives the same image as our loop."""
+    from rollout.backends.reference import stock_generate, stock_pipeline_for_schedules
+
+    s, L = case.sampler, 4
+    stock = stock_pipeline_for_schedules(case.pipe)
+    noise = s.initial_noise([5, 6])
+    times = _random_times(L, 2, seed=9)
+    ours = s.generate(PROMPTS, noise, times)
+    for i, prompt in enumerate(PROMPTS):
+        ref = stock_generate(stock, prompt, noise[i], times[i], SIZE, SIZE, **case.stock_kwargs)
+        assert np.abs(ref - ours[i]).max() <= TOL, case.family
 
 
 def test_batch_of_schedules_equals_one_at_a_time(case: Case):
