@@ -49,7 +49,7 @@ def build(family: str, device: str = "cpu", dtype: str = "float32", **over) -> C
     from diffusers import EulerDiscreteScheduler
 
     pipe = tiny_pipeline(family)
-    common = dict(model="tiny", device=device, dtype=dtype, height=SIZE, width=SIZE, **over)
+    common = {"model": "tiny", "device": device, "dtype": dtype, "height": SIZE, "width": SIZE, **over}
     if family == "flux":
         from rollout.backends.flux import FluxSampler
 
@@ -201,3 +201,22 @@ def test_bfloat16_cuda_matches_stock_and_batches(family: str):
     for i in range(2):
         alone = s.generate(PROMPTS[i : i + 1], noise[i : i + 1], times[i : i + 1])
         assert np.abs(batch[i] - alone[0]).max() <= 2e-2, family
+
+
+def test_sd15_pooled_is_clips_pooled_output():
+    case = build("sd15")
+    pipe = case.pipe
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids).pooler_output.numpy()
+    got = np.stack([f.pooled for f in case.sampler.encode(PROMPTS)])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_sizes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="multiples of"):
+        build("flux", height=42)  # 2x VAE and 2x2 packing need multiples of 4; FluxPipeline would resize silently
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sampler.flux.bogus"):
+        load_config([], sampler={"backend": "flux", "flux": {"bogus": 1}})
