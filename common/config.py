@@ -51,7 +51,9 @@ class DiffusersSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     local_files_only: bool = Field(False, description="Never contact the hub: load from the local cache or path only.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of the model weights.")
-    device: str = Field("auto", min_length=1, description="Torch device of the models ('auto': cuda if available, else cpu).")
+    device: str = Field(
+        "auto", min_length=1, description="Torch device of the models ('auto': cuda if available, else cpu)."
+    )
     cpu_offload: Literal["none", "model", "sequential"] = Field(
         "none", description="diffusers CPU offload: 'model' (enable_model_cpu_offload), 'sequential', or 'none'."
     )
@@ -74,7 +76,9 @@ class DiffusersSection(Section):
 class FluxConfig(DiffusersSection):
     """Flux (FluxPipeline): rectified flow on packed latents, T5 + CLIP text encoders, no CFG."""
 
-    model: str = Field("black-forest-labs/FLUX.1-dev", min_length=1, description="Hub id or local directory of the Flux pipeline.")
+    model: str = Field(
+        "black-forest-labs/FLUX.1-dev", min_length=1, description="Hub id or local directory of the Flux pipeline."
+    )
     height: int | None = Field(1024, ge=16, description="Image height in pixels (None: the pipeline's default, 1024).")
     width: int | None = Field(1024, ge=16, description="Image width in pixels (None: the pipeline's default, 1024).")
     guidance_scale: float = Field(

@@ -38,14 +38,17 @@ class FluxSampler:
         self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
         sched = pipe.scheduler.config
         if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
-            raise ValueError("the flux backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off")
+            raise ValueError(
+                "the flux backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+            )
         vsf = pipe.vae_scale_factor
         self.height = cfg.height or pipe.default_sample_size * vsf
         self.width = cfg.width or pipe.default_sample_size * vsf
         if self.height % (2 * vsf) or self.width % (2 * vsf):
             # FluxPipeline would silently resize; we fail loudly
             raise ValueError(f"flux height and width must be multiples of {2 * vsf}, got {self.height}x{self.width}")
-        self.x_shape = (pipe.transformer.config.in_channels // 4, 2 * (self.height // (2 * vsf)), 2 * (self.width // (2 * vsf)))
+        h, w = 2 * (self.height // (2 * vsf)), 2 * (self.width // (2 * vsf))
+        self.x_shape = (pipe.transformer.config.in_channels // 4, h, w)
         self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
         self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
         self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)

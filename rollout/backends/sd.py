@@ -3,13 +3,13 @@ StableDiffusionPipeline / StableDiffusionXLPipeline, every sample on its own sch
 
 Time map (DESIGN.md sections 1 and 4; ``common.schedule.epsilon_timesteps``): t in [0, 1] is the
 continuous training timestep t*T - 1 (t = 1: timestep T-1; t = 1/T: timestep 0; t = 0: the clean
-sample, sigma = 0); its noise level sigma is interpolated in the training schedule. The model is evaluated at t_1..t_L and Euler steps in sigma from t_k to
-t_{k+1} (EulerDiscreteScheduler's update with s_churn = 0). x_T is scaled to the state at t_1 by the
-scheduler's own rule for the initial noise (``init_noise_sigma`` at sigma(t_1)). The default
-schedule is the stock EulerDiscreteScheduler grid built from the model's scheduler config
-(``EulerDiscreteScheduler.from_config(pipe.scheduler.config)``, as a user swaps it in: SD1.5's PNDM
-config gives 'linspace' timesteps 999, 749.25, ..., 0 at L = 5; SDXL's gives 'leading' 801, ..., 1,
-a point of the simplex with tau_1 > 0).
+sample, sigma = 0); its noise level sigma is interpolated in the training schedule. The model is
+evaluated at t_1..t_L and Euler steps in sigma from t_k to t_{k+1} (EulerDiscreteScheduler's update
+with s_churn = 0). x_T is scaled to the state at t_1 by the scheduler's own rule for the initial
+noise (``init_noise_sigma`` at sigma(t_1)). The default schedule is the stock EulerDiscreteScheduler
+grid built from the model's scheduler config (``EulerDiscreteScheduler.from_config(pipe.scheduler.
+config)``, as a user swaps it in): SD1.5's PNDM config gives 'linspace' timesteps 999, 749.25, ...,
+0 at L = 5 (tau_1 = 0); SDXL's gives 'leading' 801, ..., 1 (tau_1 > 0: the start is skipped).
 
 Policy features: x_T as the image-shaped latent [4, h, w]; the CLIP token embeddings the UNet
 cross-attends to (SDXL: CLIP-L and CLIP-G concatenated) trimmed to the prompt's real length; the
@@ -50,7 +50,9 @@ class SDSampler:
         self.euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         ec = self.euler.config
         if ec.prediction_type not in ("epsilon", "v_prediction") or ec.get("timestep_type", "discrete") != "discrete":
-            raise ValueError(f"the sd backend runs epsilon or v-prediction UNets, not {ec.prediction_type!r} / {ec.timestep_type!r}")
+            raise ValueError(
+                f"the sd backend runs epsilon or v-prediction UNets, not {ec.prediction_type!r} / {ec.timestep_type!r}"
+            )
         if pipe.unet.config.time_cond_proj_dim is not None:
             raise ValueError("guidance-distilled UNets (time_cond_proj_dim) are not supported")
         alphas_cumprod = self.euler.alphas_cumprod
@@ -77,8 +79,11 @@ class SDSampler:
         if name == "StableDiffusionXLPipeline":
             return cls(load_pipeline(StableDiffusionXLPipeline, cfg, add_watermarker=False), cfg)
         if name == "StableDiffusionPipeline":
-            return cls(load_pipeline(StableDiffusionPipeline, cfg, safety_checker=None, requires_safety_checker=False), cfg)
-        raise ValueError(f"{cfg.model} is a {name}; the sd backend runs StableDiffusionPipeline or StableDiffusionXLPipeline")
+            pipe = load_pipeline(StableDiffusionPipeline, cfg, safety_checker=None, requires_safety_checker=False)
+            return cls(pipe, cfg)
+        raise ValueError(
+            f"{cfg.model} is a {name}; the sd backend runs StableDiffusionPipeline or StableDiffusionXLPipeline"
+        )
 
     # --- Sampler protocol ------------------------------------------------------------------
 
@@ -169,7 +174,10 @@ class SDSampler:
         n_train = self.euler.config.num_train_timesteps
         timesteps = torch.from_numpy(epsilon_model_timesteps(times, n_train).astype(np.float32)).to(device)
         # the initial noise is scaled as EulerDiscreteScheduler.init_noise_sigma scales it, at sigma(t_1)
-        init = sig[:, 0] if self.euler.config.timestep_spacing in ("linspace", "trailing") else (sig[:, 0] ** 2 + 1) ** 0.5
+        if self.euler.config.timestep_spacing in ("linspace", "trailing"):
+            init = sig[:, 0]
+        else:
+            init = (sig[:, 0] ** 2 + 1) ** 0.5
         latents = torch.from_numpy(noise).to(device=device, dtype=embeds.dtype)
         latents = (latents.float() * init.view(-1, 1, 1, 1)).to(latents.dtype)
         v_pred = self.euler.config.prediction_type == "v_prediction"
@@ -230,14 +238,12 @@ class SDSampler:
             neg_pooled = None
             tokenizers = [pipe.tokenizer]
         # real length of each prompt in CLIP tokens (with start and end of text)
-        lengths = np.max(
-            [
-                np.sum(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).attention_mask, axis=1)
-                for tok in tokenizers
-                if tok is not None
-            ],
-            axis=0,
-        )
+        masks = [
+            tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).attention_mask
+            for tok in tokenizers
+            if tok is not None
+        ]
+        lengths = np.max([np.sum(m, axis=1) for m in masks], axis=0)
         out = []
         for i, length in enumerate(lengths):
             length = max(1, int(length))

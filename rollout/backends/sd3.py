@@ -39,7 +39,9 @@ class SD3Sampler:
         self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
         sched = pipe.scheduler.config
         if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
-            raise ValueError("the sd3 backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off")
+            raise ValueError(
+                "the sd3 backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+            )
         vsf = pipe.vae_scale_factor
         self.height = cfg.height or pipe.default_sample_size * vsf
         self.width = cfg.width or pipe.default_sample_size * vsf
