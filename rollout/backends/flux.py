@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import FluxConfig
 from common.messages import SamplerSpec
@@ -145,7 +146,7 @@ class FluxSampler:
             latents = (latents.float() + (dt * v.float()).to(v.dtype)).to(v.dtype)
         latents = FluxPipeline._unpack_latents(latents, self.height, self.width, pipe.vae_scale_factor)
         latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
+        image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="np")
 
     # --- helpers ---------------------------------------------------------------------------------

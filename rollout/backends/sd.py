@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import SDConfig
 from common.messages import SamplerSpec
@@ -214,7 +215,7 @@ class SDSampler:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
         if upcast:
             vae.to(dtype=torch.float16)
         return pipe.image_processor.postprocess(image, output_type="np")
