@@ -58,10 +58,84 @@ class DigitsConfig(Section):
     guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance scale at sampling.")
 
 
+class DiffusersSection(Section):
+    """Options shared by the diffusers backends (flux, sd3, sd); each family sets its own defaults."""
+
+    model: str = Field(..., min_length=1, description="Hub id or local directory of the diffusers pipeline.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    local_files_only: bool = Field(False, description="Never contact the hub: load from the local cache or path only.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of the model weights.")
+    device: str = Field(
+        "auto", min_length=1, description="Torch device of the models ('auto': cuda if available, else cpu)."
+    )
+    cpu_offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="diffusers CPU offload: 'model' (enable_model_cpu_offload), 'sequential', or 'none'."
+    )
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend of the denoiser ('flash', '_native_cudnn', ...); None: default."
+    )
+    height: int | None = Field(None, ge=8, description="Image height in pixels (None: the pipeline's default).")
+    width: int | None = Field(None, ge=8, description="Image width in pixels (None: the pipeline's default).")
+    guidance_scale: float = Field(..., ge=0, description="Guidance scale (classifier-free, or Flux-Dev's embedded guidance).")
+    max_batch_size: int = Field(8, ge=1, description="Most samples per denoiser forward (a larger request runs in chunks).")
+    prompt_cache: int = Field(256, ge=1, description="Prompts whose encoder outputs are kept (least recently used evicted).")
+    prompt_file: Path | None = Field(
+        None, description="Training prompts, one per line (None: the built-in list in rollout/backends/prompts.py)."
+    )
+    eval_prompt_file: Path | None = Field(
+        None, description="Held-out prompts, one per line (None: the built-in held-out list)."
+    )
+
+
+class FluxConfig(DiffusersSection):
+    """Flux (FluxPipeline): rectified flow on packed latents, T5 + CLIP text encoders, no CFG."""
+
+    model: str = Field(
+        "black-forest-labs/FLUX.1-dev", min_length=1, description="Hub id or local directory of the Flux pipeline."
+    )
+    height: int | None = Field(1024, ge=16, description="Image height in pixels (None: the pipeline's default, 1024).")
+    width: int | None = Field(1024, ge=16, description="Image width in pixels (None: the pipeline's default, 1024).")
+    guidance_scale: float = Field(
+        3.5, ge=0, description="Flux-Dev's embedded guidance (ignored by models without a guidance embedding, e.g. Schnell)."
+    )
+    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 sequence length the prompt is padded to.")
+
+
+class SD3Config(DiffusersSection):
+    """Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline): rectified flow, CLIP-L/G + T5, classifier-free guidance."""
+
+    model: str = Field(
+        "stabilityai/stable-diffusion-3.5-large", min_length=1, description="Hub id or local directory of the SD3 pipeline."
+    )
+    height: int | None = Field(1024, ge=8, description="Image height in pixels (None: the pipeline's default).")
+    width: int | None = Field(1024, ge=8, description="Image width in pixels (None: the pipeline's default).")
+    guidance_scale: float = Field(3.5, ge=0, description="Classifier-free guidance scale (<= 1: no guidance).")
+    negative_prompt: str | None = Field(None, description="Negative prompt of classifier-free guidance (None: empty).")
+    max_sequence_length: int = Field(256, ge=1, le=512, description="T5 sequence length the prompt is padded to.")
+
+
+class SDConfig(DiffusersSection):
+    """Stable Diffusion 1.x / 2.x and SDXL (StableDiffusion[XL]Pipeline): epsilon UNet, Euler, CFG."""
+
+    model: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        min_length=1,
+        description="Hub id or local directory of an SD1.5 or SDXL pipeline (the family is read from model_index.json).",
+    )
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (<= 1: no guidance).")
+    negative_prompt: str | None = Field(None, description="Negative prompt of classifier-free guidance (None: empty).")
+
+
 class SamplerConfig(Section):
-    backend: Literal["toy", "digits"] = Field("digits", description="Sampler backend.")
+    backend: Literal["toy", "digits", "flux", "sd3", "sd"] = Field(
+        "digits",
+        description="Sampler backend: 'toy', 'digits', or a diffusers pipeline: 'flux', 'sd3' (SD3/3.5), 'sd' (SD1.5/SDXL).",
+    )
     toy: ToyConfig = Field(default_factory=ToyConfig, description="Options of the toy backend.")
     digits: DigitsConfig = Field(default_factory=DigitsConfig, description="Options of the digits backend.")
+    flux: FluxConfig = Field(default_factory=FluxConfig, description="Options of the flux backend.")
+    sd3: SD3Config = Field(default_factory=SD3Config, description="Options of the sd3 backend.")
+    sd: SDConfig = Field(default_factory=SDConfig, description="Options of the sd backend (SD1.5 and SDXL).")
 
 
 class PolicyConfig(Section):

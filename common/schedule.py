@@ -13,6 +13,7 @@ float32, and ``guard_tau`` keeps two times from coinciding.
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 import numpy as np
@@ -102,3 +103,83 @@ def shifted_flow_tau(steps: int, shift: float) -> np.ndarray:
 def interior(tau: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     """A point strictly inside the simplex next to ``tau`` (for a Dirichlet mean at init)."""
     return guard_tau(np.asarray(tau, dtype=np.float64), floor)
+
+
+# --- time maps of the diffusers backends (DESIGN.md sections 1 and 4) -------------------------
+# Flow models (Flux, SD3) execute sigma = t with the scheduler's own shift switched off; their
+# stock schedules are shifted grids, reproduced below as points of the simplex. Epsilon models
+# (SD1.5, SDXL) map t to their own noise levels and run Euler in sigma.
+
+
+def static_shift(times: np.ndarray, shift: float) -> np.ndarray:
+    """The static time shift ``s*t / (1 + (s-1)*t)`` of FlowMatchEulerDiscreteScheduler (SD3: s = 3)."""
+    times = np.asarray(times, dtype=np.float64)
+    return shift * times / (1.0 + (shift - 1.0) * times)
+
+
+def resolution_mu(
+    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
+    """Flux's resolution-dependent shift parameter: linear in the number of latent tokens.
+
+    Mirrors ``diffusers.pipelines.flux.pipeline_flux.calculate_shift`` (diffusers 0.42).
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def dynamic_shift(times: np.ndarray, mu: float, kind: str = "exponential") -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler's resolution-dependent shift of ``times`` (t = 1 stays 1).
+
+    exponential: ``e^mu / (e^mu + (1/t - 1))``; linear: ``mu / (mu + (1/t - 1))``.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1.0 / times - 1.0))
+    if kind == "linear":
+        return mu / (mu + (1.0 / times - 1.0))
+    raise ValueError(f"unknown time shift type {kind!r}; expected 'exponential' or 'linear'")
+
+
+def epsilon_timesteps(times: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """Time map of an epsilon model: ``t`` in [0, 1] -> the continuous training timestep ``t*T - 1``.
+
+    t = 1 is the noisiest training timestep T-1, t = 1/T the least noisy one (0), and t = 0 the
+    clean sample, a virtual timestep -1 with sigma = 0. This affine map (rather than ``t * (T-1)``)
+    makes every stock Euler grid a point of the simplex: 'linspace' grids evaluate the model at
+    timestep 0, which must be a time t > 0. The denoiser is never given a timestep below 0 (see
+    ``epsilon_model_timesteps``).
+    """
+    return np.asarray(times, dtype=np.float64) * num_train_timesteps - 1.0
+
+
+def epsilon_model_timesteps(times: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """The timestep the denoiser is given at ``t``: ``t*T - 1`` floored at 0, its least noisy level
+    (only times t < 1/T, below the stock grids' last evaluation, are floored)."""
+    return np.maximum(epsilon_timesteps(times, num_train_timesteps), 0.0)
+
+
+def epsilon_sigmas(times: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """Time map of an epsilon model: ``t`` -> its noise level sigma (float64).
+
+    sigma is linearly interpolated at the timestep ``t*T - 1`` in the training schedule
+    ``train_sigmas[j] = sqrt((1 - abar_j) / abar_j)`` (as diffusers' EulerDiscreteScheduler
+    interpolates its timesteps), extended by sigma = 0 at timestep -1: t = 0 is the clean sample,
+    where the stock Euler schedule's last step ends.
+    """
+    n = len(train_sigmas)
+    grid = np.arange(-1, n, dtype=np.float64)
+    table = np.concatenate([[0.0], np.asarray(train_sigmas, dtype=np.float64)])
+    return np.interp(epsilon_timesteps(times, n), grid, table)
+
+
+def epsilon_tau(timesteps: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """A discrete timestep grid (e.g. the stock scheduler's [801, 601, ..., 1]) as a simplex point.
+
+    Inverse of ``epsilon_timesteps``: ``t = (timestep + 1) / T``. A grid that does not start at
+    T-1 skips the start: ``tau_1 = 1 - t_1 > 0``.
+    """
+    times = (np.asarray(timesteps, dtype=np.float64) + 1.0) / num_train_timesteps
+    if np.any(np.diff(times) >= 0) or times[0] > 1 or times[-1] <= 0:
+        raise ValueError(f"timesteps must decrease strictly within [0, {num_train_timesteps - 1}], got {timesteps}")
+    return tau_from_times(times)

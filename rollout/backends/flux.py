@@ -1,0 +1,177 @@
+"""The flux backend: Flux (Dev, Schnell) through diffusers' FluxPipeline, every sample on its own schedule.
+
+Time map: a rectified flow executes sigma = t, with the scheduler's shift switched off (it re-shifts
+custom sigmas); Euler from t_k to t_{k+1}, t_{L+1} = 0 (DESIGN.md section 1). The stock schedule,
+``linspace(1, 1/L, L)`` after Flux's resolution-dependent shift (``mu`` from the number of latent
+tokens), is ``default_tau``: a point of the simplex with tau_1 = 0.
+
+Policy features: x_T unpacked to an image-shaped latent [C, h, w] (packed into 2x2 patches inside
+the sampler), the T5 token embeddings trimmed to the prompt's real length, CLIP's pooled embedding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from common.config import FluxConfig
+from common.messages import SamplerSpec
+from common.schedule import resolution_mu, tau_from_times
+from rollout.backends.diffusers_common import (
+    PromptCache,
+    check_times,
+    chunks,
+    draw_noise,
+    load_pipeline,
+    prepare_pipeline,
+    read_prompts,
+    stack,
+    to_uint8,
+)
+from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
+from rollout.sampler import PromptFeatures
+
+
+class FluxSampler:
+    def __init__(self, pipe, cfg: FluxConfig):
+        """``pipe``: a loaded diffusers FluxPipeline (``from_config`` loads one from ``cfg``)."""
+        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        sched = pipe.scheduler.config
+        if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
+            raise ValueError(
+                "the flux backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+            )
+        vsf = pipe.vae_scale_factor
+        self.height = cfg.height or pipe.default_sample_size * vsf
+        self.width = cfg.width or pipe.default_sample_size * vsf
+        if self.height % (2 * vsf) or self.width % (2 * vsf):
+            # FluxPipeline would silently resize; we fail loudly
+            raise ValueError(f"flux height and width must be multiples of {2 * vsf}, got {self.height}x{self.width}")
+        h, w = 2 * (self.height // (2 * vsf)), 2 * (self.width // (2 * vsf))
+        self.x_shape = (pipe.transformer.config.in_channels // 4, h, w)
+        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
+        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
+        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
+
+    @classmethod
+    def from_config(cls, cfg: FluxConfig) -> "FluxSampler":
+        from diffusers import FluxPipeline
+
+        return cls(load_pipeline(FluxPipeline, cfg), cfg)
+
+    # --- Sampler protocol ------------------------------------------------------------------
+
+    def spec(self) -> SamplerSpec:
+        return SamplerSpec(
+            backend="flux",
+            x_shape=self.x_shape,
+            token_dim=self.pipe.text_encoder_2.config.d_model,
+            pooled_dim=self.pipe.text_encoder.config.hidden_size,
+            train_prompts=self.train_prompts,
+            eval_prompts=self.eval_prompts,
+        )
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        """The stock schedule, read from a fresh copy of the pipeline's scheduler given exactly what
+        FluxPipeline.__call__ gives it (sigmas = linspace(1, 1/L, L) and mu)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=self._mu())
+        return tau_from_times(sched.sigmas[:-1].double().numpy())
+
+    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        out = []
+        for c in self._cache.get(prompts):
+            tokens = c["embeds"][: c["length"]].float().cpu().numpy()
+            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
+        return out
+
+    def initial_noise(self, seeds: list[int]) -> np.ndarray:
+        return draw_noise(seeds, self.x_shape)
+
+    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
+        return to_uint8(self.generate(prompts, noise, times))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
+        times = check_times(times, len(prompts))
+        if noise.shape != (len(prompts), *self.x_shape):
+            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
+        conds = self._cache.get(prompts)
+        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
+        self.pipe.maybe_free_model_hooks()
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        # Mirrors diffusers 0.42.1 FluxPipeline.__call__ (steps 4-6 and the decode), with one change:
+        # a per-sample sigma vector instead of the scheduler's scalar step index, and
+        # FlowMatchEulerDiscreteScheduler.step inlined as a per-sample Euler step.
+        from diffusers import FluxPipeline
+
+        pipe, n = self.pipe, len(conds)
+        device = pipe._execution_device
+        embeds, pooled = stack(conds, "embeds"), stack(conds, "pooled")
+        te_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
+        text_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=te_dtype)
+        c, h, w = self.x_shape
+        latents = torch.from_numpy(noise).to(device=device, dtype=embeds.dtype)
+        latents = FluxPipeline._pack_latents(latents, n, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, device, embeds.dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full([n], self.cfg.guidance_scale, device=device, dtype=torch.float32)
+        # sigma = t, in float32 as the scheduler holds it; the last step goes to 0
+        sig = torch.from_numpy(times.astype(np.float32)).to(device)
+        sig_next = torch.cat([sig[:, 1:], torch.zeros_like(sig[:, :1])], dim=1)
+        for k in range(sig.shape[1]):
+            timestep = (sig[:, k] * 1000).to(latents.dtype)  # the scheduler's timesteps are sigma * 1000
+            v = pipe.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            # Euler in float32, cast back to the model dtype (as the scheduler's step does)
+            dt = (sig_next[:, k] - sig[:, k]).view(-1, 1, 1)
+            latents = (latents.float() + (dt * v.float()).to(v.dtype)).to(v.dtype)
+        latents = FluxPipeline._unpack_latents(latents, self.height, self.width, pipe.vae_scale_factor)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="np")
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _mu(self) -> float:
+        """FluxPipeline's resolution-dependent shift for this image size (always passed, even when
+        the scheduler does not use it)."""
+        cfg = self.pipe.scheduler.config
+        seq_len = (self.x_shape[1] // 2) * (self.x_shape[2] // 2)
+        return resolution_mu(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+
+    @torch.no_grad()
+    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+        pipe, msl = self.pipe, self.cfg.max_sequence_length
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=pipe._execution_device, max_sequence_length=msl
+        )
+        # the T5 tokens the prompt really has (with </s>), as the pipeline's own tokenizer counts them
+        mask = pipe.tokenizer_2(prompts, padding="max_length", max_length=msl, truncation=True).attention_mask
+        return [
+            {"embeds": embeds[i], "pooled": pooled[i], "length": max(1, int(sum(mask[i])))} for i in range(len(prompts))
+        ]

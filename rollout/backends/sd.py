@@ -1,0 +1,259 @@
+"""The sd backend: Stable Diffusion 1.x and SDXL (epsilon UNets) through diffusers'
+StableDiffusionPipeline / StableDiffusionXLPipeline, every sample on its own schedule, Euler, CFG.
+
+Time map (DESIGN.md sections 1 and 4; ``common.schedule.epsilon_timesteps``): t in [0, 1] is the
+continuous training timestep t*T - 1 (t = 1: timestep T-1; t = 1/T: timestep 0; t = 0: the clean
+sample, sigma = 0); its noise level sigma is interpolated in the training schedule. The model is
+evaluated at t_1..t_L and Euler steps in sigma from t_k to t_{k+1} (EulerDiscreteScheduler's update
+with s_churn = 0). x_T is scaled to the state at t_1 by the scheduler's own rule for the initial
+noise (``init_noise_sigma`` at sigma(t_1)). The default schedule is the stock EulerDiscreteScheduler
+grid built from the model's scheduler config (``EulerDiscreteScheduler.from_config(pipe.scheduler.
+config)``, as a user swaps it in): SD1.5's PNDM config gives 'linspace' timesteps 999, 749.25, ...,
+0 at L = 5 (tau_1 = 0); SDXL's gives 'leading' 801, ..., 1 (tau_1 > 0: the start is skipped).
+
+Policy features: x_T as the image-shaped latent [4, h, w]; the CLIP token embeddings the UNet
+cross-attends to (SDXL: CLIP-L and CLIP-G concatenated) trimmed to the prompt's real length; the
+pooled embedding (SD1.5: CLIP's pooled output, the end-of-text token; SDXL: CLIP-G's projection).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from common.config import SDConfig
+from common.messages import SamplerSpec
+from common.schedule import epsilon_model_timesteps, epsilon_sigmas, epsilon_tau
+from rollout.backends.diffusers_common import (
+    PromptCache,
+    check_times,
+    chunks,
+    draw_noise,
+    load_pipeline,
+    prepare_pipeline,
+    read_prompts,
+    stack,
+    to_uint8,
+)
+from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
+from rollout.sampler import PromptFeatures
+
+
+class SDSampler:
+    def __init__(self, pipe, cfg: SDConfig):
+        """``pipe``: a loaded StableDiffusionPipeline or StableDiffusionXLPipeline."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        self.xl = isinstance(pipe, StableDiffusionXLPipeline)
+        # Euler on the model's own betas, whatever scheduler it ships (SD1.5 ships PNDM)
+        self.euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        ec = self.euler.config
+        if ec.prediction_type not in ("epsilon", "v_prediction") or ec.get("timestep_type", "discrete") != "discrete":
+            raise ValueError(
+                f"the sd backend runs epsilon or v-prediction UNets, not {ec.prediction_type!r} / {ec.timestep_type!r}"
+            )
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("guidance-distilled UNets (time_cond_proj_dim) are not supported")
+        alphas_cumprod = self.euler.alphas_cumprod
+        # the training noise levels, as EulerDiscreteScheduler.set_timesteps computes them (float32)
+        self.train_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+        vsf = pipe.vae_scale_factor
+        size = pipe.unet.config.sample_size
+        self.height = cfg.height or (size if isinstance(size, int) else size[0]) * vsf
+        self.width = cfg.width or (size if isinstance(size, int) else size[1]) * vsf
+        if self.height % vsf or self.width % vsf:
+            raise ValueError(f"sd height and width must be multiples of {vsf}, got {self.height}x{self.width}")
+        self.x_shape = (pipe.unet.config.in_channels, self.height // vsf, self.width // vsf)
+        self.cfg_guidance = cfg.guidance_scale > 1  # the pipelines' do_classifier_free_guidance
+        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
+        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
+        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
+
+    @classmethod
+    def from_config(cls, cfg: SDConfig) -> "SDSampler":
+        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
+        name = index.get("_class_name")
+        if name == "StableDiffusionXLPipeline":
+            return cls(load_pipeline(StableDiffusionXLPipeline, cfg, add_watermarker=False), cfg)
+        if name == "StableDiffusionPipeline":
+            pipe = load_pipeline(StableDiffusionPipeline, cfg, safety_checker=None, requires_safety_checker=False)
+            return cls(pipe, cfg)
+        raise ValueError(
+            f"{cfg.model} is a {name}; the sd backend runs StableDiffusionPipeline or StableDiffusionXLPipeline"
+        )
+
+    # --- Sampler protocol ------------------------------------------------------------------
+
+    def spec(self) -> SamplerSpec:
+        pipe = self.pipe
+        if self.xl:
+            pooled_dim = pipe.text_encoder_2.config.projection_dim
+        else:
+            pooled_dim = pipe.text_encoder.config.hidden_size
+        return SamplerSpec(
+            backend="sd",
+            x_shape=self.x_shape,
+            token_dim=pipe.unet.config.cross_attention_dim,
+            pooled_dim=pooled_dim,
+            train_prompts=self.train_prompts,
+            eval_prompts=self.eval_prompts,
+        )
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        """The stock EulerDiscreteScheduler grid at ``steps`` (from the model's scheduler config)."""
+        from diffusers import EulerDiscreteScheduler
+
+        sched = EulerDiscreteScheduler.from_config(self.euler.config)
+        sched.set_timesteps(steps)
+        if sched.config.interpolation_type != "linear" or sched.config.final_sigmas_type != "zero" or any(
+            sched.config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        ):
+            # those grids are not sigma(timestep) of the linear map executed here
+            raise ValueError("the sd backend reproduces linear-interpolated Euler grids ending in 0 only")
+        return epsilon_tau(sched.timesteps.double().numpy(), sched.config.num_train_timesteps)
+
+    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        out = []
+        for c in self._cache.get(prompts):
+            tokens = c["embeds"][: c["length"]].float().cpu().numpy()
+            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
+        return out
+
+    def initial_noise(self, seeds: list[int]) -> np.ndarray:
+        return draw_noise(seeds, self.x_shape)
+
+    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
+        return to_uint8(self.generate(prompts, noise, times))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def sigmas(self, times: np.ndarray) -> np.ndarray:
+        """[N, L] times -> [N, L+1] float32 noise levels: sigma(t_1..t_L), then 0."""
+        t = np.concatenate([times, np.zeros_like(times[:, :1])], axis=1)
+        return epsilon_sigmas(t, self.train_sigmas).astype(np.float32)
+
+    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
+        times = check_times(times, len(prompts))
+        if noise.shape != (len(prompts), *self.x_shape):
+            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
+        conds = self._cache.get(prompts)
+        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
+        self.pipe.maybe_free_model_hooks()
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        # Mirrors diffusers 0.42.1 StableDiffusionPipeline.__call__ / StableDiffusionXLPipeline.__call__
+        # with EulerDiscreteScheduler (denoising loop and decode; no IP adapter, no guidance rescale,
+        # no watermark), with one change: per-sample sigma and timestep vectors instead of the
+        # scheduler's scalar step index; scale_model_input and step (s_churn = 0) inlined.
+        pipe, n, cfg_g = self.pipe, len(conds), self.cfg_guidance
+        device = pipe._execution_device
+        embeds = stack(conds, "embeds")
+        extra = {}
+        if cfg_g:
+            embeds = torch.cat([stack(conds, "neg_embeds"), embeds])
+        if self.xl:
+            text_embeds = stack(conds, "pooled")
+            time_ids = pipe._get_add_time_ids(
+                (self.height, self.width),
+                (0, 0),
+                (self.height, self.width),
+                dtype=embeds.dtype,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            ).to(device)
+            if cfg_g:
+                text_embeds = torch.cat([stack(conds, "neg_pooled"), text_embeds])
+            extra["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(len(embeds), 1)}
+        sig = torch.from_numpy(self.sigmas(times)).to(device)  # [n, L+1] float32
+        n_train = self.euler.config.num_train_timesteps
+        timesteps = torch.from_numpy(epsilon_model_timesteps(times, n_train).astype(np.float32)).to(device)
+        # the initial noise is scaled as EulerDiscreteScheduler.init_noise_sigma scales it, at sigma(t_1)
+        if self.euler.config.timestep_spacing in ("linspace", "trailing"):
+            init = sig[:, 0]
+        else:
+            init = (sig[:, 0] ** 2 + 1) ** 0.5
+        latents = torch.from_numpy(noise).to(device=device, dtype=embeds.dtype)
+        latents = (latents.float() * init.view(-1, 1, 1, 1)).to(latents.dtype)
+        v_pred = self.euler.config.prediction_type == "v_prediction"
+        for k in range(times.shape[1]):
+            s = sig[:, k].view(-1, 1, 1, 1)
+            x_in = torch.cat([latents] * 2) if cfg_g else latents
+            s_in = torch.cat([s] * 2) if cfg_g else s
+            x_in = (x_in.float() / ((s_in**2 + 1) ** 0.5)).to(x_in.dtype)  # scale_model_input
+            t_in = torch.cat([timesteps[:, k]] * 2) if cfg_g else timesteps[:, k]
+            out = pipe.unet(x_in, t_in, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+            if cfg_g:
+                out_uncond, out_text = out.chunk(2)
+                out = out_uncond + self.cfg.guidance_scale * (out_text - out_uncond)
+            # EulerDiscreteScheduler.step: x0 from the prediction, the ODE derivative, Euler to sigma_next
+            x = latents.float()
+            if v_pred:
+                x0 = out.float() * (-s / (s**2 + 1) ** 0.5) + (x / (s**2 + 1))
+            else:
+                x0 = x - (s * out.float()).to(out.dtype)
+            d = (x - x0) / s
+            latents = (x + d * (sig[:, k + 1].view(-1, 1, 1, 1) - s)).to(out.dtype)
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        pipe, vae = self.pipe, self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's fp16 VAE overflows
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return pipe.image_processor.postprocess(image, output_type="np")
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+        pipe, device, cfg_g = self.pipe, self.pipe._execution_device, self.cfg_guidance
+        if self.xl:
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg_g,
+                negative_prompt=self.cfg.negative_prompt,
+            )
+            tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        else:
+            embeds, neg = pipe.encode_prompt(prompts, device, 1, cfg_g, self.cfg.negative_prompt)
+            neg_pooled = None
+            tokenizers = [pipe.tokenizer]
+        # real length of each prompt in CLIP tokens (with start and end of text)
+        masks = [
+            tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).attention_mask
+            for tok in tokenizers
+            if tok is not None
+        ]
+        lengths = np.max([np.sum(m, axis=1) for m in masks], axis=0)
+        out = []
+        for i, length in enumerate(lengths):
+            length = max(1, int(length))
+            # SD1.5 has no pooled conditioning: CLIP's pooled output is its end-of-text token
+            p = pooled[i] if self.xl else embeds[i, length - 1]
+            item = {"embeds": embeds[i], "pooled": p, "length": length}
+            if cfg_g:
+                item["neg_embeds"] = neg[i]
+                if self.xl:
+                    item["neg_pooled"] = neg_pooled[i]
+            out.append(item)
+        return out

@@ -1,0 +1,189 @@
+"""The sd3 backend: Stable Diffusion 3 / 3.5 through diffusers' StableDiffusion3Pipeline, every sample
+on its own schedule, with classifier-free guidance.
+
+Time map: a rectified flow executes sigma = t, with the scheduler's shift switched off; Euler from
+t_k to t_{k+1}, t_{L+1} = 0 (DESIGN.md section 1). The stock schedule (the scheduler's own grid
+``linspace(sigma_max, sigma_min, L)`` after SD3's static shift 3, or the dynamic shift where the
+config asks for it) is ``default_tau``, a point of the simplex with tau_1 = 0.
+
+Policy features: x_T as the image-shaped latent [C, h, w], the T5 token embeddings trimmed to the
+prompt's real length (the CLIP tokens where the pipeline has no T5), the pooled CLIP-L/G embedding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from common.config import SD3Config
+from common.messages import SamplerSpec
+from common.schedule import resolution_mu, tau_from_times
+from rollout.backends.diffusers_common import (
+    PromptCache,
+    check_times,
+    chunks,
+    draw_noise,
+    load_pipeline,
+    prepare_pipeline,
+    read_prompts,
+    stack,
+    to_uint8,
+)
+from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
+from rollout.sampler import PromptFeatures
+
+
+class SD3Sampler:
+    def __init__(self, pipe, cfg: SD3Config):
+        """``pipe``: a loaded StableDiffusion3Pipeline (``from_config`` loads one from ``cfg``)."""
+        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        sched = pipe.scheduler.config
+        if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
+            raise ValueError(
+                "the sd3 backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+            )
+        vsf = pipe.vae_scale_factor
+        self.height = cfg.height or pipe.default_sample_size * vsf
+        self.width = cfg.width or pipe.default_sample_size * vsf
+        patch = pipe.transformer.config.patch_size
+        if self.height % (vsf * patch) or self.width % (vsf * patch):
+            raise ValueError(f"sd3 height and width must be multiples of {vsf * patch}, got {self.height}x{self.width}")
+        self.x_shape = (pipe.transformer.config.in_channels, self.height // vsf, self.width // vsf)
+        self.cfg_guidance = cfg.guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
+        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
+        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
+        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
+
+    @classmethod
+    def from_config(cls, cfg: SD3Config) -> "SD3Sampler":
+        from diffusers import StableDiffusion3Pipeline
+
+        return cls(load_pipeline(StableDiffusion3Pipeline, cfg), cfg)
+
+    # --- Sampler protocol ------------------------------------------------------------------
+
+    def spec(self) -> SamplerSpec:
+        pipe = self.pipe
+        return SamplerSpec(
+            backend="sd3",
+            x_shape=self.x_shape,
+            token_dim=pipe.transformer.config.joint_attention_dim,
+            pooled_dim=pipe.transformer.config.pooled_projection_dim,
+            train_prompts=self.train_prompts,
+            eval_prompts=self.eval_prompts,
+        )
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        """The stock schedule, read from a fresh copy of the pipeline's scheduler called as
+        StableDiffusion3Pipeline.__call__ calls it (no sigmas; mu only with dynamic shifting)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            patch = self.pipe.transformer.config.patch_size
+            seq_len = (self.x_shape[1] // patch) * (self.x_shape[2] // patch)
+            c = sched.config
+            kwargs["mu"] = resolution_mu(
+                seq_len,
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.16),  # the SD3 pipeline's fallback differs from Flux's 1.15
+            )
+        sched.set_timesteps(steps, **kwargs)
+        return tau_from_times(sched.sigmas[:-1].double().numpy())
+
+    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        out = []
+        for c in self._cache.get(prompts):
+            start, length = c["span"]
+            tokens = c["embeds"][start : start + length].float().cpu().numpy()
+            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
+        return out
+
+    def initial_noise(self, seeds: list[int]) -> np.ndarray:
+        return draw_noise(seeds, self.x_shape)
+
+    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
+        return to_uint8(self.generate(prompts, noise, times))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
+        times = check_times(times, len(prompts))
+        if noise.shape != (len(prompts), *self.x_shape):
+            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
+        conds = self._cache.get(prompts)
+        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
+        self.pipe.maybe_free_model_hooks()
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        # Mirrors diffusers 0.42.1 StableDiffusion3Pipeline.__call__ (steps 4-7 and the decode; no
+        # skip-layer guidance, no IP adapter), with one change: a per-sample sigma vector instead of
+        # the scheduler's scalar step index, FlowMatchEulerDiscreteScheduler.step inlined.
+        pipe = self.pipe
+        device = pipe._execution_device
+        embeds, pooled = stack(conds, "embeds"), stack(conds, "pooled")
+        if self.cfg_guidance:
+            embeds = torch.cat([stack(conds, "neg_embeds"), embeds])
+            pooled = torch.cat([stack(conds, "neg_pooled"), pooled])
+        latents = torch.from_numpy(noise).to(device=device, dtype=embeds.dtype)
+        sig = torch.from_numpy(times.astype(np.float32)).to(device)
+        sig_next = torch.cat([sig[:, 1:], torch.zeros_like(sig[:, :1])], dim=1)
+        n_train = pipe.scheduler.config.num_train_timesteps
+        for k in range(sig.shape[1]):
+            x_in = torch.cat([latents] * 2) if self.cfg_guidance else latents
+            timestep = sig[:, k] * n_train  # the scheduler's timesteps are sigma * num_train_timesteps
+            if self.cfg_guidance:
+                timestep = torch.cat([timestep] * 2)
+            v = pipe.transformer(
+                hidden_states=x_in,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            if self.cfg_guidance:
+                v_uncond, v_text = v.chunk(2)
+                v = v_uncond + self.cfg.guidance_scale * (v_text - v_uncond)
+            dt = (sig_next[:, k] - sig[:, k]).view(-1, 1, 1, 1)
+            latents = (latents.float() + (dt * v.float()).to(v.dtype)).to(v.dtype)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="np")
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+        pipe, msl = self.pipe, self.cfg.max_sequence_length
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=pipe._execution_device,
+            do_classifier_free_guidance=self.cfg_guidance,
+            negative_prompt=self.cfg.negative_prompt,
+            max_sequence_length=msl,
+        )
+        # prompt_embeds = [CLIP tokens (padded to tokenizer_max_length) ; T5 tokens (max_sequence_length)]
+        n_clip = pipe.tokenizer_max_length
+        if pipe.text_encoder_3 is not None:
+            mask = pipe.tokenizer_3(prompts, padding="max_length", max_length=msl, truncation=True).attention_mask
+            spans = [(n_clip, max(1, int(sum(m)))) for m in mask]
+        else:
+            mask = pipe.tokenizer(prompts, padding="max_length", max_length=n_clip, truncation=True).attention_mask
+            spans = [(0, max(1, int(sum(m)))) for m in mask]
+        out = []
+        for i in range(len(prompts)):
+            item = {"embeds": embeds[i], "pooled": pooled[i], "span": spans[i]}
+            if self.cfg_guidance:
+                item.update(neg_embeds=neg[i], neg_pooled=neg_pooled[i])
+            out.append(item)
+        return out

@@ -1,0 +1,228 @@
+"""The diffusers backends on tiny random pipelines (rollout/backends/tiny.py), float32 on the CPU:
+
+(a) with the default schedule our per-sample loop reproduces the stock diffusers pipeline (SD1.5
+    and SDXL: with EulerDiscreteScheduler) for the same prompt and latents, to 1e-4;
+(b) a batch of samples with different schedules equals the same samples run one at a time;
+and any schedule matches the stock pipeline told to run that schedule (rollout/backends/reference.py).
+Both also run in bfloat16: on the CPU, and on CUDA under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import FluxConfig, SD3Config, SDConfig
+from common.schedule import check_tau, guard_tau, times_from_tau
+from rollout.backends.tiny import FAMILIES, SIZE, tiny_pipeline
+from rollout.sampler import Sampler
+
+PROMPTS = ["a photo of a cat", "an oil painting of a red fox in the snow, highly detailed"]
+TOL = 1e-4  # max abs difference of float images in [0, 1] (the issue's bar)
+
+
+@dataclass
+class Case:
+    family: str
+    pipe: object
+    sampler: Sampler
+    stock_kwargs: dict
+
+    def stock(self, prompt: str, steps: int, latents: torch.Tensor | None = None, seed: int | None = None) -> np.ndarray:
+        """The stock pipeline's float image for one prompt, from ``latents`` or a CPU generator."""
+        kwargs = dict(self.stock_kwargs, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="np")
+        if latents is not None:
+            if self.family == "flux":
+                from diffusers import FluxPipeline
+
+                latents = FluxPipeline._pack_latents(latents, 1, *latents.shape[1:])
+            kwargs["latents"] = latents
+        else:
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+        return self.pipe(prompt, **kwargs).images[0]
+
+
+def build(family: str, device: str = "cpu", dtype: str = "float32", **over) -> Case:
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_pipeline(family)
+    common = {"model": "tiny", "device": device, "dtype": dtype, "height": SIZE, "width": SIZE, **over}
+    if family == "flux":
+        from rollout.backends.flux import FluxSampler
+
+        cfg = FluxConfig(**{"max_sequence_length": 32, "guidance_scale": 3.5, **common})
+        pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        sampler = FluxSampler(pipe, cfg)
+        stock = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+    elif family == "sd3":
+        from rollout.backends.sd3 import SD3Sampler
+
+        cfg = SD3Config(**{"max_sequence_length": 32, "guidance_scale": 4.0, **common})
+        pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        sampler = SD3Sampler(pipe, cfg)
+        stock = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+    else:
+        from rollout.backends.sd import SDSampler
+
+        cfg = SDConfig(**{"guidance_scale": 7.5, **common})
+        pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        sampler = SDSampler(pipe, cfg)
+        # the stock pipeline with its EulerDiscreteScheduler, as a user swaps it in
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        stock = dict(guidance_scale=cfg.guidance_scale)
+    return Case(family, pipe, sampler, stock)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request) -> Case:
+    return build(request.param)
+
+
+def _default_times(sampler, steps: int, n: int) -> np.ndarray:
+    return np.tile(times_from_tau(sampler.default_tau(steps)), (n, 1))
+
+
+def _random_times(steps: int, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return times_from_tau(guard_tau(rng.dirichlet(np.full(steps + 1, 2.0), size=n)))
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_default_schedule_reproduces_the_stock_pipeline(case: Case, steps: int):
+    s = case.sampler
+    check_tau(s.default_tau(steps), steps)
+    noise = s.initial_noise([11, 12])
+    ours = s.generate(PROMPTS, noise, _default_times(s, steps, 2))
+    for i, prompt in enumerate(PROMPTS):
+        ref = case.stock(prompt, steps, latents=torch.from_numpy(noise[i : i + 1]))
+        assert ref.shape == ours[i].shape == (SIZE, SIZE, 3)
+        assert np.abs(ref - ours[i]).max() <= TOL, case.family
+    # x_T is what the stock pipeline draws from the same seed with a CPU generator
+    ref = case.stock(PROMPTS[0], steps, seed=11)
+    assert np.abs(ref - ours[0]).max() <= TOL
+
+
+def test_any_schedule_matches_the_stock_pipeline_on_that_schedule(case: Case):
+    """Beyond the default: the stock pipeline told to run our schedule (shift off for flows, custom
+    timesteps t*T - 1 for Euler) gives the same image as our loop."""
+    from rollout.backends.reference import stock_generate, stock_pipeline_for_schedules
+
+    s, L = case.sampler, 4
+    stock = stock_pipeline_for_schedules(case.pipe)
+    noise = s.initial_noise([5, 6])
+    times = _random_times(L, 2, seed=9)
+    ours = s.generate(PROMPTS, noise, times)
+    for i, prompt in enumerate(PROMPTS):
+        ref = stock_generate(stock, prompt, noise[i], times[i], SIZE, SIZE, **case.stock_kwargs)
+        assert np.abs(ref - ours[i]).max() <= TOL, case.family
+
+
+def test_batch_of_schedules_equals_one_at_a_time(case: Case):
+    s, L = case.sampler, 4
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
+    noise = s.initial_noise([3, 3, 4, 5])
+    times = _random_times(L, 4, seed=0)
+    batch = s.generate(prompts, noise, times)
+    for i in range(4):
+        alone = s.generate(prompts[i : i + 1], noise[i : i + 1], times[i : i + 1])
+        assert np.abs(batch[i] - alone[0]).max() <= TOL, (case.family, i)
+    # the schedule matters: same prompt and noise, two schedules, two images
+    assert np.abs(batch[0] - s.generate(prompts[:1], noise[:1], times[1:2])[0]).max() > 1e-3
+
+
+def test_sampler_protocol_shapes(case: Case):
+    s = case.sampler
+    assert isinstance(s, Sampler)
+    spec = s.spec()
+    assert spec.backend == {"sd15": "sd", "sdxl": "sd"}.get(case.family, case.family)
+    assert len(spec.x_shape) == 3 and spec.x_shape[1:] == (SIZE // 2, SIZE // 2)
+    x = s.initial_noise([7, 8])
+    assert x.shape == (2, *spec.x_shape) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], s.initial_noise([7])[0])  # a pure function of the seed
+    feats = s.encode(PROMPTS)
+    for f in feats:
+        assert f.tokens.dtype == np.float32 and f.tokens.shape[1] == spec.token_dim
+        assert f.pooled is not None and f.pooled.shape == (spec.pooled_dim,)
+    # trimmed to the real length: the longer prompt has more tokens, and fewer than the padding
+    assert 1 < feats[0].tokens.shape[0] < feats[1].tokens.shape[0] < 77
+    images = s.sample(PROMPTS, x, _random_times(3, 2, seed=1))
+    assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8
+
+
+def test_bad_schedules_are_refused(case: Case):
+    s = case.sampler
+    x = s.initial_noise([1])
+    for bad in ([[0.5, 0.5]], [[0.3, 0.6]], [[1.2, 0.5]], [[0.5, 0.0]]):
+        with pytest.raises(ValueError):
+            s.sample(PROMPTS[:1], x, np.array(bad))
+    with pytest.raises(ValueError):
+        s.sample(PROMPTS[:1], x[:, :1], np.array([[0.5]]))
+
+
+def test_chunked_batches_equal_whole_batches():
+    case = build("sd15", max_batch_size=3)
+    s = case.sampler
+    noise = s.initial_noise(list(range(5)))
+    times = _random_times(2, 5, seed=2)
+    prompts = [PROMPTS[i % 2] for i in range(5)]
+    whole = build("sd15").sampler.generate(prompts, noise, times)
+    assert np.abs(s.generate(prompts, noise, times) - whole).max() <= TOL
+
+
+def test_prompt_cache_encodes_each_prompt_once():
+    s = build("flux", prompt_cache=2).sampler
+    calls = []
+    encode = s._cache.encode
+    s._cache.encode = lambda ps: calls.append(list(ps)) or encode(ps)
+    s.encode(["a", "b", "a"])
+    s.encode(["b", "a"])
+    assert calls == [["a", "b"]]
+    s.encode(["c"])  # evicts the least recently used ("b")
+    s.encode(["b"])
+    assert calls == [["a", "b"], ["c"], ["b"]]
+
+
+# bfloat16: a pixel in [0, 1] has 2^-8 resolution, and kernels round differently at different batch
+# sizes (our batch of N samples vs the stock pipeline's batch of 1); ~8 ulps of slack.
+BF16_TOL = 3e-2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_matches_stock_and_batches(family: str, device: str):
+    """bfloat16 (the dtype of real runs): our loop against the stock pipeline, and batched against
+    one at a time. The CUDA variant carries the gpu marker; the CPU one checks the dtype handling."""
+    case = build(family, device=device, dtype="bfloat16")
+    s, L = case.sampler, 5
+    noise = s.initial_noise([1, 2])
+    ours = s.generate(PROMPTS, noise, _default_times(s, L, 2))
+    for i, prompt in enumerate(PROMPTS):
+        lat = torch.from_numpy(noise[i : i + 1]).to(device, torch.bfloat16)
+        assert np.abs(case.stock(prompt, L, latents=lat) - ours[i]).max() <= BF16_TOL, family
+    times = _random_times(L, 2, seed=3)
+    batch = s.generate(PROMPTS, noise, times)
+    for i in range(2):
+        alone = s.generate(PROMPTS[i : i + 1], noise[i : i + 1], times[i : i + 1])
+        assert np.abs(batch[i] - alone[0]).max() <= BF16_TOL, family
+
+
+def test_sd15_pooled_is_clips_pooled_output():
+    case = build("sd15")
+    pipe = case.pipe
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids).pooler_output.numpy()
+    got = np.stack([f.pooled for f in case.sampler.encode(PROMPTS)])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_sizes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="multiples of"):
+        build("flux", height=42)  # 2x VAE and 2x2 packing need multiples of 4; FluxPipeline would resize silently
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sampler.flux.bogus"):
+        load_config([], sampler={"backend": "flux", "flux": {"bogus": 1}})
