@@ -95,11 +95,20 @@ class RolloutGroup:
         self.alive = list(range(r.num_workers))
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
 
+    def _ask(self, method: str) -> Any:
+        """The answer of the first worker that gives one (a worker may die during start-up)."""
+        for i in list(self.alive):
+            try:
+                return ray.get(getattr(self.workers[i], method).remote())
+            except RayActorError:
+                self.check(i)
+        raise WorkersLost("no rollout worker answered")
+
     def spec(self) -> SamplerSpec:
-        return ray.get(self.workers[0].spec.remote())
+        return self._ask("spec")
 
     def policy_kwargs(self) -> dict[str, Any]:
-        return ray.get(self.workers[0].policy_kwargs.remote())
+        return self._ask("policy_kwargs")
 
     def pids(self) -> list[int]:
         return ray.get([self.workers[i].pid.remote() for i in self.alive])

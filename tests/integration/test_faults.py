@@ -28,9 +28,10 @@ ITERS, C, K = 30, 4, 2
 class Killer(threading.Thread):
     """SIGKILLs a live actor of ``class_name`` every ``every_s`` seconds, ``kills`` times."""
 
-    def __init__(self, class_name: str, kills: int, every_s: float, first_after_s: float = 1.0):
+    def __init__(self, class_name: str, kills: int, every_s: float, first_after_s: float = 1.0, when=None):
         super().__init__(daemon=True)
         self.class_name, self.kills, self.every_s, self.first_after_s = class_name, kills, every_s, first_after_s
+        self.when = when or (lambda: True)  # start killing once this holds (e.g. training has begun)
         self.done: list[int] = []
         self.stop = threading.Event()
 
@@ -47,6 +48,8 @@ class Killer(threading.Thread):
 
         # only actors created by this run (those that exist after it started), not earlier runs' dead ones
         time.sleep(self.first_after_s)
+        while not self.when() and not self.stop.is_set():
+            time.sleep(0.05)
         while len(self.done) < self.kills and not self.stop.is_set():
             seen = set(state.actors())
             pids = [p for p in self._live_pids(seen) if p not in self.done]
@@ -101,7 +104,8 @@ def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
 
 
 def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
-    killer = Killer("RolloutWorker", kills=2, every_s=0.2, first_after_s=2.0)
+    killer = Killer("RolloutWorker", kills=2, every_s=0.2, first_after_s=0.0,
+                    when=lambda: (tmp_path / "t" / "metrics.jsonl").exists())
     killer.start()
     t0 = time.perf_counter()
     try:
