@@ -78,6 +78,7 @@ def test_learner_killed_while_writing_a_checkpoint_resumes_exactly(uninterrupted
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, uninterrupted, tmp_path):
     flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
     train(load_config(flags[:] + ["--learner.iterations=4"]))
+    print("\ninjected 1 damaged checkpoint (truncated weights of the latest)")
     ckdir = tmp_path / "r" / "checkpoints"
     weights = ckdir / "ckpt-00000004" / "policy" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated
