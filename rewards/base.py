@@ -27,45 +27,25 @@ _BUILTIN_MODULES = (
 )
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: register a built-in reward under ``name``; a duplicate name is an error."""
-
+def _registrar(table: dict[str, type], kind: str, name: str) -> Callable[[type], type]:
     def wrap(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
-        _REGISTRY[name] = cls
+        if name in table and table[name] is not cls:
+            raise ValueError(f"a {kind} named {name!r} is already registered ({table[name].__qualname__})")
+        table[name] = cls
         return cls
 
     return wrap
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: register a built-in reward under ``name``; a duplicate name is an error."""
+    return _registrar(_REGISTRY, "reward", name)
 
 
 def register_metric(name: str) -> Callable[[type], type]:
     """Class decorator for a set-level evaluation metric (not a reward): a class with
     ``features(images, prompts) -> [N, F]`` and ``distance(*features) -> float``."""
-
-    def wrap(cls: type) -> type:
-        if name in _METRICS and _METRICS[name] is not cls:
-            raise ValueError(f"a metric named {name!r} is already registered ({_METRICS[name].__qualname__})")
-        _METRICS[name] = cls
-        return cls
-
-    return wrap
-
-
-def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
-    """A registered metric name or an import path 'pkg.module:Class' -> the metric, checked."""
-    registered()
-    if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(mod_name), attr, None)
-    else:
-        cls = _METRICS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown metric {name!r}: use one of {sorted(_METRICS)} or an import path 'pkg.module:Class'")
-    for method in ("features", "distance"):
-        if not callable(getattr(cls, method, None)):
-            raise ValueError(f"metric {name!r} has no {method}() method")
-    return cls(**kwargs)
+    return _registrar(_METRICS, "metric", name)
 
 
 def registered() -> dict[str, type]:
@@ -74,24 +54,36 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
+    """A registered name in ``table`` or an import path 'pkg.module:Class' -> the object."""
+    registered()  # import the built-ins so that they are in the tables
+    if ":" not in name:
+        if name not in table:
+            raise ValueError(f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'")
+        return table[name]
+    mod_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"{kind} {name!r}: cannot import module {mod_name!r}: {e}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"{kind} {name!r}: module {mod_name!r} has no attribute {attr!r}")
+    return obj
+
+
+def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
+    """A registered metric name or an import path 'pkg.module:Class' -> the metric, checked."""
+    cls = _lookup(name, _METRICS, "metric")
+    for method in ("features", "distance"):
+        if not callable(getattr(cls, method, None)):
+            raise ValueError(f"metric {name!r} has no {method}() method")
+    return cls(**kwargs)
+
+
 def resolve(name: str) -> type:
     """A registered name or an import path 'pkg.module:Class' -> the reward class, checked."""
-    if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"reward {name!r}: cannot import module {mod_name!r}: {e}") from None
-        cls = getattr(module, attr, None)
-        if cls is None:
-            raise ValueError(f"reward {name!r}: module {mod_name!r} has no attribute {attr!r}")
-    else:
-        builtins = registered()
-        if name not in builtins:
-            raise ValueError(
-                f"unknown reward {name!r}: use one of {sorted(builtins)} or an import path 'pkg.module:Class'"
-            )
-        cls = builtins[name]
+    cls = _lookup(name, _REGISTRY, "reward")
     if not callable(cls):
         raise ValueError(f"reward {name!r} is not a class or factory")
     call = getattr(cls, "__call__", None) if inspect.isclass(cls) else cls

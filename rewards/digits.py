@@ -129,6 +129,11 @@ class DigitsModels:
     def class_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x).softmax(-1)
 
+    def prompted_class_prob(self, x: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """p(the digit each prompt names | image), [N]."""
+        labels = torch.tensor([digits.parse_digit(p) for p in prompts])
+        return self.class_probs(x)[torch.arange(len(x)), labels]
+
     @torch.no_grad()
     def realism(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.discriminator(x)[:, 0])
@@ -147,8 +152,7 @@ class DigitsReward:
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         x = self.models.as_model_range(images)
-        labels = torch.tensor([digits.parse_digit(p) for p in prompts])
-        p = self.models.class_probs(x)[torch.arange(len(x)), labels]
+        p = self.models.prompted_class_prob(x, prompts)
         return (self.models.realism(x) * p).numpy().astype(np.float32)
 
 
@@ -161,8 +165,7 @@ class DigitsClassReward:
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         x = self.models.as_model_range(images)
-        labels = torch.tensor([digits.parse_digit(p) for p in prompts])
-        return self.models.class_probs(x)[torch.arange(len(x)), labels].numpy().astype(np.float32)
+        return self.models.prompted_class_prob(x, prompts).numpy().astype(np.float32)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

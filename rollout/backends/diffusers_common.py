@@ -65,6 +65,24 @@ def prepare_pipeline(pipe, cfg: DiffusersSection):
     return pipe
 
 
+def check_flow_scheduler(pipe, backend: str) -> None:
+    """Flow backends run the deterministic Euler flow; a scheduler set otherwise is an error."""
+    sched = pipe.scheduler.config
+    if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
+        raise ValueError(
+            f"the {backend} backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+        )
+
+
+def image_size(cfg: DiffusersSection, default_h: int, default_w: int, multiple: int, backend: str) -> tuple[int, int]:
+    """(height, width) from the config or the pipeline's default; a size the latents cannot hold
+    exactly is an error (the pipelines would silently resize it)."""
+    height, width = cfg.height or default_h, cfg.width or default_w
+    if height % multiple or width % multiple:
+        raise ValueError(f"{backend} height and width must be multiples of {multiple}, got {height}x{width}")
+    return height, width
+
+
 def read_prompts(path: Path | None, default: Sequence[str]) -> list[str]:
     """Prompts from a text file, one per line (blank lines skipped), or ``default``."""
     if path is None:

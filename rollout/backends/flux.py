@@ -20,9 +20,11 @@ from common.messages import SamplerSpec
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
     PromptCache,
+    check_flow_scheduler,
     check_times,
     chunks,
     draw_noise,
+    image_size,
     load_pipeline,
     prepare_pipeline,
     read_prompts,
@@ -37,17 +39,10 @@ class FluxSampler:
     def __init__(self, pipe, cfg: FluxConfig):
         """``pipe``: a loaded diffusers FluxPipeline (``from_config`` loads one from ``cfg``)."""
         self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
-        sched = pipe.scheduler.config
-        if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
-            raise ValueError(
-                "the flux backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
-            )
+        check_flow_scheduler(pipe, "flux")
         vsf = pipe.vae_scale_factor
-        self.height = cfg.height or pipe.default_sample_size * vsf
-        self.width = cfg.width or pipe.default_sample_size * vsf
-        if self.height % (2 * vsf) or self.width % (2 * vsf):
-            # FluxPipeline would silently resize; we fail loudly
-            raise ValueError(f"flux height and width must be multiples of {2 * vsf}, got {self.height}x{self.width}")
+        default = pipe.default_sample_size * vsf
+        self.height, self.width = image_size(cfg, default, default, 2 * vsf, "flux")
         h, w = 2 * (self.height // (2 * vsf)), 2 * (self.width // (2 * vsf))
         self.x_shape = (pipe.transformer.config.in_channels // 4, h, w)
         self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)

@@ -30,6 +30,7 @@ from rollout.backends.diffusers_common import (
     check_times,
     chunks,
     draw_noise,
+    image_size,
     load_pipeline,
     prepare_pipeline,
     read_prompts,
@@ -61,10 +62,8 @@ class SDSampler:
         self.train_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
         vsf = pipe.vae_scale_factor
         size = pipe.unet.config.sample_size
-        self.height = cfg.height or (size if isinstance(size, int) else size[0]) * vsf
-        self.width = cfg.width or (size if isinstance(size, int) else size[1]) * vsf
-        if self.height % vsf or self.width % vsf:
-            raise ValueError(f"sd height and width must be multiples of {vsf}, got {self.height}x{self.width}")
+        h, w = (size, size) if isinstance(size, int) else size
+        self.height, self.width = image_size(cfg, h * vsf, w * vsf, vsf, "sd")
         self.x_shape = (pipe.unet.config.in_channels, self.height // vsf, self.width // vsf)
         self.cfg_guidance = cfg.guidance_scale > 1  # the pipelines' do_classifier_free_guidance
         self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)

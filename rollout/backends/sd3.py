@@ -21,9 +21,11 @@ from common.messages import SamplerSpec
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
     PromptCache,
+    check_flow_scheduler,
     check_times,
     chunks,
     draw_noise,
+    image_size,
     load_pipeline,
     prepare_pipeline,
     read_prompts,
@@ -38,17 +40,10 @@ class SD3Sampler:
     def __init__(self, pipe, cfg: SD3Config):
         """``pipe``: a loaded StableDiffusion3Pipeline (``from_config`` loads one from ``cfg``)."""
         self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
-        sched = pipe.scheduler.config
-        if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
-            raise ValueError(
-                "the sd3 backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
-            )
+        check_flow_scheduler(pipe, "sd3")
         vsf = pipe.vae_scale_factor
-        self.height = cfg.height or pipe.default_sample_size * vsf
-        self.width = cfg.width or pipe.default_sample_size * vsf
-        patch = pipe.transformer.config.patch_size
-        if self.height % (vsf * patch) or self.width % (vsf * patch):
-            raise ValueError(f"sd3 height and width must be multiples of {vsf * patch}, got {self.height}x{self.width}")
+        default = pipe.default_sample_size * vsf
+        self.height, self.width = image_size(cfg, default, default, vsf * pipe.transformer.config.patch_size, "sd3")
         self.x_shape = (pipe.transformer.config.in_channels, self.height // vsf, self.width // vsf)
         self.cfg_guidance = cfg.guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
         self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
