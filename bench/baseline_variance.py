@@ -21,6 +21,8 @@ to RLOO's with a delete-a-group jackknife standard error: the trials are dealt i
 ``JACKKNIFE_GROUPS`` groups and the ratio is recomputed with each group left out (sums of g are
 kept per group, never one g per trial: 214k parameters x trials x baselines would not fit).
 Variance only: the small bias of xctx and js (their baseline depends on r_ci) is not counted.
+Draws are made in log space and scored by their own log-prob, as the workers do, so every
+estimate is that of the exact estimator.
 A trial's contexts depend on (seed, trial) only, so every K sees the same contexts.
 """
 
@@ -40,8 +42,8 @@ if str(REPO) not in sys.path:  # run as a script (python bench/baseline_variance
     sys.path.insert(0, str(REPO))
 
 from common.config import Config, load_config  # noqa: E402
-from common.policy import SchedulePolicy, collate, describe, log_prob, policy_kwargs  # noqa: E402
-from common.schedule import guard_tau, times_from_tau  # noqa: E402
+from common.policy import SchedulePolicy, collate, describe, log_dirichlet, log_prob, policy_kwargs  # noqa: E402
+from common.schedule import executed_tau, times_from_tau  # noqa: E402
 from learner import baselines  # noqa: E402
 from learner.update import reinforce_step  # noqa: E402
 from rewards.toy import ToyReward  # noqa: E402
@@ -90,12 +92,16 @@ class Toy:
         return prompts, inputs
 
     def rollouts(self, alpha: np.ndarray, prompts: list[str], x: np.ndarray, k: int, rng: np.random.Generator):
-        """K schedules per context from Dirichlet(alpha), sampled and scored: (tau [C,K,L+1], r [C,K])."""
+        """K draws per context from Dirichlet(alpha), run and scored: (log tau [C,K,L+1], r [C,K]).
+
+        As the rollout workers do: the draw is made in log space and scored by its own log-prob;
+        the executed schedule is the draw floored (``executed_tau``)."""
         c = len(prompts)
-        tau = guard_tau(np.stack([rng.dirichlet(a, size=k) for a in alpha]))  # the floored point is run and scored
+        log_tau = np.stack([log_dirichlet(a, rng, size=k) for a in alpha])
+        tau = executed_tau(log_tau)
         rep = [p for p in prompts for _ in range(k)]
         samples = self.sampler.sample(rep, np.repeat(x, k, axis=0), times_from_tau(tau.reshape(c * k, -1)))
-        return tau, self.reward(samples, rep).astype(np.float64).reshape(c, k)
+        return log_tau, self.reward(samples, rep).astype(np.float64).reshape(c, k)
 
 
 @dataclass
@@ -144,7 +150,7 @@ def _trace_cov(sum_g: np.ndarray, sum_sq: float, n: int) -> float:
 
 
 def policy_gradients(
-    alpha: torch.Tensor, tau: np.ndarray, adv: np.ndarray, params: list[torch.Tensor]
+    alpha: torch.Tensor, log_tau: np.ndarray, adv: np.ndarray, params: list[torch.Tensor]
 ) -> np.ndarray:
     """g for each advantage matrix ``adv`` [B, C, K]: [B, P] float64, flattened over ``params``.
 
@@ -153,9 +159,9 @@ def policy_gradients(
     space); one batched backward through the policy then gives every g_b, three times faster on a
     CPU than one backward of the surrogate per baseline (the unit test checks they agree).
     """
-    k = tau.shape[1]
+    k = log_tau.shape[1]
     a = alpha.detach().double().requires_grad_()
-    logp = log_prob(a[:, None, :].expand(-1, k, -1), torch.from_numpy(tau))  # [C, K] float64
+    logp = log_prob(a[:, None, :].expand(-1, k, -1), torch.from_numpy(log_tau))  # [C, K] float64
     v = torch.stack([torch.autograd.grad((torch.from_numpy(ab) * logp).mean(), a, retain_graph=True)[0] for ab in adv])
     grads = torch.autograd.grad(alpha, params, grad_outputs=v.to(alpha.dtype), is_grads_batched=True)
     return torch.cat([g.reshape(len(adv), -1) for g in grads], dim=1).double().numpy()
@@ -182,14 +188,14 @@ def measure(
             prompts, inputs = toy.contexts(np.random.default_rng([seed, _CONTEXTS, t]), contexts)
             alpha = policy(inputs)  # [C, L+1], with the graph to every parameter
             rng = np.random.default_rng([seed, _SCHEDULES, k, t])
-            tau, r = toy.rollouts(alpha.detach().double().numpy(), prompts, inputs.x.numpy(), k, rng)
+            log_tau, r = toy.rollouts(alpha.detach().double().numpy(), prompts, inputs.x.numpy(), k, rng)
             adv = []
             for name in BASELINES:
                 b, diag = baselines.compute(name, r)  # the same rewards for every baseline
                 adv.append(r - b)
                 if name in alphas:
                     alphas[name].append(float(np.mean(diag["alpha"])))
-            g = policy_gradients(alpha, tau, np.stack(adv), params)  # [baselines, P]
+            g = policy_gradients(alpha, log_tau, np.stack(adv), params)  # [baselines, P]
             grp = t % groups
             count[grp] += 1
             sum_g[:, grp] += g
@@ -233,10 +239,10 @@ def warm_up(toy: Toy, policy: SchedulePolicy, cfg: Config, steps: int, seed: int
         with torch.no_grad():
             alpha = policy(inputs).double()
         rng = np.random.default_rng([seed, _WARMUP, step, 1])
-        tau, r = toy.rollouts(alpha.numpy(), prompts, inputs.x.numpy(), k, rng)
-        behaviour = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(tau)).numpy()
+        log_tau, r = toy.rollouts(alpha.numpy(), prompts, inputs.x.numpy(), k, rng)
+        behaviour = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(log_tau)).numpy()
         b, _ = baselines.compute(lc.baseline, r)
-        reinforce_step(policy, optimizer, inputs, tau, r - b, behaviour, lc.grad_clip)
+        reinforce_step(policy, optimizer, inputs, log_tau, r - b, behaviour, lc.grad_clip)
 
 
 def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:

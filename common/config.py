@@ -150,6 +150,20 @@ class PolicyConfig(Section):
     concentration: float = Field(
         20.0, gt=0, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
     )
+    alpha_min: float = Field(
+        1e-3,
+        gt=0,
+        le=10,
+        description="alpha = softplus(h) + alpha_min. The paper's 1e-3 lets a component's alpha approach 0, where"
+        " its score (variance ~ 1/alpha^2) swamps the gradient; 1 keeps every score bounded (docs/method.md).",
+    )
+    max_concentration: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Cap on sum(alpha): alpha is scaled down to it, keeping the Dirichlet mean (the schedule that is"
+        " evaluated) and a floor on exploration. None: no cap (the paper).",
+    )
     widths: list[int] = Field(
         [32, 32, 64, 64], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
     )
@@ -182,6 +196,14 @@ class RolloutConfig(Section):
         120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
     )
     max_attempts: int = Field(5, ge=1, description="Sends of one rollout request before the step fails.")
+    reference_steps: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="NFE of a many-step reference sample (the backend's default schedule) made once per context"
+        " and shared by its K rollouts, for rewards that compare with it ('fidelity'); costs this many extra NFE"
+        " per context. None: 64 if a configured reward needs it, else 0 (no reference).",
+    )
 
 
 class RewardSpec(Section):
@@ -225,6 +247,12 @@ class LearnerConfig(Section):
     global_baseline: bool = Field(
         True, description="Also train a 'global' policy (one schedule for all) and add it to the final table."
     )
+    global_lr: float = Field(
+        0.05,
+        gt=0,
+        description="AdamW learning rate of the learned global schedule: its L+1 parameters are the Dirichlet's"
+        " own (softplus^-1 of alpha), which need far larger steps than a network's weights to converge.",
+    )
     plots: bool = Field(True, description="Write PNGs of schedules, samples and the reward curve into the run dir.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
     torch_threads: int = Field(
@@ -265,7 +293,7 @@ class Config(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and batch shape.")
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="digits")],
+        default_factory=lambda: [RewardSpec(name="fidelity")],
         min_length=1,
         description="Rewards and their weights, as a JSON list on the command line.",
     )

@@ -81,6 +81,7 @@ class RolloutBatch(ArrayMessage):
     tokens: list[np.ndarray]  # C x [T_c, E] float32, trimmed to each prompt's real length
     pooled: np.ndarray | None  # [C, P] float32
     tau: np.ndarray  # [C, K, L+1] float64: the executed schedules
+    log_tau: np.ndarray  # [C, K, L+1] float64: log of the drawn points (the actions the update scores)
     logp: np.ndarray  # [C, K] float64: behaviour log-probs (0 for fixed schedules)
     seconds: float = 0.0  # time the worker spent on the request
 
@@ -99,6 +100,7 @@ class RolloutRecord(Message):
     seed: int
     version: int
     tau: list[float]
+    log_tau: list[float] | None = None  # log of the drawn point, whose log-prob ``logp`` is
     logp: float
     reward: float
     rewards: dict[str, float]

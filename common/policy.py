@@ -4,7 +4,8 @@
 blocks, each followed by cross-attention from the image features to the text tokens; the
 mean-pooled output of every block is concatenated (a feature pyramid), optionally with the pooled
 text embedding, and a 2-layer MLP head outputs L+1 values; ``alpha = softplus(h) + 1e-3``.
-A vector-shaped x_T ([B, D]) is read as a 1x1 image with D channels.
+A vector-shaped x_T ([B, D], ``input_kind='vector'``) goes through MLP blocks of the same widths,
+each followed by the same cross-attention.
 
 ``global``: no inputs, one learnable alpha (the "learned global schedule" baseline).
 
@@ -21,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+from scipy.special import logsumexp
 from torch import nn
 
 if TYPE_CHECKING:
     from common.config import PolicyConfig
     from common.messages import SamplerSpec
 
-ALPHA_MIN = 1e-3  # alpha = softplus(h) + ALPHA_MIN (DESIGN.md section 1)
+ALPHA_MIN = 1e-3  # alpha = softplus(h) + ALPHA_MIN (DESIGN.md section 1); ``alpha_min`` overrides it
 
 
 @dataclass
@@ -71,6 +73,26 @@ class _Block(nn.Module):
         return (q + a).transpose(1, 2).reshape(b, c, hh, ww)
 
 
+class _VectorBlock(nn.Module):
+    """The block for a vector-shaped x_T ([B, D], e.g. the toy's): (Linear, LayerNorm, SiLU) x 2,
+    then cross-attention from the one feature vector to the text tokens (residual). A 3x3 conv on
+    a 1x1 "image" would see only its centre weight, and GroupNorm over one pixel would normalise
+    away the noise's scale within each group: the noise would barely reach the head."""
+
+    def __init__(self, c_in: int, c_out: int, heads: int, token_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(c_in, c_out), nn.LayerNorm(c_out), nn.SiLU(), nn.Linear(c_out, c_out), nn.LayerNorm(c_out), nn.SiLU()
+        )
+        self.norm = nn.LayerNorm(c_out)
+        self.attn = nn.MultiheadAttention(c_out, heads, kdim=token_dim, vdim=token_dim, batch_first=True)
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.mlp(h)[:, None, :]  # [B, 1, C]
+        a, _ = self.attn(self.norm(q), tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        return (q + a)[:, 0]
+
+
 class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched", tags=["steinsched"]):
     """Dirichlet schedule policy. Every constructor argument is JSON-serialisable (saved config)."""
 
@@ -88,15 +110,25 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         init: str = "scratch",
         default_tau: Sequence[float] | None = None,
         concentration: float = 20.0,
+        input_kind: str = "image",
+        alpha_min: float = ALPHA_MIN,
+        max_concentration: float | None = None,
     ):
         super().__init__()
+        if input_kind not in ("image", "vector"):
+            raise ValueError(f"unknown input_kind {input_kind!r}; expected 'image' ([C, H, W] noise) or 'vector' ([D])")
         if variant not in ("conditional", "global"):
             raise ValueError(f"unknown policy variant {variant!r}; expected 'conditional' or 'global'")
         if init not in ("scratch", "default"):
             raise ValueError(f"unknown policy init {init!r}; expected 'scratch' or 'default'")
         if init == "default" and (default_tau is None or len(default_tau) != steps + 1):
             raise ValueError(f"init='default' needs default_tau with L+1 = {steps + 1} components")
-        self.steps, self.variant = steps, variant
+        if not alpha_min > 0:
+            raise ValueError(f"alpha_min must be > 0, got {alpha_min}")
+        if max_concentration is not None and not max_concentration > 0:
+            raise ValueError(f"max_concentration must be > 0 or None, got {max_concentration}")
+        self.steps, self.variant, self.input_kind, self.alpha_min = steps, variant, input_kind, alpha_min
+        self.max_concentration = max_concentration
         self.pooled_dim = pooled_dim
         n_out = steps + 1
         if variant == "global":
@@ -105,48 +137,64 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         else:
             chans = [in_channels, *widths]
             self.blocks = nn.ModuleList(
-                _Block(chans[i], chans[i + 1], 1 if i == 0 else 2, groups, attn_heads, token_dim)
+                _VectorBlock(chans[i], chans[i + 1], attn_heads, token_dim)
+                if input_kind == "vector"
+                else _Block(chans[i], chans[i + 1], 1 if i == 0 else 2, groups, attn_heads, token_dim)
                 for i in range(len(widths))
             )
             feat = sum(widths) + pooled_dim
             self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.SiLU(), nn.Linear(head_hidden, n_out))
             last_bias = self.head[-1].bias
         if init == "default":
-            # Dirichlet mean = default_tau at total concentration `concentration`: h = softplus^-1(alpha - 1e-3).
-            # The last layer's weight starts at zero so the mean is the default for every input.
+            # Dirichlet mean = default_tau at total concentration `concentration`: h = softplus^-1(alpha - alpha_min),
+            # each alpha kept above alpha_min. The last layer's weight starts at zero so the mean is the
+            # default for every input.
             mean = np.maximum(np.asarray(default_tau, dtype=np.float64), 1e-3)
             mean = mean / mean.sum()
-            alpha = np.maximum(concentration * mean - ALPHA_MIN, 1e-6)
+            alpha = np.maximum(concentration * mean, alpha_min + 1e-6)
             with torch.no_grad():
-                last_bias.copy_(torch.from_numpy(inverse_softplus(alpha)).float())
+                last_bias.copy_(torch.from_numpy(inverse_softplus(alpha - alpha_min)).float())
                 if variant == "conditional":
                     self.head[-1].weight.zero_()
 
     def forward(self, inputs: PolicyInputs) -> torch.Tensor:
-        """Return alpha, [B, L+1], float32."""
+        """Return alpha, [B, L+1], float32 (its sum capped at ``max_concentration`` if set)."""
+        return self._cap(self._alpha(inputs))
+
+    def _cap(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Scale alpha down to ``max_concentration`` where its sum exceeds it: the Dirichlet mean is
+        unchanged, the spread never collapses (a schedule's evaluation uses the mean; the spread is
+        exploration, and a collapsed one leaves K rollouts of a context nothing to compare)."""
+        if self.max_concentration is None:
+            return alpha
+        return alpha * torch.clamp(self.max_concentration / alpha.sum(-1, keepdim=True), max=1.0)
+
+    def _alpha(self, inputs: PolicyInputs) -> torch.Tensor:
         if self.variant == "global":
-            return (F.softplus(self.h) + ALPHA_MIN).expand(len(inputs), -1)
+            return (F.softplus(self.h) + self.alpha_min).expand(len(inputs), -1)
         x = inputs.x.float()
-        h = x[:, :, None, None] if x.dim() == 2 else x
+        if (x.dim() == 2) != (self.input_kind == "vector"):
+            raise ValueError(f"this policy reads {self.input_kind} noise; got x of shape {tuple(x.shape)}")
+        h = x
         tokens, mask = inputs.tokens.float(), inputs.mask.bool()
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every context needs at least one real text token (mask is all False)")
         feats = []
         for block in self.blocks:
             h = block(h, tokens, mask)
-            feats.append(h.mean(dim=(2, 3)))
+            feats.append(h if h.dim() == 2 else h.mean(dim=(2, 3)))
         if self.pooled_dim:
             if inputs.pooled is None:
                 raise ValueError(f"this policy takes a pooled text embedding of width {self.pooled_dim}")
             feats.append(inputs.pooled.float())
-        return F.softplus(self.head(torch.cat(feats, dim=1))) + ALPHA_MIN
+        return F.softplus(self.head(torch.cat(feats, dim=1))) + self.alpha_min
 
     def global_mean_tau(self) -> list[float]:
         """The Dirichlet mean of a ``global`` policy: its one learned schedule."""
         if self.variant != "global":
             raise ValueError("only a global policy has one schedule for every context")
         with torch.no_grad():
-            alpha = (F.softplus(self.h) + ALPHA_MIN).double()
+            alpha = (F.softplus(self.h) + self.alpha_min).double()
         return (alpha / alpha.sum()).tolist()
 
     def num_parameters(self) -> int:
@@ -154,26 +202,49 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
 
 
 def dirichlet(alpha: torch.Tensor) -> torch.distributions.Dirichlet:
-    """The action distribution, in float64 so log-probs of near-boundary points stay exact."""
+    """The action distribution, in float64 (used for its entropy)."""
     return torch.distributions.Dirichlet(alpha.double())
 
 
-def log_prob(alpha: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """log Dirichlet(tau | alpha) in float64, differentiable in alpha."""
-    return dirichlet(alpha).log_prob(tau.double())
+def log_prob(alpha: torch.Tensor, log_tau: torch.Tensor) -> torch.Tensor:
+    """log Dirichlet(tau | alpha) in float64, differentiable in alpha, from the LOG of the point.
+
+    ``lgamma(sum a) - sum lgamma(a_i) + sum (a_i - 1) log tau_i``. Taking ``log tau`` rather than
+    ``tau`` keeps the density exact where a component underflows float64 (alpha ~ 0.01 gives
+    components like exp(-500)): the log-prob is always that of the draw itself, never of a point
+    floored for execution, so E[grad log pi] = 0 holds exactly (see ``sample_log_tau``).
+    """
+    a = alpha.double()
+    log_tau = log_tau.to(torch.float64)
+    return torch.lgamma(a.sum(-1)) - torch.lgamma(a).sum(-1) + ((a - 1.0) * log_tau).sum(-1)
 
 
 def entropy(alpha: torch.Tensor) -> torch.Tensor:
     return dirichlet(alpha).entropy()
 
 
-def sample_tau(alpha: np.ndarray, key: Sequence[int]) -> np.ndarray:
-    """One Dirichlet draw in float64, a pure function of ``alpha`` and the integer ``key``.
+def log_dirichlet(alpha: np.ndarray, rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """log of Dirichlet(alpha) draws, float64 ([L+1], or [size, L+1]), exact for any alpha.
+
+    Drawn in log space: ``G_i ~ Gamma(a_i)`` as ``Gamma(a_i + 1) * U^(1/a_i)`` (the small-shape
+    boost of Marsaglia and Tsang, 2000), so ``log G_i = log Gamma(a_i + 1) + log(U) / a_i`` never
+    underflows, and ``log tau = log G - logsumexp(log G)``. A plain draw (numpy's ``dirichlet``)
+    rounds components below ~1e-308 to 0, which then must be floored: its log-prob is no longer
+    that of a draw, and E[grad log pi] = 0 breaks. ``common.schedule.executed_tau`` turns a draw
+    into the schedule that runs.
+    """
+    a = np.asarray(alpha, dtype=np.float64)
+    shape = a.shape if size is None else (size, *a.shape)
+    log_g = np.log(rng.standard_gamma(a + 1.0, size=shape)) + np.log1p(-rng.random(shape)) / a  # 1 - U in (0, 1]
+    return log_g - logsumexp(log_g, axis=-1, keepdims=True)
+
+
+def sample_log_tau(alpha: np.ndarray, key: Sequence[int]) -> np.ndarray:
+    """One ``log_dirichlet`` draw, a pure function of ``alpha`` and the integer ``key``.
 
     The key is (run seed, iteration, context, k): a re-sent request draws the same schedule.
     """
-    rng = np.random.default_rng([int(k) for k in key])
-    return rng.dirichlet(np.asarray(alpha, dtype=np.float64))
+    return log_dirichlet(alpha, np.random.default_rng([int(k) for k in key]))
 
 
 def describe(policy: SchedulePolicy) -> str:
@@ -225,4 +296,7 @@ def policy_kwargs(cfg: "PolicyConfig", spec: "SamplerSpec", steps: int, default_
         init=cfg.init,
         default_tau=[float(v) for v in default_tau],
         concentration=cfg.concentration,
+        input_kind="vector" if len(spec.x_shape) == 1 else "image",
+        alpha_min=cfg.alpha_min,
+        max_concentration=cfg.max_concentration,
     )

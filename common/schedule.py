@@ -21,9 +21,9 @@ import torch
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
-#: Smallest component a sampled tau may have. A Dirichlet draw with small alpha can underflow to 0
-#: (two equal times, a zero-length step and a log-density of -inf); components are floored here
-#: and the point renormalised, and the floored point is both executed and scored.
+#: Smallest component an executed tau may have. A Dirichlet draw with small alpha can underflow
+#: to 0 (two equal times, a zero-length step); the executed schedule is the draw floored here and
+#: renormalised, while the log-prob of the update stays that of the draw itself (``executed_tau``).
 TAU_FLOOR = 1e-6
 
 
@@ -63,6 +63,17 @@ def guard_tau(tau: Array, floor: float = TAU_FLOOR) -> Array:
         return tau / tau.sum(dim=-1, keepdim=True)
     tau = np.maximum(tau, floor)
     return tau / tau.sum(axis=-1, keepdims=True)
+
+
+def executed_tau(log_tau: np.ndarray, floor: float = TAU_FLOOR) -> np.ndarray:
+    """The schedule that runs for a draw given as ``log tau`` (``common.policy.sample_log_tau``).
+
+    ``guard_tau(exp(log tau))``: a deterministic function of the draw, so the estimator that uses
+    the draw's own log-prob is unbiased for the reward of the executed schedule (DESIGN.md 1).
+    """
+    log_tau = np.asarray(log_tau, dtype=np.float64)
+    tau = np.exp(log_tau - log_tau.max(axis=-1, keepdims=True))
+    return guard_tau(tau / tau.sum(axis=-1, keepdims=True), floor)
 
 
 def check_tau(tau: np.ndarray, steps: int) -> None:

@@ -4,12 +4,12 @@ Every schedule runs on the same held-out contexts (prompts x never-trained noise
 L, so the comparison is paired: the table reports each schedule's reward (mean +- standard
 error), the paired difference to the default, and set-level metrics such as a Frechet distance
 (lower is better), so that a reward that rises while the samples drift from the data (reward
-hacking) is visible.
+hacking) is visible. Standard errors are clustered by prompt (``learner.stats``): the noises of
+one prompt are not independent draws of what the table generalises over.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ import ray
 
 from common.messages import Context, ScheduleMode
 from learner.groups import Collected, Dispatcher, MetricGroup
+from learner.stats import mean_se
 
 DEFAULT = "default"
 
@@ -34,29 +35,25 @@ class EvalResult:
     rewards: dict[str, np.ndarray]  # schedule -> [N] total reward, same contexts in the same order
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # schedule -> metric -> value
     taus: dict[str, np.ndarray] = field(default_factory=dict)  # schedule -> [N, L+1] executed schedules
+    prompts: list[str] | None = None  # [N] each context's prompt: the clusters of the standard errors
 
     def summary(self) -> dict[str, dict[str, float]]:
-        out = {name: {**_mean_se(r), **self.metrics.get(name, {})} for name, r in self.rewards.items()}
+        out = {name: {**mean_se(r, self.prompts), **self.metrics.get(name, {})} for name, r in self.rewards.items()}
         if DEFAULT in self.rewards:
             for name, r in self.rewards.items():
                 if name != DEFAULT:
-                    out[f"{name} - {DEFAULT}"] = _mean_se(r - self.rewards[DEFAULT])
+                    out[f"{name} - {DEFAULT}"] = mean_se(r - self.rewards[DEFAULT], self.prompts)
         return out
 
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v})
-        head = f"{'schedule':<30}{'reward (mean +- s.e.)':>24}" + "".join(f"{m + ' (lower better)':>26}" for m in metric_names)
+        head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(f"{m + ' (lower better)':>26}" for m in metric_names)
         rows = [title, head]
         for name, s in self.summary().items():
             cells = "".join(f"{s[m]:>26.3f}" if m in s else f"{'':>26}" for m in metric_names)
-            rows.append(f"{name:<30}{s['mean']:>14.4f} +- {s['se']:.4f}{cells}")
+            rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}")
+        rows.append("(+- one standard error, clustered by prompt; differences are paired: same prompts and noises)")
         return "\n".join(rows)
-
-
-def _mean_se(x: np.ndarray) -> dict[str, float]:
-    x = np.asarray(x, dtype=np.float64)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return {"mean": float(x.mean()), "se": se, "n": len(x)}
 
 
 def run_schedule(
@@ -76,7 +73,7 @@ def evaluate(
     schedules: dict[str, Schedule],
 ) -> EvalResult:
     """Reward (and set metrics) of each schedule on ``contexts``, one sample per context."""
-    result = EvalResult({})
+    result = EvalResult({}, prompts=[c.prompt for c in contexts])
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, contexts, steps, version, weights, sched)
         result.rewards[name] = dispatcher.rewards.combine(got.scored).total

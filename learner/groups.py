@@ -69,12 +69,14 @@ def _dead_for_good(actor: Any) -> bool:
 
 @dataclass
 class Pending:
-    """One in-flight request: its metadata ref, its image ref and its score refs (one per reward)."""
+    """One in-flight request: its metadata ref, its image and reference refs, and its score refs
+    (one per reward)."""
 
     request: RolloutRequest
     worker: int
     batch: ray.ObjectRef
     images: ray.ObjectRef
+    references: ray.ObjectRef
     scores: list[ray.ObjectRef] = field(default_factory=list)
 
     @property
@@ -83,13 +85,16 @@ class Pending:
 
 
 class RolloutGroup:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, reference_steps: int = 0):
         r = cfg.rollout
         actor = ray.remote(RolloutWorker).options(
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0
         )
         self.workers = [
-            actor.remote(i, cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed)
+            actor.remote(
+                i, cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed,
+                reference_steps=reference_steps,
+            )
             for i in range(r.num_workers)
         ]
         self.alive = list(range(r.num_workers))
@@ -128,8 +133,8 @@ class RolloutGroup:
         ]
 
     def submit(self, request: RolloutRequest, weights: ray.ObjectRef | None, worker: int) -> Pending:
-        batch, images = self.workers[worker].sample.options(num_returns=2).remote(request, weights)
-        return Pending(request, worker, batch, images)
+        batch, images, references = self.workers[worker].sample.options(num_returns=3).remote(request, weights)
+        return Pending(request, worker, batch, images, references)
 
     def check(self, worker: int) -> None:
         """After a fault on ``worker``: keep it if it came back, else drop it from the group."""
@@ -164,6 +169,8 @@ class RewardGroup:
             self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
         self.alive = [list(range(len(s))) for s in self.servers]
         self._wait_started()
+        #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
+        self.needs_reference = [ray.get(servers[0].needs_reference.remote()) for servers in self.servers]
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
@@ -188,7 +195,7 @@ class RewardGroup:
         p.scores = []
         for j, servers in enumerate(self.servers):
             alive = self.alive[j]
-            p.scores.append(servers[alive[self._turn % len(alive)]].score.remote(p.images, p.prompts))
+            p.scores.append(servers[alive[self._turn % len(alive)]].score.remote(p.images, p.prompts, p.references))
         self._turn += 1
 
     def check(self) -> None:

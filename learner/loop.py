@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointStore, load_checkpoint
 from common.codec import append_records, read_records
-from common.config import Config, RayConfig, resume_conflicts
+from common.config import Config, ConfigError, RayConfig, resume_conflicts
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, collate, describe, state_to_numpy
 from learner import baselines
@@ -34,6 +34,10 @@ from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedu
 from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, WorkersLost
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl
 from learner.update import reinforce_step
+
+
+#: Reference NFE when a reward needs a reference and the config leaves rollout.reference_steps unset.
+DEFAULT_REFERENCE_STEPS = 64
 
 
 @dataclass
@@ -63,6 +67,20 @@ def _reward_extras(cfg: Config) -> dict[str, dict]:
     return {"toy": cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"})} if cfg.sampler.backend == "toy" else {}
 
 
+def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
+    """NFE of the workers' many-step reference samples: what the config says, or (None) 64 where
+    a reward compares with it and 0 where none does."""
+    needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference) if need]
+    steps = cfg.rollout.reference_steps
+    if steps is None:
+        return DEFAULT_REFERENCE_STEPS if needing else 0
+    if needing and steps == 0:
+        raise ConfigError(
+            f"reward {needing[0]!r} compares with a many-step reference sample, but rollout.reference_steps=0"
+        )
+    return steps
+
+
 def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, final_eval: bool = True) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
     ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts."""
@@ -73,8 +91,8 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
     L, K, C = cfg.rollout.steps, cfg.rollout.k, cfg.rollout.contexts_per_iter
     lc = cfg.learner
     try:
-        rollouts = RolloutGroup(cfg)
         rewards = RewardGroup(cfg.rewards, _reward_extras(cfg), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s)
+        rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
@@ -84,6 +102,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         stream = ContextStream(lc.train_prompts or spec.train_prompts, cfg.experiment.seed)
         held_out = eval_contexts(lc.eval_prompts or spec.eval_prompts, lc.eval_seeds, cfg.experiment.seed)
+        _warn_prompt_overlap(stream.prompts, [c.prompt for c in held_out])
         start, version = 0, 0
         store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
         if cfg.resume:
@@ -132,14 +151,14 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
                 adv = adv / (adv.std() + 1e-8)
 
             # TRAINING: REINFORCE on log pi recomputed from the inputs the rollouts carry
-            tau = np.concatenate([bt.tau for bt in batches])
+            log_tau = np.concatenate([bt.log_tau for bt in batches])
             inputs = collate(
                 np.concatenate([bt.x for bt in batches]),
                 [t for bt in batches for t in bt.tokens],
                 None if batches[0].pooled is None else np.concatenate([bt.pooled for bt in batches]),
             )
             m = reinforce_step(
-                policy, optimizer, inputs, tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
+                policy, optimizer, inputs, log_tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
             )
             version += 1
             weights = ray.put(state_to_numpy(policy))
@@ -197,6 +216,17 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _warn_prompt_overlap(train_prompts: list[str], eval_prompts: list[str]) -> None:
+    """Held-out prompts that are also training prompts make the held-out table a test of new
+    noises only, not of new prompts: say so (the toy's prompts are its classes, so it always does)."""
+    shared = set(train_prompts) & set(eval_prompts)
+    if shared:
+        print(
+            f"warning: {len(shared)} of {len(set(eval_prompts))} held-out prompts are also training prompts"
+            f" (e.g. {sorted(shared)[0]!r}): the held-out table measures new noises, not new prompts"
+        )
 
 
 def _eval_metrics(res: EvalResult) -> dict[str, float]:
@@ -264,6 +294,7 @@ def _records(batches, r, b, adv, per_reward, k: int) -> list[RolloutRecord]:
                         seed=ctx.seed,
                         version=bt.version,
                         tau=bt.tau[ci, i].tolist(),
+                        log_tau=bt.log_tau[ci, i].tolist(),
                         logp=float(bt.logp[ci, i]),
                         reward=float(r[row, i]),
                         rewards={name: float(v[row * k + i]) for name, v in per_reward.items()},

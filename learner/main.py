@@ -28,6 +28,7 @@ def run(cfg: Config) -> None:
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
             g = cfg.model_copy(deep=True)
             g.policy.variant = "global"
+            g.learner.lr = cfg.learner.global_lr
             g.experiment.name = f"{cfg.experiment.name}/global"
             print("training the learned global schedule (the baseline to beat) ...")
             res = train(g, final_eval=False)

@@ -17,16 +17,20 @@ def reinforce_step(
     policy: SchedulePolicy,
     optimizer: torch.optim.Optimizer,
     inputs: PolicyInputs,
-    tau: np.ndarray,
+    log_tau: np.ndarray,
     advantage: np.ndarray,
     behaviour_logp: np.ndarray,
     grad_clip: float,
 ) -> dict[str, float]:
-    """One update on C contexts x K rollouts; returns the step's metrics."""
+    """One update on C contexts x K rollouts; returns the step's metrics.
+
+    ``log_tau`` [C, K, L+1] is the log of each drawn point: its log-prob is that of the draw that
+    produced the executed schedule, so the estimator is exactly unbiased (DESIGN.md section 1).
+    """
     policy.train()
     alpha = policy(inputs)  # [C, L+1]
     c, k = advantage.shape
-    logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(tau))  # [C, K] float64
+    logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(log_tau))  # [C, K] float64
     adv = torch.from_numpy(np.asarray(advantage, dtype=np.float64))
     loss = -(adv * logp).mean()
     optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ class Reward(Protocol):
 _REGISTRY: dict[str, type] = {}
 _METRICS: dict[str, type] = {}
 _BUILTIN_MODULES = (
-    "rewards.toy", "rewards.digits", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http",
+    "rewards.toy", "rewards.digits", "rewards.fidelity", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http",
 )
 
 

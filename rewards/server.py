@@ -22,12 +22,21 @@ class RewardServer:
         self.name = name
         self.reward = build(name, kwargs)
 
-    def score(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
+    def needs_reference(self) -> bool:
+        """Whether the reward compares with the many-step reference sample (``needs_reference``)."""
+        return bool(getattr(self.reward, "needs_reference", False))
+
+    def score(self, images: Any, prompts: Sequence[str], references: Any = None) -> np.ndarray:
         """Scores [N] float32; a crash, a non-finite score or a wrong shape raises, naming the reward
-        and the prompt(s): the step stops and nothing reaches the policy."""
+        and the prompt(s): the step stops and nothing reaches the policy. ``references`` (the
+        many-step samples of the same contexts, or None) goes to rewards that declare
+        ``needs_reference``."""
         prompts = list(prompts)
         try:
-            raw = self.reward(images, prompts)
+            if self.needs_reference():
+                raw = self.reward(images, prompts, references=references)
+            else:
+                raw = self.reward(images, prompts)
         except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompts named
             raise RuntimeError(f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}") from e
         return check_scores(self.name, raw, prompts)

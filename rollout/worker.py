@@ -16,8 +16,8 @@ import torch
 
 from common.config import PolicyConfig, SamplerConfig
 from common.messages import RolloutBatch, RolloutRequest
-from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_tau
-from common.schedule import guard_tau, times_from_tau
+from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_log_tau
+from common.schedule import executed_tau, times_from_tau
 from rollout.backends import build_sampler
 from rollout.sampler import PromptFeatures
 
@@ -31,9 +31,10 @@ class RolloutWorker:
         steps: int,
         run_seed: int,
         torch_threads: int = 1,
+        reference_steps: int = 0,
     ):
         torch.set_num_threads(torch_threads)
-        self.worker_id, self.run_seed = worker_id, run_seed
+        self.worker_id, self.run_seed, self.reference_steps = worker_id, run_seed, reference_steps
         self.sampler = build_sampler(SamplerConfig(**sampler))
         spec = self.sampler.spec()
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
@@ -60,12 +61,16 @@ class RolloutWorker:
             self._features.update(zip(new, self.sampler.encode(new)))
         return [self._features[p] for p in prompts]
 
-    def sample(self, request: RolloutRequest, weights: dict[str, np.ndarray] | None) -> tuple[RolloutBatch, np.ndarray]:
+    def sample(
+        self, request: RolloutRequest, weights: dict[str, np.ndarray] | None
+    ) -> tuple[RolloutBatch, np.ndarray, np.ndarray | None]:
         """Rollouts for ``request`` under ``weights`` (version ``request.version``).
 
-        Returns (batch, images); called with ``num_returns=2`` so the images stay an object ref
-        that goes to the reward servers without passing through the learner. Images are ordered
-        context-major: row c*K + i is rollout i of context c.
+        Returns (batch, images, references); called with ``num_returns=3`` so the images and
+        references stay object refs that go to the reward servers without passing through the
+        learner. Images are ordered context-major: row c*K + i is rollout i of context c.
+        ``references`` (None unless ``reference_steps``) holds, row for row, the many-step sample
+        of the same prompt and noise: made once per context and repeated for its K rollouts.
         """
         start = time.perf_counter()
         if request.mode in ("sample", "mean") and request.version != self.version:
@@ -84,13 +89,15 @@ class RolloutWorker:
             with torch.no_grad():
                 alpha = self.policy(collate(x, tokens, pooled)).double()
             a = alpha.numpy()
-            tau = np.stack(
+            log_tau = np.stack(
                 [
-                    [guard_tau(sample_tau(a[i], (self.run_seed, request.iteration, c.index, j))) for j in range(k)]
+                    [sample_log_tau(a[i], (self.run_seed, request.iteration, c.index, j)) for j in range(k)]
                     for i, c in enumerate(ctxs)
                 ]
             )
-            logp = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(tau)).numpy()
+            # the draw's own log-prob; the executed schedule is the draw floored (executed_tau)
+            logp = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(log_tau)).numpy()
+            tau = executed_tau(log_tau)
         else:
             if request.mode == "mean":
                 with torch.no_grad():
@@ -100,6 +107,8 @@ class RolloutWorker:
                 fixed = self.sampler.default_tau(steps) if request.mode == "default" else np.asarray(request.tau)
                 mean = np.tile(fixed, (len(ctxs), 1))
             tau = np.repeat(mean[:, None, :], k, axis=1)
+            with np.errstate(divide="ignore"):
+                log_tau = np.log(tau)  # a deterministic schedule: never scored
             logp = np.zeros((len(ctxs), k))
         if tau.shape[-1] != steps + 1:
             raise ValueError(f"policy has L={tau.shape[-1] - 1} steps but the request asks for L={steps}")
@@ -108,6 +117,10 @@ class RolloutWorker:
         images = self.sampler.sample(
             [p for p in prompts for _ in range(k)], np.repeat(x, k, axis=0), times
         )
+        references = None
+        if self.reference_steps:
+            ref_times = np.tile(times_from_tau(self.sampler.default_tau(self.reference_steps)), (len(ctxs), 1))
+            references = np.repeat(self.sampler.sample(prompts, x, ref_times), k, axis=0)
         batch = RolloutBatch(
             request_id=request.request_id,
             iteration=request.iteration,
@@ -118,7 +131,8 @@ class RolloutWorker:
             tokens=tokens,
             pooled=pooled,
             tau=tau,
+            log_tau=log_tau,
             logp=logp,
             seconds=time.perf_counter() - start,
         )
-        return batch, images
+        return batch, images, references

@@ -27,7 +27,7 @@ def test_runtime_env_weights_and_crash(ray_local):
     ]
     group = RewardGroup(specs)
     x = np.array([[3.0, 4.0], [0.0, 1.0]], np.float32)
-    requests = [SimpleNamespace(images=ray.put(x), prompts=["class 1", "class 2"]) for _ in range(2)]
+    requests = [SimpleNamespace(images=ray.put(x), prompts=["class 1", "class 2"], references=None) for _ in range(2)]
     for p in requests:  # two requests: NegativeNorm's two servers take one each
         group.score(p)
     scores = group.combine([ray.get(p.scores) for p in requests])
@@ -35,7 +35,7 @@ def test_runtime_env_weights_and_crash(ray_local):
     np.testing.assert_allclose(scores.per_reward[f"{MOD}:NegativeNorm"], [-5.0, -1.0] * 2)
     np.testing.assert_allclose(scores.total, 2.0 * 1.5 + 0.5 * np.array([-5.0, -1.0] * 2))
 
-    bad = SimpleNamespace(images=ray.put(x), prompts=["class 3", "class 7"])
+    bad = SimpleNamespace(images=ray.put(x), prompts=["class 3", "class 7"], references=None)
     with pytest.raises(ray.exceptions.RayTaskError, match=r"reward '.*CrashOnClass7' failed on prompts \['class 3', 'class 7'\]: KeyError"):
         group.score(bad)
         ray.get(bad.scores[2])

@@ -9,7 +9,7 @@ import torch
 from common.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from common.policy import SchedulePolicy
 
-TINY = dict(widths=[8, 8], groups=4, attn_heads=2, head_hidden=8)
+TINY = dict(widths=[8, 8], groups=4, attn_heads=2, head_hidden=8, input_kind="vector")
 
 
 def _policy(seed=0):

@@ -14,12 +14,12 @@ from common.policy import (
     describe,
     load_numpy_state,
     log_prob,
-    sample_tau,
+    sample_log_tau,
     state_to_numpy,
 )
 from common.schedule import uniform_flow_tau
 
-TINY = dict(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16)
+TINY = dict(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16, input_kind="vector")
 
 
 def _inputs(b=3, x_shape=(4,), t=5, e=6, p=6, seed=0) -> PolicyInputs:
@@ -37,10 +37,23 @@ def _inputs(b=3, x_shape=(4,), t=5, e=6, p=6, seed=0) -> PolicyInputs:
 @pytest.mark.parametrize("x_shape", [(4,), (4, 16, 16), (3, 8, 8)])
 def test_conditional_shapes_vector_and_image(x_shape):
     torch.manual_seed(0)
-    pol = SchedulePolicy(steps=5, in_channels=x_shape[0], token_dim=6, pooled_dim=6, **TINY).eval()
+    kind = "vector" if len(x_shape) == 1 else "image"
+    pol = SchedulePolicy(steps=5, in_channels=x_shape[0], token_dim=6, pooled_dim=6, **{**TINY, "input_kind": kind}).eval()
     alpha = pol(_inputs(x_shape=x_shape))
     assert alpha.shape == (3, 6) and alpha.dtype == torch.float32
     assert bool((alpha > ALPHA_MIN).all())
+    with pytest.raises(ValueError, match=f"reads {kind} noise"):
+        pol(_inputs(x_shape=(4, 8, 8) if kind == "vector" else (4,)))
+
+
+def test_vector_policy_sees_the_noise_scale():
+    """A vector x_T reaches the head through MLP blocks: scaling the noise changes alpha (a conv on
+    a 1x1 image followed by GroupNorm over groups of one pixel would normalise the scale away)."""
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=3, in_channels=4, token_dim=6, pooled_dim=6, **TINY).eval()
+    inp = _inputs()
+    scaled = PolicyInputs(x=3 * inp.x, tokens=inp.tokens, mask=inp.mask, pooled=inp.pooled)
+    assert not torch.allclose(pol(inp), pol(scaled), rtol=1e-3, atol=1e-4)
 
 
 def test_default_init_mean_is_the_default_schedule():
@@ -113,12 +126,12 @@ def test_numpy_state_round_trip():
     torch.testing.assert_close(a(inp), b(inp), rtol=0, atol=0)
 
 
-def test_sample_tau_is_a_pure_function_of_the_key():
+def test_sample_log_tau_is_a_pure_function_of_the_key():
     alpha = np.array([0.5, 2.0, 3.0, 1.0])
-    a = sample_tau(alpha, (0, 3, 7, 1))
-    assert np.array_equal(a, sample_tau(alpha, (0, 3, 7, 1)))
-    assert not np.array_equal(a, sample_tau(alpha, (0, 3, 7, 0)))
-    assert a.dtype == np.float64 and abs(a.sum() - 1) < 1e-12
+    a = sample_log_tau(alpha, (0, 3, 7, 1))
+    assert np.array_equal(a, sample_log_tau(alpha, (0, 3, 7, 1)))
+    assert not np.array_equal(a, sample_log_tau(alpha, (0, 3, 7, 0)))
+    assert a.dtype == np.float64 and abs(np.exp(a).sum() - 1) < 1e-12
 
 
 def test_log_prob_matches_the_dirichlet_density():
@@ -126,7 +139,7 @@ def test_log_prob_matches_the_dirichlet_density():
 
     alpha = torch.tensor([[0.7, 2.0, 3.5]], requires_grad=True)
     tau = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
-    lp = log_prob(alpha, tau)
+    lp = log_prob(alpha, tau.log())
     assert lp.dtype == torch.float64
     assert abs(float(lp.detach()) - dirichlet.logpdf(tau[0].numpy(), alpha.detach()[0].double().numpy())) < 1e-9
     lp.sum().backward()
@@ -147,3 +160,24 @@ def test_bad_variant_or_init():
         SchedulePolicy(steps=3, in_channels=4, token_dim=6, variant="local")
     with pytest.raises(ValueError, match="default_tau"):
         SchedulePolicy(steps=3, in_channels=4, token_dim=6, init="default")
+
+
+def test_max_concentration_caps_the_sum_and_keeps_the_mean():
+    torch.manual_seed(0)
+    kw = dict(steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="default", default_tau=uniform_flow_tau(4).tolist(),
+              concentration=200.0, **TINY)
+    free = SchedulePolicy(**kw).eval()
+    torch.manual_seed(0)
+    capped = SchedulePolicy(**kw, max_concentration=30.0).eval()
+    a, b = free(_inputs()).detach().double(), capped(_inputs()).detach().double()
+    np.testing.assert_allclose(b.sum(-1).numpy(), 30.0, rtol=1e-5)
+    np.testing.assert_allclose((b / b.sum(-1, keepdim=True)).numpy(), (a / a.sum(-1, keepdim=True)).numpy(), atol=1e-6)
+    torch.manual_seed(0)
+    low = SchedulePolicy(**{**kw, "concentration": 10.0}, max_concentration=30.0).eval()
+    np.testing.assert_allclose(low(_inputs()).detach().double().sum(-1).numpy(), 10.0, rtol=1e-4)  # below the cap: untouched
+
+
+def test_alpha_min_floors_alpha():
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="scratch", alpha_min=1.0, **TINY).eval()
+    assert bool((pol(_inputs()) > 1.0).all())

@@ -1,0 +1,46 @@
+"""Standard errors clustered by prompt (learner/stats.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.stats import mean_se
+
+finite = st.floats(-1e3, 1e3, allow_nan=False)
+
+
+@given(st.lists(finite, min_size=2, max_size=40))
+def test_singleton_clusters_give_the_plain_standard_error(xs):
+    x = np.array(xs)
+    plain = mean_se(x)
+    clustered = mean_se(x, clusters=range(len(x)))
+    assert math.isclose(plain["mean"], clustered["mean"], rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(plain["se"], clustered["se"], rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(plain["se"], x.std(ddof=1) / math.sqrt(len(x)), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=50)
+@given(st.lists(finite, min_size=2, max_size=12), st.integers(1, 8))
+def test_values_equal_within_a_cluster_count_once_per_cluster(means, size):
+    """m copies of each cluster's value: the s.e. of the mean of the G cluster means, not of G*m values."""
+    x = np.repeat(means, size)
+    labels = np.repeat(np.arange(len(means)), size)
+    got = mean_se(x, clusters=labels)
+    assert math.isclose(got["se"], np.std(means, ddof=1) / math.sqrt(len(means)), rel_tol=1e-9, abs_tol=1e-9)
+    assert got["n"] == len(x)
+
+
+def test_correlated_noises_widen_the_error_bar():
+    rng = np.random.default_rng(0)
+    prompt_effect = np.repeat(rng.normal(size=10), 100)  # 10 prompts x 100 noises
+    x = prompt_effect + 0.1 * rng.normal(size=1000)
+    labels = np.repeat(np.arange(10), 100)
+    assert mean_se(x, labels)["se"] > 5 * mean_se(x)["se"]
+
+
+def test_one_cluster_has_no_standard_error():
+    assert math.isnan(mean_se(np.arange(5.0), clusters=["a"] * 5)["se"])
