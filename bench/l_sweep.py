@@ -2,6 +2,7 @@
 
     cd <repo> && python bench/l_sweep.py                          # digits, L in 2 3 4 8, ~12 min on 2 cores
     python bench/l_sweep.py --steps 2 4 --out runs/l_sweep.png -- --learner.iterations=200
+    python bench/l_sweep.py --reuse          # table and figure again from the runs already made
 
 For each L, one run of the real entry point (``learner.main.run``: the learned global schedule,
 then the instance-level policy, then the held-out table), all with the same config, seed and
@@ -29,8 +30,9 @@ from learner.main import run
 METHODS = ("default", "learned global", "learned instance-level")
 
 
-def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str]) -> dict[int, dict]:
-    """eval.json of one run per L: {L: {method: {"mean", "se", metric...}}}."""
+def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str], reuse: bool = False) -> dict[int, dict]:
+    """eval.json of one run per L: {L: {method: {"mean", "se", metric, metric_se...}}}. With
+    ``reuse``, a run whose eval.json exists is read, not trained again."""
     out = {}
     for L in steps:
         start = time.perf_counter()
@@ -38,21 +40,31 @@ def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str]) ->
             ["--config", str(config), f"--rollout.steps={L}", f"--experiment.output_dir={output_dir}",
              f"--experiment.name=L{L}", "--learner.progress=false", "--learner.plots=false", *extra]
         )
-        run(cfg)
+        if not (reuse and (cfg.run_dir / "eval.json").exists()):
+            run(cfg)
         out[L] = json.loads((cfg.run_dir / "eval.json").read_text())
         print(f"L={L}: {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
 
+def _metrics(results: dict[int, dict]) -> list[str]:
+    """The set-level metrics of the runs (each with its bootstrap noise under ``<name>_se``)."""
+    skip = ("mean", "se", "n")
+    return sorted({m for r in results.values() for s in r.values() for m in s if m not in skip and not m.endswith("_se")})
+
+
 def table(results: dict[int, dict]) -> str:
-    metrics = sorted({m for r in results.values() for s in r.values() for m in s if m not in ("mean", "se", "n")})
+    metrics = _metrics(results)
     head = "| L | method | reward (mean +- s.e.) |" + "".join(f" {m} |" for m in metrics)
     rows = [head, "|" + " --- |" * (3 + len(metrics))]
     for L, res in results.items():
         for name in METHODS:
             if name in res:
                 s = res[name]
-                cells = "".join(f" {s[m]:.2f} |" if m in s else " |" for m in metrics)
+                cells = "".join(
+                    (f" {s[m]:.2f} +- {s[m + '_se']:.1f} |" if m + "_se" in s else f" {s[m]:.2f} |") if m in s else " |"
+                    for m in metrics
+                )
                 rows.append(f"| {L} | {name} | {s['mean']:.5g} +- {s['se']:.2g} |{cells}")
     return "\n".join(rows)
 
@@ -63,7 +75,7 @@ def plot(results: dict[int, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({m for r in results.values() for s in r.values() for m in s if m not in ("mean", "se", "n")})
+    metrics = _metrics(results)
     fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5 * (1 + len(metrics)), 4), squeeze=False)
     ls = list(results)
     for name in METHODS:
@@ -72,10 +84,11 @@ def plot(results: dict[int, dict], path: Path) -> None:
             continue
         axes[0][0].errorbar(ls, [r["mean"] for r in rows], yerr=[r["se"] for r in rows], marker="o", capsize=3, label=name)
         for ax, m in zip(axes[0][1:], metrics):
-            ax.plot(ls, [r[m] for r in rows], marker="o", label=name)
+            ax.errorbar(ls, [r[m] for r in rows], yerr=[r.get(m + "_se", 0.0) for r in rows], marker="o", capsize=3,
+                        label=name)
     axes[0][0].set_ylabel("held-out reward (+- s.e., clustered by prompt)")
     for ax, m in zip(axes[0][1:], metrics):
-        ax.set_ylabel(f"{m} (lower is better)")
+        ax.set_ylabel(f"{m} (lower is better; +- bootstrap noise)")
     for ax in axes[0]:
         ax.set_xlabel("L (NFE)")
         ax.set_xticks(ls)
@@ -97,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     p.add_argument("--steps", type=int, nargs="+", default=[2, 3, 4, 8], help="The step budgets L.")
     p.add_argument("--output-dir", type=Path, default=REPO / "runs" / "l_sweep", help="Where the runs go.")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "l_sweep.png", help="Where the PNG goes.")
+    p.add_argument("--reuse", action="store_true", help="Read the runs that already have an eval.json.")
     args = p.parse_args(argv)
-    results = sweep(args.config, args.steps, args.output_dir, extra)
+    results = sweep(args.config, args.steps, args.output_dir, extra, args.reuse)
     print(table(results))
     plot(results, args.out)
     print(f"wrote {args.out}")

@@ -1,7 +1,7 @@
 """Oracle gap: does the learned instance-level schedule beat the best fixed schedule a search finds?
 
     cd <repo> && python bench/oracle_gap.py --backend toy -- --learner.iterations=100   # trains first
-    python bench/oracle_gap.py --backend both --run-toy runs/toy --run-digits runs/digits   # ~2 min
+    python bench/oracle_gap.py --backend both --run-toy runs/toy --run-digits runs/digits   # ~4 min
     python bench/oracle_gap.py --backend digits --run-digits runs/digits --candidates 64 --out runs/gap.json
 
 For the ``toy`` and ``digits`` backends, in-process (no Ray for the evaluation), at the run's L,
@@ -80,6 +80,9 @@ CONCENTRATIONS = (None, 4.0, 16.0, 64.0, 256.0)
 MODE_STEPS = 256  # NFE of the exact-flow sample that tells a toy context's mode
 REFERENCE_STEPS = 64  # digits reference NFE when the config has rollout.reference_steps = 0
 _CANDIDATES = 0xCA  # tag of the candidates' random stream
+#: Default search budget per backend: (candidates, training contexts). The toy is cheap enough for
+#: a search far larger than anything the policy sees (about a minute); digits about two minutes.
+SEARCH = {"toy": (2000, 4000), "digits": (300, 600)}
 
 
 # --- the frozen sampler, its reward and the contexts -----------------------------------------
@@ -492,12 +495,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--config-digits", type=Path, default=REPO / "configs" / "digits.yaml", help="Config to train the digits run."
     )
     p.add_argument("--train-dir", type=Path, help="Where trained runs go (default: a new directory under runs/).")
-    p.add_argument("--candidates", type=int, default=128, help="N: candidate schedules of the search (default included).")
-    p.add_argument("--train-contexts", type=int, default=1024, help="Training contexts that score each candidate.")
+    p.add_argument(
+        "--candidates", type=int,
+        help=f"N: candidate schedules of the search, the default included (default per backend: {SEARCH})",
+    )
+    p.add_argument("--train-contexts", type=int, help="Training contexts that score each candidate (default per backend).")
     p.add_argument("--eval-seeds", type=int, help="Held-out noises per eval prompt (default: the run's learner.eval_seeds).")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "oracle_gap.json", help="Where the JSON of every figure goes.")
     args = p.parse_args(argv)
-    if args.candidates < 1 or args.train_contexts < 1:
+    if (args.candidates is not None and args.candidates < 1) or (args.train_contexts is not None and args.train_contexts < 1):
         p.error("--candidates and --train-contexts must be at least 1")
     if args.eval_seeds is not None and args.eval_seeds < 1:
         p.error("--eval-seeds must be at least 1")
@@ -521,7 +527,10 @@ def main(argv: list[str] | None = None) -> dict[str, GapResult]:
         torch.manual_seed(cfg.experiment.seed)
         backend = Backend.from_config(cfg)
         eval_seeds = args.eval_seeds or cfg.learner.eval_seeds
-        results[name] = oracle_gap(backend, run_dir, args.candidates, args.train_contexts, eval_seeds)
+        candidates, train_contexts = SEARCH[name]
+        results[name] = oracle_gap(
+            backend, run_dir, args.candidates or candidates, args.train_contexts or train_contexts, eval_seeds
+        )
         print(results[name].format() + "\n", flush=True)
     _mkdir(args.out.parent)
     args.out.write_text(json.dumps({k: r.summary() for k, r in results.items()}, indent=1, default=_json_default))

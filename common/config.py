@@ -228,7 +228,11 @@ class MetricSpec(Section):
 class LearnerConfig(Section):
     iterations: int = Field(500, ge=0, description="Policy updates in the run.")
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="'constant', or 'cosine': from lr down to lr * lr_final_ratio over the run's iterations."
+    )
+    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="The cosine schedule's last learning rate, as a share of lr.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
@@ -248,7 +252,7 @@ class LearnerConfig(Section):
         True, description="Also train a 'global' policy (one schedule for all) and add it to the final table."
     )
     global_lr: float = Field(
-        0.05,
+        0.2,
         gt=0,
         description="AdamW learning rate of the learned global schedule: its L+1 parameters are the Dirichlet's"
         " own (softplus^-1 of alpha), which need far larger steps than a network's weights to converge.",

@@ -46,14 +46,24 @@ class EvalResult:
         return out
 
     def table(self, title: str) -> str:
-        metric_names = sorted({m for v in self.metrics.values() for m in v})
+        metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
         head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(f"{m + ' (lower better)':>26}" for m in metric_names)
         rows = [title, head]
         for name, s in self.summary().items():
-            cells = "".join(f"{s[m]:>26.3f}" if m in s else f"{'':>26}" for m in metric_names)
+            cells = "".join(_metric_cell(s, m) for m in metric_names)
             rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}")
-        rows.append("(+- one standard error, clustered by prompt; differences are paired: same prompts and noises)")
+        rows.append(
+            "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
+            " a set metric's +- is its bootstrap noise)"
+        )
         return "\n".join(rows)
+
+
+def _metric_cell(s: dict[str, float], m: str) -> str:
+    if m not in s:
+        return f"{'':>26}"
+    text = f"{s[m]:.3f}" + (f" +- {s[m + '_se']:.2f}" if m + "_se" in s else "")
+    return f"{text:>26}"
 
 
 def run_schedule(

@@ -228,11 +228,15 @@ class MetricGroup:
         ]
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:
-        out = {}
+        """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""
+        refs = {}
         for name, server in zip(self.names, self.servers):
             feats = [server.features.remote(p.images, p.prompts) for p in pending]
-            out[name] = server.distance.remote(*feats)
-        return dict(zip(out, ray.get(list(out.values()))))
+            refs[name] = server.distance_with_se.remote(*feats)
+        out = {}
+        for name, (value, se) in zip(refs, ray.get(list(refs.values()))):
+            out[name], out[f"{name}_se"] = value, se
+        return out
 
 
 @dataclass

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointStore, load_checkpoint
 from common.codec import append_records, read_records
-from common.config import Config, ConfigError, RayConfig, resume_conflicts
+from common.config import Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, collate, describe, state_to_numpy
 from learner import baselines
@@ -129,6 +130,8 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         for it in bar:
             t0 = time.perf_counter()
             cursor = stream.cursor
+            for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
+                group["lr"] = learning_rate(lc, it)
             contexts = stream.next(C)
 
             # SAMPLING: K schedules per context on the workers, scored by the reward servers
@@ -168,6 +171,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             m.update(
                 {
                     "rollout/reward_mean": float(r.mean()),
+                    "learner/lr": optimizer.param_groups[0]["lr"],
                     "rollout/reward_std": float(r.std()),
                     "rollout/images_per_s": C * K / max(got.seconds, 1e-9),
                     "rollout/worker_seconds": float(sum(bt.seconds for bt in batches)),
@@ -216,6 +220,14 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def learning_rate(lc: LearnerConfig, it: int) -> float:
+    """The learning rate of iteration ``it`` (0-based) under ``lc.lr_schedule``."""
+    if lc.lr_schedule == "constant" or lc.iterations <= 1:
+        return lc.lr
+    final = lc.lr * lc.lr_final_ratio
+    return final + 0.5 * (lc.lr - final) * (1 + math.cos(math.pi * it / (lc.iterations - 1)))
 
 
 def _warn_prompt_overlap(train_prompts: list[str], eval_prompts: list[str]) -> None:

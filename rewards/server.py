@@ -64,3 +64,13 @@ class MetricServer:
         if not np.isfinite(value):
             raise ValueError(f"metric {self.name!r} returned a non-finite value ({value})")
         return value
+
+    def distance_with_se(self, *features: np.ndarray, resamples: int = 50, seed: int = 0) -> tuple[float, float]:
+        """The distance and its sampling noise: the standard deviation of the distance over
+        ``resamples`` bootstrap resamples of the samples (a set-level metric has no per-sample
+        standard error; this says how much of a difference between two sets is noise)."""
+        value = self.distance(*features)
+        pooled = np.concatenate(features)
+        rng = np.random.default_rng(seed)
+        boot = [self.distance(pooled[rng.integers(0, len(pooled), len(pooled))]) for _ in range(resamples)]
+        return value, float(np.std(boot, ddof=1))

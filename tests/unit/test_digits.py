@@ -129,3 +129,20 @@ def test_rewards_tell_real_from_degraded_and_few_step_from_many(trained):
     assert fd.distance(fd.features(one, prompts)) > 2 * fd.distance(fd.features(many, prompts))
     real_train = digits.to_unit(digits.split("train")[0][:359])
     assert fd.distance(fd.features(real_train, prompts)) < 0.5 * fd.distance(fd.features(one, prompts))
+
+
+def test_frechet_noise_is_small_against_a_real_difference(trained):
+    """MetricServer.distance_with_se: the bootstrap noise of the FD is far below the gap between
+    one-step and 30-step samples, and the value is the plain distance."""
+    from rewards.server import MetricServer
+
+    sampler, _, _, fd = trained
+    _, yh = digits.split("held_out")
+    prompts = [f"the digit {c}" for c in yh]
+    server = MetricServer("digits_fd", {})
+    one, many = (fd.features(_samples(sampler, prompts, n), prompts) for n in (1, 30))
+    v1, se1 = server.distance_with_se(one, resamples=20)
+    v30, se30 = server.distance_with_se(many[:180], many[180:], resamples=20)
+    assert v1 == server.distance(one) and v30 == server.distance(many)
+    assert 0 < se30 < 0.5 * v30 and 0 < se1 < 0.5 * v1
+    assert v1 - v30 > 3 * (se1 + se30)

@@ -163,3 +163,14 @@ PINNED = [
     (2.305475375048879, -0.7706156447529793),
     (-89.56330539152748, -2.028354372829199),
 ]
+
+
+def test_cosine_learning_rate_runs_from_lr_to_the_final_ratio():
+    from common.config import LearnerConfig
+    from learner.loop import learning_rate
+
+    lc = LearnerConfig(iterations=101, lr=2e-3, lr_schedule="cosine", lr_final_ratio=0.1)
+    lrs = [learning_rate(lc, it) for it in range(101)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4) and lrs[50] == pytest.approx(1.1e-3)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(LearnerConfig(iterations=101, lr=2e-3), 70) == 2e-3  # constant
