@@ -38,6 +38,20 @@ def ray_local():
     ray.shutdown()
 
 
+def load_bench(script: str):
+    """A script of bench/ as a module (bench/ is a folder of scripts, not a package), loaded once."""
+    import importlib.util
+    import sys
+
+    name = f"bench_{Path(script).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def tiny_overrides(tmp_path: Path, **sections) -> dict:
     """Config overrides for a run that takes seconds: tiny policy, few iterations, output in tmp."""
     base = {

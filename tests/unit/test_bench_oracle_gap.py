@@ -3,9 +3,7 @@ context, the searched best is the best training mean, the figures are what they 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from common.config import load_config
+from tests.conftest import load_bench
 from common.policy import SchedulePolicy, policy_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,14 +19,7 @@ TINY_POLICY = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hid
 
 
 def _bench():
-    """The bench script as a module (bench/ is a folder of scripts, not a package)."""
-    name = "bench_oracle_gap"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "oracle_gap.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_bench("oracle_gap.py")
 
 
 def _fake_run(run_dir: Path):

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.config import load_config
+from tests.conftest import load_bench
 from common.policy import SchedulePolicy, log_prob, policy_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    """The bench script as a module (bench/ is a folder of scripts, not a package)."""
-    name = "bench_baseline_variance"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "baseline_variance.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_bench("baseline_variance.py")
 
 
 def test_tiny_budget_writes_png_and_sane_ratios(tmp_path):
