@@ -222,6 +222,7 @@ class MetricGroup:
 
     def __init__(self, specs: list[MetricSpec]):
         self.names = [m.name for m in specs]
+        self.resamples = [m.noise_resamples for m in specs]
         self.servers = [
             ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
             for m in specs
@@ -230,12 +231,14 @@ class MetricGroup:
     def measure(self, pending: list[Pending]) -> dict[str, float]:
         """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""
         refs = {}
-        for name, server in zip(self.names, self.servers):
+        for name, server, resamples in zip(self.names, self.servers, self.resamples):
             feats = [server.features.remote(p.images, p.prompts) for p in pending]
-            refs[name] = server.distance_with_se.remote(*feats)
+            refs[name] = server.distance_with_se.remote(*feats, resamples=resamples)
         out = {}
         for name, (value, se) in zip(refs, ray.get(list(refs.values()))):
-            out[name], out[f"{name}_se"] = value, se
+            out[name] = value
+            if se is not None:
+                out[f"{name}_se"] = se
         return out
 
 

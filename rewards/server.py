@@ -65,11 +65,16 @@ class MetricServer:
             raise ValueError(f"metric {self.name!r} returned a non-finite value ({value})")
         return value
 
-    def distance_with_se(self, *features: np.ndarray, resamples: int = 50, seed: int = 0) -> tuple[float, float]:
+    def distance_with_se(
+        self, *features: np.ndarray, resamples: int = 50, seed: int = 0
+    ) -> tuple[float, float | None]:
         """The distance and its sampling noise: the standard deviation of the distance over
         ``resamples`` bootstrap resamples of the samples (a set-level metric has no per-sample
-        standard error; this says how much of a difference between two sets is noise)."""
+        standard error; this says how much of a difference between two sets is noise). None
+        with fewer than 2 resamples."""
         value = self.distance(*features)
+        if resamples < 2:
+            return value, None
         pooled = np.concatenate(features)
         rng = np.random.default_rng(seed)
         boot = [self.distance(pooled[rng.integers(0, len(pooled), len(pooled))]) for _ in range(resamples)]

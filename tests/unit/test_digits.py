@@ -146,3 +146,4 @@ def test_frechet_noise_is_small_against_a_real_difference(trained):
     assert v1 == server.distance(one) and v30 == server.distance(many)
     assert 0 < se30 < 0.5 * v30 and 0 < se1 < 0.5 * v1
     assert v1 - v30 > 3 * (se1 + se30)
+    assert server.distance_with_se(one, resamples=0) == (v1, None)  # metrics[].noise_resamples = 0
