@@ -51,7 +51,7 @@ class EvalResult:
         rows = [title, head]
         for name, s in self.summary().items():
             cells = "".join(_metric_cell(s, m) for m in metric_names)
-            rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}")
+            rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
         rows.append(
             "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
             " a set metric's +- is its bootstrap noise)"
