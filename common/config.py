@@ -185,7 +185,12 @@ class PolicyConfig(Section):
 
 class RolloutConfig(Section):
     num_workers: int = Field(2, ge=1, description="Number of RolloutWorker actors.")
-    k: int = Field(2, ge=2, description="K: rollouts (schedules) per context.")
+    k: int = Field(2, ge=2, le=1024, description="K: rollouts (schedules) per context.")
+    k_schedule: dict[int, int] = Field(
+        default_factory=dict,
+        description="A larger K late in training: {iteration: K} sets K from that iteration on, e.g. {3000: 8, 4000: 16}"
+        " (docs/method.md: at K = 2 a context's rollouts differ by more than the noise's effect). Empty: K throughout.",
+    )
     steps: int = Field(4, ge=1, description="L: model evaluations (NFE) per sample.")
     contexts_per_iter: int = Field(16, ge=1, description="C: contexts (prompt, seed) per iteration.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
@@ -204,6 +209,22 @@ class RolloutConfig(Section):
         " and shared by its K rollouts, for rewards that compare with it ('fidelity'); costs this many extra NFE"
         " per context. None: 64 if a configured reward needs it, else 0 (no reference).",
     )
+
+
+    @model_validator(mode="after")
+    def _k_schedule_valid(self) -> "RolloutConfig":
+        bad = {i: k for i, k in self.k_schedule.items() if i < 0 or not 2 <= k <= 1024}
+        if bad:
+            raise ValueError(f"k_schedule needs iterations >= 0 and 2 <= K <= 1024; got {bad}")
+        return self
+
+    def k_at(self, iteration: int) -> int:
+        """K of ``iteration`` (0-based): ``k``, or the ``k_schedule`` entry in force."""
+        k = self.k
+        for start in sorted(self.k_schedule):
+            if iteration >= start:
+                k = self.k_schedule[start]
+        return k
 
 
 class RewardSpec(Section):

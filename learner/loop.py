@@ -89,7 +89,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     started_ray = init_ray(cfg.ray)
-    L, K, C = cfg.rollout.steps, cfg.rollout.k, cfg.rollout.contexts_per_iter
+    L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     lc = cfg.learner
     try:
         rewards = RewardGroup(cfg.rewards, _reward_extras(cfg), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s)
@@ -133,6 +133,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
             contexts = stream.next(C)
+            K = cfg.rollout.k_at(it)  # a function of the iteration: a resumed run gets the same
 
             # SAMPLING: K schedules per context on the workers, scored by the reward servers
             try:

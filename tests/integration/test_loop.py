@@ -94,3 +94,13 @@ def test_non_finite_reward_stops_the_step(ray_local, tmp_path):
     # the step stopped before any update: no metrics row, no checkpoint
     assert not (tmp_path / "t" / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "t" / "metrics.jsonl")
     assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_k_schedule_raises_k_from_its_iteration(ray_local, tmp_path):
+    cfg = load_config([], **tiny_overrides(tmp_path, rollout={"k_schedule": {2: 3}}))
+    assert [cfg.rollout.k_at(i) for i in range(4)] == [2, 2, 3, 3]
+    train(cfg, final_eval=False)
+    records = list(read_records(cfg.run_dir / "rollouts.msgpack", RolloutRecord))
+    per_iteration = {it: sorted({r.k for r in records if r.iteration == it}) for it in range(3)}
+    assert per_iteration == {0: [0, 1], 1: [0, 1], 2: [0, 1, 2]}
+    assert len(records) == 4 * 2 + 4 * 2 + 4 * 3

@@ -120,3 +120,14 @@ def test_embedded_default_is_the_digits_config():
     """`python -m learner.main` with no arguments runs configs/digits.yaml."""
     toy = load_yaml_config(REPO / "configs" / "digits.yaml")
     assert load_config([]).model_dump(exclude={"config"}) == toy.model_dump(exclude={"config"})
+
+
+def test_k_schedule_is_validated_and_read_by_iteration():
+    from common.config import RolloutConfig
+
+    r = RolloutConfig(k=2, k_schedule={"4000": 16, "3000": 8})
+    assert [r.k_at(i) for i in (0, 2999, 3000, 3999, 4000, 10**6)] == [2, 2, 8, 8, 16, 16]
+    with pytest.raises(ValueError, match="k_schedule"):
+        RolloutConfig(k_schedule={100: 1})
+    with pytest.raises(ValueError, match="k_schedule"):
+        RolloutConfig(k_schedule={-1: 4})
