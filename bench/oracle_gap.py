@@ -70,6 +70,7 @@ from common.messages import Context
 from common.policy import SchedulePolicy, collate
 from common.schedule import guard_tau, interior, times_from_tau
 from learner.contexts import ContextStream, eval_contexts
+from learner.loop import DEFAULT_REFERENCE_STEPS
 from learner.stats import mean_se
 
 DEFAULT, FIXED, PER_PROMPT, PER_MODE = "default", "best fixed (search)", "best per prompt", "best per (prompt, mode)"
@@ -78,7 +79,6 @@ ORACLE, GLOBAL, INSTANCE = "oracle (per instance best-of-N)", "learned global", 
 #: concentration c (the default is first moved inside the simplex: its tau_1 is 0).
 CONCENTRATIONS = (None, 4.0, 16.0, 64.0, 256.0)
 MODE_STEPS = 256  # NFE of the exact-flow sample that tells a toy context's mode
-REFERENCE_STEPS = 64  # digits reference NFE when the config has rollout.reference_steps = 0
 _CANDIDATES = 0xCA  # tag of the candidates' random stream
 #: Default search budget per backend: (candidates, training contexts). The toy is cheap enough for
 #: a search far larger than anything the policy sees (about a minute); digits about two minutes.
@@ -155,7 +155,7 @@ class Backend:
                 name="digits", sampler=sampler, label=digits.parse_digit,
                 reward=lambda images, prompts, refs: fidelity(images, prompts, references=refs),
                 reward_name="fidelity (-MSE to the reference)",
-                reference_steps=cfg.rollout.reference_steps or REFERENCE_STEPS,
+                reference_steps=cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS,
                 extra=DigitsReward(), frechet=DigitsFrechet(), chunk=4096,
                 train_prompts=cfg.learner.train_prompts or spec.train_prompts,
                 eval_prompts=cfg.learner.eval_prompts or spec.eval_prompts, **shared,

@@ -37,8 +37,13 @@ from learner.contexts import ContextStream, eval_contexts
 from learner.stats import mean_se
 
 
-def _inputs(backend: og.Backend, ctxs: og.Contexts, idx: np.ndarray):
-    feats = dict(zip(dict.fromkeys(ctxs.prompts), backend.sampler.encode(list(dict.fromkeys(ctxs.prompts)))))
+def _features(backend: og.Backend, *ctxs: og.Contexts) -> dict:
+    """Policy features of every prompt of ``ctxs``, encoded once."""
+    prompts = list(dict.fromkeys(p for c in ctxs for p in c.prompts))
+    return dict(zip(prompts, backend.sampler.encode(prompts)))
+
+
+def _inputs(feats: dict, ctxs: og.Contexts, idx: np.ndarray):
     return collate(
         ctxs.noise[idx], [feats[ctxs.prompts[j]].tokens for j in idx], np.stack([feats[ctxs.prompts[j]].pooled for j in idx])
     )
@@ -73,13 +78,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     scores = og.score_matrix(b, cands, train)
     best = cands[int(np.argmax(scores.mean(1)))]
     n, idx = len(held), np.arange(len(held))
+    feats = _features(b, held, train)
     fixed = og.rollout(b, held, idx, np.tile(best, (n, 1)))[0]
     out = {}
 
     # 1. the policy and the best fixed schedule, at the mean and under the same exploration noise
     policy = SchedulePolicy.from_pretrained(args.run / "policy").eval()
     with torch.no_grad():
-        alpha = policy(_inputs(b, held, idx)).double().numpy()
+        alpha = policy(_inputs(feats, held, idx)).double().numpy()
     conc = alpha.sum(-1, keepdims=True)
     at_mean = og.rollout(b, held, idx, alpha / conc)[0]
     rng = np.random.default_rng(0)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     losses = []
     for step in range(args.fit_steps):
         i = np.random.default_rng([cfg.experiment.seed, step]).integers(0, len(train), 256)
-        a = fitted(_inputs(b, train, i))
+        a = fitted(_inputs(feats, train, i))
         loss = ((a / a.sum(-1, keepdim=True) - target[i]) ** 2).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     out["fit loss"] = {"first": losses[0], "last": float(np.mean(losses[-20:]))} if losses else {}
     fitted.eval()
     with torch.no_grad():
-        a = fitted(_inputs(b, held, idx)).double().numpy()
+        a = fitted(_inputs(feats, held, idx)).double().numpy()
     table = np.stack([cands[choice.get((pr, m), int(np.argmax(scores.mean(1))))] for pr, m in zip(held.prompts, held.modes)])
     out["per-(prompt, mode) table - best fixed"] = mean_se(og.rollout(b, held, idx, table)[0] - fixed, held.prompts)
     out["regressed policy - best fixed"] = mean_se(og.rollout(b, held, idx, a / a.sum(-1, keepdims=True))[0] - fixed, held.prompts)

@@ -183,9 +183,13 @@ class PolicyConfig(Section):
         return self
 
 
+#: Most rollouts per context (``rollout.k`` and every ``k_schedule`` entry).
+MAX_K = 1024
+
+
 class RolloutConfig(Section):
     num_workers: int = Field(2, ge=1, description="Number of RolloutWorker actors.")
-    k: int = Field(2, ge=2, le=1024, description="K: rollouts (schedules) per context.")
+    k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")
     k_schedule: dict[int, int] = Field(
         default_factory=dict,
         description="A larger K late in training: {iteration: K} sets K from that iteration on, e.g. {3000: 8, 4000: 16}"
@@ -213,9 +217,9 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _k_schedule_valid(self) -> "RolloutConfig":
-        bad = {i: k for i, k in self.k_schedule.items() if i < 0 or not 2 <= k <= 1024}
+        bad = {i: k for i, k in self.k_schedule.items() if i < 0 or not 2 <= k <= MAX_K}
         if bad:
-            raise ValueError(f"k_schedule needs iterations >= 0 and 2 <= K <= 1024; got {bad}")
+            raise ValueError(f"k_schedule needs iterations >= 0 and 2 <= K <= {MAX_K}; got {bad}")
         return self
 
     def k_at(self, iteration: int) -> int:
