@@ -7,8 +7,10 @@ whitelist of dtypes, shape/size agreement, then pydantic validation. Nothing is 
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import msgpack
 import numpy as np
@@ -102,34 +104,75 @@ def unpack(data: bytes, model: type[M], max_bytes: int = MAX_BYTES) -> M:
 
 # --- append-only record logs -----------------------------------------------------------------
 
+#: Largest record the log writer writes and its reader reads (one bound for both sides).
+MAX_RECORD = 16 * 2**20
+
 
 def append_records(path: Path, records: list[BaseModel]) -> None:
-    """Append records to a msgpack stream file, flushed to disk."""
+    """Append records to a msgpack stream file, flushed to disk. A record larger than
+    ``MAX_RECORD`` is refused before anything is written, so every record written can be read."""
+    blobs = [pack(r) for r in records]
+    for blob in blobs:
+        if len(blob) > MAX_RECORD:
+            raise ValueError(f"a log record of {len(blob)} bytes exceeds the limit of {MAX_RECORD}")
     with open(path, "ab") as f:
-        for r in records:
-            f.write(pack(r))
+        for blob in blobs:
+            f.write(blob)
         f.flush()
 
 
-def read_records(source: Path | BinaryIO, model: type[M], max_record: int = 2**20) -> Iterator[M]:
-    """Iterate the records of a msgpack stream file written by ``append_records``.
+@dataclass
+class LogScan:
+    records: list  # the complete, valid records, in order
+    good_bytes: int  # where the last complete record ends
+    torn_bytes: int  # bytes of an incomplete last record after it (a crash mid-write)
 
-    A truncated last record (a crash mid-write) ends the iteration; any other damage raises.
-    """
-    f = open(source, "rb") if isinstance(source, (str, Path)) else source
-    try:
-        unpacker = msgpack.Unpacker(
-            f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max_record
-        )
-        for raw in unpacker:
+
+def scan_records(path: Path | str, model: type[M]) -> LogScan:
+    """Read a whole record log. An incomplete last record (a torn tail) is reported in
+    ``torn_bytes``, not raised; damage anywhere else raises DecodeError naming its byte offset."""
+    records: list[M] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        unpacker = msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD)
+        offset = 0
+        while True:
+            try:
+                raw = unpacker.unpack()
+            except msgpack.OutOfData:
+                break
+            except msgpack.BufferFull:
+                raise DecodeError(f"{path}: record at byte {offset} is larger than {MAX_RECORD} bytes") from None
+            except Exception as e:  # noqa: BLE001 - msgpack raises many types for damaged bytes
+                raise DecodeError(f"{path}: damaged record at byte {offset}: {type(e).__name__}: {e}") from None
+            try:
+                records.append(model.model_validate(raw))
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise DecodeError(
+                    f"{path}: damaged record at byte {offset}: not a {model.__name__}"
+                    f" ({'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']})"
+                ) from None
+            offset = unpacker.tell()
+    return LogScan(records, offset, size - offset)
+
+
+def read_records(source: Path | str, model: type[M]) -> Iterator[M]:
+    """Iterate the records of a log written by ``append_records``, one at a time (constant
+    memory). A torn last record (a crash mid-write) ends the iteration; damage anywhere else
+    raises DecodeError naming the byte offset."""
+    with open(source, "rb") as f:
+        unpacker = msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD)
+        offset = 0
+        while True:
+            try:
+                raw = unpacker.unpack()
+            except msgpack.OutOfData:
+                return
+            except Exception as e:  # noqa: BLE001
+                raise DecodeError(f"{source}: damaged record at byte {offset}: {type(e).__name__}: {e}") from None
             try:
                 yield model.model_validate(raw)
             except ValidationError as e:
-                raise DecodeError(f"invalid {model.__name__} record: {e}") from None
-    except (msgpack.OutOfData, ValueError) as e:
-        if isinstance(e, DecodeError):
-            raise
-        raise DecodeError(f"damaged record stream: {e}") from None
-    finally:
-        if isinstance(source, (str, Path)):
-            f.close()
+                raise DecodeError(f"{source}: damaged record at byte {offset}: not a {model.__name__}: {e}") from None
+            offset = unpacker.tell()

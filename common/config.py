@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from common.prompts import check_prompts, read_prompt_file
 
 BaselineName = Literal["none", "mean", "rloo", "xctx", "js", "js_loco"]
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, values are checked on assignment too."""
+    """A config section: unknown keys are errors, values are checked on assignment too, and
+    every float is finite (inf and nan are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ExperimentConfig(Section):
@@ -30,28 +33,36 @@ class ExperimentConfig(Section):
     seed: int = Field(0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it.")
     output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_under_output_dir(cls, name: str) -> str:
+        parts = Path(name).parts
+        if Path(name).is_absolute() or any(p in ("..", ".") for p in parts) or "\x00" in name or not parts:
+            raise ValueError(f"must be a relative path below output_dir without '.' or '..' parts, got {name!r}")
+        return name
+
 
 class ToyConfig(Section):
     """The toy problem: a class-conditional Gaussian mixture sampled by an exact rectified flow."""
 
-    dim: int = Field(4, ge=1, description="Dimension D of a sample.")
-    num_classes: int = Field(10, ge=1, description="Number of classes; prompts are 'class 0' .. 'class N-1'.")
-    modes_per_class: int = Field(4, ge=1, description="Gaussian modes per class.")
+    dim: int = Field(4, ge=1, le=4096, description="Dimension D of a sample.")
+    num_classes: int = Field(10, ge=1, le=100_000, description="Number of classes; prompts are 'class 0' .. 'class N-1'.")
+    modes_per_class: int = Field(4, ge=1, le=10_000, description="Gaussian modes per class.")
     mode_scale: float = Field(1.0, gt=0, description="Standard deviation of the random mode centres.")
     spread: float = Field(0.1, gt=0, description="Standard deviation of each mode.")
-    token_len: int = Field(4, ge=1, description="Length of the fixed 'text token' embedding of a class.")
-    token_dim: int = Field(16, ge=1, description="Width of each 'text token'.")
+    token_len: int = Field(4, ge=1, le=1024, description="Length of the fixed 'text token' embedding of a class.")
+    token_dim: int = Field(16, ge=1, le=4096, description="Width of each 'text token'.")
     seed: int = Field(1234, ge=0, description="Seed that fixes the mixture and the class embeddings.")
 
 
 class DigitsConfig(Section):
     """The digits backend: a flow-matching MLP the project trains on scikit-learn's 8x8 digits."""
 
-    hidden: int = Field(512, ge=8, description="Hidden width of the velocity MLP.")
-    depth: int = Field(4, ge=1, description="Hidden layers of the velocity MLP.")
-    emb_dim: int = Field(64, ge=2, multiple_of=2, description="Width of the time and label embeddings (= token width).")
-    train_steps: int = Field(2500, ge=1, description="Training steps of the one-time (cached) training.")
-    batch_size: int = Field(256, ge=1, description="Training batch size.")
+    hidden: int = Field(512, ge=8, le=16_384, description="Hidden width of the velocity MLP.")
+    depth: int = Field(4, ge=1, le=64, description="Hidden layers of the velocity MLP.")
+    emb_dim: int = Field(64, ge=2, le=4096, multiple_of=2, description="Width of the time and label embeddings (= token width).")
+    train_steps: int = Field(2500, ge=1, le=10_000_000, description="Training steps of the one-time (cached) training.")
+    batch_size: int = Field(256, ge=1, le=65_536, description="Training batch size.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate of the one-time training.")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Label dropout for classifier-free guidance.")
     seed: int = Field(0, ge=0, description="Seed of the one-time training (part of the cache key).")
@@ -77,14 +88,21 @@ class DiffusersSection(Section):
     height: int | None = Field(None, ge=8, description="Image height in pixels (None: the pipeline's default).")
     width: int | None = Field(None, ge=8, description="Image width in pixels (None: the pipeline's default).")
     guidance_scale: float = Field(..., ge=0, description="Guidance scale (classifier-free, or Flux-Dev's embedded guidance).")
-    max_batch_size: int = Field(8, ge=1, description="Most samples per denoiser forward (a larger request runs in chunks).")
-    prompt_cache: int = Field(256, ge=1, description="Prompts whose encoder outputs are kept (least recently used evicted).")
+    max_batch_size: int = Field(8, ge=1, le=4096, description="Most samples per denoiser forward (a larger request runs in chunks).")
+    prompt_cache: int = Field(256, ge=1, le=1_000_000, description="Prompts whose encoder outputs are kept (least recently used evicted).")
     prompt_file: Path | None = Field(
         None, description="Training prompts, one per line (None: the built-in list in rollout/backends/prompts.py)."
     )
     eval_prompt_file: Path | None = Field(
         None, description="Held-out prompts, one per line (None: the built-in held-out list)."
     )
+
+    @field_validator("prompt_file", "eval_prompt_file")
+    @classmethod
+    def _prompt_file_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            read_prompt_file(path)  # UTF-8, non-empty, every prompt visible and within the length limit
+        return path
 
 
 class FluxConfig(DiffusersSection):
@@ -148,7 +166,7 @@ class PolicyConfig(Section):
         description="'scratch': standard init (the paper); 'default': Dirichlet mean = the backend's default schedule.",
     )
     concentration: float = Field(
-        20.0, gt=0, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
+        20.0, gt=0, le=1e6, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
     )
     alpha_min: float = Field(
         1e-3,
@@ -164,12 +182,12 @@ class PolicyConfig(Section):
         description="Cap on sum(alpha): alpha is scaled down to it, keeping the Dirichlet mean (the schedule that is"
         " evaluated) and a floor on exploration. None: no cap (the paper).",
     )
-    widths: list[int] = Field(
+    widths: list[Annotated[int, Field(ge=1, le=16_384)]] = Field(
         [32, 32, 64, 64], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
     )
-    attn_heads: int = Field(4, ge=1, description="Heads of each cross-attention layer.")
+    attn_heads: int = Field(4, ge=1, le=256, description="Heads of each cross-attention layer.")
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every width).")
-    head_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer MLP head.")
+    head_hidden: int = Field(128, ge=1, le=16_384, description="Hidden width of the 2-layer MLP head.")
     use_pooled: bool = Field(True, description="Feed the pooled text embedding to the head.")
 
     @model_validator(mode="after")
@@ -188,15 +206,15 @@ MAX_K = 1024
 
 
 class RolloutConfig(Section):
-    num_workers: int = Field(2, ge=1, description="Number of RolloutWorker actors.")
+    num_workers: int = Field(2, ge=1, le=4096, description="Number of RolloutWorker actors.")
     k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")
     k_schedule: dict[int, int] = Field(
         default_factory=dict,
         description="A larger K late in training: {iteration: K} sets K from that iteration on, e.g. {3000: 8, 4000: 16}"
         " (docs/method.md: at K = 2 a context's rollouts differ by more than the noise's effect). Empty: K throughout.",
     )
-    steps: int = Field(4, ge=1, description="L: model evaluations (NFE) per sample.")
-    contexts_per_iter: int = Field(16, ge=1, description="C: contexts (prompt, seed) per iteration.")
+    steps: int = Field(4, ge=1, le=1000, description="L: model evaluations (NFE) per sample.")
+    contexts_per_iter: int = Field(16, ge=1, le=65_536, description="C: contexts (prompt, seed) per iteration.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
@@ -204,7 +222,21 @@ class RolloutConfig(Section):
     restart_timeout_s: float = Field(
         120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
     )
-    max_attempts: int = Field(5, ge=1, description="Sends of one rollout request before the step fails.")
+    max_attempts: int = Field(5, ge=1, le=100, description="Sends of one rollout request before the step fails.")
+    start_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="Seconds a rollout worker has to start (build its sampler, load the model)."
+    )
+    sample_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a worker has for one request, plus sample_timeout_per_nfe_s per model evaluation in it"
+        " (contexts x K x L, plus the reference samples). A unit past its time counts as a fault: the worker is"
+        " restarted and the unit re-sent; a second time-out of the same unit stops the run.",
+    )
+    sample_timeout_per_nfe_s: float = Field(
+        2.0, ge=0, le=3600, description="Seconds added to sample_timeout_s per model evaluation of a request."
+    )
     reference_steps: int | None = Field(
         None,
         ge=0,
@@ -235,12 +267,26 @@ class RewardSpec(Section):
     name: str = Field(
         ..., min_length=1, description="A registered reward name ('toy') or an import path 'pkg.module:Class'."
     )
-    weight: float = Field(1.0, description="Weight of this reward in the combined reward.")
+    weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of this reward in the combined reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the reward's __init__.")
-    num_servers: int = Field(1, ge=1, description="RewardServer actors hosting this reward.")
+    num_servers: int = Field(1, ge=1, le=1024, description="RewardServer actors hosting this reward.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each of its servers.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each of its servers.")
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of its servers (own dependencies).")
+    start_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="Seconds each server has to build the reward (its __init__: model loads)."
+    )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds one scoring call may take, plus timeout_per_image_s per image. A call past its time"
+        " counts as a fault (server restarted, unit re-sent); a second time-out of the same unit stops the run.",
+    )
+    timeout_per_image_s: float = Field(2.0, ge=0, le=3600, description="Seconds added to timeout_s per image scored.")
+
+    def score_timeout(self, images: int) -> float:
+        return self.timeout_s + self.timeout_per_image_s * images
 
 
 class MetricSpec(Section):
@@ -248,6 +294,10 @@ class MetricSpec(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by its server.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by its server.")
+    start_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Seconds its server has to build the metric.")
+    timeout_s: float = Field(
+        3600.0, gt=0, le=86_400, description="Seconds the whole held-out measurement may take (features and distance)."
+    )
     noise_resamples: int = Field(
         50,
         ge=0,
@@ -258,24 +308,24 @@ class MetricSpec(Section):
 
 
 class LearnerConfig(Section):
-    iterations: int = Field(500, ge=0, description="Policy updates in the run.")
+    iterations: int = Field(500, ge=0, le=100_000_000, description="Policy updates in the run.")
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule).")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="'constant', or 'cosine': from lr down to lr * lr_final_ratio over the run's iterations."
     )
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="The cosine schedule's last learning rate, as a share of lr.")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    weight_decay: float = Field(1e-4, ge=0, le=10, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Gradient-norm clip.")
     adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
     checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N iterations (and at the end).")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    keep_checkpoints: int = Field(3, ge=1, le=10_000, description="Checkpoints kept on disk.")
     checkpoint_dir: str | None = Field(
         None, description="Where checkpoints go: a path or an fsspec URL such as s3://bucket/run (None: <run dir>/checkpoints)."
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
-    eval_seeds: int = Field(100, ge=2, description="Held-out noises per eval prompt.")
+    eval_seeds: int = Field(100, ge=2, le=1_000_000, description="Held-out noises per eval prompt.")
     eval_metrics: list[MetricSpec] = Field(
         default_factory=lambda: [MetricSpec(name="digits_fd")],
         description="Set-level metrics of the held-out evaluation (not rewards), e.g. a Frechet distance.",
@@ -286,16 +336,23 @@ class LearnerConfig(Section):
     global_lr: float = Field(
         0.2,
         gt=0,
+        le=10,
         description="AdamW learning rate of the learned global schedule: its L+1 parameters are the Dirichlet's"
         " own (softplus^-1 of alpha), which need far larger steps than a network's weights to converge.",
     )
     plots: bool = Field(True, description="Write PNGs of schedules, samples and the reward curve into the run dir.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
     torch_threads: int = Field(
-        1, ge=1, description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine."
+        1, ge=1, le=1024, description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine."
     )
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
+
+    @field_validator("train_prompts", "eval_prompts")
+    @classmethod
+    def _prompts_given(cls, prompts: list[str] | None) -> list[str] | None:
+        # an empty list is an error, not a silent fall-back to the backend's prompts
+        return None if prompts is None else check_prompts(prompts)
 
 
 class RayConfig(Section):
@@ -324,6 +381,9 @@ class Config(BaseSettings):
     resume_changes: bool = Field(
         False, description="Allow --resume with a config that differs from the checkpoint's in a field that matters."
     )
+    overwrite: bool = Field(
+        False, description="Delete what an earlier run left in the run dir (and its checkpoints) and start afresh."
+    )
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Name, seed, output.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="The frozen sampler.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The schedule policy.")
@@ -335,6 +395,15 @@ class Config(BaseSettings):
     )
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Optimisation and evaluation.")
     ray: RayConfig = Field(default_factory=RayConfig, description="ray.init() settings.")
+
+    @model_validator(mode="after")
+    def _resume_or_overwrite(self) -> "Config":
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        r = self.resume
+        if r is not None and r != "auto" and "://" not in r and not (Path(r) / "state.json").is_file():
+            raise ValueError(f"--resume takes 'auto' or a checkpoint directory (ckpt-<iteration>), got {r!r}")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_baseline(self) -> "Config":
@@ -355,9 +424,12 @@ class Config(BaseSettings):
         return self.experiment.output_dir / self.experiment.name
 
     def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})
+        data = self.model_dump(mode="json", exclude=RUN_FLAGS)
         return yaml.safe_dump(data, sort_keys=False)
 
+
+#: Top-level fields about this invocation, not the run (never saved, never compared).
+RUN_FLAGS = {"config", "resume", "resume_changes", "overwrite"}
 
 #: Fields that may change between a checkpoint and its resume: scale, logging and evaluation.
 #: Any other difference (seed, sampler, policy, K, L, C, rewards, optimisation) is refused.
@@ -367,23 +439,28 @@ RESUME_FREE = {
     "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log", "learner.torch_threads",
     "learner.checkpoint_dir",
     "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus", "rollout.min_workers",
-    "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts",
+    "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts", "rollout.start_timeout_s",
+    "rollout.sample_timeout_s", "rollout.sample_timeout_per_nfe_s",
 }
-_REWARD_RESOURCES = {"num_servers", "num_cpus", "num_gpus", "runtime_env"}
+_REWARD_RESOURCES = {"num_servers", "num_cpus", "num_gpus", "runtime_env", "start_timeout_s", "timeout_s", "timeout_per_image_s"}
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: "Config") -> list[str]:
-    """Dotted names of the fields that matter where ``cfg`` differs from a checkpoint's config."""
-    now = cfg.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})
+    """Dotted names of the fields that matter where ``cfg`` differs from a checkpoint's config.
+    A field the checkpoint does not record (added to the config since) is not compared."""
+    now = cfg.model_dump(mode="json", exclude=RUN_FLAGS)
     out = []
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section), now.get(section)
         if section == "rewards":
-            strip = lambda rs: [{k: v for k, v in r.items() if k not in _REWARD_RESOURCES} for r in rs or []]  # noqa: E731
-            if strip(old) != strip(new):
+            def strip(rs: list[dict] | None, known: set[str]) -> list[dict]:
+                return [{k: v for k, v in r.items() if k in known and k not in _REWARD_RESOURCES} for r in rs or []]
+
+            known = set().union(*(r.keys() for r in old or [{}]))
+            if strip(old, known) != strip(new, known):
                 out.append("rewards")
         elif isinstance(old, dict) and isinstance(new, dict):
-            out += [f"{section}.{k}" for k in sorted(set(old) | set(new))
+            out += [f"{section}.{k}" for k in sorted(old)
                     if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_FREE and section not in RESUME_FREE]
         elif old != new and section not in RESUME_FREE:
             out.append(section)
@@ -394,11 +471,38 @@ class ConfigError(ValueError):
     """A user's config mistake, with a message fit to print as it is."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (YAML says keys are unique;
+    PyYAML would keep the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark
+            )
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:
@@ -418,6 +522,8 @@ def format_validation_error(e: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":  # our own validators name the value themselves
+            msg = msg.removeprefix("Value error, ")
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {where}: {msg}")
@@ -432,10 +538,15 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
+    pre.add_argument("--config", type=Path, action="append", default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.config and len(known.config) > 1:
+        raise ConfigError(f"--config given {len(known.config)} times ({', '.join(map(str, known.config))}): give one file")
+    known.config = known.config[0] if known.config else None
+    argv, empties = _empty_list_flags(argv)
     data: dict[str, Any] = _read_yaml(known.config) if known.config else {}
     _deep_merge(data, overrides)
+    _deep_merge(data, empties)
     if known.config is not None:
         data["config"] = known.config
     try:
@@ -444,6 +555,23 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
         raise ConfigError(format_validation_error(e)) from None
     except SettingsError as e:
         raise ConfigError(f"invalid command line: {e}") from None
+
+
+def _empty_list_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--a.b=[]`` out of ``argv`` as an override {a: {b: []}}: pydantic-settings would
+    read the empty list as a list of one empty string."""
+    rest, found = [], {}
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name.startswith("--") and value.strip() == "[]":
+            *path, last = name[2:].split(".")
+            node = found
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = []
+        else:
+            rest.append(arg)
+    return rest, found
 
 
 def load_yaml_config(path: Path | str) -> Config:

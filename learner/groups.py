@@ -12,6 +12,12 @@ request id, so each (iteration, context, k) rollout is used exactly once even wh
 an actor error for a call that did finish. A worker that stays dead (restarts exhausted, or not
 back within ``restart_timeout_s``) leaves the group; below ``min_workers`` the run stops with
 ``WorkersLost``.
+
+Time-outs: every remote call is bounded. Actors have ``start_timeout_s`` to start; a unit has
+``sample_timeout_s`` (plus a share per model evaluation) on its worker and ``timeout_s`` (plus a
+share per image) on each reward server, measured from when it could start. A unit past its time
+counts as a fault: the stalled actor is killed, Ray restarts it, the unit is re-sent. A second
+time-out of the same unit stops the run with a message naming the actor and the prompts.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
+from rewards.base import _shown
 from rewards.server import MetricServer, RewardServer
 from rollout.worker import RolloutWorker
 
@@ -36,8 +43,42 @@ from rollout.worker import RolloutWorker
 ACTOR_FAULTS = (RayActorError, ObjectLostError)
 
 
-class WorkersLost(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run cannot go on; the message says why and what was kept (exit status 1)."""
+
+
+class WorkersLost(RunStopped):
     """Fewer live rollout workers (or reward servers) than the run needs."""
+
+
+class TimedOut(RunStopped):
+    """A unit of work stalled twice on an actor: the message names the actor and the prompts."""
+
+
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(:|$)")
+
+
+def actor_error_line(e: BaseException) -> str:
+    """An actor's own exception, ``Type: message``, as one line (a message of several lines
+    joined), without Ray's traceback and colours."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if _EXC_LINE.match(ln)]
+    if not starts:
+        return lines[-1] if lines else type(e).__name__
+    return " ".join(lines[starts[-1]:])
+
+
+def _wait_started(actors: list[Any], timeout_s: float, what: list[str]) -> None:
+    """Every actor of ``actors`` has run its constructor, within ``timeout_s``: else one line
+    naming the actor with its own message (ConfigError: exit 2)."""
+    deadline = time.monotonic() + timeout_s
+    for actor, name in zip(actors, what):
+        try:
+            ray.get(actor.pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        except GetTimeoutError:
+            raise ConfigError(f"{name} did not start within {timeout_s:g} s (its constructor is still running)") from None
+        except RayActorError as e:
+            raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
 
 
 def _alive(actor: Any, timeout_s: float) -> bool:
@@ -78,6 +119,8 @@ class Pending:
     images: ray.ObjectRef
     references: ray.ObjectRef
     scores: list[ray.ObjectRef] = field(default_factory=list)
+    servers: list[int] = field(default_factory=list)  # per reward: the server that scores it
+    launched: float = field(default_factory=time.monotonic)
 
     @property
     def prompts(self) -> list[str]:
@@ -99,12 +142,33 @@ class RolloutGroup:
         ]
         self.alive = list(range(r.num_workers))
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
+        self.reference_steps = reference_steps
+        self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
+        _wait_started(self.workers, r.start_timeout_s, [f"rollout worker {i}" for i in range(r.num_workers)])
+
+    def timeout(self, request: RolloutRequest) -> float:
+        """Seconds a worker has for ``request``: a fixed part plus a share per model evaluation."""
+        n = len(request.contexts)
+        nfe = n * request.k * request.steps + (n * self.reference_steps if self.reference_steps else 0)
+        return self.timeout_s + self.timeout_per_nfe_s * nfe
+
+    def check_prompts(self, *prompt_lists: list[str]) -> None:
+        """Every prompt is one the backend reads (e.g. the toy's 'class 3' within its classes):
+        checked on a worker before training, as one ConfigError naming the prompt."""
+        prompts = list(dict.fromkeys(p for ps in prompt_lists for p in ps))
+        problem = ray.get(self.workers[self.alive[0]].check_prompts.remote(prompts), timeout=self.timeout_s)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def restart(self, worker: int) -> None:
+        """Kill a stalled worker; Ray restarts it (its restarts permitting)."""
+        ray.kill(self.workers[worker], no_restart=False)
 
     def _ask(self, method: str) -> Any:
         """The answer of the first worker that gives one (a worker may die during start-up)."""
         for i in list(self.alive):
             try:
-                return ray.get(getattr(self.workers[i], method).remote())
+                return ray.get(getattr(self.workers[i], method).remote(), timeout=self.timeout_s)
             except RayActorError:
                 self.check(i)
         raise WorkersLost("no rollout worker answered")
@@ -153,6 +217,11 @@ class Scores:
     per_reward: dict[str, np.ndarray]  # name -> [N] float32
 
 
+#: A reward whose typical size changes by more than this factor from one call to the next gets
+#: a warning in the log (a unit mix-up, a broken model): the run goes on.
+SCALE_JUMP = 100.0
+
+
 class RewardGroup:
     def __init__(self, specs: list[RewardSpec], extra_kwargs: dict[str, dict[str, Any]] | None = None,
                  max_restarts: int = 3, restart_timeout_s: float = 120.0):
@@ -160,6 +229,7 @@ class RewardGroup:
         self.specs = specs
         self.servers: list[list[Any]] = []
         self.restart_timeout_s = restart_timeout_s
+        self._scale: dict[str, float] = {}
         for spec in specs:
             kwargs = {**(extra_kwargs or {}).get(spec.name, {}), **spec.kwargs}
             actor = ray.remote(RewardServer).options(
@@ -170,7 +240,10 @@ class RewardGroup:
         self.alive = [list(range(len(s))) for s in self.servers]
         self._wait_started()
         #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
-        self.needs_reference = [ray.get(servers[0].needs_reference.remote()) for servers in self.servers]
+        self.needs_reference = [
+            ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s)
+            for spec, servers in zip(specs, self.servers)
+        ]
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
@@ -184,19 +257,21 @@ class RewardGroup:
         naming the reward: not as an actor traceback at the first scoring call.
         """
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers)):
-            try:
-                ray.get([s.pid.remote() for s in servers])
-            except ray.exceptions.RayActorError as e:
-                lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
-                raise ConfigError(f"rewards[{j}] ({spec.name!r}) could not start: {lines[-1].strip() if lines else e}") from None
+            _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
 
     def score(self, p: Pending) -> None:
         """Start scoring ``p``'s images with every reward (round robin over each reward's servers)."""
-        p.scores = []
+        p.scores, p.servers = [], []
         for j, servers in enumerate(self.servers):
             alive = self.alive[j]
-            p.scores.append(servers[alive[self._turn % len(alive)]].score.remote(p.images, p.prompts, p.references))
+            i = alive[self._turn % len(alive)]
+            p.scores.append(servers[i].score.remote(p.images, p.prompts, p.references))
+            p.servers.append(i)
         self._turn += 1
+
+    def restart(self, reward: int, server: int) -> None:
+        """Kill a stalled reward server; Ray restarts it (its restarts permitting)."""
+        ray.kill(self.servers[reward][server], no_restart=False)
 
     def check(self) -> None:
         """After a scoring fault: drop servers that stay dead; stop if a reward has none left."""
@@ -213,7 +288,20 @@ class RewardGroup:
             s = np.concatenate([row[j] for row in scored])
             per_reward[self.keys[j]] = s
             total = total + spec.weight * s.astype(np.float64)
+            self._watch_scale(self.keys[j], s)
         return Scores(total=np.asarray(total), per_reward=per_reward)
+
+    def _watch_scale(self, key: str, s: np.ndarray) -> None:
+        """Warn when a reward's typical size (root mean square) jumps by orders of magnitude."""
+        scale = float(np.sqrt(np.mean(np.square(s.astype(np.float64)))))
+        before = self._scale.get(key)
+        if before and scale and max(scale / before, before / scale) > SCALE_JUMP:
+            print(
+                f"warning: reward {key!r} changed scale from {before:.3g} to {scale:.3g} (root mean square) since the"
+                " previous batch: a reward that returns different units or a broken model?"
+            )
+        if scale:
+            self._scale[key] = scale
 
 
 class MetricGroup:
@@ -223,10 +311,14 @@ class MetricGroup:
     def __init__(self, specs: list[MetricSpec]):
         self.names = [m.name for m in specs]
         self.resamples = [m.noise_resamples for m in specs]
+        self.timeouts = [m.timeout_s for m in specs]
         self.servers = [
             ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
             for m in specs
         ]
+        # built at startup, not first met at the final evaluation after the whole training
+        _wait_started(self.servers, max(m.start_timeout_s for m in specs) if specs else 1.0,
+                      [f"eval metric {m.name!r}" for m in specs])
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:
         """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""
@@ -235,7 +327,13 @@ class MetricGroup:
             feats = [server.features.remote(p.images, p.prompts) for p in pending]
             refs[name] = server.distance_with_se.remote(*feats, resamples=resamples)
         out = {}
-        for name, (value, se) in zip(refs, ray.get(list(refs.values()))):
+        try:
+            got = [ray.get(ref, timeout=t) for ref, t in zip(refs.values(), self.timeouts)]
+        except GetTimeoutError:
+            raise TimedOut(
+                f"an eval metric of {self.names} did not finish within its timeout_s ({self.timeouts} s)"
+            ) from None
+        for name, (value, se) in zip(refs, got):
             out[name] = value
             if se is not None:
                 out[f"{name}_se"] = se
@@ -252,7 +350,8 @@ class Collected:
 
 
 class Dispatcher:
-    """Runs requests as units of work (sample, then score) with re-sends on actor faults."""
+    """Runs requests as units of work (sample, then score) with re-sends on actor faults and
+    time-outs."""
 
     def __init__(self, rollouts: RolloutGroup, rewards: RewardGroup, max_attempts: int = 5):
         self.rollouts, self.rewards, self.max_attempts = rollouts, rewards, max_attempts
@@ -264,18 +363,67 @@ class Dispatcher:
         self.rewards.score(p)
         return p
 
+    def _wait(self, p: Pending, queued_on_worker: int) -> tuple[RolloutBatch, list[np.ndarray]]:
+        """The unit's batch and scores, or GetTimeoutError with ``.stalled`` naming the actor.
+
+        Sampling may take the worker's time for each unit queued on it up to this one; scoring,
+        its own time from when the images are there (the reward servers score in submission
+        order, and every earlier unit's scores have been collected by then)."""
+        limit = self.rollouts.timeout(p.request) * queued_on_worker
+        try:
+            batch = ray.get(p.batch, timeout=max(0.0, p.launched + limit - time.monotonic()))
+        except GetTimeoutError as e:
+            e.stalled = ("worker", p.worker, limit)  # type: ignore[attr-defined]
+            raise
+        n = len(p.prompts)
+        for j, ref in enumerate(p.scores):
+            limit = self.rewards.specs[j].score_timeout(n)
+            try:
+                ray.get(ref, timeout=limit)
+            except GetTimeoutError as e:
+                e.stalled = ("reward", j, limit)  # type: ignore[attr-defined]
+                raise
+        return batch, ray.get(p.scores)
+
     def run(self, requests: list[RolloutRequest], weights: ray.ObjectRef | None) -> Collected:
         start, faults = time.perf_counter(), 0
         units = [self._launch(r, weights, i) for i, r in enumerate(requests)]
         done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
         attempts = {r.request_id: 1 for r in requests}
+        timeouts = {r.request_id: 0 for r in requests}
         i = 0
         while i < len(units):
             p = units[i]
             rid = p.request.request_id
+            # units sent to the same worker before this one and not yet collected run first
+            queued = 1 + sum(
+                1 for u in units if u is not p and u.worker == p.worker and u.launched < p.launched
+                and u.request.request_id not in done
+            )
             try:
-                batch = ray.get(p.batch)
-                scores = ray.get(p.scores)
+                batch, scores = self._wait(p, queued)
+            except GetTimeoutError as e:
+                kind, who, limit = e.stalled  # type: ignore[attr-defined]
+                timeouts[rid] += 1
+                name = f"rollout worker {who}" if kind == "worker" else f"reward {self.rewards.specs[who].name!r}"
+                doing = "sampling" if kind == "worker" else "scoring"
+                setting = "rollout.sample_timeout_s" if kind == "worker" else f"rewards[{who}].timeout_s"
+                if timeouts[rid] >= 2:
+                    raise TimedOut(
+                        f"{name} did not finish {doing} prompts {_shown(p.prompts)} within {limit:.0f} s, twice"
+                        f" (request {rid}); if that is its normal time raise {setting}, else look for a hang in it"
+                    ) from None
+                print(f"warning: {name} did not finish {doing} within {limit:.0f} s: restarting it and re-sending the unit")
+                faults += 1
+                if kind == "worker":
+                    self.rollouts.restart(who)
+                    self.rollouts.check(who)
+                else:
+                    self.rewards.restart(who, p.servers[who])
+                    self.rewards.check()
+                attempts[rid] += 1
+                units[i] = self._launch(p.request, weights, p.worker + attempts[rid])
+                continue
             except ACTOR_FAULTS as e:
                 faults += 1
                 if attempts[rid] >= self.max_attempts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +24,18 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointStore, load_checkpoint
-from common.codec import append_records, read_records
-from common.config import Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
+from common.checkpoint import CheckpointStore, load_checkpoint, verify
+from common.codec import DecodeError, append_records, scan_records
+from common.config import RUN_FLAGS, Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, collate, describe, state_to_numpy
+from common.rundir import RunDir, claim
 from learner import baselines
 from learner.contexts import ContextStream, eval_contexts
 from learner import plots
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
-from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, WorkersLost
-from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl
+from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, RunStopped, WorkersLost
+from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import reinforce_step
 
 
@@ -82,15 +84,70 @@ def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
     return steps
 
 
-def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, final_eval: bool = True) -> RunResult:
+class Diverged(RunStopped):
+    """An update left the policy with non-finite weights or alphas out of range."""
+
+
+def train(
+    cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, final_eval: bool = True,
+    owner: RunDir | None = None,
+) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
-    ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts."""
+    ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts.
+
+    The run dir is claimed first (``common.rundir``: one owner, no run started over another by
+    mistake) unless the caller holds it (``owner``)."""
+    rd = owner or claim(cfg)
+    try:
+        return _train(cfg, rd, baselines_to_beat, final_eval)
+    finally:
+        if owner is None:
+            rd.release()
+
+
+def _resume_point(cfg: Config, store: CheckpointStore, rd: RunDir) -> tuple[str, dict] | None:
+    """The checkpoint to resume from and its state, checked before anything starts: None for a
+    fresh start. Refusals (a config that differs where it matters, a damaged checkpoint, no
+    checkpoint where a run was) are ConfigErrors."""
+    if not cfg.resume:
+        return None
+    ckpt = store.latest() if cfg.resume == "auto" else store.fetch(cfg.resume)
+    if ckpt is None:
+        found = rd.artefacts()
+        if found:
+            raise ConfigError(
+                f"--resume auto: no usable checkpoint in {store}, but {rd.path} holds a run ({', '.join(found)});"
+                " pass --overwrite to start it again, or choose a new experiment.name"
+            )
+        print(f"--resume auto: no checkpoint in {store}; starting fresh")
+        return None
+    problem = verify(Path(ckpt))
+    if problem is not None:
+        raise ConfigError(f"--resume {cfg.resume}: checkpoint {ckpt} is damaged ({problem})")
+    state = json.loads((Path(ckpt) / "state.json").read_text())
+    conflicts = resume_conflicts(state["config"], cfg)
+    if conflicts and not cfg.resume_changes:
+        raise ConfigError(
+            f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
+            " (pass --resume_changes=true to resume anyway)"
+        )
+    return str(ckpt), state
+
+
+def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | None, final_eval: bool) -> RunResult:
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    lc = cfg.learner
+    store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
+    resume = _resume_point(cfg, store, rd)
+    logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
+    if resume is not None:
+        logged = _trim_logs(run_dir, resume[1])
+    else:
+        for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())  # the config is accepted: the run dir is written from here
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
-    lc = cfg.learner
     try:
         rewards = RewardGroup(cfg.rewards, _reward_extras(cfg), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s)
         rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
@@ -101,26 +158,16 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
         torch.manual_seed(cfg.experiment.seed)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-        stream = ContextStream(lc.train_prompts or spec.train_prompts, cfg.experiment.seed)
-        held_out = eval_contexts(lc.eval_prompts or spec.eval_prompts, lc.eval_seeds, cfg.experiment.seed)
+        train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
+        rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
+        stream = ContextStream(train_prompts, cfg.experiment.seed)
+        held_out = eval_contexts(eval_prompts, lc.eval_seeds, cfg.experiment.seed)
         _warn_prompt_overlap(stream.prompts, [c.prompt for c in held_out])
         start, version = 0, 0
-        store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
-        if cfg.resume:
-            ckpt = store.latest() if cfg.resume == "auto" else store.fetch(cfg.resume)
-            if ckpt is None:
-                print(f"--resume auto: no checkpoint in {store}; starting fresh")
-            else:
-                state = load_checkpoint(ckpt, policy, optimizer)
-                conflicts = resume_conflicts(state["config"], cfg)
-                if conflicts and not cfg.resume_changes:
-                    raise ValueError(
-                        f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
-                        " (pass --resume_changes=true to resume anyway)"
-                    )
-                start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
-                _drop_records_after(run_dir, start)
-                print(f"resumed from {ckpt} at iteration {start}")
+        if resume is not None:
+            state = load_checkpoint(Path(resume[0]), policy, optimizer)
+            start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
+            print(f"resumed from {resume[0]} at iteration {start}")
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
@@ -140,7 +187,7 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
                 got = dispatcher.run(rollouts.requests(contexts, K, L, it, version), weights)
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
-                state = {"iteration": it, "version": version, "cursor": cursor, **_static_state(cfg)}
+                state = {"iteration": it, "version": version, "cursor": cursor, "logged_rollouts": logged, **_static_state(cfg)}
                 ckpt = store.save(it, policy, optimizer, state, keep=lc.keep_checkpoints)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
@@ -164,6 +211,13 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             m = reinforce_step(
                 policy, optimizer, inputs, log_tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
             )
+            problem = _diverged(policy, inputs)
+            if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
+                raise Diverged(
+                    f"iteration {it + 1}: the update diverged ({problem}); nothing of it was saved, the latest checkpoint"
+                    f" in {store} is the last good state. Lower learner.lr (now {optimizer.param_groups[0]['lr']:g})"
+                    " or learner.grad_clip, then continue with --resume auto --resume_changes=true"
+                )
             version += 1
             weights = ray.put(state_to_numpy(policy))
 
@@ -188,10 +242,14 @@ def train(cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, fin
             bar.set_postfix(reward=f"{r.mean():.3f}")
             if lc.rollout_log:
                 append_records(run_dir / "rollouts.msgpack", _records(batches, r, b, adv, scores.per_reward, K))
+                logged += C * K
 
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                state = {"iteration": it + 1, "version": version, "cursor": stream.cursor, **_static_state(cfg)}
+                state = {
+                    "iteration": it + 1, "version": version, "cursor": stream.cursor, "logged_rollouts": logged,
+                    **_static_state(cfg),
+                }
                 store.save(it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
                 res = evaluate(
@@ -271,25 +329,78 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
 def _static_state(cfg: Config) -> dict:
     """What a checkpoint records besides the counters: the config it was trained with (a resume
     under a config that differs where it matters is refused)."""
-    return {"config": cfg.model_dump(mode="json", exclude={"config", "resume", "resume_changes"})}
+    return {"config": cfg.model_dump(mode="json", exclude=RUN_FLAGS)}
 
 
-def _drop_records_after(run_dir: Path, iteration: int) -> None:
-    """On resume, forget logged rollouts and metrics of iterations the checkpoint does not hold,
-    so that each rollout appears once in the log; the files are rewritten atomically."""
+#: Largest alpha an update may leave (a Dirichlet with sum(alpha) ~ 1e8 is a point mass; beyond,
+#: its samples and log-probs lose precision). The smallest is the policy's own alpha_min.
+MAX_ALPHA = 1e8
+
+
+def _diverged(policy: SchedulePolicy, inputs: dict) -> str | None:
+    """What is wrong with the policy after an update (None if nothing): non-finite weights, or
+    alphas on the batch that are non-finite or out of range."""
+    for name, p in policy.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"non-finite weights in {name}"
+    with torch.no_grad():
+        alpha = policy(inputs)
+    if not torch.isfinite(alpha).all():
+        return "non-finite alpha on the batch"
+    if alpha.min() <= 0 or alpha.max() > MAX_ALPHA:
+        return f"alpha on the batch in [{alpha.min().item():.3g}, {alpha.max().item():.3g}], outside (0, {MAX_ALPHA:g}]"
+    return None
+
+
+def _trim_logs(run_dir: Path, state: dict) -> int:
+    """On resume: keep the logged rollouts and metrics of the iterations the checkpoint holds,
+    so that each appears once, and rebuild tb/ from the kept metrics. A torn last record (a
+    crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts than the
+    checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Returns the
+    number of rollouts kept. The files are rewritten atomically."""
+    iteration = state["iteration"]
+    kept_records = 0
     log = run_dir / "rollouts.msgpack"
     if log.exists():
-        keep = [r for r in read_records(log, RolloutRecord) if r.iteration < iteration]
+        try:
+            scan = scan_records(log, RolloutRecord)
+        except DecodeError as e:
+            raise ConfigError(f"cannot resume: the rollout log is damaged ({e}); --overwrite starts the run again") from None
+        if scan.torn_bytes:
+            print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
+        keep = [r for r in scan.records if r.iteration < iteration]
+        kept_records = len(keep)
         tmp = log.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
         append_records(tmp, keep)
         os.replace(tmp, log)
+    expected = state.get("logged_rollouts")
+    if expected is not None and kept_records < expected:
+        raise ConfigError(
+            f"cannot resume: {log} holds {kept_records} rollouts of the first {iteration} iterations, but the"
+            f" checkpoint recorded {expected} (the log was truncated or replaced); --overwrite starts the run again"
+        )
     metrics = run_dir / "metrics.jsonl"
+    rows: list[dict] = []
     if metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= iteration]
+        try:
+            rows, _, torn = scan_jsonl(metrics)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume: {e}") from None
+        if torn:
+            print(f"warning: {metrics}: dropped a torn last line ({torn} bytes, a write cut short)")
+        rows = [row for row in rows if row["step"] <= iteration]
         tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in rows))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, metrics)
+    tb = run_dir / "tb"
+    if tb.exists():  # event files cannot be cut at a step: rebuild them from the kept metrics
+        shutil.rmtree(tb)
+        writer = TensorBoardLogger(tb)
+        for row in rows:
+            writer.log(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+        writer.close()
+    return kept_records
 
 
 def _records(batches, r, b, adv, per_reward, k: int) -> list[RolloutRecord]:

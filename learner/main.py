@@ -14,29 +14,37 @@ from __future__ import annotations
 import sys
 
 from common.config import Config, ConfigError, load_config
+from learner.groups import RunStopped
 
 
 def run(cfg: Config) -> None:
     import ray
 
+    from common.rundir import claim
     from learner.evaluate import Schedule
     from learner.loop import init_ray, train
 
-    started = init_ray(cfg.ray)
+    owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
+    started = False
     try:
+        started = init_ray(cfg.ray)
         to_beat = {}
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
             g = cfg.model_copy(deep=True)
             g.policy.variant = "global"
             g.learner.lr = cfg.learner.global_lr
             g.experiment.name = f"{cfg.experiment.name}/global"
+            g.overwrite = False  # the claim above already cleared the run dir when asked to
+            if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
+                g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
             print("training the learned global schedule (the baseline to beat) ...")
             res = train(g, final_eval=False)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
-        train(cfg, baselines_to_beat=to_beat)
+        train(cfg, baselines_to_beat=to_beat, owner=owner)
     finally:
         if started:
             ray.shutdown()
+        owner.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found at startup: e.g. a reward that cannot be built in its server
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # stopped during training: what was learned is in the latest checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

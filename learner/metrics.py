@@ -53,5 +53,27 @@ class Loggers:
             lg.close()
 
 
+def scan_jsonl(path: Path) -> tuple[list[dict], int, int]:
+    """(rows, bytes of the complete lines, bytes of a torn last line). A last line without its
+    newline that does not parse (a crash mid-write) is torn, not an error; a bad line anywhere
+    else raises ValueError naming its line number."""
+    data = Path(path).read_bytes()
+    rows, good = [], 0
+    for n, line in enumerate(data.splitlines(keepends=True), 1):
+        complete = line.endswith(b"\n")
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            if not complete:
+                break
+            raise ValueError(f"{path}: line {n} is not JSON: {line[:80]!r}") from None
+        if row is not None and not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            raise ValueError(f"{path}: line {n} is not a metrics row (no integer 'step')")
+        if row is not None:
+            rows.append(row)
+        good += len(line)
+    return rows, good, len(data) - good
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return scan_jsonl(path)[0]

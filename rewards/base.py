@@ -86,6 +86,8 @@ def resolve(name: str) -> type:
     cls = _lookup(name, _REGISTRY, "reward")
     if not callable(cls):
         raise ValueError(f"reward {name!r} is not a class or factory")
+    if inspect.isclass(cls) and not any("__call__" in vars(k) for k in cls.__mro__[:-1]):
+        raise ValueError(f"reward {name!r}: class {cls.__qualname__} has no __call__(images, prompts) method")
     call = getattr(cls, "__call__", None) if inspect.isclass(cls) else cls
     try:
         params = inspect.signature(call).parameters
@@ -114,11 +116,25 @@ def _shown(prompts: Sequence[str], n: int = 4) -> list[str]:
 
 
 def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
-    """A reward's output as float32 [N], or a ValueError naming the reward and the prompt."""
+    """A reward's output as float32 [N], or a ValueError naming the reward and the prompt.
+
+    Strict: real numbers only (ints or floats: an array, a list or a CPU tensor). Strings, bools,
+    complex numbers and objects are refused, never converted."""
+    if hasattr(scores, "detach") and hasattr(scores, "cpu"):  # a torch tensor, wherever it lives
+        scores = scores.detach().cpu().numpy()
     try:
-        arr = np.asarray(scores, dtype=np.float32)
+        raw = np.asarray(scores)
     except (TypeError, ValueError) as e:
         raise ValueError(f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {_shown(prompts)}: {e}") from None
+    if raw.dtype.kind not in "iuf":
+        kind = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "O": "objects"}.get(
+            raw.dtype.kind, str(raw.dtype)
+        )
+        raise ValueError(
+            f"reward {name!r} returned {kind}, not real numbers, for prompts {_shown(prompts)}; the step is stopped"
+        )
+    with np.errstate(over="ignore"):  # beyond float32's range is inf: refused below
+        arr = raw.astype(np.float32)
     if arr.shape != (len(prompts),):
         raise ValueError(
             f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images (prompts {_shown(prompts)}); "

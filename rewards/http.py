@@ -21,16 +21,18 @@ inputs, so a retried request is harmless.
 
 from __future__ import annotations
 
+import http.client
 import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from common.codec import DecodeError, pack, unpack
+from common.prompts import MAX_PROMPT_CHARS
 from common.messages import ArrayMessage, Message
 from rewards.base import register
 from rewards.images import stack_uint8
@@ -39,7 +41,6 @@ CONTENT_TYPE = "application/msgpack"
 MAX_REQUEST_BYTES = 256 * 2**20
 MAX_RESPONSE_BYTES = 2**20
 MAX_SIDE = 8192
-MAX_PROMPT_CHARS = 20_000
 RETRY_STATUS = {429, 502, 503, 504}
 
 
@@ -95,7 +96,7 @@ class HttpReward:
     ):
         """
         url: the service's base URL (``http://host:port``); requests go to ``{url}/score``.
-        timeout: seconds for each attempt (connect and read).
+        timeout: seconds for each attempt as a whole (connect, send, the complete answer).
         retries: further attempts after the first, on connection errors, timeouts, 429/502/503/504.
         backoff: seconds before the first retry, doubling after each.
         """
@@ -109,14 +110,45 @@ class HttpReward:
         self.attempts = 0  # total HTTP attempts made (for tests and logs)
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
-        req = urllib.request.Request(
-            f"{self.url}/score", data=body, method="POST", headers={"Content-Type": CONTENT_TYPE}
-        )
+        """One attempt, bounded as a whole by ``timeout``: a watchdog shuts the socket at the
+        deadline, so a server that trickles its answer byte by byte cannot hold the client (a
+        socket timeout alone bounds each read, not the request)."""
+        u = urllib.parse.urlsplit(self.url)
+        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(u.hostname or "", u.port, timeout=self.timeout)
+        expired = threading.Event()
+
+        def abort() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout, abort)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, resp.read(self.max_response_bytes + 1)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(self.max_response_bytes + 1)
+            conn.request("POST", f"{u.path}/score", body=body, headers={"Content-Type": CONTENT_TYPE})
+            resp = conn.getresponse()
+            data = resp.read(self.max_response_bytes + 1)
+            if expired.is_set():  # the watchdog cut the answer short
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+            declared = resp.getheader("Content-Length")
+            if declared is not None and declared.isdigit() and len(data) < min(int(declared), self.max_response_bytes + 1):
+                raise ConnectionResetError(f"answer ended after {len(data)} of {declared} bytes")
+            return resp.status, data
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s") from None
+            if isinstance(e, http.client.HTTPException) and not isinstance(e, ConnectionError):
+                raise ConnectionResetError(f"{type(e).__name__}: {e}") from None
+            raise
+        finally:
+            watchdog.cancel()
+            conn.close()
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         body = pack(ScoreRequest(images=stack_uint8(images), prompts=list(prompts)))
@@ -127,7 +159,7 @@ class HttpReward:
             self.attempts += 1
             try:
                 status, data = self._post(body)
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+            except (OSError, TimeoutError) as e:  # refused, reset, timed out: a retry may cure it
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 continue
             if len(data) > self.max_response_bytes:

@@ -9,12 +9,18 @@ with the codec's dtype whitelist and shape checks, then pydantic), and the score
 (float32 [N], finite) before they are sent: a bad score is an error naming the reward and the
 prompt. Binds 127.0.0.1 unless told otherwise; standard library http.server, no TLS: put it
 behind a proxy to expose it beyond a trusted network.
+
+Resource limits: a client has ``--client-timeout`` seconds to send a whole request (headers and
+body: a trickling client is cut off, not waited for); at most ``--max-concurrent`` requests are
+read and decoded at a time (others wait, then get 503), so memory is bounded by that many bodies;
+error bodies are cut to ``MAX_ERROR_CHARS`` (an error never echoes a large request back).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,19 +31,57 @@ from rewards.base import _shown, build, check_scores
 from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
 
 
+#: Longest error message sent back.
+MAX_ERROR_CHARS = 1000
+
+
 class RewardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], name: str, reward: Any, max_bytes: int = MAX_REQUEST_BYTES):
+    def __init__(
+        self, address: tuple[str, int], name: str, reward: Any, max_bytes: int = MAX_REQUEST_BYTES,
+        max_concurrent: int = 2, client_timeout: float = 60.0, queue_timeout: float = 300.0,
+    ):
         super().__init__(address, _Handler)
         self.name, self.reward, self.max_bytes = name, reward, max_bytes
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one scoring at a time
+        self.slots = threading.BoundedSemaphore(max_concurrent)  # requests read and decoded at a time
+        self.client_timeout, self.queue_timeout = client_timeout, queue_timeout
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: RewardHTTPServer
     protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a client may take to send its request
+    timeout = 60  # seconds of silence on the socket (each read); the whole request: client_timeout
+
+    def setup(self) -> None:
+        super().setup()
+        self.timeout = self.server.client_timeout
+        self._watchdog: threading.Timer | None = None
+
+    def _arm(self) -> None:
+        """Cut the connection unless the request is read within client_timeout."""
+        def expire() -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        self._watchdog = threading.Timer(self.server.client_timeout, expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def handle_one_request(self) -> None:
+        self._arm()
+        try:
+            super().handle_one_request()
+        finally:
+            self._disarm()
 
     def log_message(self, fmt: str, *args: Any) -> None:  # one line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -51,9 +95,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, msg: str) -> None:
         self.close_connection = True
+        if len(msg) > MAX_ERROR_CHARS:
+            msg = msg[: MAX_ERROR_CHARS - 20] + f" ... ({len(msg)} chars)"
         self._send(status, pack(ErrorResponse(error=msg)))
 
     def do_GET(self) -> None:
+        self._disarm()
         if self.path != "/health":
             return self._error(404, f"no such path {self.path!r}: GET /health or POST /score")
         self._send(200, pack(Health(reward=self.server.name)))
@@ -69,11 +116,23 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(411, "Content-Length required")
         if length < 0 or length > self.server.max_bytes:
             return self._error(413, f"body of {length} bytes exceeds the limit of {self.server.max_bytes}")
-        data = self.rfile.read(length)
+        if not self.server.slots.acquire(timeout=self.server.queue_timeout):
+            return self._error(503, "busy: too many requests in flight, retry later")
         try:
-            req = unpack(data, ScoreRequest, self.server.max_bytes)
-        except DecodeError as e:
-            return self._error(400, str(e))
+            data = self.rfile.read(length)
+            if len(data) != length:
+                return self._error(400, f"body ended after {len(data)} of {length} bytes")
+            self._disarm()  # the request is in: scoring may take its time
+            try:
+                req = unpack(data, ScoreRequest, self.server.max_bytes)
+            except DecodeError as e:
+                return self._error(400, str(e))
+            del data
+            self._score(req)
+        finally:
+            self.server.slots.release()
+
+    def _score(self, req: ScoreRequest) -> None:
         try:
             with self.server.lock:
                 raw = self.server.reward(req.images, req.prompts)
@@ -92,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: loopback only).")
     p.add_argument("--port", type=int, default=8000, help="Port (0: any free port; the chosen one is printed).")
     p.add_argument("--max-bytes", type=int, default=MAX_REQUEST_BYTES, help="Largest request body accepted.")
+    p.add_argument("--max-concurrent", type=int, default=2, help="Requests read and decoded at a time (memory bound).")
+    p.add_argument("--client-timeout", type=float, default=60.0, help="Seconds a client has to send a whole request.")
     p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     args = p.parse_args(argv)
     try:
@@ -108,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         reward = build(args.reward, kwargs)
     except (ValueError, ImportError, FileNotFoundError) as e:
         p.error(str(e))
-    server = RewardHTTPServer((args.host, args.port), args.reward, reward, args.max_bytes)
+    if args.max_concurrent < 1 or args.client_timeout <= 0:
+        p.error("--max-concurrent must be >= 1 and --client-timeout > 0")
+    server = RewardHTTPServer(
+        (args.host, args.port), args.reward, reward, args.max_bytes, args.max_concurrent, args.client_timeout
+    )
     host, port = server.server_address[:2]
     print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)
     try:

@@ -56,6 +56,9 @@ class MetricServer:
         self.name = name
         self.metric = build_metric(name, kwargs)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def features(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.metric.features(images, list(prompts)))
 

@@ -35,6 +35,10 @@ class Sampler(Protocol):
         """Policy features of each prompt (a prompt the backend cannot read is a ValueError)."""
         ...
 
+    # Optional: ``check_prompt(prompt) -> None`` raises ValueError for a prompt the backend cannot
+    # read, cheaply (without encoding it); the worker checks every train and eval prompt with it
+    # before training. Backends that read any text (the diffusers ones) leave it out.
+
     def initial_noise(self, seeds: list[int]) -> np.ndarray:
         """x_T for each seed, [N, *x_shape] float32, a pure function of the seed."""
         ...

@@ -17,6 +17,7 @@ import torch
 from common.config import PolicyConfig, SamplerConfig
 from common.messages import RolloutBatch, RolloutRequest
 from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_log_tau
+from common.prompts import check_prompts
 from common.schedule import executed_tau, times_from_tau
 from rollout.backends import build_sampler
 from rollout.sampler import PromptFeatures
@@ -54,6 +55,17 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def check_prompts(self, prompts: list[str]) -> str | None:
+        """None if the backend reads every prompt, else the first problem (one line)."""
+        try:
+            check_prompts(prompts, "prompts")
+            check = getattr(self.sampler, "check_prompt", None)
+            for p in prompts if check is not None else []:
+                check(p)
+        except ValueError as e:
+            return str(e)
+        return None
 
     def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
         new = [p for p in dict.fromkeys(prompts) if p not in self._features]

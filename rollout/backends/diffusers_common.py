@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from common.config import DiffusersSection
+from common.prompts import read_prompt_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,13 +85,9 @@ def image_size(cfg: DiffusersSection, default_h: int, default_w: int, multiple: 
 
 
 def read_prompts(path: Path | None, default: Sequence[str]) -> list[str]:
-    """Prompts from a text file, one per line (blank lines skipped), or ``default``."""
-    if path is None:
-        return list(default)
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompt")
-    return prompts
+    """Prompts from a text file, one per line (blank lines skipped; checked by
+    ``common.prompts.read_prompt_file``), or ``default``."""
+    return list(default) if path is None else read_prompt_file(path)
 
 
 def draw_noise(seeds: Sequence[int], shape: Sequence[int]) -> np.ndarray:

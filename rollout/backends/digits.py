@@ -130,6 +130,9 @@ class DigitsSampler:
         rng = np.random.default_rng(zlib.crc32(word.encode()))
         return (rng.standard_normal(self.emb_dim) / math.sqrt(self.emb_dim)).astype(np.float32)
 
+    def check_prompt(self, prompt: str) -> None:
+        digits.parse_digit(prompt)
+
     def encode(self, prompts: list[str]) -> list[PromptFeatures]:
         table = self.model.label_emb.weight.detach().numpy()
         out = []

@@ -32,6 +32,9 @@ class ToySampler:
     def default_tau(self, steps: int) -> np.ndarray:
         return uniform_flow_tau(steps)
 
+    def check_prompt(self, prompt: str) -> None:
+        self.mixture.parse(prompt)
+
     def encode(self, prompts: list[str]) -> list[PromptFeatures]:
         out = []
         for p in prompts:

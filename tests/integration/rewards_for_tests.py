@@ -47,3 +47,59 @@ class CrashOnClass7:
         if "class 7" in prompts:
             raise KeyError("no model for class 7")
         return np.zeros(len(prompts), dtype=np.float32)
+
+
+class HangInInit:
+    """A reward whose __init__ never returns (a model download that stalls)."""
+
+    def __init__(self, seconds: float = 3600.0):
+        import time
+
+        time.sleep(seconds)
+
+    def __call__(self, images, prompts):
+        return np.zeros(len(prompts), dtype=np.float32)
+
+
+class HangOnce:
+    """Stalls on its first call anywhere (a marker file says it happened), then scores 0: a
+    timed-out unit must be re-sent to the restarted server and the run go on."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, images, prompts):
+        import os
+        import time
+
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)
+        return -np.linalg.norm(np.asarray(images), axis=1).astype(np.float32)
+
+
+class AlwaysHang:
+    """Never returns: the second time-out of a unit must stop the run, naming reward and prompts."""
+
+    def __call__(self, images, prompts):
+        import time
+
+        time.sleep(3600)
+
+
+class NoCall:
+    """A class that is not a reward: it has no __call__."""
+
+    def score(self, images, prompts):
+        return np.zeros(len(prompts), dtype=np.float32)
+
+
+class ScaleJump:
+    """Scores 1 on its first call, then 1e6: a change of units the learner must warn about."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        return np.full(len(prompts), 1.0 if self.calls == 1 else 1e6, dtype=np.float32)

@@ -56,7 +56,7 @@ def test_non_finite_and_wrong_shape_name_reward_and_prompt():
         check_scores("nan", NanReward()(None, ["class 1", "class 5"]), ["class 1", "class 5"])
     with pytest.raises(ValueError, match=r"reward 'x' returned shape \(3,\) for 2 images \(prompts \['a', 'b'\]\)"):
         check_scores("x", np.zeros(3), ["a", "b"])
-    with pytest.raises(ValueError, match=r"reward 'x' returned str, not numbers, for prompts \['a'\]"):
+    with pytest.raises(ValueError, match=r"reward 'x' returned strings, not real numbers, for prompts \['a'\]"):
         check_scores("x", "oops", ["a"])
     server = RewardServer("tests.unit.test_rewards:NanReward", {})
     with pytest.raises(ValueError, match="non-finite"):

@@ -1,0 +1,70 @@
+"""Prompts from users: lists in a config and prompt files, checked once, where they come in.
+
+A prompt is a str of at most ``MAX_PROMPT_CHARS`` characters with something visible in it. A
+prompt file is UTF-8 text, one prompt per line (blank lines skipped), and holds at least one
+prompt. Every error names the source and the line or index, so a bad file is one readable line
+at startup and never a failure in an actor after training has begun.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+#: Longest prompt accepted (a T5 encoder reads 512 tokens, about 2000 characters of English).
+MAX_PROMPT_CHARS = 4096
+#: Largest prompt file read (a million short prompts).
+MAX_PROMPT_FILE_BYTES = 256 * 2**20
+#: Characters that show nothing: controls, format characters (zero-width), separators.
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+
+
+def _visible(prompt: str) -> bool:
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in prompt)
+
+
+def check_prompts(prompts: Sequence[object], source: str = "", what: str = "prompt") -> list[str]:
+    """``prompts`` as a list of str, or a ValueError naming ``source`` (if given) and the bad entry."""
+    out = []
+    for i, p in enumerate(prompts):
+        where = f"{source}: {what} {i + 1}" if source else f"{what} {i + 1}"
+        if not isinstance(p, str):
+            raise ValueError(f"{where} is {type(p).__name__}, not text")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if not _visible(p):
+            raise ValueError(f"{where} is empty or holds only invisible characters ({p!r})")
+        out.append(p)
+    if not out:
+        raise ValueError(f"{source or 'the list'} holds no {what}")
+    return out
+
+
+def read_prompt_file(path: Path | str) -> list[str]:
+    """The prompts of a UTF-8 text file, one per line, blank lines skipped; checked as above."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"prompt file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"prompt file {path} has {size} bytes; the limit is {MAX_PROMPT_FILE_BYTES}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}, line {line})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    kept = [(n, p) for n, p in lines if p and _visible(p)]
+    for n, p in lines:
+        if p and not _visible(p):
+            raise ValueError(f"prompt file {path}: line {n} holds only invisible characters ({p!r})")
+    for n, p in kept:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt file {path}: line {n} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if not kept:
+        raise ValueError(f"prompt file {path} holds no prompt")
+    return [p for _, p in kept]

@@ -1,0 +1,209 @@
+"""A run directory has one owner.
+
+``claim(cfg)`` is called before anything is written for a run. It
+
+- refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
+- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically; a lock whose
+  process is gone (same host, pid not running) is stale and taken over with a warning, any other
+  is a refusal that names its owner;
+- refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
+  says what to do with it: ``--resume auto`` to continue it, ``--overwrite`` to replace it, or a
+  new ``experiment.name``;
+- removes temporaries that an interrupted run left (a checkpoint's ``.ckpt-*.tmp-*``, a log's
+  ``.tmp`` copy): with the lock held nobody else can be writing them.
+
+The claim is released (the lock removed) when the run ends, however it ends; a SIGKILLed run
+leaves a stale lock that the next claim takes over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.config import Config, ConfigError
+
+LOCK = ".lock"
+#: What a run leaves in its directory; any of them (non-empty) means "a run is here".
+ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
+
+
+class RunDirInUse(ConfigError):
+    """Another live process holds the run directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _nonempty(p: Path) -> bool:
+    if p.is_dir():
+        return any(p.iterdir())
+    return p.is_file() and p.stat().st_size > 0
+
+
+def artefacts(run_dir: Path, checkpoint_dir: Path | None = None) -> list[str]:
+    """Names of the run artefacts present in ``run_dir`` (and checkpoints in ``checkpoint_dir``)."""
+    found = [name for name in ARTEFACTS if _nonempty(run_dir / name)]
+    if checkpoint_dir is not None and "checkpoints" not in found and checkpoint_dir.is_dir():
+        if any(p.name.startswith("ckpt-") for p in checkpoint_dir.iterdir()):
+            found.append(str(checkpoint_dir))
+    return found
+
+
+def _check_writable(d: Path, what: str) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {d} cannot be written: {e.strerror or e}") from None
+
+
+class RunDir:
+    """The claim on one run directory (a context manager: the lock goes on exit)."""
+
+    def __init__(self, path: Path, checkpoint_dir: Path | None, log: Callable[[str], None] = print):
+        self.path, self.checkpoint_dir, self.log = path, checkpoint_dir, log
+        self._held = False
+
+    # -- the lock -------------------------------------------------------------------------------
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / LOCK).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        lock = self.path / LOCK
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    # written by a process that died between create and write, or not ours at all
+                    age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
+                    if age < 10:
+                        time.sleep(1.0)  # a claim being written right now
+                        continue
+                    self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
+                    lock.unlink(missing_ok=True)
+                    continue
+                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    self.log(
+                        f"warning: taking over the stale lock of pid {owner.get('pid')} (started {owner.get('started')},"
+                        " no longer running) on the run dir"
+                    )
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise RunDirInUse(
+                    f"run dir {self.path} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
+                    f" (since {owner.get('started')}); use another experiment.name, or delete {lock} if that run is gone"
+                )
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise RunDirInUse(f"could not take the lock {lock}")
+
+    def release(self) -> None:
+        if self._held:
+            owner = self._owner()
+            if owner is None or owner.get("pid") == os.getpid():
+                (self.path / LOCK).unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- what is there ----------------------------------------------------------------------------
+
+    def artefacts(self) -> list[str]:
+        return artefacts(self.path, self.checkpoint_dir)
+
+    def clean_temporaries(self) -> None:
+        """Remove what an interrupted writer left: checkpoint and log temporaries."""
+        roots = [self.path, self.path / "checkpoints"]
+        if self.checkpoint_dir is not None:
+            roots.append(self.checkpoint_dir)
+        for root in roots:
+            if not root.is_dir():
+                continue
+            for p in root.iterdir():
+                if ".tmp-" in p.name or p.name.endswith(".tmp"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """--overwrite: remove every artefact of the earlier run (its checkpoints too)."""
+        for name in (*ARTEFACTS, "config.yaml", "tb", "schedules.png", "reward_curve.png", "samples.png"):
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        if self.checkpoint_dir is not None and self.checkpoint_dir.is_dir():
+            for p in self.checkpoint_dir.iterdir():
+                if p.name.startswith("ckpt-") or p.name == "latest":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _local_checkpoint_dir(cfg: Config) -> Path | None:
+    d = cfg.learner.checkpoint_dir
+    if d is None:
+        return None
+    return None if "://" in d and not d.startswith("file://") else Path(d.removeprefix("file://"))
+
+
+def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
+    """Take ownership of ``cfg.run_dir`` for this process (see the module docstring)."""
+    path = cfg.run_dir
+    out = cfg.experiment.output_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"experiment.output_dir {out} is a file, not a directory")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run dir {path} is a file, not a directory")
+    if cfg.resume is not None and cfg.resume == "auto" and not path.is_dir() and cfg.learner.checkpoint_dir is None:
+        raise ConfigError(f"--resume auto: there is no run dir {path} to resume (check experiment.name and output_dir)")
+    ckpt_dir = _local_checkpoint_dir(cfg)
+    _check_writable(path, "run dir")
+    if ckpt_dir is not None:
+        _check_writable(ckpt_dir, "checkpoint dir")
+    rd = RunDir(path, ckpt_dir, log)
+    rd._acquire()
+    try:
+        found = rd.artefacts()
+        if found and cfg.resume is None:
+            if not cfg.overwrite:
+                raise ConfigError(
+                    f"run dir {path} already holds a run ({', '.join(found)}): pass --resume auto to continue it,"
+                    " --overwrite to replace it, or choose a new experiment.name"
+                )
+            log(f"--overwrite: removing the earlier run in {path}")
+            rd.clear()
+        rd.clean_temporaries()
+    except BaseException:
+        rd.release()
+        raise
+    return rd

@@ -1,0 +1,139 @@
+"""The HTTP scorer and its client under slow and hostile peers: every wait is bounded, error
+bodies are small, and concurrent large requests queue instead of multiplying memory."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from common.codec import pack, unpack
+from rewards.http import (
+    CONTENT_TYPE,
+    ErrorResponse,
+    HttpReward,
+    RemoteRewardError,
+    ScoreRequest,
+)
+from rewards.serve import MAX_ERROR_CHARS, RewardHTTPServer
+
+
+class _Slow:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, images, prompts):
+        time.sleep(self.seconds)
+        return np.zeros(len(prompts), dtype=np.float32)
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def start(reward, **kwargs):
+        srv = RewardHTTPServer(("127.0.0.1", 0), "slow", reward, **kwargs)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        made.append(srv)
+        return srv
+
+    yield start
+    for srv in made:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _post(port: int, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/score", body=body, headers={"Content-Type": CONTENT_TYPE})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_client_bounds_the_whole_request_against_a_trickling_server():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        conn.recv(1 << 20)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/msgpack\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():  # one byte every 0.1 s: each read is quick, the answer never ends
+            try:
+                conn.sendall(b"\x00")
+            except OSError:
+                break
+            time.sleep(0.1)
+        conn.close()
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        r = HttpReward(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0, retries=0)
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match=r"no complete answer within 1 s"):
+            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_server_cuts_off_a_client_that_trickles_its_header(server):
+    srv = server(_Slow(0), client_timeout=1.0)
+    s = socket.create_connection(srv.server_address[:2])
+    s.settimeout(5)
+    t0 = time.perf_counter()
+    closed = False
+    try:
+        for ch in b"POST /score HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+            s.send(bytes([ch]))
+            time.sleep(0.05)
+    except OSError:
+        closed = True
+    if not closed:
+        closed = s.recv(1024) == b""
+    s.close()
+    assert closed and time.perf_counter() - t0 < 5.0
+
+
+class _Echo:
+    """A reward whose error message repeats its whole input."""
+
+    def __call__(self, images, prompts):
+        raise ValueError(" ".join(prompts))
+
+
+def test_error_bodies_do_not_echo_a_large_request(server):
+    srv = server(_Echo())
+    body = msgpack.packb({"images": "x" * 500_000, "prompts": ["y" * 3000] * 50})
+    status, data = _post(srv.server_address[1], body)
+    assert status == 400 and len(unpack(data, ErrorResponse).error) <= MAX_ERROR_CHARS
+    body = pack(ScoreRequest(images=np.zeros((40, 4, 4, 3), np.uint8), prompts=["p" * 4000] * 40))
+    status, data = _post(srv.server_address[1], body)
+    msg = unpack(data, ErrorResponse).error
+    assert status == 500 and len(msg) <= MAX_ERROR_CHARS and msg.endswith("chars)")
+
+
+def test_concurrent_requests_queue_and_the_excess_gets_503(server):
+    srv = server(_Slow(1.5), max_concurrent=1, queue_timeout=0.3)
+    body = pack(ScoreRequest(images=np.zeros((1, 4, 4, 3), np.uint8), prompts=["a"]))
+    results = []
+    first = threading.Thread(target=lambda: results.append(_post(srv.server_address[1], body)[0]))
+    first.start()
+    time.sleep(0.3)  # the first holds the only slot while it is scored
+    status, data = _post(srv.server_address[1], body)
+    first.join()
+    assert results == [200]
+    assert status == 503 and "busy" in unpack(data, ErrorResponse).error

@@ -1,0 +1,139 @@
+"""Careless and hostile input: every mistake is one clear message and exit status 2, found at
+startup, before Ray starts and before anything is written. No Ray here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, load_config
+from common.prompts import MAX_PROMPT_CHARS
+from learner.main import main
+from rewards.base import check_scores, resolve
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def _yaml(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--learner.lr=inf", "learner.lr"),
+        ("--learner.weight_decay=nan", "learner.weight_decay"),
+        ("--policy.concentration=inf", "policy.concentration"),
+        ("--policy.max_concentration=1e300", "policy.max_concentration"),
+        ("--learner.grad_clip=-inf", "learner.grad_clip"),
+        ('--rewards=[{"name": "toy", "weight": NaN}]', "rewards.0.weight"),
+        ("--rollout.k=100000", "rollout.k"),
+        ("--rollout.contexts_per_iter=100000000", "rollout.contexts_per_iter"),
+        ("--learner.eval_seeds=1000000000", "learner.eval_seeds"),
+        ("--policy.widths=[0]", "policy.widths.0"),
+        ("--policy.widths=[1000000]", "policy.widths.0"),
+        ("--rollout.sample_timeout_s=0", "rollout.sample_timeout_s"),
+    ],
+)
+def test_non_finite_and_unbounded_numbers_are_refused(capsys, tmp_path, flag, field):
+    _fails(capsys, ["--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", flag], field)
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused config"
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/../../b", "."])
+def test_run_name_stays_under_output_dir(capsys, tmp_path, name):
+    _fails(capsys, [f"--experiment.output_dir={tmp_path}", f"--experiment.name={name}"], "experiment.name")
+
+
+def test_empty_prompt_lists_are_errors_not_a_silent_fallback(capsys, tmp_path):
+    cfg = _yaml(tmp_path, "learner:\n  train_prompts: []\n")
+    _fails(capsys, ["--config", cfg], "learner.train_prompts: the list holds no prompt")
+    cfg = _yaml(tmp_path, 'learner:\n  eval_prompts: ["class 1", "\\u200b "]\n')
+    _fails(capsys, ["--config", cfg], "learner.eval_prompts: prompt 2 is empty or holds only invisible")
+    cfg = _yaml(tmp_path, f"learner:\n  train_prompts: ['{'x' * (MAX_PROMPT_CHARS + 1)}']\n")
+    _fails(capsys, ["--config", cfg], "learner.train_prompts: prompt 1 has 4097 characters; the limit is 4096")
+
+
+def test_duplicate_yaml_keys_and_a_second_config_are_errors(capsys, tmp_path):
+    cfg = _yaml(tmp_path, "learner:\n  lr: 0.1\n  lr: 0.2\n")
+    _fails(capsys, ["--config", cfg], "duplicate key 'lr'", "line 2")
+    cfg = _yaml(tmp_path, "learner: {lr: 0.1}\nlearner: {lr: 0.2}\n")
+    _fails(capsys, ["--config", cfg], "duplicate key 'learner'")
+    _fails(capsys, ["--config", "configs/toy.yaml", "--config", "configs/digits.yaml"], "--config given 2 times")
+
+
+def test_unreadable_config_files(capsys, tmp_path):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x80")
+    _fails(capsys, ["--config", str(binary)], "is not UTF-8 text")
+    _fails(capsys, ["--config", str(tmp_path)], "is a directory")
+    _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "not found")
+
+
+def _prompt_file(tmp_path, data: bytes | None, name: str = "p.txt"):
+    p = tmp_path / name
+    if data is None:
+        p.mkdir()
+    else:
+        p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"", "holds no prompt"),
+        (b"\n \n\t\n", "holds no prompt"),
+        (b"a cat\n\xc3\x28 broken\n", "is not UTF-8 text (byte 6, line 2)"),
+        (None, "is not a regular file"),
+        (b"x" * 1_300_000, "line 1 has 1300000 characters; the limit is"),
+        ("a cat\n\u200b\u200b\n".encode(), "line 2 holds only invisible characters"),
+    ],
+)
+def test_bad_prompt_files_fail_at_startup(capsys, tmp_path, data, needle):
+    path = _prompt_file(tmp_path, data)
+    _fails(capsys, ["--sampler.backend=sd", f"--sampler.sd.prompt_file={path}", f"--experiment.output_dir={tmp_path}"], needle)
+    _fails(
+        capsys, ["--sampler.backend=flux", f"--sampler.flux.eval_prompt_file={tmp_path / 'missing.txt'}"], "does not exist"
+    )
+
+
+def test_resume_takes_auto_or_a_checkpoint_and_excludes_overwrite(capsys, tmp_path):
+    _fails(capsys, ["--resume=yes please"], "--resume takes 'auto' or a checkpoint directory")
+    _fails(capsys, [f"--resume={tmp_path}"], "--resume takes")
+    _fails(capsys, ["--resume=auto", "--overwrite=true"], "exclude each other")
+
+
+def test_a_reward_class_without_call_is_refused():
+    with pytest.raises(ValueError, match=r"class NoCall has no __call__\(images, prompts\) method"):
+        resolve("tests.integration.rewards_for_tests:NoCall")
+
+
+@pytest.mark.parametrize(
+    ("scores", "kind"),
+    [(["1.0", "2.0"], "strings"), ([True, False], "booleans"), ([1 + 0j, 2 + 0j], "complex numbers"),
+     ([1.0, None], "objects"), (np.array([b"1", b"2"]), "bytes")],
+)
+def test_scores_must_be_real_numbers(scores, kind):
+    with pytest.raises(ValueError, match=f"reward 'r' returned {kind}, not real numbers"):
+        check_scores("r", scores, ["a", "b"])
+    assert check_scores("r", np.array([1, 2], dtype=np.int64), ["a", "b"]).dtype == np.float32
+
+
+def test_an_empty_list_flag_is_an_empty_list():
+    assert load_config(["--learner.eval_metrics=[]"]).learner.eval_metrics == []
+
+
+def test_load_config_errors_are_config_errors():
+    with pytest.raises(ConfigError):
+        load_config(["--learner.lr=nan"])

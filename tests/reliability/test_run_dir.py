@@ -1,0 +1,220 @@
+"""A run directory has one owner, and nothing of a run is overwritten, lost or doubled by
+mistake: the lock, refusals that leave every file as it was, --overwrite, damaged logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.codec import append_records, pack, read_records
+from common.config import ConfigError, load_config
+from common.messages import RolloutRecord
+from common.rundir import LOCK, RunDirInUse, claim
+from learner.loop import train
+from learner.main import main
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _flags(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", "--experiment.name=r",
+        "--learner.iterations=4", "--learner.checkpoint_every=2", "--learner.eval_seeds=2", "--learner.progress=false",
+        "--learner.global_baseline=false", "--learner.plots=false", "--rollout.contexts_per_iter=4",
+        "--rollout.k_schedule={}", "--policy.widths=[8,8,16,16]", "--policy.groups=4", "--policy.attn_heads=2",
+        "--policy.head_hidden=16", *extra,
+    ]
+
+
+def _fake_run(run_dir: Path) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "x": 1.0}\n')
+    (run_dir / "config.yaml").write_text("experiment: {name: r}\n")
+
+
+# -- no Ray: refusals at startup ------------------------------------------------------------------
+
+
+def test_a_finished_run_is_not_overwritten_without_being_told(capsys, tmp_path):
+    _fake_run(tmp_path / "r")
+    before = _snapshot(tmp_path / "r")
+    assert main(_flags(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (metrics.jsonl)" in err and "--resume auto" in err and "--overwrite" in err
+    assert _snapshot(tmp_path / "r") == before and not (tmp_path / "r" / LOCK).exists()
+
+
+def test_a_second_live_run_is_refused(capsys, tmp_path):
+    (tmp_path / "r").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (tmp_path / "r" / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t"}))
+        assert main(_flags(tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {holder.pid}" in err and "delete" in err
+        assert json.loads((tmp_path / "r" / LOCK).read_text())["pid"] == holder.pid, "the owner's lock stays"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path):
+    (tmp_path / "r").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (tmp_path / "r" / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t"}))
+    said = []
+    with claim(load_config(_flags(tmp_path)), log=said.append) as rd:
+        assert json.loads((rd.path / LOCK).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()}"):
+            claim(load_config(_flags(tmp_path)))
+    assert any("stale lock" in s for s in said)
+    assert not (tmp_path / "r" / LOCK).exists()
+
+
+@pytest.mark.parametrize("what", ["run dir is a file", "output dir is a file", "output dir cannot be written"])
+def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
+    if what == "run dir is a file":
+        (tmp_path / "r").write_text("x")
+        out, needle = tmp_path, "is a file, not a directory"
+    elif what == "output dir is a file":
+        (tmp_path / "o").write_text("x")
+        out, needle = tmp_path / "o", "experiment.output_dir"
+    else:
+        out, needle = Path("/proc/steinsched-no-such-dir"), "cannot be written"
+    assert main([*_flags(tmp_path), f"--experiment.output_dir={out}"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_stale_temporaries_are_cleaned_when_claimed(tmp_path):
+    run = tmp_path / "r"
+    (run / "checkpoints" / ".ckpt-00000004.tmp-999").mkdir(parents=True)
+    (run / "rollouts.tmp").write_bytes(b"x")
+    with claim(load_config(_flags(tmp_path, "--resume=auto"))):
+        pass
+    assert not (run / "checkpoints" / ".ckpt-00000004.tmp-999").exists() and not (run / "rollouts.tmp").exists()
+
+
+# -- with Ray: runs, resumes, damage ------------------------------------------------------------------
+
+ray_needed = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory):
+    """A finished 4-iteration toy run, copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("finished")
+    train(load_config(_flags(out)))
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / "r", dst / "r")
+    return dst
+
+
+@ray_needed
+def test_overwrite_replaces_the_run(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    (out / "r" / "tb" / "junk").write_text("old")
+    assert main(_flags(out, "--overwrite=true", "--learner.iterations=2", "--ray.num_cpus=2")) == 0
+    recs = list(read_records(out / "r" / "rollouts.msgpack", RolloutRecord))
+    assert max(r.iteration for r in recs) == 1 and len(recs) == 2 * 4 * 2
+    assert not (out / "r" / "tb" / "junk").exists()
+    assert sorted(p.name for p in (out / "r" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002"]
+
+
+@ray_needed
+def test_refused_resume_leaves_every_file_unchanged(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    before = _snapshot(out / "r")
+    assert main(_flags(out, "--resume=auto", "--learner.lr=0.5", "--learner.iterations=6")) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "learner.lr" in err and "Traceback" not in err
+    assert _snapshot(out / "r") == before
+
+
+@ray_needed
+def test_no_usable_checkpoint_in_a_used_run_dir_is_an_error(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    for ck in (out / "r" / "checkpoints").glob("ckpt-*"):
+        (ck / "state.json").write_text("{damaged")
+    before = _snapshot(out / "r")
+    assert main(_flags(out, "--resume=auto", "--learner.iterations=6")) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "--overwrite" in err
+    assert _snapshot(out / "r") == before, "nothing is appended to the old logs"
+
+
+@ray_needed
+def test_torn_log_tails_are_dropped_with_a_warning_and_the_run_resumes(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    run = out / "r"
+    with open(run / "rollouts.msgpack", "ab") as f:
+        f.write(pack(RolloutRecord(iteration=9, context=0, k=0, prompt="class 1", seed=1, version=1, tau=[1.0],
+                                   logp=0.0, reward=0.0, rewards={}, baseline=0.0, advantage=0.0))[:17])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "rollout/rew')
+    train(load_config(_flags(out, "--resume=auto", "--learner.iterations=6")))
+    said = capsys.readouterr().out
+    assert "dropped a torn last record (17 bytes" in said and "dropped a torn last line" in said
+    ids = [(r.iteration, r.context, r.k) for r in read_records(run / "rollouts.msgpack", RolloutRecord)]
+    assert len(ids) == 6 * 4 * 2 and len(set(ids)) == len(ids)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, 7))
+
+
+@ray_needed
+@pytest.mark.parametrize("damage", ["middle", "truncated"])
+def test_a_damaged_or_truncated_log_blocks_resume_with_a_message(finished, tmp_path, capsys, damage):
+    out = _copy(finished, tmp_path)
+    log = out / "r" / "rollouts.msgpack"
+    data = log.read_bytes()
+    if damage == "middle":
+        log.write_bytes(data[:300] + b"\xc1\xc1\xc1" + data[303:])
+        needle = "damaged record at byte"
+    else:
+        recs = list(read_records(log, RolloutRecord))
+        log.unlink()
+        append_records(log, recs[:-5])  # complete records, but five missing
+        needle = f"holds {len(recs) - 5} rollouts of the first 4 iterations, but the checkpoint recorded {len(recs)}"
+    assert main(_flags(out, "--resume=auto", "--learner.iterations=6")) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "--overwrite" in err, err
+
+
+@ray_needed
+def test_resume_rebuilds_tensorboard_without_duplicate_steps(finished, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _copy(finished, tmp_path)
+    run = out / "r"
+    # the run went on to iteration 4 after checkpoint 4; pretend it died at 3 with checkpoint 2
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "ckpt-00000004")
+    (run / "checkpoints" / "latest").write_text("ckpt-00000002\n")
+    train(load_config(_flags(out, "--resume=auto")))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("rollout/reward_mean")]
+    assert steps == [1, 2, 3, 4], steps
+
+
+def test_claim_refuses_resume_and_overwrite_together(tmp_path):
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(_flags(tmp_path, "--resume=auto", "--overwrite=true"))

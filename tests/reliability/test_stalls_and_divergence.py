@@ -1,0 +1,170 @@
+"""Nothing hangs and nothing diverged is kept: stalled rewards are timed out, restarted and
+re-sent; a repeated stall, an actor that cannot start and a diverged update each stop the run
+with one line."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.codec import read_records
+from common.config import ConfigError, load_config
+from common.messages import RolloutRecord
+from learner import loop
+from learner.groups import TimedOut
+from learner.loop import Diverged, train
+from learner.main import main
+from learner.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+HANG = "tests.integration.rewards_for_tests"
+
+
+def _cfg(tmp_path, reward: dict, **sections):
+    over = tiny_overrides(tmp_path, rewards=[{"num_cpus": 0.5, **reward}], **sections)
+    return load_config([], **over)
+
+
+def test_a_reward_that_never_starts_is_one_line(ray_local, tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"rewards\[0\] \('.*HangInInit'\) did not start within 3 s"):
+        train(_cfg(tmp_path, {"name": f"{HANG}:HangInInit", "start_timeout_s": 3}))
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_stalled_scoring_call_is_restarted_and_resent_exactly_once(ray_local, tmp_path):
+    marker = tmp_path / "stalled-once"
+    cfg = _cfg(
+        tmp_path, {"name": f"{HANG}:HangOnce", "kwargs": {"marker": str(marker)}, "timeout_s": 3,
+                   "timeout_per_image_s": 0.0},
+        learner={"iterations": 3},
+    )
+    t0 = time.perf_counter()
+    res = train(cfg)
+    assert marker.exists(), "the reward did stall once"
+    faults = sum(m.get("system/faults", 0) for m in read_jsonl(res.run_dir / "metrics.jsonl"))
+    assert faults >= 1
+    ids = [(r.iteration, r.context, r.k) for r in read_records(res.run_dir / "rollouts.msgpack", RolloutRecord)]
+    assert len(ids) == 3 * 4 * 2 and len(set(ids)) == len(ids), "a rollout was lost or used twice"
+    assert time.perf_counter() - t0 < 120
+
+
+def test_a_reward_that_always_stalls_stops_the_run_naming_reward_and_prompts(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, {"name": f"{HANG}:AlwaysHang", "timeout_s": 2, "timeout_per_image_s": 0.0})
+    t0 = time.perf_counter()
+    with pytest.raises(TimedOut, match=r"reward '.*AlwaysHang' did not finish scoring prompts \['class .*within 2 s, twice"):
+        train(cfg)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, tmp_path, capsys):
+    code = main([
+        f"--experiment.output_dir={tmp_path}", "--sampler.backend=sd", f"--sampler.sd.model={tmp_path / 'no-model'}",
+        "--sampler.sd.local_files_only=true", "--rewards=[{\"name\": \"toy\"}]", "--learner.eval_metrics=[]",
+        "--learner.global_baseline=false", "--rollout.num_workers=1",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: rollout worker 0 could not start: ") and "no-model" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local, tmp_path):
+    cfg = load_config([], **tiny_overrides(tmp_path, learner={"eval_prompts": ["class 1", "class 99"]}))
+    with pytest.raises(ConfigError, match=r"prompt 'class 99' names class 99, but the toy has classes 0..9"):
+        train(cfg)
+    assert not (tmp_path / "t" / "metrics.jsonl").exists(), "no training before the check"
+
+
+def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatch):
+    real = loop.reinforce_step
+    calls = []
+
+    def poisoned(policy, *args, **kwargs):
+        out = real(policy, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the third update blows up (as a huge lr would)
+            with torch.no_grad():
+                next(policy.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(loop, "reinforce_step", poisoned)
+    cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2}))
+    with pytest.raises(Diverged, match=r"iteration 3: the update diverged \(non-finite weights in .*\); nothing of it was saved"):
+        train(cfg)
+    ck = tmp_path / "t" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "ckpt-00000002"
+    assert sorted(p.name for p in ck.glob("ckpt-*")) == ["ckpt-00000002"]
+    assert not (tmp_path / "t" / "policy").exists()
+    state = json.loads((ck / "ckpt-00000002" / "state.json").read_text())
+    assert state["iteration"] == 2 and state["logged_rollouts"] == 2 * 4 * 2
+    # the last good state resumes (the poison is gone)
+    monkeypatch.setattr(loop, "reinforce_step", real)
+    res = train(load_config(["--resume=auto"], **tiny_overrides(tmp_path, learner={"iterations": 4, "checkpoint_every": 2})))
+    assert all(torch.isfinite(p).all() for p in res.policy.parameters())
+
+
+def test_a_reward_whose_scale_jumps_gets_a_warning(ray_local, tmp_path, capsys):
+    train(_cfg(tmp_path, {"name": f"{HANG}:ScaleJump"}, rollout={"num_workers": 1}))
+    out = capsys.readouterr().out
+    assert "changed scale from 1 to 1e+06" in out
+
+
+def test_diverged_check_finds_alpha_out_of_range():
+    from common.policy import SchedulePolicy, collate
+
+    policy = SchedulePolicy(steps=3, in_channels=4, token_dim=2, variant="global").eval()
+    inputs = collate(np.zeros((2, 4), np.float32), [np.zeros((1, 2), np.float32)] * 2, None)
+    assert loop._diverged(policy, inputs) is None
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.fill_(1e12)
+    assert "outside (0, 1e+08]" in loop._diverged(policy, inputs)
+
+
+def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, tmp_path):
+    """SIGSTOP one rollout worker mid-run (a hung CUDA call looks the same from outside): its
+    unit times out, Ray restarts it, the unit is re-sent, and every rollout is used once."""
+    import os
+    import signal
+    import threading
+
+    from ray._private import state
+
+    stopped = []
+
+    def freeze():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "t" / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        seen = set(state.actors())
+        pids = [a["Pid"] for aid, a in state.actors().items()
+                if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and aid in seen]
+        if pids:
+            os.kill(pids[0], signal.SIGSTOP)
+            stopped.append(pids[0])
+
+    over = tiny_overrides(tmp_path, rollout={"sample_timeout_s": 3, "sample_timeout_per_nfe_s": 0.0})
+    over["learner"] = {**over["learner"], "iterations": 6}
+    t = threading.Thread(target=freeze, daemon=True)
+    t.start()
+    try:
+        res = train(load_config([], **over))
+    finally:
+        t.join()
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped, "no worker was frozen"
+    faults = sum(m.get("system/faults", 0) for m in read_jsonl(res.run_dir / "metrics.jsonl"))
+    assert faults >= 1
+    ids = [(r.iteration, r.context, r.k) for r in read_records(res.run_dir / "rollouts.msgpack", RolloutRecord)]
+    assert len(ids) == 6 * 4 * 2 and len(set(ids)) == len(ids)
