@@ -41,6 +41,7 @@ def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str], re
              f"--experiment.name=L{L}", "--learner.progress=false", "--learner.plots=false", *extra]
         )
         if not (reuse and (cfg.run_dir / "eval.json").exists()):
+            cfg.overwrite = True  # the sweep owns its run dirs: a re-run replaces them
             run(cfg)
         out[L] = json.loads((cfg.run_dir / "eval.json").read_text())
         print(f"L={L}: {time.perf_counter() - start:.0f} s", flush=True)
