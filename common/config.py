@@ -42,6 +42,15 @@ class ExperimentConfig(Section):
         return name
 
 
+def _in_force(schedule: dict[int, Any], iteration: int, first: Any) -> Any:
+    """The value of a {start iteration: value} schedule at ``iteration``; ``first`` before any start."""
+    value = first
+    for start in sorted(schedule):
+        if iteration >= start:
+            value = schedule[start]
+    return value
+
+
 class ToyConfig(Section):
     """The toy problem: a class-conditional Gaussian mixture sampled by an exact rectified flow."""
 
@@ -182,6 +191,12 @@ class PolicyConfig(Section):
         description="Cap on sum(alpha): alpha is scaled down to it, keeping the Dirichlet mean (the schedule that is"
         " evaluated) and a floor on exploration. None: no cap (the paper).",
     )
+    concentration_schedule: dict[int, Annotated[float, Field(gt=0, le=1e6)]] = Field(
+        default_factory=dict,
+        description="A looser cap late in training: {iteration: cap} sets max_concentration from that iteration on,"
+        " e.g. {6000: 100} (docs/method.md: exploration first, then a policy whose samples sit closer to the mean that"
+        " is evaluated). Empty: max_concentration throughout.",
+    )
     widths: list[Annotated[int, Field(ge=1, le=16_384)]] = Field(
         [32, 32, 64, 64], min_length=1, description="Channels of each conv block (4 blocks in the paper)."
     )
@@ -189,6 +204,18 @@ class PolicyConfig(Section):
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every width).")
     head_hidden: int = Field(128, ge=1, le=16_384, description="Hidden width of the 2-layer MLP head.")
     use_pooled: bool = Field(True, description="Feed the pooled text embedding to the head.")
+
+    def max_concentration_at(self, iteration: int) -> float | None:
+        """The cap of ``iteration`` (0-based): ``max_concentration``, or the schedule's entry in force."""
+        return _in_force(self.concentration_schedule, iteration, self.max_concentration)
+
+    @model_validator(mode="after")
+    def _schedule_needs_a_cap(self) -> "PolicyConfig":
+        if any(i < 0 for i in self.concentration_schedule):
+            raise ValueError("concentration_schedule needs iterations >= 0")
+        if self.concentration_schedule and self.max_concentration is None:
+            raise ValueError("concentration_schedule changes max_concentration: set max_concentration (the first cap)")
+        return self
 
     @model_validator(mode="after")
     def _groups_divide_widths(self) -> "PolicyConfig":
@@ -256,11 +283,7 @@ class RolloutConfig(Section):
 
     def k_at(self, iteration: int) -> int:
         """K of ``iteration`` (0-based): ``k``, or the ``k_schedule`` entry in force."""
-        k = self.k
-        for start in sorted(self.k_schedule):
-            if iteration >= start:
-                k = self.k_schedule[start]
-        return k
+        return _in_force(self.k_schedule, iteration, self.k)
 
 
 class RewardSpec(Section):

@@ -55,6 +55,9 @@ class RolloutRequest(Message):
     steps: int = Field(ge=1)
     mode: ScheduleMode = "sample"
     tau: list[float] | None = Field(None, description="The schedule of mode 'fixed' (L+1 components).")
+    max_concentration: float | None = Field(
+        None, gt=0, description="The policy's cap on sum(alpha) at this iteration (None: the policy's own)."
+    )
 
     @model_validator(mode="after")
     def _tau_iff_fixed(self) -> "RolloutRequest":

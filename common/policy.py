@@ -157,6 +157,16 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
                 if variant == "conditional":
                     self.head[-1].weight.zero_()
 
+    def set_max_concentration(self, cap: float | None) -> None:
+        """Change the cap on sum(alpha) (a schedule of it over training); ``save_pretrained``
+        records the cap in force, so a loaded policy samples as the trained one last did."""
+        if cap is not None and not cap > 0:
+            raise ValueError(f"max_concentration must be > 0 or None, got {cap}")
+        self.max_concentration = cap
+        saved = getattr(self, "_hub_mixin_config", None)  # the constructor kwargs the hub mixin saves
+        if isinstance(saved, dict):
+            saved["max_concentration"] = cap
+
     def forward(self, inputs: PolicyInputs) -> torch.Tensor:
         """Return alpha, [B, L+1], float32 (its sum capped at ``max_concentration`` if set)."""
         return self._cap(self._alpha(inputs))

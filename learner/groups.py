@@ -184,7 +184,7 @@ class RolloutGroup:
 
     def requests(
         self, contexts: list[Context], k: int, steps: int, iteration: int, version: int,
-        mode: ScheduleMode = "sample", tau: list[float] | None = None,
+        mode: ScheduleMode = "sample", tau: list[float] | None = None, max_concentration: float | None = None,
     ) -> list[RolloutRequest]:
         """Split ``contexts`` evenly, one request per live worker, in context order."""
         chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.alive)) if len(c)]
@@ -192,6 +192,7 @@ class RolloutGroup:
             RolloutRequest(
                 request_id=uuid.uuid4().hex, iteration=iteration, version=version,
                 contexts=[contexts[i] for i in idx], k=k, steps=steps, mode=mode, tau=tau,
+                max_concentration=max_concentration,
             )
             for idx in chunks
         ]

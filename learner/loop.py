@@ -181,10 +181,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 group["lr"] = learning_rate(lc, it)
             contexts = stream.next(C)
             K = cfg.rollout.k_at(it)  # a function of the iteration: a resumed run gets the same
+            cap = cfg.policy.max_concentration_at(it)
+            policy.set_max_concentration(cap)  # the update's log-probs use the cap the rollouts were drawn under
 
             # SAMPLING: K schedules per context on the workers, scored by the reward servers
             try:
-                got = dispatcher.run(rollouts.requests(contexts, K, L, it, version), weights)
+                got = dispatcher.run(rollouts.requests(contexts, K, L, it, version, max_concentration=cap), weights)
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
                 state = {"iteration": it, "version": version, "cursor": cursor, "logged_rollouts": logged, **_static_state(cfg)}

@@ -90,6 +90,8 @@ class RolloutWorker:
                 raise ValueError(f"request {request.request_id} needs policy version {request.version}")
             load_numpy_state(self.policy, weights)
             self.version = request.version
+        if request.max_concentration is not None:  # the cap in force at this iteration (a schedule)
+            self.policy.set_max_concentration(request.max_concentration)
         ctxs, k, steps = request.contexts, request.k, request.steps
         prompts = [c.prompt for c in ctxs]
         feats = self._encode(prompts)

@@ -104,3 +104,18 @@ def test_k_schedule_raises_k_from_its_iteration(ray_local, tmp_path):
     per_iteration = {it: sorted({r.k for r in records if r.iteration == it}) for it in range(3)}
     assert per_iteration == {0: [0, 1], 1: [0, 1], 2: [0, 1, 2]}
     assert len(records) == 4 * 2 + 4 * 2 + 4 * 3
+
+
+def test_concentration_schedule_reaches_workers_and_learner_alike(ray_local, tmp_path):
+    """The cap changes at its iteration on the workers (which draw) and in the learner (which
+    recomputes log-probs) together: the update stays exactly on-policy throughout."""
+    cfg = load_config([], **tiny_overrides(
+        tmp_path, policy={"max_concentration": 3.0, "concentration_schedule": {2: 1000.0}}, learner={"iterations": 4},
+    ))
+    res = train(cfg, final_eval=False)
+    rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
+    conc = [m["policy/concentration"] for m in rows]
+    assert conc[0] == pytest.approx(3.0, rel=1e-5) and conc[1] == pytest.approx(3.0, rel=1e-5)
+    assert min(conc[2:]) > 10.0  # the init's concentration (20), no longer capped
+    assert max(m["learner/logp_drift"] for m in rows) < 1e-6
+    assert SchedulePolicy.from_pretrained(res.run_dir / "policy").max_concentration == 1000.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.config import ConfigError, load_config
 from common.prompts import MAX_PROMPT_CHARS
@@ -137,3 +139,16 @@ def test_an_empty_list_flag_is_an_empty_list():
 def test_load_config_errors_are_config_errors():
     with pytest.raises(ConfigError):
         load_config(["--learner.lr=nan"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300))
+def test_any_bytes_as_a_config_file_give_a_config_or_a_config_error(tmp_path, data):
+    """Property: whatever bytes --config names, the loader answers with a Config or one
+    ConfigError (the config loader's other fuzzing: tests/unit/test_fuzz.py)."""
+    p = tmp_path / "fuzz.yaml"
+    p.write_bytes(data)
+    try:
+        load_config(["--config", str(p)])
+    except ConfigError as e:
+        assert str(e)

@@ -131,3 +131,17 @@ def test_k_schedule_is_validated_and_read_by_iteration():
         RolloutConfig(k_schedule={100: 1})
     with pytest.raises(ValueError, match="k_schedule"):
         RolloutConfig(k_schedule={-1: 4})
+
+
+def test_concentration_schedule_is_validated_and_read_by_iteration():
+    from common.config import PolicyConfig
+
+    p = PolicyConfig(max_concentration=40.0, concentration_schedule={"6000": 100.0})
+    assert [p.max_concentration_at(i) for i in (0, 5999, 6000, 10**6)] == [40.0, 40.0, 100.0, 100.0]
+    assert PolicyConfig().max_concentration_at(5) is None
+    with pytest.raises(ValueError, match="set max_concentration"):
+        PolicyConfig(concentration_schedule={10: 50.0})
+    with pytest.raises(ValueError, match="iterations >= 0"):
+        PolicyConfig(max_concentration=5.0, concentration_schedule={-1: 50.0})
+    with pytest.raises(ValueError):
+        PolicyConfig(max_concentration=5.0, concentration_schedule={1: 0.0})
