@@ -67,7 +67,7 @@ class Toy:
     steps: int
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Toy":
+    def from_config(cls, cfg: Config) -> Toy:
         if cfg.sampler.backend != "toy" or [r.name for r in cfg.rewards] != ["toy"]:
             raise ValueError("this bench runs the toy sampler with the single 'toy' reward")
         sampler = ToySampler(**cfg.sampler.toy.model_dump())
@@ -79,8 +79,8 @@ class Toy:
             sampler=sampler,
             reward=reward,
             prompts=prompts,
-            tokens={p: f.tokens for p, f in zip(prompts, feats)},
-            pooled={p: f.pooled for p, f in zip(prompts, feats)},
+            tokens={p: f.tokens for p, f in zip(prompts, feats, strict=True)},
+            pooled={p: f.pooled for p, f in zip(prompts, feats, strict=True)},
             steps=cfg.rollout.steps,
         )
 
@@ -134,7 +134,9 @@ class VarianceTable:
             rule,
         ]
         for i, name in enumerate(self.names):
-            cells = "".join(f"{f'{q:.4g} +- {se:.2g}':>18}" for q, se in zip(self.ratio[i], self.ratio_se[i]))
+            cells = "".join(
+                f"{f'{q:.4g} +- {se:.2g}':>18}" for q, se in zip(self.ratio[i], self.ratio_se[i], strict=True)
+            )
             lines.append(f"{name:<10}{cells}")
         lines.append(rule)
         ref = self.names.index(REFERENCE)
@@ -253,8 +255,8 @@ def plot(tables: list[VarianceTable], path: Path, steps: int) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 4.2), squeeze=False, sharey=True)
-    markers = dict(zip(BASELINES, "osD^v"))
-    for ax, tab in zip(axes[0], tables):
+    markers = dict(zip(BASELINES, "osD^v", strict=True))
+    for ax, tab in zip(axes[0], tables, strict=True):
         for i, name in enumerate(tab.names):
             ls = "--" if name == REFERENCE else "-"
             ax.errorbar(tab.ks, tab.ratio[i], yerr=tab.ratio_se[i], marker=markers[name], ls=ls, capsize=3, label=name)

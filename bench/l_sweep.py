@@ -37,8 +37,16 @@ def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str], re
     for L in steps:
         start = time.perf_counter()
         cfg = load_config(
-            ["--config", str(config), f"--rollout.steps={L}", f"--experiment.output_dir={output_dir}",
-             f"--experiment.name=L{L}", "--learner.progress=false", "--learner.plots=false", *extra]
+            [
+                "--config",
+                str(config),
+                f"--rollout.steps={L}",
+                f"--experiment.output_dir={output_dir}",
+                f"--experiment.name=L{L}",
+                "--learner.progress=false",
+                "--learner.plots=false",
+                *extra,
+            ]
         )
         if not (reuse and (cfg.run_dir / "eval.json").exists()):
             cfg.overwrite = True  # the sweep owns its run dirs: a re-run replaces them
@@ -51,7 +59,9 @@ def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str], re
 def _metrics(results: dict[int, dict]) -> list[str]:
     """The set-level metrics of the runs (each with its bootstrap noise under ``<name>_se``)."""
     skip = ("mean", "se", "n")
-    return sorted({m for r in results.values() for s in r.values() for m in s if m not in skip and not m.endswith("_se")})
+    return sorted(
+        {m for r in results.values() for s in r.values() for m in s if m not in skip and not m.endswith("_se")}
+    )
 
 
 def table(results: dict[int, dict]) -> str:
@@ -83,12 +93,15 @@ def plot(results: dict[int, dict], path: Path) -> None:
         rows = [results[L].get(name) for L in ls]
         if any(r is None for r in rows):
             continue
-        axes[0][0].errorbar(ls, [r["mean"] for r in rows], yerr=[r["se"] for r in rows], marker="o", capsize=3, label=name)
-        for ax, m in zip(axes[0][1:], metrics):
-            ax.errorbar(ls, [r[m] for r in rows], yerr=[r.get(m + "_se", 0.0) for r in rows], marker="o", capsize=3,
-                        label=name)
+        axes[0][0].errorbar(
+            ls, [r["mean"] for r in rows], yerr=[r["se"] for r in rows], marker="o", capsize=3, label=name
+        )
+        for ax, m in zip(axes[0][1:], metrics, strict=True):
+            ax.errorbar(
+                ls, [r[m] for r in rows], yerr=[r.get(m + "_se", 0.0) for r in rows], marker="o", capsize=3, label=name
+            )
     axes[0][0].set_ylabel("held-out reward (+- s.e., clustered by prompt)")
-    for ax, m in zip(axes[0][1:], metrics):
+    for ax, m in zip(axes[0][1:], metrics, strict=True):
         ax.set_ylabel(f"{m} (lower is better; +- bootstrap noise)")
     for ax in axes[0]:
         ax.set_xlabel("L (NFE)")

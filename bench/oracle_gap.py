@@ -137,11 +137,16 @@ class Backend:
             toy = ToyReward(**cfg.rewards[0].kwargs, **cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"}))
             spec = sampler.spec()
             return cls(
-                name="toy", sampler=sampler, label=sampler.mixture.parse,
+                name="toy",
+                sampler=sampler,
+                label=sampler.mixture.parse,
                 reward=lambda images, prompts, refs: toy(images, prompts),
-                reward_name=f"toy log-density (floor {toy.floor:g})", mode_steps=MODE_STEPS, chunk=65536,
+                reward_name=f"toy log-density (floor {toy.floor:g})",
+                mode_steps=MODE_STEPS,
+                chunk=65536,
                 train_prompts=cfg.learner.train_prompts or spec.train_prompts,
-                eval_prompts=cfg.learner.eval_prompts or spec.eval_prompts, **shared,
+                eval_prompts=cfg.learner.eval_prompts or spec.eval_prompts,
+                **shared,
             )
         if b == "digits":
             from rewards.digits import DigitsFrechet, DigitsReward
@@ -152,13 +157,18 @@ class Backend:
             fidelity = Fidelity()
             spec = sampler.spec()
             return cls(
-                name="digits", sampler=sampler, label=digits.parse_digit,
+                name="digits",
+                sampler=sampler,
+                label=digits.parse_digit,
                 reward=lambda images, prompts, refs: fidelity(images, prompts, references=refs),
                 reward_name="fidelity (-MSE to the reference)",
                 reference_steps=cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS,
-                extra=DigitsReward(), frechet=DigitsFrechet(), chunk=4096,
+                extra=DigitsReward(),
+                frechet=DigitsFrechet(),
+                chunk=4096,
                 train_prompts=cfg.learner.train_prompts or spec.train_prompts,
-                eval_prompts=cfg.learner.eval_prompts or spec.eval_prompts, **shared,
+                eval_prompts=cfg.learner.eval_prompts or spec.eval_prompts,
+                **shared,
             )
         raise ValueError(f"this bench runs the toy or the digits backend, not {b!r}")
 
@@ -212,7 +222,9 @@ def draw_candidates(default_tau: np.ndarray, count: int, seed: int) -> np.ndarra
     centre = interior(default_tau)
     alphas = [np.ones_like(centre) if c is None else c * centre for c in CONCENTRATIONS]
     draws = [rng.dirichlet(alphas[i % len(alphas)]) for i in range(count - 1)]
-    return np.concatenate([np.asarray(default_tau, dtype=np.float64)[None], guard_tau(np.array(draws).reshape(-1, len(centre)))])
+    return np.concatenate(
+        [np.asarray(default_tau, dtype=np.float64)[None], guard_tau(np.array(draws).reshape(-1, len(centre)))]
+    )
 
 
 def score_matrix(backend: Backend, candidates: np.ndarray, ctxs: Contexts) -> np.ndarray:
@@ -235,7 +247,7 @@ def best_by_group(scores: np.ndarray, keys: Sequence[Hashable]) -> dict[Hashable
 def pick(choice: dict[Hashable, int], keys: Sequence[Hashable], fallback: np.ndarray) -> tuple[np.ndarray, int]:
     """The chosen candidate of each context's group, or ``fallback[i]`` for a group never seen in
     training: (candidate index per context, number of fallbacks)."""
-    idx = np.array([choice.get(k, int(f)) for k, f in zip(keys, fallback)])
+    idx = np.array([choice.get(k, int(f)) for k, f in zip(keys, fallback, strict=True)])
     return idx, sum(k not in choice for k in keys)
 
 
@@ -248,7 +260,7 @@ def policy_tau(backend: Backend, path: Path, ctxs: Contexts, batch: int = 512) -
     if policy.steps != backend.steps:
         raise ValueError(f"the policy in {path} has L={policy.steps}, the bench runs L={backend.steps}")
     unique = list(dict.fromkeys(ctxs.prompts))
-    feats = dict(zip(unique, backend.sampler.encode(unique)))
+    feats = dict(zip(unique, backend.sampler.encode(unique), strict=True))
     out = []
     with torch.no_grad():
         for i in _chunks(np.arange(len(ctxs)), batch):
@@ -310,7 +322,11 @@ class GapResult:
         for name, m in self.methods.items():
             r, g = mean_se(m.reward, clusters=self.prompts), mean_se(m.reward - base, clusters=self.prompts)
             out[name] = {
-                "mean": r["mean"], "se": r["se"], "n": r["n"], "gain": g["mean"], "gain_se": g["se"],
+                "mean": r["mean"],
+                "se": r["se"],
+                "n": r["n"],
+                "gain": g["mean"],
+                "gain_se": g["se"],
                 "oracle_share": oracle_share(g["mean"], oracle_gain),
             }
             if name in self.fd:
@@ -328,16 +344,22 @@ class GapResult:
 
     def within_prompt(self) -> dict[str, float]:
         """Noise dependence of the learned instance-level schedules and of the oracle's picks."""
-        return {n: within_prompt_share(self.methods[n].tau, self.prompts) for n in (INSTANCE, ORACLE) if n in self.methods}
+        return {
+            n: within_prompt_share(self.methods[n].tau, self.prompts) for n in (INSTANCE, ORACLE) if n in self.methods
+        }
 
     def summary(self) -> dict[str, Any]:
         return {
-            "backend": self.backend, "steps": self.steps, "reward": self.reward_name,
+            "backend": self.backend,
+            "steps": self.steps,
+            "reward": self.reward_name,
             "held_out": {"contexts": len(self.prompts), "prompts": len(set(self.prompts))},
-            "rows": self.rows(), "learned_minus_best_fixed": self.learned_vs_fixed(),
+            "rows": self.rows(),
+            "learned_minus_best_fixed": self.learned_vs_fixed(),
             "within_prompt_share": self.within_prompt(),
             "schedules": {n: self.methods[n].tau[0].tolist() for n in (DEFAULT, FIXED, GLOBAL) if n in self.methods},
-            **self.notes, "seconds": self.seconds,
+            **self.notes,
+            "seconds": self.seconds,
         }
 
     def format(self) -> str:
@@ -362,10 +384,17 @@ class GapResult:
             head += ["FD (lower better)", "realism x p(class)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in self.rows().items():
-            cells = [name, f"{r['mean']:.4g} +- {r['se']:.2g}", f"{r['gain']:+.4g} +- {r['gain_se']:.2g}",
-                     f"{100 * r['oracle_share']:.0f}%"]
+            cells = [
+                name,
+                f"{r['mean']:.4g} +- {r['se']:.2g}",
+                f"{r['gain']:+.4g} +- {r['gain_se']:.2g}",
+                f"{100 * r['oracle_share']:.0f}%",
+            ]
             if digits_cols:
-                cells += [f"{r['fd']:.1f}" if "fd" in r else "", f"{r['realism_x_pclass']:.3f}" if "realism_x_pclass" in r else ""]
+                cells += [
+                    f"{r['fd']:.1f}" if "fd" in r else "",
+                    f"{r['realism_x_pclass']:.3f}" if "realism_x_pclass" in r else "",
+                ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         d = self.learned_vs_fixed()
@@ -377,9 +406,14 @@ class GapResult:
             + ", ".join(f"{k} {v:.2f}" for k, v in shares.items())
         )
         fixed = {n: self.methods[n].tau[0] for n in (DEFAULT, FIXED, GLOBAL) if n in self.methods}
-        lines.append("schedules (tau): " + "; ".join(f"{k} {np.array2string(t, precision=3)}" for k, t in fixed.items()))
+        lines.append(
+            "schedules (tau): " + "; ".join(f"{k} {np.array2string(t, precision=3)}" for k, t in fixed.items())
+        )
         if "fd_reference" in self.notes:
-            lines.append(f"FD of the {self.notes['reference_steps']}-step references (the floor): {self.notes['fd_reference']:.1f}")
+            lines.append(
+                f"FD of the {self.notes['reference_steps']}-step references (the floor):"
+                f" {self.notes['fd_reference']:.1f}"
+            )
         if self.notes.get("fallbacks"):
             lines.append(f"groups never seen in training (fell back to the coarser choice): {self.notes['fallbacks']}")
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
@@ -423,9 +457,9 @@ def oracle_gap(
     idx[PER_PROMPT], fb_prompt = pick(best_by_group(train_scores, train.labels), held.labels, idx[FIXED])
     fallbacks = {PER_PROMPT: fb_prompt}
     if held.modes is not None:
-        keys = list(zip(train.labels, train.modes))
+        keys = list(zip(train.labels, train.modes, strict=True))
         idx[PER_MODE], fallbacks[PER_MODE] = pick(
-            best_by_group(train_scores, keys), list(zip(held.labels, held.modes)), idx[PER_PROMPT]
+            best_by_group(train_scores, keys), list(zip(held.labels, held.modes, strict=True)), idx[PER_PROMPT]
         )
     idx[ORACLE] = eval_scores.argmax(0)
     methods = {name: Method(eval_scores[i, np.arange(n)], cands[i]) for name, i in idx.items()}
@@ -440,14 +474,18 @@ def oracle_gap(
 
     notes: dict[str, Any] = {
         "search": {
-            "candidates": candidates, "train_contexts": train_contexts, "best": best,
-            "best_train_mean": float(train_scores[best].mean()), "default_train_mean": float(train_scores[0].mean()),
+            "candidates": candidates,
+            "train_contexts": train_contexts,
+            "best": best,
+            "best_train_mean": float(train_scores[best].mean()),
+            "default_train_mean": float(train_scores[0].mean()),
         },
         "fallbacks": {k: v for k, v in fallbacks.items() if v},
         "run_dir": None if run_dir is None else str(run_dir),
     }
-    result = GapResult(backend.name, backend.steps, backend.reward_name, held.prompts, cands, train_scores,
-                       eval_scores, methods, notes)
+    result = GapResult(
+        backend.name, backend.steps, backend.reward_name, held.prompts, cands, train_scores, eval_scores, methods, notes
+    )
     if backend.frechet is not None:
         for name, m in methods.items():
             if m.images is None:
@@ -467,8 +505,15 @@ def train_run(config: Path, flags: list[str], output_dir: Path) -> Path:
     from learner.main import run
 
     cfg = load_config(
-        ["--config", str(config), f"--experiment.output_dir={output_dir}", "--learner.plots=false",
-         "--learner.progress=false", "--ray.num_cpus=2", *flags]
+        [
+            "--config",
+            str(config),
+            f"--experiment.output_dir={output_dir}",
+            "--learner.plots=false",
+            "--learner.progress=false",
+            "--ray.num_cpus=2",
+            *flags,
+        ]
     )
     run(cfg)
     return cfg.run_dir
@@ -490,20 +535,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--backend", choices=("toy", "digits", "both"), default="both", help="Which backend(s) to run.")
     p.add_argument("--run-toy", type=Path, help="A finished toy run directory (else one is trained first).")
     p.add_argument("--run-digits", type=Path, help="A finished digits run directory (else one is trained first).")
-    p.add_argument("--config-toy", type=Path, default=REPO / "configs" / "toy.yaml", help="Config to train the toy run.")
+    p.add_argument(
+        "--config-toy", type=Path, default=REPO / "configs" / "toy.yaml", help="Config to train the toy run."
+    )
     p.add_argument(
         "--config-digits", type=Path, default=REPO / "configs" / "digits.yaml", help="Config to train the digits run."
     )
     p.add_argument("--train-dir", type=Path, help="Where trained runs go (default: a new directory under runs/).")
     p.add_argument(
-        "--candidates", type=int,
+        "--candidates",
+        type=int,
         help=f"N: candidate schedules of the search, the default included (default per backend: {SEARCH})",
     )
-    p.add_argument("--train-contexts", type=int, help="Training contexts that score each candidate (default per backend).")
-    p.add_argument("--eval-seeds", type=int, help="Held-out noises per eval prompt (default: the run's learner.eval_seeds).")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "oracle_gap.json", help="Where the JSON of every figure goes.")
+    p.add_argument(
+        "--train-contexts", type=int, help="Training contexts that score each candidate (default per backend)."
+    )
+    p.add_argument(
+        "--eval-seeds", type=int, help="Held-out noises per eval prompt (default: the run's learner.eval_seeds)."
+    )
+    p.add_argument(
+        "--out", type=Path, default=REPO / "runs" / "oracle_gap.json", help="Where the JSON of every figure goes."
+    )
     args = p.parse_args(argv)
-    if (args.candidates is not None and args.candidates < 1) or (args.train_contexts is not None and args.train_contexts < 1):
+    if (args.candidates is not None and args.candidates < 1) or (
+        args.train_contexts is not None and args.train_contexts < 1
+    ):
         p.error("--candidates and --train-contexts must be at least 1")
     if args.eval_seeds is not None and args.eval_seeds < 1:
         p.error("--eval-seeds must be at least 1")

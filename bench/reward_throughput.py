@@ -41,8 +41,10 @@ def main() -> None:
     reward = HPSReward(arch=args.arch, random_weights=True, device=args.device, batch_size=8)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in reward.model.parameters())
-    print(f"{args.arch}: {n_params / 1e6:.0f}M parameters, built in {build_s:.1f} s on {reward.device} "
-          f"({args.threads} threads), images {args.size}x{args.size}")
+    print(
+        f"{args.arch}: {n_params / 1e6:.0f}M parameters, built in {build_s:.1f} s on {reward.device} "
+        f"({args.threads} threads), images {args.size}x{args.size}"
+    )
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, args.size, args.size, 3), dtype=np.uint8)
@@ -62,8 +64,13 @@ def main() -> None:
             text.append(cache.encode_seconds - before)
             assert scores.shape == (n,) and np.isfinite(scores).all()
         sec = statistics.median(times)
-        return {"batch": n, "text_cached": cached, "images_per_s": n / sec, "s_per_call": sec,
-                "text_s_per_call": statistics.median(text)}
+        return {
+            "batch": n,
+            "text_cached": cached,
+            "images_per_s": n / sec,
+            "s_per_call": sec,
+            "text_s_per_call": statistics.median(text),
+        }
 
     reward(images[:1], ["warm-up"])
     rows = []
@@ -71,16 +78,32 @@ def main() -> None:
         for cached in (True, False):
             r = timed(n, cached)
             rows.append(r)
-            print(f"batch {n}, text features {'cached  ' if cached else 'computed'}: {r['images_per_s']:.3f} images/s "
-                  f"({r['s_per_call']:.1f} s per call, of which text tower {r['text_s_per_call']:.1f} s)")
+            print(
+                f"batch {n}, text features {'cached  ' if cached else 'computed'}: {r['images_per_s']:.3f} images/s "
+                f"({r['s_per_call']:.1f} s per call, of which text tower {r['text_s_per_call']:.1f} s)"
+            )
     by = {(r["batch"], r["text_cached"]): r["images_per_s"] for r in rows}
-    print(f"batch 8 vs batch 1: {by[8, True] / by[1, True]:.2f}x (cached), {by[8, False] / by[1, False]:.2f}x (computed); "
-          f"cached vs computed: {by[1, True] / by[1, False]:.2f}x at batch 1, {by[8, True] / by[8, False]:.2f}x at batch 8")
+    print(
+        f"batch 8 vs batch 1: {by[8, True] / by[1, True]:.2f}x (cached),"
+        f" {by[8, False] / by[1, False]:.2f}x (computed); "
+        f"cached vs computed: {by[1, True] / by[1, False]:.2f}x at batch 1,"
+        f" {by[8, True] / by[8, False]:.2f}x at batch 8"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "params": n_params, "build_s": build_s, "size": args.size,
-                       "threads": args.threads, "device": str(reward.device),
-                       "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "arch": args.arch,
+                    "params": n_params,
+                    "build_s": build_s,
+                    "size": args.size,
+                    "threads": args.threads,
+                    "device": str(reward.device),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

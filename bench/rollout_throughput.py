@@ -8,10 +8,10 @@ What a rollout worker does for one request: C contexts (prompt, seed), K schedul
 draws), N = C*K images. Ours: one ``sampler.sample`` call (prompts encoded once each, on a cold
 cache; all N samples in one batch, every one on its own schedule). Stock: the diffusers pipeline
 called N times, once per schedule, made to execute that schedule exactly
-(``rollout/backends/reference.py``: shift off for flows, custom timesteps for Euler). Both return
+(``tests/fixtures/stock_reference.py``: shift off for flows, custom timesteps for Euler). Both return
 uint8 images; the table reports the largest difference between the two sets (float images, before
 rounding) and the ratio of images per second (ours / stock). Times: the best of ``--repeats`` runs
-after one warm-up, float32 on the CPU with the tiny random pipelines of ``rollout/backends/tiny.py``.
+after one warm-up, float32 on the CPU with the tiny random pipelines of ``tests/fixtures/tiny_pipelines.py``.
 """
 
 from __future__ import annotations
@@ -31,27 +31,34 @@ if str(REPO) not in sys.path:  # run as a script (python bench/rollout_throughpu
 from common.config import FluxConfig, SD3Config, SDConfig  # noqa: E402
 from common.schedule import guard_tau, times_from_tau  # noqa: E402
 from rollout.backends.prompts import TRAIN_PROMPTS  # noqa: E402
-from rollout.backends.reference import stock_generate, stock_pipeline_for_schedules  # noqa: E402
-from rollout.backends.tiny import FAMILIES, SIZE, tiny_pipeline  # noqa: E402
+from tests.fixtures.stock_reference import stock_generate, stock_pipeline_for_schedules  # noqa: E402
+from tests.fixtures.tiny_pipelines import FAMILIES, SIZE, tiny_pipeline  # noqa: E402
 
 
 def make_sampler(family: str, batch: int):
     pipe = tiny_pipeline(family)
-    common = dict(model="tiny", device="cpu", dtype="float32", height=SIZE, width=SIZE, max_batch_size=batch)
+    common = {
+        "model": "tiny",
+        "device": "cpu",
+        "dtype": "float32",
+        "height": SIZE,
+        "width": SIZE,
+        "max_batch_size": batch,
+    }
     if family == "flux":
         from rollout.backends.flux import FluxSampler
 
         cfg = FluxConfig(max_sequence_length=32, **common)
-        return pipe, FluxSampler(pipe, cfg), dict(guidance_scale=cfg.guidance_scale, max_sequence_length=32)
+        return pipe, FluxSampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32}
     if family == "sd3":
         from rollout.backends.sd3 import SD3Sampler
 
         cfg = SD3Config(max_sequence_length=32, **common)
-        return pipe, SD3Sampler(pipe, cfg), dict(guidance_scale=cfg.guidance_scale, max_sequence_length=32)
+        return pipe, SD3Sampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32}
     from rollout.backends.sd import SDSampler
 
     cfg = SDConfig(guidance_scale=5.0 if family == "sdxl" else 7.5, **common)
-    return pipe, SDSampler(pipe, cfg), dict(guidance_scale=cfg.guidance_scale)
+    return pipe, SDSampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale}
 
 
 def bench_family(family: str, contexts: int, k: int, steps: int, repeats: int, seed: int = 0) -> dict:

@@ -40,20 +40,24 @@ from learner.stats import mean_se
 def _features(backend: og.Backend, *ctxs: og.Contexts) -> dict:
     """Policy features of every prompt of ``ctxs``, encoded once."""
     prompts = list(dict.fromkeys(p for c in ctxs for p in c.prompts))
-    return dict(zip(prompts, backend.sampler.encode(prompts)))
+    return dict(zip(prompts, backend.sampler.encode(prompts), strict=True))
 
 
 def _inputs(feats: dict, ctxs: og.Contexts, idx: np.ndarray):
     return collate(
-        ctxs.noise[idx], [feats[ctxs.prompts[j]].tokens for j in idx], np.stack([feats[ctxs.prompts[j]].pooled for j in idx])
+        ctxs.noise[idx],
+        [feats[ctxs.prompts[j]].tokens for j in idx],
+        np.stack([feats[ctxs.prompts[j]].pooled for j in idx]),
     )
 
 
 def noisy_reward(backend, ctxs, alpha: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
     """Mean reward of ``draws`` schedules per context from Dirichlet(alpha[i]), [N]."""
     idx = np.arange(len(ctxs))
-    runs = [og.rollout(backend, ctxs, idx, executed_tau(np.stack([log_dirichlet(a, rng) for a in alpha])))[0]
-            for _ in range(draws)]
+    runs = [
+        og.rollout(backend, ctxs, idx, executed_tau(np.stack([log_dirichlet(a, rng) for a in alpha])))[0]
+        for _ in range(draws)
+    ]
     return np.mean(runs, axis=0)
 
 
@@ -92,11 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     centre = np.maximum(best, 1e-3) / np.maximum(best, 1e-3).sum()
     out["at the mean: learned - best fixed"] = mean_se(at_mean - fixed, held.prompts)
     out["under the policy's noise: learned - best fixed"] = mean_se(
-        noisy_reward(b, held, alpha, args.draws, rng) - noisy_reward(b, held, centre * conc, args.draws, rng), held.prompts
+        noisy_reward(b, held, alpha, args.draws, rng) - noisy_reward(b, held, centre * conc, args.draws, rng),
+        held.prompts,
     )
 
     # 2. the same architecture fitted to the per-(prompt, mode) best schedules by regression
-    keys = list(zip(train.prompts, train.modes))
+    keys = list(zip(train.prompts, train.modes, strict=True))
     choice = og.best_by_group(scores, keys)
     target = torch.from_numpy(np.stack([cands[choice[k]] for k in keys])).float()
     torch.manual_seed(cfg.experiment.seed)
@@ -116,14 +121,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     fitted.eval()
     with torch.no_grad():
         a = fitted(_inputs(feats, held, idx)).double().numpy()
-    table = np.stack([cands[choice.get((pr, m), int(np.argmax(scores.mean(1))))] for pr, m in zip(held.prompts, held.modes)])
+    table = np.stack(
+        [
+            cands[choice.get((pr, m), int(np.argmax(scores.mean(1))))]
+            for pr, m in zip(held.prompts, held.modes, strict=True)
+        ]
+    )
     out["per-(prompt, mode) table - best fixed"] = mean_se(og.rollout(b, held, idx, table)[0] - fixed, held.prompts)
-    out["regressed policy - best fixed"] = mean_se(og.rollout(b, held, idx, a / a.sum(-1, keepdims=True))[0] - fixed, held.prompts)
+    out["regressed policy - best fixed"] = mean_se(
+        og.rollout(b, held, idx, a / a.sum(-1, keepdims=True))[0] - fixed, held.prompts
+    )
 
     for name, s in out.items():
         if "mean" in s:
             print(f"{name:<50} {s['mean']:+.3f} +- {s['se']:.3f}")
-    print(f"regression loss {out['fit loss'].get('first', float('nan')):.4f} -> {out['fit loss'].get('last', float('nan')):.4f}")
+    print(
+        f"regression loss {out['fit loss'].get('first', float('nan')):.4f}"
+        f" -> {out['fit loss'].get('last', float('nan')):.4f}"
+    )
     print(f"{time.perf_counter() - start:.0f} s")
     return out
 

@@ -39,8 +39,14 @@ def run_one(config: str, out: Path, baseline: str, seed: int, k: int, iterations
         ["--config", config],
         experiment={"name": f"{baseline}-s{seed}", "seed": seed, "output_dir": str(out)},
         rollout={"k": k},
-        learner={"baseline": baseline, "iterations": iterations, "progress": False, "eval_seeds": 50,
-                 "rollout_log": False, "checkpoint_every": iterations},
+        learner={
+            "baseline": baseline,
+            "iterations": iterations,
+            "progress": False,
+            "eval_seeds": 50,
+            "rollout_log": False,
+            "checkpoint_every": iterations,
+        },
     )
     with contextlib.redirect_stdout(io.StringIO()):
         res = train(cfg)
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
         ax.fill_between(x, m - se, m + se, alpha=0.2)
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"training reward (moving mean of {smooth})")
-    ax.set_title(f"toy, K={args.k}, L={load_config(['--config', args.config]).rollout.steps}: mean +- s.e. over {n} seeds")
+    ax.set_title(
+        f"toy, K={args.k}, L={load_config(['--config', args.config]).rollout.steps}: mean +- s.e. over {n} seeds"
+    )
     ax.legend()
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

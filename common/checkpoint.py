@@ -164,7 +164,9 @@ class CheckpointStore:
     def __str__(self) -> str:
         return self.root if self.local else f"{self.fs.protocol}:{self.root}"
 
-    def save(self, iteration: int, policy: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
+    def save(
+        self, iteration: int, policy: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
+    ) -> str:
         if self.local:
             return str(save_checkpoint(Path(self.root), iteration, policy, optimizer, state, keep))
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,9 +8,10 @@ whitelist of dtypes, shape/size agreement, then pydantic validation. Nothing is 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -108,7 +109,7 @@ def unpack(data: bytes, model: type[M], max_bytes: int = MAX_BYTES) -> M:
 MAX_RECORD = 16 * 2**20
 
 
-def append_records(path: Path, records: list[BaseModel]) -> None:
+def append_records(path: Path, records: Sequence[BaseModel]) -> None:
     """Append records to a msgpack stream file, flushed to disk. A record larger than
     ``MAX_RECORD`` is refused before anything is written, so every record written can be read."""
     blobs = [pack(r) for r in records]

@@ -30,7 +30,9 @@ class Section(BaseModel):
 
 class ExperimentConfig(Section):
     name: str = Field("digits", min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
-    seed: int = Field(0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it.")
+    seed: int = Field(
+        0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it."
+    )
     output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
 
     @field_validator("name")
@@ -55,7 +57,9 @@ class ToyConfig(Section):
     """The toy problem: a class-conditional Gaussian mixture sampled by an exact rectified flow."""
 
     dim: int = Field(4, ge=1, le=4096, description="Dimension D of a sample.")
-    num_classes: int = Field(10, ge=1, le=100_000, description="Number of classes; prompts are 'class 0' .. 'class N-1'.")
+    num_classes: int = Field(
+        10, ge=1, le=100_000, description="Number of classes; prompts are 'class 0' .. 'class N-1'."
+    )
     modes_per_class: int = Field(4, ge=1, le=10_000, description="Gaussian modes per class.")
     mode_scale: float = Field(1.0, gt=0, description="Standard deviation of the random mode centres.")
     spread: float = Field(0.1, gt=0, description="Standard deviation of each mode.")
@@ -69,7 +73,9 @@ class DigitsConfig(Section):
 
     hidden: int = Field(512, ge=8, le=16_384, description="Hidden width of the velocity MLP.")
     depth: int = Field(4, ge=1, le=64, description="Hidden layers of the velocity MLP.")
-    emb_dim: int = Field(64, ge=2, le=4096, multiple_of=2, description="Width of the time and label embeddings (= token width).")
+    emb_dim: int = Field(
+        64, ge=2, le=4096, multiple_of=2, description="Width of the time and label embeddings (= token width)."
+    )
     train_steps: int = Field(2500, ge=1, le=10_000_000, description="Training steps of the one-time (cached) training.")
     batch_size: int = Field(256, ge=1, le=65_536, description="Training batch size.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate of the one-time training.")
@@ -96,9 +102,15 @@ class DiffusersSection(Section):
     )
     height: int | None = Field(None, ge=8, description="Image height in pixels (None: the pipeline's default).")
     width: int | None = Field(None, ge=8, description="Image width in pixels (None: the pipeline's default).")
-    guidance_scale: float = Field(..., ge=0, description="Guidance scale (classifier-free, or Flux-Dev's embedded guidance).")
-    max_batch_size: int = Field(8, ge=1, le=4096, description="Most samples per denoiser forward (a larger request runs in chunks).")
-    prompt_cache: int = Field(256, ge=1, le=1_000_000, description="Prompts whose encoder outputs are kept (least recently used evicted).")
+    guidance_scale: float = Field(
+        ..., ge=0, description="Guidance scale (classifier-free, or Flux-Dev's embedded guidance)."
+    )
+    max_batch_size: int = Field(
+        8, ge=1, le=4096, description="Most samples per denoiser forward (a larger request runs in chunks)."
+    )
+    prompt_cache: int = Field(
+        256, ge=1, le=1_000_000, description="Prompts whose encoder outputs are kept (least recently used evicted)."
+    )
     prompt_file: Path | None = Field(
         None, description="Training prompts, one per line (None: the built-in list in rollout/backends/prompts.py)."
     )
@@ -123,7 +135,9 @@ class FluxConfig(DiffusersSection):
     height: int | None = Field(1024, ge=16, description="Image height in pixels (None: the pipeline's default, 1024).")
     width: int | None = Field(1024, ge=16, description="Image width in pixels (None: the pipeline's default, 1024).")
     guidance_scale: float = Field(
-        3.5, ge=0, description="Flux-Dev's embedded guidance (ignored by models without a guidance embedding, e.g. Schnell)."
+        3.5,
+        ge=0,
+        description="Flux-Dev's embedded guidance (ignored by models without a guidance embedding, e.g. Schnell).",
     )
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 sequence length the prompt is padded to.")
 
@@ -132,7 +146,9 @@ class SD3Config(DiffusersSection):
     """Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline): rectified flow, CLIP-L/G + T5, classifier-free guidance."""
 
     model: str = Field(
-        "stabilityai/stable-diffusion-3.5-large", min_length=1, description="Hub id or local directory of the SD3 pipeline."
+        "stabilityai/stable-diffusion-3.5-large",
+        min_length=1,
+        description="Hub id or local directory of the SD3 pipeline.",
     )
     height: int | None = Field(1024, ge=8, description="Image height in pixels (None: the pipeline's default).")
     width: int | None = Field(1024, ge=8, description="Image width in pixels (None: the pipeline's default).")
@@ -147,7 +163,8 @@ class SDConfig(DiffusersSection):
     model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         min_length=1,
-        description="Hub id or local directory of an SD1.5 or SDXL pipeline (the family is read from model_index.json).",
+        description="Hub id or local directory of an SD1.5 or SDXL pipeline (the family is read from"
+        " model_index.json).",
     )
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (<= 1: no guidance).")
     negative_prompt: str | None = Field(None, description="Negative prompt of classifier-free guidance (None: empty).")
@@ -156,7 +173,8 @@ class SDConfig(DiffusersSection):
 class SamplerConfig(Section):
     backend: Literal["toy", "digits", "flux", "sd3", "sd"] = Field(
         "digits",
-        description="Sampler backend: 'toy', 'digits', or a diffusers pipeline: 'flux', 'sd3' (SD3/3.5), 'sd' (SD1.5/SDXL).",
+        description="Sampler backend: 'toy', 'digits', or a diffusers pipeline: 'flux', 'sd3'"
+        " (SD3/3.5), 'sd' (SD1.5/SDXL).",
     )
     toy: ToyConfig = Field(default_factory=ToyConfig, description="Options of the toy backend.")
     digits: DigitsConfig = Field(default_factory=DigitsConfig, description="Options of the digits backend.")
@@ -168,14 +186,18 @@ class SamplerConfig(Section):
 class PolicyConfig(Section):
     variant: Literal["conditional", "global"] = Field(
         "conditional",
-        description="'conditional': alpha from (x_T, text) in one forward pass; 'global': one learnable alpha for all contexts.",
+        description="'conditional': alpha from (x_T, text) in one forward pass; 'global': one"
+        " learnable alpha for all contexts.",
     )
     init: Literal["scratch", "default"] = Field(
         "default",
         description="'scratch': standard init (the paper); 'default': Dirichlet mean = the backend's default schedule.",
     )
     concentration: float = Field(
-        20.0, gt=0, le=1e6, description="Sum of alpha at init when init='default' (higher: closer to the default schedule)."
+        20.0,
+        gt=0,
+        le=1e6,
+        description="Sum of alpha at init when init='default' (higher: closer to the default schedule).",
     )
     alpha_min: float = Field(
         1e-3,
@@ -210,7 +232,7 @@ class PolicyConfig(Section):
         return _in_force(self.concentration_schedule, iteration, self.max_concentration)
 
     @model_validator(mode="after")
-    def _schedule_needs_a_cap(self) -> "PolicyConfig":
+    def _schedule_needs_a_cap(self) -> PolicyConfig:
         if any(i < 0 for i in self.concentration_schedule):
             raise ValueError("concentration_schedule needs iterations >= 0")
         if self.concentration_schedule and self.max_concentration is None:
@@ -218,7 +240,7 @@ class PolicyConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _groups_divide_widths(self) -> "PolicyConfig":
+    def _groups_divide_widths(self) -> PolicyConfig:
         bad = [w for w in self.widths if w % self.groups]
         if bad:
             raise ValueError(f"groups={self.groups} must divide every width; it does not divide {bad}")
@@ -237,7 +259,8 @@ class RolloutConfig(Section):
     k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")
     k_schedule: dict[int, int] = Field(
         default_factory=dict,
-        description="A larger K late in training: {iteration: K} sets K from that iteration on, e.g. {3000: 8, 4000: 16}"
+        description="A larger K late in training: {iteration: K} sets K from that iteration on, e.g."
+        " {3000: 8, 4000: 16}"
         " (docs/method.md: at K = 2 a context's rollouts differ by more than the noise's effect). Empty: K throughout.",
     )
     steps: int = Field(4, ge=1, le=1000, description="L: model evaluations (NFE) per sample.")
@@ -245,7 +268,9 @@ class RolloutConfig(Section):
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
-    max_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward server (Ray max_restarts).")
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of a dead rollout worker or reward server (Ray max_restarts)."
+    )
     restart_timeout_s: float = Field(
         120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
     )
@@ -273,9 +298,8 @@ class RolloutConfig(Section):
         " per context. None: 64 if a configured reward needs it, else 0 (no reference).",
     )
 
-
     @model_validator(mode="after")
-    def _k_schedule_valid(self) -> "RolloutConfig":
+    def _k_schedule_valid(self) -> RolloutConfig:
         bad = {i: k for i, k in self.k_schedule.items() if i < 0 or not 2 <= k <= MAX_K}
         if bad:
             raise ValueError(f"k_schedule needs iterations >= 0 and 2 <= K <= {MAX_K}; got {bad}")
@@ -335,16 +359,21 @@ class LearnerConfig(Section):
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule).")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="'constant', or 'cosine': from lr down to lr * lr_final_ratio over the run's iterations."
+        "constant",
+        description="'constant', or 'cosine': from lr down to lr * lr_final_ratio over the run's iterations.",
     )
-    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="The cosine schedule's last learning rate, as a share of lr.")
+    lr_final_ratio: float = Field(
+        0.1, ge=0, le=1, description="The cosine schedule's last learning rate, as a share of lr."
+    )
     weight_decay: float = Field(1e-4, ge=0, le=10, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, le=1e6, description="Gradient-norm clip.")
     adv_std_norm: bool = Field(False, description="Divide advantages by their batch std (off: plain REINFORCE).")
     checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N iterations (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, le=10_000, description="Checkpoints kept on disk.")
     checkpoint_dir: str | None = Field(
-        None, description="Where checkpoints go: a path or an fsspec URL such as s3://bucket/run (None: <run dir>/checkpoints)."
+        None,
+        description="Where checkpoints go: a path or an fsspec URL such as s3://bucket/run (None:"
+        " <run dir>/checkpoints).",
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
@@ -366,7 +395,10 @@ class LearnerConfig(Section):
     plots: bool = Field(True, description="Write PNGs of schedules, samples and the reward curve into the run dir.")
     train_prompts: list[str] | None = Field(None, description="Training prompts (None: the backend's train prompts).")
     torch_threads: int = Field(
-        1, ge=1, le=1024, description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine."
+        1,
+        ge=1,
+        le=1024,
+        description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine.",
     )
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
@@ -420,7 +452,7 @@ class Config(BaseSettings):
     ray: RayConfig = Field(default_factory=RayConfig, description="ray.init() settings.")
 
     @model_validator(mode="after")
-    def _resume_or_overwrite(self) -> "Config":
+    def _resume_or_overwrite(self) -> Config:
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
         r = self.resume
@@ -429,7 +461,7 @@ class Config(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _batch_fits_baseline(self) -> "Config":
+    def _batch_fits_baseline(self) -> Config:
         c, base = self.rollout.contexts_per_iter, self.learner.baseline
         need = {"xctx": 2, "js": 2, "js_loco": 3}.get(base, 1)
         if c < need:
@@ -457,18 +489,44 @@ RUN_FLAGS = {"config", "resume", "resume_changes", "overwrite"}
 #: Fields that may change between a checkpoint and its resume: scale, logging and evaluation.
 #: Any other difference (seed, sampler, policy, K, L, C, rewards, optimisation) is refused.
 RESUME_FREE = {
-    "experiment.output_dir", "ray", "learner.iterations", "learner.progress", "learner.checkpoint_every",
-    "learner.keep_checkpoints", "learner.eval_every", "learner.eval_prompts", "learner.eval_seeds",
-    "learner.eval_metrics", "learner.global_baseline", "learner.plots", "learner.rollout_log", "learner.torch_threads",
+    "experiment.output_dir",
+    "ray",
+    "learner.iterations",
+    "learner.progress",
+    "learner.checkpoint_every",
+    "learner.keep_checkpoints",
+    "learner.eval_every",
+    "learner.eval_prompts",
+    "learner.eval_seeds",
+    "learner.eval_metrics",
+    "learner.global_baseline",
+    "learner.plots",
+    "learner.rollout_log",
+    "learner.torch_threads",
     "learner.checkpoint_dir",
-    "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus", "rollout.min_workers",
-    "rollout.max_restarts", "rollout.restart_timeout_s", "rollout.max_attempts", "rollout.start_timeout_s",
-    "rollout.sample_timeout_s", "rollout.sample_timeout_per_nfe_s",
+    "rollout.num_workers",
+    "rollout.num_cpus",
+    "rollout.num_gpus",
+    "rollout.min_workers",
+    "rollout.max_restarts",
+    "rollout.restart_timeout_s",
+    "rollout.max_attempts",
+    "rollout.start_timeout_s",
+    "rollout.sample_timeout_s",
+    "rollout.sample_timeout_per_nfe_s",
 }
-_REWARD_RESOURCES = {"num_servers", "num_cpus", "num_gpus", "runtime_env", "start_timeout_s", "timeout_s", "timeout_per_image_s"}
+_REWARD_RESOURCES = {
+    "num_servers",
+    "num_cpus",
+    "num_gpus",
+    "runtime_env",
+    "start_timeout_s",
+    "timeout_s",
+    "timeout_per_image_s",
+}
 
 
-def resume_conflicts(saved: dict[str, Any], cfg: "Config") -> list[str]:
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
     """Dotted names of the fields that matter where ``cfg`` differs from a checkpoint's config.
     A field the checkpoint does not record (added to the config since) is not compared."""
     now = cfg.model_dump(mode="json", exclude=RUN_FLAGS)
@@ -476,6 +534,7 @@ def resume_conflicts(saved: dict[str, Any], cfg: "Config") -> list[str]:
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section), now.get(section)
         if section == "rewards":
+
             def strip(rs: list[dict] | None, known: set[str]) -> list[dict]:
                 return [{k: v for k, v in r.items() if k in known and k not in _REWARD_RESOURCES} for r in rs or []]
 
@@ -483,8 +542,11 @@ def resume_conflicts(saved: dict[str, Any], cfg: "Config") -> list[str]:
             if strip(old, known) != strip(new, known):
                 out.append("rewards")
         elif isinstance(old, dict) and isinstance(new, dict):
-            out += [f"{section}.{k}" for k in sorted(old)
-                    if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_FREE and section not in RESUME_FREE]
+            out += [
+                f"{section}.{k}"
+                for k in sorted(old)
+                if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_FREE and section not in RESUME_FREE
+            ]
         elif old != new and section not in RESUME_FREE:
             out.append(section)
     return out
@@ -564,7 +626,9 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     pre.add_argument("--config", type=Path, action="append", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config and len(known.config) > 1:
-        raise ConfigError(f"--config given {len(known.config)} times ({', '.join(map(str, known.config))}): give one file")
+        raise ConfigError(
+            f"--config given {len(known.config)} times ({', '.join(map(str, known.config))}): give one file"
+        )
     known.config = known.config[0] if known.config else None
     argv, empties = _empty_list_flags(argv)
     data: dict[str, Any] = _read_yaml(known.config) if known.config else {}
@@ -583,7 +647,8 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
 def _empty_list_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Take ``--a.b=[]`` out of ``argv`` as an override {a: {b: []}}: pydantic-settings would
     read the empty list as a list of one empty string."""
-    rest, found = [], {}
+    rest: list[str] = []
+    found: dict[str, Any] = {}
     for arg in argv:
         name, eq, value = arg.partition("=")
         if eq and name.startswith("--") and value.strip() == "[]":

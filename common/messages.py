@@ -60,7 +60,7 @@ class RolloutRequest(Message):
     )
 
     @model_validator(mode="after")
-    def _tau_iff_fixed(self) -> "RolloutRequest":
+    def _tau_iff_fixed(self) -> RolloutRequest:
         if (self.mode == "fixed") != (self.tau is not None):
             raise ValueError("tau is given exactly when mode is 'fixed'")
         if self.tau is not None and len(self.tau) != self.steps + 1:

@@ -15,8 +15,9 @@ Saved and loaded with safetensors through huggingface_hub's PyTorchModelHubMixin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -82,7 +83,12 @@ class _VectorBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, heads: int, token_dim: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(c_in, c_out), nn.LayerNorm(c_out), nn.SiLU(), nn.Linear(c_out, c_out), nn.LayerNorm(c_out), nn.SiLU()
+            nn.Linear(c_in, c_out),
+            nn.LayerNorm(c_out),
+            nn.SiLU(),
+            nn.Linear(c_out, c_out),
+            nn.LayerNorm(c_out),
+            nn.SiLU(),
         )
         self.norm = nn.LayerNorm(c_out)
         self.attn = nn.MultiheadAttention(c_out, heads, kdim=token_dim, vdim=token_dim, batch_first=True)
@@ -143,8 +149,9 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
                 for i in range(len(widths))
             )
             feat = sum(widths) + pooled_dim
-            self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.SiLU(), nn.Linear(head_hidden, n_out))
-            last_bias = self.head[-1].bias
+            head_out = nn.Linear(head_hidden, n_out)
+            self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.SiLU(), head_out)
+            last_bias = head_out.bias
         if init == "default":
             # Dirichlet mean = default_tau at total concentration `concentration`: h = softplus^-1(alpha - alpha_min),
             # each alpha kept above alpha_min. The last layer's weight starts at zero so the mean is the
@@ -155,7 +162,7 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
             with torch.no_grad():
                 last_bias.copy_(torch.from_numpy(inverse_softplus(alpha - alpha_min)).float())
                 if variant == "conditional":
-                    self.head[-1].weight.zero_()
+                    head_out.weight.zero_()
 
     def set_max_concentration(self, cap: float | None) -> None:
         """Change the cap on sum(alpha) (a schedule of it over training); ``save_pretrained``
@@ -262,7 +269,6 @@ def describe(policy: SchedulePolicy) -> str:
     return f"{policy.variant} policy, L={policy.steps}, {n:,} parameters ({n * 4 / 2**20:.2f} MiB fp32)"
 
 
-
 def collate(x: np.ndarray, tokens: Sequence[np.ndarray], pooled: np.ndarray | None) -> PolicyInputs:
     """Stack per-context policy inputs; text tokens of different lengths are padded and masked."""
     n, t_max = len(tokens), max(t.shape[0] for t in tokens)
@@ -291,22 +297,22 @@ def load_numpy_state(policy: nn.Module, state: dict[str, np.ndarray]) -> None:
     policy.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
 
 
-def policy_kwargs(cfg: "PolicyConfig", spec: "SamplerSpec", steps: int, default_tau: np.ndarray) -> dict:
+def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau: np.ndarray) -> dict:
     """Constructor arguments of the policy for a sampler: the learner and every worker agree."""
-    return dict(
-        steps=steps,
-        in_channels=spec.x_shape[0],
-        token_dim=spec.token_dim,
-        pooled_dim=spec.pooled_dim if cfg.use_pooled else 0,
-        variant=cfg.variant,
-        widths=list(cfg.widths),
-        attn_heads=cfg.attn_heads,
-        groups=cfg.groups,
-        head_hidden=cfg.head_hidden,
-        init=cfg.init,
-        default_tau=[float(v) for v in default_tau],
-        concentration=cfg.concentration,
-        input_kind="vector" if len(spec.x_shape) == 1 else "image",
-        alpha_min=cfg.alpha_min,
-        max_concentration=cfg.max_concentration,
-    )
+    return {
+        "steps": steps,
+        "in_channels": spec.x_shape[0],
+        "token_dim": spec.token_dim,
+        "pooled_dim": spec.pooled_dim if cfg.use_pooled else 0,
+        "variant": cfg.variant,
+        "widths": list(cfg.widths),
+        "attn_heads": cfg.attn_heads,
+        "groups": cfg.groups,
+        "head_hidden": cfg.head_hidden,
+        "init": cfg.init,
+        "default_tau": [float(v) for v in default_tau],
+        "concentration": cfg.concentration,
+        "input_kind": "vector" if len(spec.x_shape) == 1 else "image",
+        "alpha_min": cfg.alpha_min,
+        "max_concentration": cfg.max_concentration,
+    }

@@ -57,9 +57,13 @@ def _nonempty(p: Path) -> bool:
 def artefacts(run_dir: Path, checkpoint_dir: Path | None = None) -> list[str]:
     """Names of the run artefacts present in ``run_dir`` (and checkpoints in ``checkpoint_dir``)."""
     found = [name for name in ARTEFACTS if _nonempty(run_dir / name)]
-    if checkpoint_dir is not None and "checkpoints" not in found and checkpoint_dir.is_dir():
-        if any(p.name.startswith("ckpt-") for p in checkpoint_dir.iterdir()):
-            found.append(str(checkpoint_dir))
+    if (
+        checkpoint_dir is not None
+        and "checkpoints" not in found
+        and checkpoint_dir.is_dir()
+        and any(p.name.startswith("ckpt-") for p in checkpoint_dir.iterdir())
+    ):
+        found.append(str(checkpoint_dir))
     return found
 
 
@@ -107,15 +111,16 @@ class RunDir:
                     continue
                 if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
                     self.log(
-                        f"warning: taking over the stale lock of pid {owner.get('pid')} (started {owner.get('started')},"
-                        " no longer running) on the run dir"
+                        f"warning: taking over the stale lock of pid {owner.get('pid')}"
+                        f" (started {owner.get('started')}, no longer running) on the run dir"
                     )
                     lock.unlink(missing_ok=True)
                     continue
                 raise RunDirInUse(
                     f"run dir {self.path} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
-                    f" (since {owner.get('started')}); use another experiment.name, or delete {lock} if that run is gone"
-                )
+                    f" (since {owner.get('started')}); use another experiment.name, or delete {lock}"
+                    " if that run is gone"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._held = True

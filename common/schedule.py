@@ -129,7 +129,11 @@ def static_shift(times: np.ndarray, shift: float) -> np.ndarray:
 
 
 def resolution_mu(
-    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
 ) -> float:
     """Flux's resolution-dependent shift parameter: linear in the number of latent tokens.
 

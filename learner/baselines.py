@@ -19,7 +19,8 @@ vectorised; the maths runs in float64.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -83,8 +84,10 @@ def compute(name: str, rewards: Rewards) -> tuple[Rewards, dict[str, Any]]:
     """Baseline ``b`` (same type, dtype, shape as ``rewards``, [C, K]) and its diagnostics."""
     if name not in _BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(NAMES)}")
-    is_torch = isinstance(rewards, torch.Tensor)
-    r = rewards.detach().cpu().double() if is_torch else torch.from_numpy(np.asarray(rewards, dtype=np.float64))
+    if isinstance(rewards, torch.Tensor):
+        r = rewards.detach().cpu().double()
+    else:
+        r = torch.from_numpy(np.asarray(rewards, dtype=np.float64))
     if r.dim() != 2:
         raise ValueError(f"rewards must be a [C, K] matrix, got shape {tuple(r.shape)}")
     c, k = r.shape
@@ -95,6 +98,6 @@ def compute(name: str, rewards: Rewards) -> tuple[Rewards, dict[str, Any]]:
     if not bool(torch.isfinite(r).all()):
         raise ValueError("rewards contain non-finite values")
     b, diag = _BASELINES[name](r)
-    if is_torch:
+    if isinstance(rewards, torch.Tensor):
         return b.to(dtype=rewards.dtype, device=rewards.device), diag
     return b.numpy().astype(np.asarray(rewards).dtype, copy=False), diag

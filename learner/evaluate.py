@@ -47,7 +47,9 @@ class EvalResult:
 
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
-        head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(f"{m + ' (lower better)':>26}" for m in metric_names)
+        head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(
+            f"{m + ' (lower better)':>26}" for m in metric_names
+        )
         rows = [title, head]
         for name, s in self.summary().items():
             cells = "".join(_metric_cell(s, m) for m in metric_names)

@@ -65,18 +65,20 @@ def actor_error_line(e: BaseException) -> str:
     starts = [i for i, ln in enumerate(lines) if _EXC_LINE.match(ln)]
     if not starts:
         return lines[-1] if lines else type(e).__name__
-    return " ".join(lines[starts[-1]:])
+    return " ".join(lines[starts[-1] :])
 
 
 def _wait_started(actors: list[Any], timeout_s: float, what: list[str]) -> None:
     """Every actor of ``actors`` has run its constructor, within ``timeout_s``: else one line
     naming the actor with its own message (ConfigError: exit 2)."""
     deadline = time.monotonic() + timeout_s
-    for actor, name in zip(actors, what):
+    for actor, name in zip(actors, what, strict=True):
         try:
             ray.get(actor.pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
         except GetTimeoutError:
-            raise ConfigError(f"{name} did not start within {timeout_s:g} s (its constructor is still running)") from None
+            raise ConfigError(
+                f"{name} did not start within {timeout_s:g} s (its constructor is still running)"
+            ) from None
         except RayActorError as e:
             raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
 
@@ -133,9 +135,13 @@ class RolloutGroup:
         actor = ray.remote(RolloutWorker).options(
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0
         )
-        self.workers = [
+        self.workers: list[Any] = [
             actor.remote(
-                i, cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed,
+                i,
+                cfg.sampler.model_dump(),
+                cfg.policy.model_dump(),
+                r.steps,
+                cfg.experiment.seed,
                 reference_steps=reference_steps,
             )
             for i in range(r.num_workers)
@@ -183,15 +189,28 @@ class RolloutGroup:
         return ray.get([self.workers[i].pid.remote() for i in self.alive])
 
     def requests(
-        self, contexts: list[Context], k: int, steps: int, iteration: int, version: int,
-        mode: ScheduleMode = "sample", tau: list[float] | None = None, max_concentration: float | None = None,
+        self,
+        contexts: list[Context],
+        k: int,
+        steps: int,
+        iteration: int,
+        version: int,
+        mode: ScheduleMode = "sample",
+        tau: list[float] | None = None,
+        max_concentration: float | None = None,
     ) -> list[RolloutRequest]:
         """Split ``contexts`` evenly, one request per live worker, in context order."""
         chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.alive)) if len(c)]
         return [
             RolloutRequest(
-                request_id=uuid.uuid4().hex, iteration=iteration, version=version,
-                contexts=[contexts[i] for i in idx], k=k, steps=steps, mode=mode, tau=tau,
+                request_id=uuid.uuid4().hex,
+                iteration=iteration,
+                version=version,
+                contexts=[contexts[i] for i in idx],
+                k=k,
+                steps=steps,
+                mode=mode,
+                tau=tau,
                 max_concentration=max_concentration,
             )
             for idx in chunks
@@ -224,8 +243,13 @@ SCALE_JUMP = 100.0
 
 
 class RewardGroup:
-    def __init__(self, specs: list[RewardSpec], extra_kwargs: dict[str, dict[str, Any]] | None = None,
-                 max_restarts: int = 3, restart_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        specs: list[RewardSpec],
+        extra_kwargs: dict[str, dict[str, Any]] | None = None,
+        max_restarts: int = 3,
+        restart_timeout_s: float = 120.0,
+    ):
         """``extra_kwargs[name]`` is merged under a spec's own kwargs (the toy reward's mixture)."""
         self.specs = specs
         self.servers: list[list[Any]] = []
@@ -234,8 +258,11 @@ class RewardGroup:
         for spec in specs:
             kwargs = {**(extra_kwargs or {}).get(spec.name, {}), **spec.kwargs}
             actor = ray.remote(RewardServer).options(
-                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, runtime_env=spec.runtime_env,
-                max_restarts=max_restarts, max_task_retries=0,
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                runtime_env=spec.runtime_env,
+                max_restarts=max_restarts,
+                max_task_retries=0,
             )
             self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
         self.alive = [list(range(len(s))) for s in self.servers]
@@ -243,7 +270,7 @@ class RewardGroup:
         #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
         self.needs_reference = [
             ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s)
-            for spec, servers in zip(specs, self.servers)
+            for spec, servers in zip(specs, self.servers, strict=True)
         ]
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
@@ -257,7 +284,7 @@ class RewardGroup:
         import in the learner's environment), so a bad spec shows here, at startup, as one line
         naming the reward: not as an actor traceback at the first scoring call.
         """
-        for j, (spec, servers) in enumerate(zip(self.specs, self.servers)):
+        for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
             _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
 
     def score(self, p: Pending) -> None:
@@ -284,7 +311,7 @@ class RewardGroup:
     def combine(self, scored: list[list[np.ndarray]]) -> Scores:
         """Concatenate per-request scores and weight them into the total reward."""
         per_reward = {}
-        total = 0.0
+        total: float | np.ndarray = 0.0
         for j, spec in enumerate(self.specs):
             s = np.concatenate([row[j] for row in scored])
             per_reward[self.keys[j]] = s
@@ -313,28 +340,31 @@ class MetricGroup:
         self.names = [m.name for m in specs]
         self.resamples = [m.noise_resamples for m in specs]
         self.timeouts = [m.timeout_s for m in specs]
-        self.servers = [
+        self.servers: list[Any] = [
             ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
             for m in specs
         ]
         # built at startup, not first met at the final evaluation after the whole training
-        _wait_started(self.servers, max(m.start_timeout_s for m in specs) if specs else 1.0,
-                      [f"eval metric {m.name!r}" for m in specs])
+        _wait_started(
+            self.servers,
+            max(m.start_timeout_s for m in specs) if specs else 1.0,
+            [f"eval metric {m.name!r}" for m in specs],
+        )
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:
         """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""
         refs = {}
-        for name, server, resamples in zip(self.names, self.servers, self.resamples):
+        for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True):
             feats = [server.features.remote(p.images, p.prompts) for p in pending]
             refs[name] = server.distance_with_se.remote(*feats, resamples=resamples)
         out = {}
         try:
-            got = [ray.get(ref, timeout=t) for ref, t in zip(refs.values(), self.timeouts)]
+            got = [ray.get(ref, timeout=t) for ref, t in zip(refs.values(), self.timeouts, strict=True)]
         except GetTimeoutError:
             raise TimedOut(
                 f"an eval metric of {self.names} did not finish within its timeout_s ({self.timeouts} s)"
             ) from None
-        for name, (value, se) in zip(refs, got):
+        for name, (value, se) in zip(refs, got, strict=True):
             out[name] = value
             if se is not None:
                 out[f"{name}_se"] = se
@@ -398,8 +428,9 @@ class Dispatcher:
             rid = p.request.request_id
             # units sent to the same worker before this one and not yet collected run first
             queued = 1 + sum(
-                1 for u in units if u is not p and u.worker == p.worker and u.launched < p.launched
-                and u.request.request_id not in done
+                1
+                for u in units
+                if u is not p and u.worker == p.worker and u.launched < p.launched and u.request.request_id not in done
             )
             try:
                 batch, scores = self._wait(p, queued)
@@ -414,7 +445,10 @@ class Dispatcher:
                         f"{name} did not finish {doing} prompts {_shown(p.prompts)} within {limit:.0f} s, twice"
                         f" (request {rid}); if that is its normal time raise {setting}, else look for a hang in it"
                     ) from None
-                print(f"warning: {name} did not finish {doing} within {limit:.0f} s: restarting it and re-sending the unit")
+                print(
+                    f"warning: {name} did not finish {doing} within {limit:.0f} s: restarting it and re-sending"
+                    " the unit"
+                )
                 faults += 1
                 if kind == "worker":
                     self.rollouts.restart(who)
@@ -440,6 +474,9 @@ class Dispatcher:
         self.faults += faults
         kept = [done[r.request_id] for r in requests]
         return Collected(
-            batches=[b for b, _, _ in kept], scored=[s for _, s, _ in kept], pending=[p for _, _, p in kept],
-            seconds=time.perf_counter() - start, faults=faults,
+            batches=[b for b, _, _ in kept],
+            scored=[s for _, s, _ in kept],
+            pending=[p for _, _, p in kept],
+            seconds=time.perf_counter() - start,
+            faults=faults,
         )

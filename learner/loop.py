@@ -1,12 +1,12 @@
 """The training loop: one top-to-bottom loop, as the paper's pseudocode (DESIGN.md section 2).
 
-    for it in range(start, iterations):
-        contexts = the next C (prompt, seed) pairs of the deterministic stream
-        rollouts = workers sample K schedules per context under the current weights   (fan-out)
-        rewards  = reward servers score the images, refs straight from the workers    (fan-out)
-        baseline = baselines.compute(name, rewards[C, K]);  advantage = r - baseline
-        update   = REINFORCE step on log pi(tau | inputs) recomputed here
-        push the new weights (ray.put once per version), log, checkpoint, evaluate
+for it in range(start, iterations):
+    contexts = the next C (prompt, seed) pairs of the deterministic stream
+    rollouts = workers sample K schedules per context under the current weights   (fan-out)
+    rewards  = reward servers score the images, refs straight from the workers    (fan-out)
+    baseline = baselines.compute(name, rewards[C, K]);  advantage = r - baseline
+    update   = REINFORCE step on log pi(tau | inputs) recomputed here
+    push the new weights (ray.put once per version), log, checkpoint, evaluate
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ from tqdm.auto import tqdm
 from common.checkpoint import CheckpointStore, load_checkpoint, verify
 from common.codec import DecodeError, append_records, scan_records
 from common.config import RUN_FLAGS, Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
-from common.messages import RolloutRecord
-from common.policy import SchedulePolicy, collate, describe, state_to_numpy
+from common.messages import Context, RolloutRecord
+from common.policy import PolicyInputs, SchedulePolicy, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
-from learner import baselines
+from learner import baselines, plots
 from learner.contexts import ContextStream, eval_contexts
-from learner import plots
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
 from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, RunStopped, WorkersLost
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import reinforce_step
-
 
 #: Reference NFE when a reward needs a reference and the config leaves rollout.reference_steps unset.
 DEFAULT_REFERENCE_STEPS = 64
@@ -67,13 +65,15 @@ def init_ray(cfg: RayConfig) -> bool:
 
 def _reward_extras(cfg: Config) -> dict[str, dict]:
     # The toy reward scores against the sampler's own mixture: hand it the mixture's settings.
-    return {"toy": cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"})} if cfg.sampler.backend == "toy" else {}
+    return (
+        {"toy": cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"})} if cfg.sampler.backend == "toy" else {}
+    )
 
 
 def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
     """NFE of the workers' many-step reference samples: what the config says, or (None) 64 where
     a reward compares with it and 0 where none does."""
-    needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference) if need]
+    needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference, strict=True) if need]
     steps = cfg.rollout.reference_steps
     if steps is None:
         return DEFAULT_REFERENCE_STEPS if needing else 0
@@ -89,7 +89,9 @@ class Diverged(RunStopped):
 
 
 def train(
-    cfg: Config, baselines_to_beat: dict[str, Schedule] | None = None, final_eval: bool = True,
+    cfg: Config,
+    baselines_to_beat: dict[str, Schedule] | None = None,
+    final_eval: bool = True,
     owner: RunDir | None = None,
 ) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
@@ -173,7 +175,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
         weights = ray.put(state_to_numpy(policy))
-        bar = tqdm(range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train")
+        bar = tqdm(
+            range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
+        )
         for it in bar:
             t0 = time.perf_counter()
             cursor = stream.cursor
@@ -189,7 +193,13 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 got = dispatcher.run(rollouts.requests(contexts, K, L, it, version, max_concentration=cap), weights)
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
-                state = {"iteration": it, "version": version, "cursor": cursor, "logged_rollouts": logged, **_static_state(cfg)}
+                state = {
+                    "iteration": it,
+                    "version": version,
+                    "cursor": cursor,
+                    "logged_rollouts": logged,
+                    **_static_state(cfg),
+                }
                 ckpt = store.save(it, policy, optimizer, state, keep=lc.keep_checkpoints)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
@@ -216,7 +226,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             problem = _diverged(policy, inputs)
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
                 raise Diverged(
-                    f"iteration {it + 1}: the update diverged ({problem}); nothing of it was saved, the latest checkpoint"
+                    f"iteration {it + 1}: the update diverged ({problem}); nothing of it was saved, the latest"
+                    " checkpoint"
                     f" in {store} is the last good state. Lower learner.lr (now {optimizer.param_groups[0]['lr']:g})"
                     " or learner.grad_clip, then continue with --resume auto --resume_changes=true"
                 )
@@ -249,13 +260,22 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
                 state = {
-                    "iteration": it + 1, "version": version, "cursor": stream.cursor, "logged_rollouts": logged,
+                    "iteration": it + 1,
+                    "version": version,
+                    "cursor": stream.cursor,
+                    "logged_rollouts": logged,
                     **_static_state(cfg),
                 }
                 store.save(it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
                 res = evaluate(
-                    dispatcher, None, held_out, L, version, weights, {DEFAULT: Schedule("default"), learned: Schedule("mean")}
+                    dispatcher,
+                    None,
+                    held_out,
+                    L,
+                    version,
+                    weights,
+                    {DEFAULT: Schedule("default"), learned: Schedule("mean")},
                 )
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
@@ -317,7 +337,7 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
     plots.plot_reward_curve(run_dir / "reward_curve.png", read_jsonl(run_dir / "metrics.jsonl"))
     if len(x_shape) < 3:
         return
-    firsts = {}
+    firsts: dict[str, Context] = {}
     for c in held_out:
         firsts.setdefault(c.prompt, c)
     grid = list(firsts.values())
@@ -339,7 +359,7 @@ def _static_state(cfg: Config) -> dict:
 MAX_ALPHA = 1e8
 
 
-def _diverged(policy: SchedulePolicy, inputs: dict) -> str | None:
+def _diverged(policy: SchedulePolicy, inputs: PolicyInputs) -> str | None:
     """What is wrong with the policy after an update (None if nothing): non-finite weights, or
     alphas on the batch that are non-finite or out of range."""
     for name, p in policy.named_parameters():
@@ -367,7 +387,9 @@ def _trim_logs(run_dir: Path, state: dict) -> int:
         try:
             scan = scan_records(log, RolloutRecord)
         except DecodeError as e:
-            raise ConfigError(f"cannot resume: the rollout log is damaged ({e}); --overwrite starts the run again") from None
+            raise ConfigError(
+                f"cannot resume: the rollout log is damaged ({e}); --overwrite starts the run again"
+            ) from None
         if scan.torn_bytes:
             print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
         keep = [r for r in scan.records if r.iteration < iteration]

@@ -16,7 +16,7 @@ class MetricLogger(Protocol):
 
 class JsonlLogger:
     def __init__(self, path: Path):
-        self._f = open(path, "a", buffering=1)
+        self._f = open(path, "a", buffering=1)  # noqa: SIM115 - open for the run's life, closed by close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}

@@ -34,12 +34,24 @@ def plot_schedules(
         idx = [i for i, q in enumerate(prompts) if q == p][:per_prompt]
         for j, i in enumerate(idx):
             y = row + (j - len(idx) / 2) * 0.6 / max(len(idx), 1)
-            ax.scatter(times[learned][i], np.full(times[learned].shape[1], y), s=10, color="tab:blue", alpha=0.8,
-                       label=f"{learned} (one row per noise)" if row == j == 0 else None)
+            ax.scatter(
+                times[learned][i],
+                np.full(times[learned].shape[1], y),
+                s=10,
+                color="tab:blue",
+                alpha=0.8,
+                label=f"{learned} (one row per noise)" if row == j == 0 else None,
+            )
         for k, color in COLORS.items():
             if k in times:
-                ax.scatter(times[k][idx[0]], np.full(times[k].shape[1], row + 0.4), marker="|", s=120, color=color,
-                           label=k if row == 0 else None)
+                ax.scatter(
+                    times[k][idx[0]],
+                    np.full(times[k].shape[1], row + 0.4),
+                    marker="|",
+                    s=120,
+                    color=color,
+                    label=k if row == 0 else None,
+                )
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlim(1.02, -0.02)
     ax.set_xlabel("t (1 = noise, 0 = data): where the model is evaluated")
@@ -69,8 +81,12 @@ def plot_samples(path: Path, prompts: list[str], images: dict[str, np.ndarray]) 
         for c in range(n):
             a = axs[r, c]
             img = np.asarray(imgs[c])
-            a.imshow(img.squeeze(), cmap="gray_r" if img.squeeze().ndim == 2 else None, vmin=0,
-                     vmax=255 if img.dtype == np.uint8 else 1)
+            a.imshow(
+                img.squeeze(),
+                cmap="gray_r" if img.squeeze().ndim == 2 else None,
+                vmin=0,
+                vmax=255 if img.dtype == np.uint8 else 1,
+            )
             a.set_xticks([])
             a.set_yticks([])
             if c == 0:
@@ -88,14 +104,16 @@ def plot_reward_curve(path: Path, rows: list[dict]) -> None:
     evals = {k for m in rows for k in m if k.startswith("eval/") and k.endswith("/reward") and " - " not in k}
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        x, y = map(np.asarray, zip(*train))
+        x, y = map(np.asarray, zip(*train, strict=True))
         ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label="training reward")
         w = max(1, len(y) // 25)
         if len(y) >= w:
-            ax.plot(x[w - 1 :], np.convolve(y, np.ones(w) / w, mode="valid"), color="tab:blue", label=f"moving mean ({w})")
+            ax.plot(
+                x[w - 1 :], np.convolve(y, np.ones(w) / w, mode="valid"), color="tab:blue", label=f"moving mean ({w})"
+            )
     for k in sorted(evals):
         pts = [(m["step"], m[k]) for m in rows if k in m]
-        ax.plot(*zip(*pts), marker="o", ls="--", label=k)
+        ax.plot(*zip(*pts, strict=True), marker="o", ls="--", label=k)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)

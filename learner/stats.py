@@ -11,7 +11,7 @@ error exists and it is NaN.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,7 +24,14 @@ class Reward(Protocol):
 _REGISTRY: dict[str, type] = {}
 _METRICS: dict[str, type] = {}
 _BUILTIN_MODULES = (
-    "rewards.toy", "rewards.digits", "rewards.fidelity", "rewards.hps", "rewards.clip", "rewards.ocr", "rewards.count", "rewards.http",
+    "rewards.toy",
+    "rewards.digits",
+    "rewards.fidelity",
+    "rewards.hps",
+    "rewards.clip",
+    "rewards.ocr",
+    "rewards.count",
+    "rewards.http",
 )
 
 
@@ -59,7 +67,9 @@ def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
     registered()  # import the built-ins so that they are in the tables
     if ":" not in name:
         if name not in table:
-            raise ValueError(f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'")
+            raise ValueError(
+                f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'"
+            )
         return table[name]
     mod_name, _, attr = name.partition(":")
     try:
@@ -88,7 +98,7 @@ def resolve(name: str) -> type:
         raise ValueError(f"reward {name!r} is not a class or factory")
     if inspect.isclass(cls) and not any("__call__" in vars(k) for k in cls.__mro__[:-1]):
         raise ValueError(f"reward {name!r}: class {cls.__qualname__} has no __call__(images, prompts) method")
-    call = getattr(cls, "__call__", None) if inspect.isclass(cls) else cls
+    call = cls.__call__ if inspect.isclass(cls) else cls
     try:
         params = inspect.signature(call).parameters
     except (TypeError, ValueError):
@@ -125,7 +135,9 @@ def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
     try:
         raw = np.asarray(scores)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {_shown(prompts)}: {e}") from None
+        raise ValueError(
+            f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {_shown(prompts)}: {e}"
+        ) from None
     if raw.dtype.kind not in "iuf":
         kind = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "O": "objects"}.get(
             raw.dtype.kind, str(raw.dtype)

@@ -15,7 +15,8 @@ Text features are cached per prompt; images go through the model in batches.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +24,11 @@ from rewards.base import register
 from rewards.cache import PromptCache
 from rewards.images import as_uint8_images
 
+if TYPE_CHECKING:  # torch is imported where a model is built, not at import
+    import torch
 
-def _features(out: Any) -> "torch.Tensor":
+
+def _features(out: Any) -> torch.Tensor:
     """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
     return out if hasattr(out, "dim") else out.pooler_output
 
@@ -48,13 +52,14 @@ class ClipEmbedder:
         except ImportError as e:  # pragma: no cover - transformers is a core dependency
             raise ImportError(f"CLIP rewards need transformers: {e}") from None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        clip: Any = CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype))  # transformers types .to() loosely
+        self.model = clip.to(self.device).eval()
         self.model.requires_grad_(False)
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.batch_size = batch_size
         self.text_features = PromptCache(self._encode_text, cache_prompts)
 
-    def _encode_text(self, prompts: list[str]) -> "torch.Tensor":
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         import torch
 
         tok = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
@@ -62,7 +67,7 @@ class ClipEmbedder:
             f = _features(self.model.get_text_features(**{k: v.to(self.device) for k, v in tok.items()}))
         return torch.nn.functional.normalize(f.float(), dim=-1)
 
-    def cosine(self, images: Any, prompts: Sequence[str]) -> "torch.Tensor":
+    def cosine(self, images: Any, prompts: Sequence[str]) -> torch.Tensor:
         """cos(image_i, prompt_i) for each pair, float32 [N]."""
         import torch
         from PIL import Image

@@ -18,20 +18,38 @@ word is made singular by rule. A prompt that names no count is an error, not a s
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from rewards.base import register
 from rewards.images import as_uint8_images
 
-NUMBERS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+NUMBERS = {
+    w: i
+    for i, w in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+    )
+}
 _STOP = r"(?:,|\.|;|:|!|\?|$|\s(?:and|with|on|in|at|of|next|near|beside|behind|under|above|below|by|to|from|or)\b)"
 _COUNT = re.compile(r"\b(\d+|" + "|".join(NUMBERS) + r")\s+([a-z][a-z\- ]*?)\s*(?=" + _STOP + ")")
 _IRREGULAR = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-    "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "leaves": "leaf",
-    "wolves": "wolf", "loaves": "loaf", "shelves": "shelf", "buses": "bus", "sheep": "sheep",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "mice": "mouse",
+    "geese": "goose",
+    "teeth": "tooth",
+    "feet": "foot",
+    "knives": "knife",
+    "leaves": "leaf",
+    "wolves": "wolf",
+    "loaves": "loaf",
+    "shelves": "shelf",
+    "buses": "bus",
+    "sheep": "sheep",
 }
 
 
@@ -76,7 +94,7 @@ def count_detections(
     return np.bincount(lab[kept].numpy().astype(np.int64), minlength=n_classes)[:n_classes]
 
 
-def count_reward(wanted: Sequence[int], counted: Sequence[int]) -> float:
+def count_reward(wanted: Sequence[int], counted: Sequence[int] | np.ndarray) -> float:
     """Mean over objects of ``1 - min(|c - n|, n) / n``."""
     w = np.asarray(wanted, dtype=np.float64)
     c = np.asarray(counted, dtype=np.float64)
@@ -98,7 +116,8 @@ class CountReward:
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = Owlv2ForObjectDetection.from_pretrained(model).to(self.device).eval().requires_grad_(False)
+        detector: Any = Owlv2ForObjectDetection.from_pretrained(model)  # transformers types .to() loosely
+        self.model = detector.to(self.device).eval().requires_grad_(False)
         self.processor = Owlv2Processor.from_pretrained(model)
         self.threshold, self.iou, self.template, self.batch_size = threshold, iou, template, batch_size
 
@@ -117,7 +136,9 @@ class CountReward:
             cx, cy, w, h = res.pred_boxes.float().unbind(-1)
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
             for j in range(len(chunk)):
-                out.append((best.values[j].sigmoid().cpu().numpy(), best.indices[j].cpu().numpy(), boxes[j].cpu().numpy()))
+                out.append(
+                    (best.values[j].sigmoid().cpu().numpy(), best.indices[j].cpu().numpy(), boxes[j].cpu().numpy())
+                )
         return out
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
@@ -131,7 +152,7 @@ class CountReward:
                 raise ValueError(f"count: prompt {prompt!r} names no count of objects ('three apples')")
             idx = [i for i, p in enumerate(prompts) if p == prompt]
             queries = [self.template.format(obj) for obj, _ in wanted]
-            for i, (s, lab, b) in zip(idx, self.detect([arrs[i] for i in idx], queries)):
+            for i, (s, lab, b) in zip(idx, self.detect([arrs[i] for i in idx], queries), strict=True):
                 counted = count_detections(s, lab, b, len(queries), self.threshold, self.iou)
                 scores[i] = count_reward([n for _, n in wanted], counted)
         return scores

@@ -16,8 +16,8 @@ the samples drift from real digits (reward hacking) shows in the final table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,9 @@ def _classifier(hidden: int, features: int) -> nn.Sequential:
 
 
 def _discriminator(hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+    )
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

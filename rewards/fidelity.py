@@ -15,7 +15,8 @@ Frechet distance far better than realism x p(class) does (docs/method.md). Its c
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

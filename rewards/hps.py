@@ -22,14 +22,18 @@ scores with hpsv2's own code; ``tests/unit/test_hps.py`` checks them to 1e-5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from rewards.base import register
 from rewards.cache import PromptCache
 from rewards.images import as_uint8_images
+
+if TYPE_CHECKING:  # torch is imported where a model is built, not at import
+    import torch
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HUB_REPO = "xswu/HPSv2"
@@ -57,7 +61,7 @@ def load_hps_state(path: str | Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def preprocess(image: np.ndarray, size: int = 224) -> "torch.Tensor":
+def preprocess(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """uint8 [H, W, 3] -> normalised float32 [3, size, size], exactly as hpsv2's val transform."""
     import torch
     import torchvision.transforms.functional as F
@@ -122,7 +126,8 @@ class HPSReward:
                 checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version])
             if not Path(checkpoint).is_file():
                 raise FileNotFoundError(
-                    f"hps: no checkpoint at {checkpoint} (HPS {version} is {CHECKPOINTS[version]} of the hub repo {HUB_REPO})"
+                    f"hps: no checkpoint at {checkpoint} (HPS {version} is {CHECKPOINTS[version]} of the hub"
+                    f" repo {HUB_REPO})"
                 )
             model.load_state_dict(load_hps_state(checkpoint), strict=True)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -135,7 +140,7 @@ class HPSReward:
 
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
 
-    def _encode_text(self, prompts: list[str]) -> "torch.Tensor":
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         import torch
 
         with torch.inference_mode(), self._autocast():

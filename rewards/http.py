@@ -21,19 +21,21 @@ inputs, so a retried request is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from common.codec import DecodeError, pack, unpack
-from common.prompts import MAX_PROMPT_CHARS
 from common.messages import ArrayMessage, Message
+from common.prompts import MAX_PROMPT_CHARS
 from rewards.base import register
 from rewards.images import stack_uint8
 
@@ -49,7 +51,7 @@ class ScoreRequest(ArrayMessage):
     prompts: list[str] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "ScoreRequest":
+    def _check(self) -> ScoreRequest:
         a = self.images
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, H, W, 3], got {a.dtype} {list(a.shape)}")
@@ -66,7 +68,7 @@ class ScoreResponse(ArrayMessage):
     scores: np.ndarray = Field(description="float32 [N]")
 
     @model_validator(mode="after")
-    def _check(self) -> "ScoreResponse":
+    def _check(self) -> ScoreResponse:
         if self.scores.dtype != np.float32 or self.scores.ndim != 1:
             raise ValueError(f"scores must be float32 [N], got {self.scores.dtype} {list(self.scores.shape)}")
         return self
@@ -122,10 +124,8 @@ class HttpReward:
             expired.set()
             sock = conn.sock
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
         watchdog = threading.Timer(self.timeout, abort)
         watchdog.daemon = True
@@ -137,7 +137,11 @@ class HttpReward:
             if expired.is_set():  # the watchdog cut the answer short
                 raise TimeoutError(f"no complete answer within {self.timeout:g} s")
             declared = resp.getheader("Content-Length")
-            if declared is not None and declared.isdigit() and len(data) < min(int(declared), self.max_response_bytes + 1):
+            if (
+                declared is not None
+                and declared.isdigit()
+                and len(data) < min(int(declared), self.max_response_bytes + 1)
+            ):
                 raise ConnectionResetError(f"answer ended after {len(data)} of {declared} bytes")
             return resp.status, data
         except (OSError, http.client.HTTPException) as e:

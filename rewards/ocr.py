@@ -16,7 +16,8 @@ pip alone (docs/rewards.md says why it was chosen).
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,9 @@ class OCRReward:
         try:
             from rapidocr import RapidOCR
         except ImportError as e:
-            raise ImportError(f"the ocr reward needs rapidocr and onnxruntime (pip install rapidocr onnxruntime): {e}") from None
+            raise ImportError(
+                f"the ocr reward needs rapidocr and onnxruntime (pip install rapidocr onnxruntime): {e}"
+            ) from None
         self.require_quotes = require_quotes
         self.engine = RapidOCR(
             params={
@@ -82,14 +85,14 @@ class OCRReward:
     def read(self, image: np.ndarray) -> str:
         """All the text the engine reads in one uint8 [H, W, 3] image, lines joined by spaces."""
         out = self.engine(np.ascontiguousarray(image[..., ::-1]))  # RapidOCR takes OpenCV's BGR
-        return " ".join(out.txts or ())
+        return " ".join(getattr(out, "txts", None) or ())
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         arrs = as_uint8_images(images)
         if len(arrs) != len(prompts):
             raise ValueError(f"ocr: {len(arrs)} images for {len(prompts)} prompts")
         scores = []
-        for img, prompt in zip(arrs, prompts):
+        for img, prompt in zip(arrs, prompts, strict=True):
             targets = quoted_text(prompt)
             if not targets:
                 if self.require_quotes:

@@ -19,6 +19,7 @@ error bodies are cut to ``MAX_ERROR_CHARS`` (an error never echoes a large reque
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -30,7 +31,6 @@ from common.codec import DecodeError, pack, unpack
 from rewards.base import _shown, build, check_scores
 from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
 
-
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1000
 
@@ -39,10 +39,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], name: str, reward: Any, max_bytes: int = MAX_REQUEST_BYTES,
-        max_concurrent: int = 2, client_timeout: float = 60.0, queue_timeout: float = 300.0,
+        self,
+        address: tuple[str, int],
+        name: str,
+        reward: Any,
+        max_bytes: int = MAX_REQUEST_BYTES,
+        max_concurrent: int = 2,
+        client_timeout: float = 60.0,
+        queue_timeout: float = 300.0,
     ):
-        super().__init__(address, _Handler)
+        # the per-read socket timeout of this server's connections (StreamRequestHandler.timeout)
+        super().__init__(address, type("_Handler", (_Handler,), {"timeout": client_timeout}))
         self.name, self.reward, self.max_bytes = name, reward, max_bytes
         self.lock = threading.Lock()  # one scoring at a time
         self.slots = threading.BoundedSemaphore(max_concurrent)  # requests read and decoded at a time
@@ -52,20 +59,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: RewardHTTPServer
     protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds of silence on the socket (each read); the whole request: client_timeout
 
     def setup(self) -> None:
         super().setup()
-        self.timeout = self.server.client_timeout
         self._watchdog: threading.Timer | None = None
 
     def _arm(self) -> None:
         """Cut the connection unless the request is read within client_timeout."""
+
         def expire() -> None:
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
         self._watchdog = threading.Timer(self.server.client_timeout, expire)
         self._watchdog.daemon = True
@@ -140,7 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - any failure of the reward goes back as a 500
             if isinstance(e, ValueError) and str(e).startswith(f"reward {self.server.name!r}"):
                 return self._error(500, str(e))  # check_scores' message already names reward and prompt
-            return self._error(500, f"reward {self.server.name!r} failed on prompts {_shown(req.prompts)}: {type(e).__name__}: {e}")
+            return self._error(
+                500, f"reward {self.server.name!r} failed on prompts {_shown(req.prompts)}: {type(e).__name__}: {e}"
+            )
         self._send(200, pack(ScoreResponse(scores=scores)))
 
 
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     server = RewardHTTPServer(
         (args.host, args.port), args.reward, reward, args.max_bytes, args.max_concurrent, args.client_timeout
     )
-    host, port = server.server_address[:2]
+    host, port = server.server_address[0], server.server_address[1]
+    host = host.decode() if isinstance(host, bytes) else host
     print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)
     try:
         server.serve_forever()

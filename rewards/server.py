@@ -7,7 +7,8 @@ that made them: the learner never holds them.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ class RewardServer:
 
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.reward = build(name, kwargs)
+        self.reward: Any = build(name, kwargs)  # a Reward, or one that also takes references=
 
     def needs_reference(self) -> bool:
         """Whether the reward compares with the many-step reference sample (``needs_reference``)."""
@@ -38,7 +39,9 @@ class RewardServer:
             else:
                 raw = self.reward(images, prompts)
         except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompts named
-            raise RuntimeError(f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}") from e
+            raise RuntimeError(
+                f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}"
+            ) from e
         return check_scores(self.name, raw, prompts)
 
     def pid(self) -> int:
@@ -68,9 +71,7 @@ class MetricServer:
             raise ValueError(f"metric {self.name!r} returned a non-finite value ({value})")
         return value
 
-    def distance_with_se(
-        self, *features: np.ndarray, resamples: int = 50, seed: int = 0
-    ) -> tuple[float, float | None]:
+    def distance_with_se(self, *features: np.ndarray, resamples: int = 50, seed: int = 0) -> tuple[float, float | None]:
         """The distance and its sampling noise: the standard deviation of the distance over
         ``resamples`` bootstrap resamples of the samples (a set-level metric has no per-sample
         standard error; this says how much of a difference between two sets is noise). None

@@ -61,8 +61,9 @@ class RolloutWorker:
         try:
             check_prompts(prompts, "prompts")
             check = getattr(self.sampler, "check_prompt", None)
-            for p in prompts if check is not None else []:
-                check(p)
+            if callable(check):
+                for p in prompts:
+                    check(p)
         except ValueError as e:
             return str(e)
         return None
@@ -70,7 +71,7 @@ class RolloutWorker:
     def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
         new = [p for p in dict.fromkeys(prompts) if p not in self._features]
         if new:
-            self._features.update(zip(new, self.sampler.encode(new)))
+            self._features.update(zip(new, self.sampler.encode(new), strict=True))
         return [self._features[p] for p in prompts]
 
     def sample(
@@ -96,7 +97,7 @@ class RolloutWorker:
         prompts = [c.prompt for c in ctxs]
         feats = self._encode(prompts)
         x = self.sampler.initial_noise([c.seed for c in ctxs])
-        pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats])
+        pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats if f.pooled is not None])
         tokens = [f.tokens for f in feats]
 
         if request.mode == "sample":
@@ -128,9 +129,7 @@ class RolloutWorker:
             raise ValueError(f"policy has L={tau.shape[-1] - 1} steps but the request asks for L={steps}")
 
         times = times_from_tau(tau.reshape(-1, steps + 1))
-        images = self.sampler.sample(
-            [p for p in prompts for _ in range(k)], np.repeat(x, k, axis=0), times
-        )
+        images = self.sampler.sample([p for p in prompts for _ in range(k)], np.repeat(x, k, axis=0), times)
         references = None
         if self.reference_steps:
             ref_times = np.tile(times_from_tau(self.sampler.default_tau(self.reference_steps)), (len(ctxs), 1))

@@ -61,8 +61,13 @@ def tiny_overrides(tmp_path: Path, **sections) -> dict:
         "rollout": {"num_workers": 2, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
         "rewards": [{"name": "toy", "num_cpus": 0.5}],
         "learner": {
-            "iterations": 3, "checkpoint_every": 2, "eval_seeds": 4, "progress": False,
-            "eval_metrics": [], "global_baseline": False, "plots": False,
+            "iterations": 3,
+            "checkpoint_every": 2,
+            "eval_seeds": 4,
+            "progress": False,
+            "eval_metrics": [],
+            "global_baseline": False,
+            "plots": False,
         },
     }
     for name, values in sections.items():

@@ -8,8 +8,9 @@ one scalar step index) but reuse the pipelines' own encoders, helpers and VAE.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_pipeline(cls: type, cfg: DiffusersSection, **extra: Any):
+def load_pipeline(cls: Any, cfg: DiffusersSection, **extra: Any) -> Any:
     """``cls.from_pretrained`` with the section's model, revision and dtype (``prepare_pipeline``
     is the backend's job)."""
     import diffusers
@@ -71,7 +72,8 @@ def check_flow_scheduler(pipe, backend: str) -> None:
     sched = pipe.scheduler.config
     if sched.get("stochastic_sampling") or sched.get("invert_sigmas"):
         raise ValueError(
-            f"the {backend} backend runs the deterministic Euler flow: stochastic_sampling and invert_sigmas must be off"
+            f"the {backend} backend runs the deterministic Euler flow: stochastic_sampling and"
+            " invert_sigmas must be off"
         )
 
 
@@ -134,7 +136,7 @@ class PromptCache:
     def get(self, prompts: Sequence[str]) -> list[Any]:
         new = [p for p in dict.fromkeys(prompts) if p not in self._items]
         if new:
-            self._items.update(zip(new, self.encode(new)))
+            self._items.update(zip(new, self.encode(new), strict=True))
         for p in prompts:
             self._items.move_to_end(p)
         out = [self._items[p] for p in prompts]

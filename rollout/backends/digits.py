@@ -46,6 +46,7 @@ class DigitsFlowModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, hidden: int = 512, depth: int = 4, emb_dim: int = 64, num_classes: int = 10):
         super().__init__()
+        self.emb_dim = emb_dim
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
         layers: list[nn.Module] = [nn.Linear(64 + 2 * emb_dim, hidden), nn.SiLU()]
         for _ in range(depth - 1):
@@ -54,16 +55,14 @@ class DigitsFlowModel(ModelMixin, ConfigMixin):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = torch.cat(
-            [x.reshape(len(x), 64), timestep_embedding(t, self.config.emb_dim), self.label_emb(labels)], dim=-1
-        )
+        h = torch.cat([x.reshape(len(x), 64), timestep_embedding(t, self.emb_dim), self.label_emb(labels)], dim=-1)
         return self.net(h).reshape(x.shape)
 
 
 def train_flow_model(out: Path, settings: dict) -> None:
     """Train the velocity model on the training digits and save it (diffusers format) in ``out``."""
-    x, y = digits.split("train")
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    x_np, y_np = digits.split("train")
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic: the same weights for the same settings
     try:
@@ -103,10 +102,16 @@ class DigitsSampler:
         seed: int = 0,
         guidance_scale: float = 2.0,
     ):
-        settings = dict(
-            hidden=hidden, depth=depth, emb_dim=emb_dim, train_steps=train_steps, batch_size=batch_size,
-            lr=lr, label_dropout=label_dropout, seed=seed,
-        )
+        settings = {
+            "hidden": hidden,
+            "depth": depth,
+            "emb_dim": emb_dim,
+            "train_steps": train_steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "label_dropout": label_dropout,
+            "seed": seed,
+        }
         path = cached("digits-flow", settings, lambda out: train_flow_model(out, settings))
         self.model = DigitsFlowModel.from_pretrained(path, low_cpu_mem_usage=False).eval()
         self.guidance_scale = guidance_scale
@@ -147,9 +152,7 @@ class DigitsSampler:
         return out
 
     def initial_noise(self, seeds: list[int]) -> np.ndarray:
-        return np.stack(
-            [np.random.default_rng(s).standard_normal((1, 8, 8), dtype=np.float32) for s in seeds]
-        )
+        return np.stack([np.random.default_rng(s).standard_normal((1, 8, 8), dtype=np.float32) for s in seeds])
 
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class FluxSampler:
         self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
 
     @classmethod
-    def from_config(cls, cfg: FluxConfig) -> "FluxSampler":
+    def from_config(cls, cfg: FluxConfig) -> FluxSampler:
         from diffusers import FluxPipeline
 
         return cls(load_pipeline(FluxPipeline, cfg), cfg)

@@ -71,7 +71,7 @@ class SDSampler:
         self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
 
     @classmethod
-    def from_config(cls, cfg: SDConfig) -> "SDSampler":
+    def from_config(cls, cfg: SDConfig) -> SDSampler:
         from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
@@ -108,8 +108,10 @@ class SDSampler:
 
         sched = EulerDiscreteScheduler.from_config(self.euler.config)
         sched.set_timesteps(steps)
-        if sched.config.interpolation_type != "linear" or sched.config.final_sigmas_type != "zero" or any(
-            sched.config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        if (
+            sched.config.interpolation_type != "linear"
+            or sched.config.final_sigmas_type != "zero"
+            or any(sched.config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
         ):
             # those grids are not sigma(timestep) of the linear map executed here
             raise ValueError("the sd backend reproduces linear-interpolated Euler grids ending in 0 only")
@@ -152,7 +154,7 @@ class SDSampler:
         # with EulerDiscreteScheduler (denoising loop and decode; no IP adapter, no guidance rescale,
         # no watermark), with one change: per-sample sigma and timestep vectors instead of the
         # scheduler's scalar step index; scale_model_input and step (s_churn = 0) inlined.
-        pipe, n, cfg_g = self.pipe, len(conds), self.cfg_guidance
+        pipe, cfg_g = self.pipe, self.cfg_guidance
         device = pipe._execution_device
         embeds = stack(conds, "embeds")
         extra = {}

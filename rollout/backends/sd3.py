@@ -51,7 +51,7 @@ class SD3Sampler:
         self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
 
     @classmethod
-    def from_config(cls, cfg: SD3Config) -> "SD3Sampler":
+    def from_config(cls, cfg: SD3Config) -> SD3Sampler:
         from diffusers import StableDiffusion3Pipeline
 
         return cls(load_pipeline(StableDiffusion3Pipeline, cfg), cfg)

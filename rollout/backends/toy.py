@@ -43,9 +43,7 @@ class ToySampler:
         return out
 
     def initial_noise(self, seeds: list[int]) -> np.ndarray:
-        return np.stack(
-            [np.random.default_rng(s).standard_normal(self.mixture.dim, dtype=np.float32) for s in seeds]
-        )
+        return np.stack([np.random.default_rng(s).standard_normal(self.mixture.dim, dtype=np.float32) for s in seeds])
 
     def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
         cls = np.array([self.mixture.parse(p) for p in prompts])

@@ -20,12 +20,24 @@ def test_entry_point_trains_and_prints_the_table(tmp_path):
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(
         [
-            sys.executable, "-m", "learner.main", "--config", "configs/toy.yaml",
-            f"--experiment.output_dir={tmp_path}", "--experiment.name=e2e",
-            "--learner.iterations=4", "--learner.eval_seeds=8", "--learner.checkpoint_every=2",
-            "--learner.progress=false", "--ray.num_cpus=2",
+            sys.executable,
+            "-m",
+            "learner.main",
+            "--config",
+            "configs/toy.yaml",
+            f"--experiment.output_dir={tmp_path}",
+            "--experiment.name=e2e",
+            "--learner.iterations=4",
+            "--learner.eval_seeds=8",
+            "--learner.checkpoint_every=2",
+            "--learner.progress=false",
+            "--ray.num_cpus=2",
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "held-out evaluation after 4 iterations" in res.stdout
@@ -44,10 +56,20 @@ def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(
         [
-            sys.executable, "-m", "learner.main", f"--experiment.output_dir={tmp_path}",
-            "--learner.iterations=3", "--learner.eval_seeds=6", "--learner.progress=false", "--ray.num_cpus=2",
+            sys.executable,
+            "-m",
+            "learner.main",
+            f"--experiment.output_dir={tmp_path}",
+            "--learner.iterations=3",
+            "--learner.eval_seeds=6",
+            "--learner.progress=false",
+            "--ray.num_cpus=2",
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout

@@ -14,8 +14,8 @@ from common.config import load_config
 from common.messages import RolloutRecord
 from learner.loop import train
 from learner.metrics import read_jsonl
-from rollout.backends.tiny import SIZE, save_tiny
 from tests.conftest import tiny_overrides
+from tests.fixtures.tiny_pipelines import SIZE, save_tiny
 
 pytestmark = pytest.mark.ray
 

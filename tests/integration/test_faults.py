@@ -39,7 +39,8 @@ class Killer(threading.Thread):
         from ray._private import state
 
         return [
-            a["Pid"] for aid, a in state.actors().items()
+            a["Pid"]
+            for aid, a in state.actors().items()
             if a["ActorClassName"] == self.class_name and a["State"] == "ALIVE" and a.get("Pid") and aid in seen
         ]
 
@@ -104,8 +105,13 @@ def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
 
 
 def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
-    killer = Killer("RolloutWorker", kills=2, every_s=0.2, first_after_s=0.0,
-                    when=lambda: (tmp_path / "t" / "metrics.jsonl").exists())
+    killer = Killer(
+        "RolloutWorker",
+        kills=2,
+        every_s=0.2,
+        first_after_s=0.0,
+        when=lambda: (tmp_path / "t" / "metrics.jsonl").exists(),
+    )
     killer.start()
     t0 = time.perf_counter()
     try:

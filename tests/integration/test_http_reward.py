@@ -8,6 +8,7 @@ bounded, timeouts honoured.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -33,7 +33,18 @@ HPS_KWARGS = {"checkpoint": str(FIXTURE / "tiny-hps.pt"), "arch": str(FIXTURE / 
 
 
 def _serve(reward: str, kwargs: dict, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "rewards.serve", "--reward", reward, "--kwargs", json.dumps(kwargs), "--port", "0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rewards.serve",
+        "--reward",
+        reward,
+        "--kwargs",
+        json.dumps(kwargs),
+        "--port",
+        "0",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), reward
 
 
@@ -95,10 +106,16 @@ def test_strict_decoding_refuses_bad_bodies(servers):
     refused(pack({**ok, "prompts": ["a", "b"]}), 400, "1 images for 2 prompts")
     refused(pack({**ok, "extra": 1}), 400, "Extra inputs are not permitted")
     refused(b"\x93\x01\x02", 400, "truncated")
-    refused(msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["object", [1]]) + b"x"), "prompts": ["a"]}), 400,
-            "dtype 'object' is not allowed")
-    refused(msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["uint8", [1, 8, 8, 3]]) + b"xx"), "prompts": ["a"]}),
-            400, "needs 192 bytes, got 2")
+    refused(
+        msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["object", [1]]) + b"x"), "prompts": ["a"]}),
+        400,
+        "dtype 'object' is not allowed",
+    )
+    refused(
+        msgpack.packb({"images": msgpack.ExtType(1, msgpack.packb(["uint8", [1, 8, 8, 3]]) + b"xx"), "prompts": ["a"]}),
+        400,
+        "needs 192 bytes, got 2",
+    )
     refused(msgpack.packb({"images": msgpack.ExtType(7, b""), "prompts": ["a"]}), 400, "unknown msgpack ext type 7")
     refused(pickle_bytes(), 400, "")  # a pickle is just malformed msgpack here: never unpickled
     refused(pack(ok), 415, "Content-Type must be", content_type="application/octet-stream")
@@ -117,9 +134,13 @@ def pickle_bytes() -> bytes:
 def test_bad_remote_reward_names_reward_and_prompt(servers):
     r = HttpReward(servers["tests.integration.rewards_for_tests:BadImageReward"], timeout=10, retries=3, backoff=0.01)
     images = np.zeros((2, 8, 8, 3), np.uint8)
-    with pytest.raises(RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* non-finite .* prompt 'nan please'"):
+    with pytest.raises(
+        RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* non-finite .* prompt 'nan please'"
+    ):
         r(images, ["fine", "nan please"])
-    with pytest.raises(RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* failed on prompts \['crash please'"):
+    with pytest.raises(
+        RemoteRewardError, match=r"HTTP 500: reward .*BadImageReward.* failed on prompts \['crash please'"
+    ):
         r(images[:1], ["crash please"])
     assert r.attempts == 2  # a 500 is the reward's own failure: not retried
     assert r(images, ["fine", "fine"]).tolist() == [0.0, 0.0]
@@ -143,10 +164,8 @@ def test_retries_are_bounded_and_timeouts_honoured():
     def accept():
         silent.settimeout(0.1)
         while not stop.is_set():
-            try:
+            with contextlib.suppress(OSError):
                 held.append(silent.accept()[0])
-            except OSError:
-                pass
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()

@@ -9,6 +9,7 @@ in-process cluster of the session-scoped `ray_local` fixture and anyone else's c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -103,10 +104,8 @@ def _kill_cluster(temp_dir: str, gcs_port: int, timeout: float = 30.0) -> set[in
         if not pids or time.monotonic() > deadline:
             return pids
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.5)
 
 

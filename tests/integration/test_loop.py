@@ -109,9 +109,14 @@ def test_k_schedule_raises_k_from_its_iteration(ray_local, tmp_path):
 def test_concentration_schedule_reaches_workers_and_learner_alike(ray_local, tmp_path):
     """The cap changes at its iteration on the workers (which draw) and in the learner (which
     recomputes log-probs) together: the update stays exactly on-policy throughout."""
-    cfg = load_config([], **tiny_overrides(
-        tmp_path, policy={"max_concentration": 3.0, "concentration_schedule": {2: 1000.0}}, learner={"iterations": 4},
-    ))
+    cfg = load_config(
+        [],
+        **tiny_overrides(
+            tmp_path,
+            policy={"max_concentration": 3.0, "concentration_schedule": {2: 1000.0}},
+            learner={"iterations": 4},
+        ),
+    )
     res = train(cfg, final_eval=False)
     rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
     conc = [m["policy/concentration"] for m in rows]

@@ -3,6 +3,7 @@ equal those of an uninterrupted run, bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,11 +23,21 @@ pytestmark = pytest.mark.ray
 
 ITERS = 6
 FLAGS = [
-    "--config", "configs/toy.yaml", "--experiment.name=r", f"--learner.iterations={ITERS}",
-    "--learner.checkpoint_every=2", "--learner.eval_seeds=2", "--learner.progress=false",
-    "--learner.global_baseline=false", "--learner.plots=false", "--ray.num_cpus=2",
-    "--rollout.contexts_per_iter=4", "--policy.widths=[8,8,16,16]", "--policy.groups=4",
-    "--policy.attn_heads=2", "--policy.head_hidden=16",
+    "--config",
+    "configs/toy.yaml",
+    "--experiment.name=r",
+    f"--learner.iterations={ITERS}",
+    "--learner.checkpoint_every=2",
+    "--learner.eval_seeds=2",
+    "--learner.progress=false",
+    "--learner.global_baseline=false",
+    "--learner.plots=false",
+    "--ray.num_cpus=2",
+    "--rollout.contexts_per_iter=4",
+    "--policy.widths=[8,8,16,16]",
+    "--policy.groups=4",
+    "--policy.attn_heads=2",
+    "--policy.head_hidden=16",
 ]
 
 
@@ -37,15 +48,14 @@ def _weights(run_dir):
 def _cli(args, timeout=300):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        try:  # the killed driver's local Ray cluster goes with its process group
+        with contextlib.suppress(ProcessLookupError):  # the killed driver's local Ray cluster goes with its group
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return proc.returncode, out
 
 

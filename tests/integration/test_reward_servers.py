@@ -20,8 +20,12 @@ def test_runtime_env_weights_and_crash(ray_local):
     ray = ray_local
     assert "STEINSCHED_TEST_SCALE" not in os.environ
     specs = [
-        RewardSpec(name=f"{MOD}:EnvScale", weight=2.0, num_cpus=0.25,
-                   runtime_env={"env_vars": {"STEINSCHED_TEST_SCALE": "1.5"}}),
+        RewardSpec(
+            name=f"{MOD}:EnvScale",
+            weight=2.0,
+            num_cpus=0.25,
+            runtime_env={"env_vars": {"STEINSCHED_TEST_SCALE": "1.5"}},
+        ),
         RewardSpec(name=f"{MOD}:NegativeNorm", weight=0.5, num_cpus=0.25, num_servers=2),
         RewardSpec(name=f"{MOD}:CrashOnClass7", num_cpus=0.25),
     ]
@@ -36,6 +40,9 @@ def test_runtime_env_weights_and_crash(ray_local):
     np.testing.assert_allclose(scores.total, 2.0 * 1.5 + 0.5 * np.array([-5.0, -1.0] * 2))
 
     bad = SimpleNamespace(images=ray.put(x), prompts=["class 3", "class 7"], references=None)
-    with pytest.raises(ray.exceptions.RayTaskError, match=r"reward '.*CrashOnClass7' failed on prompts \['class 3', 'class 7'\]: KeyError"):
+    with pytest.raises(
+        ray.exceptions.RayTaskError,
+        match=r"reward '.*CrashOnClass7' failed on prompts \['class 3', 'class 7'\]: KeyError",
+    ):
         group.score(bad)
         ray.get(bad.scores[2])

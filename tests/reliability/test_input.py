@@ -104,9 +104,15 @@ def _prompt_file(tmp_path, data: bytes | None, name: str = "p.txt"):
 )
 def test_bad_prompt_files_fail_at_startup(capsys, tmp_path, data, needle):
     path = _prompt_file(tmp_path, data)
-    _fails(capsys, ["--sampler.backend=sd", f"--sampler.sd.prompt_file={path}", f"--experiment.output_dir={tmp_path}"], needle)
     _fails(
-        capsys, ["--sampler.backend=flux", f"--sampler.flux.eval_prompt_file={tmp_path / 'missing.txt'}"], "does not exist"
+        capsys,
+        ["--sampler.backend=sd", f"--sampler.sd.prompt_file={path}", f"--experiment.output_dir={tmp_path}"],
+        needle,
+    )
+    _fails(
+        capsys,
+        ["--sampler.backend=flux", f"--sampler.flux.eval_prompt_file={tmp_path / 'missing.txt'}"],
+        "does not exist",
     )
 
 
@@ -123,8 +129,13 @@ def test_a_reward_class_without_call_is_refused():
 
 @pytest.mark.parametrize(
     ("scores", "kind"),
-    [(["1.0", "2.0"], "strings"), ([True, False], "booleans"), ([1 + 0j, 2 + 0j], "complex numbers"),
-     ([1.0, None], "objects"), (np.array([b"1", b"2"]), "bytes")],
+    [
+        (["1.0", "2.0"], "strings"),
+        ([True, False], "booleans"),
+        ([1 + 0j, 2 + 0j], "complex numbers"),
+        ([1.0, None], "objects"),
+        (np.array([b"1", b"2"]), "bytes"),
+    ],
 )
 def test_scores_must_be_real_numbers(scores, kind):
     with pytest.raises(ValueError, match=f"reward 'r' returned {kind}, not real numbers"):

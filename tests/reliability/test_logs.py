@@ -25,8 +25,20 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 def _rec(i: int, prompt: str = "class 1") -> RolloutRecord:
-    return RolloutRecord(iteration=i, context=i, k=0, prompt=prompt, seed=i, version=i, tau=[0.5, 0.5],
-                         logp=-1.0, reward=0.25, rewards={"toy": 0.25}, baseline=0.0, advantage=0.25)
+    return RolloutRecord(
+        iteration=i,
+        context=i,
+        k=0,
+        prompt=prompt,
+        seed=i,
+        version=i,
+        tau=[0.5, 0.5],
+        logp=-1.0,
+        reward=0.25,
+        rewards={"toy": 0.25},
+        baseline=0.0,
+        advantage=0.25,
+    )
 
 
 def _log(tmp_path, n: int = 5):
@@ -77,7 +89,7 @@ def test_any_damage_is_a_torn_tail_or_a_decode_error(tmp_path, at, junk, insert)
     path = _log(tmp_path, 6)
     data = path.read_bytes()
     at = at % (len(data) + 1)
-    bad = data[:at] + junk + (data[at:] if insert else data[at + len(junk):])
+    bad = data[:at] + junk + (data[at:] if insert else data[at + len(junk) :])
     path.write_bytes(bad)
     try:
         scan = scan_records(path, RolloutRecord)

@@ -21,16 +21,30 @@ from learner.main import main
 
 
 def _snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 def _flags(tmp_path, *extra: str) -> list[str]:
     return [
-        "--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", "--experiment.name=r",
-        "--learner.iterations=4", "--learner.checkpoint_every=2", "--learner.eval_seeds=2", "--learner.progress=false",
-        "--learner.global_baseline=false", "--learner.plots=false", "--rollout.contexts_per_iter=4",
-        "--rollout.k_schedule={}", "--policy.widths=[8,8,16,16]", "--policy.groups=4", "--policy.attn_heads=2",
-        "--policy.head_hidden=16", *extra,
+        "--config",
+        "configs/toy.yaml",
+        f"--experiment.output_dir={tmp_path}",
+        "--experiment.name=r",
+        "--learner.iterations=4",
+        "--learner.checkpoint_every=2",
+        "--learner.eval_seeds=2",
+        "--learner.progress=false",
+        "--learner.global_baseline=false",
+        "--learner.plots=false",
+        "--rollout.contexts_per_iter=4",
+        "--rollout.k_schedule={}",
+        "--policy.widths=[8,8,16,16]",
+        "--policy.groups=4",
+        "--policy.attn_heads=2",
+        "--policy.head_hidden=16",
+        *extra,
     ]
 
 
@@ -58,7 +72,9 @@ def test_a_second_live_run_is_refused(capsys, tmp_path):
     try:
         import socket
 
-        (tmp_path / "r" / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t"}))
+        (tmp_path / "r" / LOCK).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t"})
+        )
         assert main(_flags(tmp_path)) == 2
         err = capsys.readouterr().err
         assert f"is in use by pid {holder.pid}" in err and "delete" in err
@@ -165,8 +181,24 @@ def test_torn_log_tails_are_dropped_with_a_warning_and_the_run_resumes(finished,
     out = _copy(finished, tmp_path)
     run = out / "r"
     with open(run / "rollouts.msgpack", "ab") as f:
-        f.write(pack(RolloutRecord(iteration=9, context=0, k=0, prompt="class 1", seed=1, version=1, tau=[1.0],
-                                   logp=0.0, reward=0.0, rewards={}, baseline=0.0, advantage=0.0))[:17])
+        f.write(
+            pack(
+                RolloutRecord(
+                    iteration=9,
+                    context=0,
+                    k=0,
+                    prompt="class 1",
+                    seed=1,
+                    version=1,
+                    tau=[1.0],
+                    logp=0.0,
+                    reward=0.0,
+                    rewards={},
+                    baseline=0.0,
+                    advantage=0.0,
+                )
+            )[:17]
+        )
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "rollout/rew')
     train(load_config(_flags(out, "--resume=auto", "--learner.iterations=6")))

@@ -4,6 +4,7 @@ with one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -41,8 +42,8 @@ def test_a_reward_that_never_starts_is_one_line(ray_local, tmp_path):
 def test_a_stalled_scoring_call_is_restarted_and_resent_exactly_once(ray_local, tmp_path):
     marker = tmp_path / "stalled-once"
     cfg = _cfg(
-        tmp_path, {"name": f"{HANG}:HangOnce", "kwargs": {"marker": str(marker)}, "timeout_s": 3,
-                   "timeout_per_image_s": 0.0},
+        tmp_path,
+        {"name": f"{HANG}:HangOnce", "kwargs": {"marker": str(marker)}, "timeout_s": 3, "timeout_per_image_s": 0.0},
         learner={"iterations": 3},
     )
     t0 = time.perf_counter()
@@ -58,17 +59,26 @@ def test_a_stalled_scoring_call_is_restarted_and_resent_exactly_once(ray_local, 
 def test_a_reward_that_always_stalls_stops_the_run_naming_reward_and_prompts(ray_local, tmp_path):
     cfg = _cfg(tmp_path, {"name": f"{HANG}:AlwaysHang", "timeout_s": 2, "timeout_per_image_s": 0.0})
     t0 = time.perf_counter()
-    with pytest.raises(TimedOut, match=r"reward '.*AlwaysHang' did not finish scoring prompts \['class .*within 2 s, twice"):
+    with pytest.raises(
+        TimedOut, match=r"reward '.*AlwaysHang' did not finish scoring prompts \['class .*within 2 s, twice"
+    ):
         train(cfg)
     assert time.perf_counter() - t0 < 120
 
 
 def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, tmp_path, capsys):
-    code = main([
-        f"--experiment.output_dir={tmp_path}", "--sampler.backend=sd", f"--sampler.sd.model={tmp_path / 'no-model'}",
-        "--sampler.sd.local_files_only=true", "--rewards=[{\"name\": \"toy\"}]", "--learner.eval_metrics=[]",
-        "--learner.global_baseline=false", "--rollout.num_workers=1",
-    ])
+    code = main(
+        [
+            f"--experiment.output_dir={tmp_path}",
+            "--sampler.backend=sd",
+            f"--sampler.sd.model={tmp_path / 'no-model'}",
+            "--sampler.sd.local_files_only=true",
+            '--rewards=[{"name": "toy"}]',
+            "--learner.eval_metrics=[]",
+            "--learner.global_baseline=false",
+            "--rollout.num_workers=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: rollout worker 0 could not start: ") and "no-model" in err, err
@@ -96,7 +106,9 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
 
     monkeypatch.setattr(loop, "reinforce_step", poisoned)
     cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2}))
-    with pytest.raises(Diverged, match=r"iteration 3: the update diverged \(non-finite weights in .*\); nothing of it was saved"):
+    with pytest.raises(
+        Diverged, match=r"iteration 3: the update diverged \(non-finite weights in .*\); nothing of it was saved"
+    ):
         train(cfg)
     ck = tmp_path / "t" / "checkpoints"
     assert (ck / "latest").read_text().strip() == "ckpt-00000002"
@@ -106,7 +118,9 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
     assert state["iteration"] == 2 and state["logged_rollouts"] == 2 * 4 * 2
     # the last good state resumes (the poison is gone)
     monkeypatch.setattr(loop, "reinforce_step", real)
-    res = train(load_config(["--resume=auto"], **tiny_overrides(tmp_path, learner={"iterations": 4, "checkpoint_every": 2})))
+    res = train(
+        load_config(["--resume=auto"], **tiny_overrides(tmp_path, learner={"iterations": 4, "checkpoint_every": 2}))
+    )
     assert all(torch.isfinite(p).all() for p in res.policy.parameters())
 
 
@@ -144,8 +158,11 @@ def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, t
         while time.monotonic() < deadline and not (tmp_path / "t" / "metrics.jsonl").exists():
             time.sleep(0.05)
         seen = set(state.actors())
-        pids = [a["Pid"] for aid, a in state.actors().items()
-                if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and aid in seen]
+        pids = [
+            a["Pid"]
+            for aid, a in state.actors().items()
+            if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and aid in seen
+        ]
         if pids:
             os.kill(pids[0], signal.SIGSTOP)
             stopped.append(pids[0])
@@ -159,10 +176,8 @@ def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, t
     finally:
         t.join()
         for pid in stopped:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert stopped, "no worker was frozen"
     faults = sum(m.get("system/faults", 0) for m in read_jsonl(res.run_dir / "metrics.jsonl"))
     assert faults >= 1

@@ -1,9 +1,9 @@
-"""The diffusers backends on tiny random pipelines (rollout/backends/tiny.py), float32 on the CPU:
+"""The diffusers backends on tiny random pipelines (tests/fixtures/tiny_pipelines.py), float32 on the CPU:
 
 (a) with the default schedule our per-sample loop reproduces the stock diffusers pipeline (SD1.5
     and SDXL: with EulerDiscreteScheduler) for the same prompt and latents, to 1e-4;
 (b) a batch of samples with different schedules equals the same samples run one at a time;
-and any schedule matches the stock pipeline told to run that schedule (rollout/backends/reference.py).
+and any schedule matches the stock pipeline told to run that schedule (tests/fixtures/stock_reference.py).
 Both also run in bfloat16: on the CPU, and on CUDA under the ``gpu`` marker.
 """
 
@@ -17,8 +17,8 @@ import torch
 
 from common.config import FluxConfig, SD3Config, SDConfig
 from common.schedule import check_tau, guard_tau, times_from_tau
-from rollout.backends.tiny import FAMILIES, SIZE, tiny_pipeline
 from rollout.sampler import Sampler
+from tests.fixtures.tiny_pipelines import FAMILIES, SIZE, tiny_pipeline
 
 PROMPTS = ["a photo of a cat", "an oil painting of a red fox in the snow, highly detailed"]
 TOL = 1e-4  # max abs difference of float images in [0, 1] (the issue's bar)
@@ -31,7 +31,9 @@ class Case:
     sampler: Sampler
     stock_kwargs: dict
 
-    def stock(self, prompt: str, steps: int, latents: torch.Tensor | None = None, seed: int | None = None) -> np.ndarray:
+    def stock(
+        self, prompt: str, steps: int, latents: torch.Tensor | None = None, seed: int | None = None
+    ) -> np.ndarray:
         """The stock pipeline's float image for one prompt, from ``latents`` or a CPU generator."""
         kwargs = dict(self.stock_kwargs, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="np")
         if latents is not None:
@@ -56,14 +58,14 @@ def build(family: str, device: str = "cpu", dtype: str = "float32", **over) -> C
         cfg = FluxConfig(**{"max_sequence_length": 32, "guidance_scale": 3.5, **common})
         pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         sampler = FluxSampler(pipe, cfg)
-        stock = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+        stock = {"guidance_scale": cfg.guidance_scale, "max_sequence_length": cfg.max_sequence_length}
     elif family == "sd3":
         from rollout.backends.sd3 import SD3Sampler
 
         cfg = SD3Config(**{"max_sequence_length": 32, "guidance_scale": 4.0, **common})
         pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         sampler = SD3Sampler(pipe, cfg)
-        stock = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+        stock = {"guidance_scale": cfg.guidance_scale, "max_sequence_length": cfg.max_sequence_length}
     else:
         from rollout.backends.sd import SDSampler
 
@@ -72,7 +74,7 @@ def build(family: str, device: str = "cpu", dtype: str = "float32", **over) -> C
         sampler = SDSampler(pipe, cfg)
         # the stock pipeline with its EulerDiscreteScheduler, as a user swaps it in
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        stock = dict(guidance_scale=cfg.guidance_scale)
+        stock = {"guidance_scale": cfg.guidance_scale}
     return Case(family, pipe, sampler, stock)
 
 
@@ -108,7 +110,7 @@ def test_default_schedule_reproduces_the_stock_pipeline(case: Case, steps: int):
 def test_any_schedule_matches_the_stock_pipeline_on_that_schedule(case: Case):
     """Beyond the default: the stock pipeline told to run our schedule (shift off for flows, custom
     timesteps t*T - 1 for Euler) gives the same image as our loop."""
-    from rollout.backends.reference import stock_generate, stock_pipeline_for_schedules
+    from tests.fixtures.stock_reference import stock_generate, stock_pipeline_for_schedules
 
     s, L = case.sampler, 4
     stock = stock_pipeline_for_schedules(case.pipe)

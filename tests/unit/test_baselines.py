@@ -180,8 +180,13 @@ def test_hand_computed_3x2(name):
     b, diag = compute(name, np.array(R, dtype=np.float64))
     np.testing.assert_allclose(b, _as_float(HAND[name]), rtol=0, atol=1e-12)
     for key, want in HAND_DIAG.get(name, {}).items():
-        np.testing.assert_allclose(np.asarray(diag[key], dtype=np.float64), np.asarray(want, dtype=np.float64),
-                                   rtol=0, atol=1e-12, err_msg=f"{name} diagnostic {key}")
+        np.testing.assert_allclose(
+            np.asarray(diag[key], dtype=np.float64),
+            np.asarray(want, dtype=np.float64),
+            rtol=0,
+            atol=1e-12,
+            err_msg=f"{name} diagnostic {key}",
+        )
 
 
 @pytest.mark.parametrize("name", sorted(HAND2))
@@ -200,8 +205,9 @@ def test_hand_cases_match_the_reference(name):
     b, diag = reference(name, np.array(R, dtype=np.float64))
     np.testing.assert_allclose(np.array(b), _as_float(HAND[name]), rtol=0, atol=1e-12)
     for key, want in HAND_DIAG.get(name, {}).items():
-        np.testing.assert_allclose(np.asarray(diag[key], dtype=np.float64), np.asarray(want, dtype=np.float64),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(diag[key], dtype=np.float64), np.asarray(want, dtype=np.float64), atol=1e-12
+        )
 
 
 def test_js_alpha_zero_when_both_variances_zero():
@@ -381,8 +387,12 @@ def test_type_dtype_shape_preserved(name, r, kind):
     ref, _ = compute(name, np.asarray(before.numpy() if isinstance(before, torch.Tensor) else before, dtype=np.float64))
     got = b.numpy() if isinstance(b, torch.Tensor) else b
     single = kind.endswith("32")
-    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=1e-5 if single else 1e-12,
-                               atol=(1e-4 if single else 1e-12) * max(1.0, float(np.max(np.abs(r)))))
+    np.testing.assert_allclose(
+        got.astype(np.float64),
+        ref,
+        rtol=1e-5 if single else 1e-12,
+        atol=(1e-4 if single else 1e-12) * max(1.0, float(np.max(np.abs(r)))),
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from common.config import load_config
-from tests.conftest import load_bench
 from common.policy import SchedulePolicy, policy_kwargs
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_POLICY = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16}
@@ -91,7 +91,13 @@ def test_oracle_bounds_every_fixed_method_on_every_context(gap):
     bench = _bench()
     m = gap.methods
     assert set(m) == {
-        bench.DEFAULT, bench.FIXED, bench.PER_PROMPT, bench.PER_MODE, bench.ORACLE, bench.GLOBAL, bench.INSTANCE
+        bench.DEFAULT,
+        bench.FIXED,
+        bench.PER_PROMPT,
+        bench.PER_MODE,
+        bench.ORACLE,
+        bench.GLOBAL,
+        bench.INSTANCE,
     }
     n = len(gap.prompts)
     assert n == 10 * 4 and all(len(x.reward) == n for x in m.values())
@@ -179,8 +185,13 @@ def test_main_trains_with_the_real_entry_point_and_reads_its_policies(tmp_path):
     bench = _bench()
     out = tmp_path / "gap.json"
     flags = [
-        "--experiment.name=t", "--learner.iterations=2", "--learner.eval_seeds=2", "--learner.checkpoint_every=2",
-        "--rollout.contexts_per_iter=4", "--rollout.steps=3", "--learner.rollout_log=false",
+        "--experiment.name=t",
+        "--learner.iterations=2",
+        "--learner.eval_seeds=2",
+        "--learner.checkpoint_every=2",
+        "--rollout.contexts_per_iter=4",
+        "--rollout.steps=3",
+        "--learner.rollout_log=false",
         *(f"--policy.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in TINY_POLICY.items()),
     ]
     args = ["--backend", "toy", "--train-dir", str(tmp_path), "--candidates", "4", "--train-contexts", "20"]

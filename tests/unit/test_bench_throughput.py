@@ -20,7 +20,9 @@ def _bench():
 
 
 def test_tiny_budget_same_images_and_a_ratio(capsys):
-    rows = _bench().main(["--families", "sd15", "flux", "--contexts", "2", "--k", "2", "--steps", "2", "--repeats", "1"])
+    rows = _bench().main(
+        ["--families", "sd15", "flux", "--contexts", "2", "--k", "2", "--steps", "2", "--repeats", "1"]
+    )
     assert [r["family"] for r in rows] == ["sd15", "flux"]
     for r in rows:
         assert r["images"] == 4 and r["max_diff"] <= 1e-4

@@ -21,12 +21,30 @@ def test_tiny_budget_checks(tmp_path):
     sampler = ToySampler(**cfg.sampler.toy.model_dump())
     L = cfg.rollout.steps
     torch.manual_seed(0)
-    SchedulePolicy(**policy_kwargs(cfg.policy, sampler.spec(), L, sampler.default_tau(L))).save_pretrained(run / "policy")
-    out = load_bench("toy_diagnostics.py").main(
-        ["--run", str(run), "--draws", "2", "--fit-steps", "150", "--candidates", "20", "--train-contexts", "300",
-         "--eval-seeds", "5"]
+    SchedulePolicy(**policy_kwargs(cfg.policy, sampler.spec(), L, sampler.default_tau(L))).save_pretrained(
+        run / "policy"
     )
-    for name in ("at the mean: learned - best fixed", "under the policy's noise: learned - best fixed",
-                 "per-(prompt, mode) table - best fixed", "regressed policy - best fixed"):
+    out = load_bench("toy_diagnostics.py").main(
+        [
+            "--run",
+            str(run),
+            "--draws",
+            "2",
+            "--fit-steps",
+            "150",
+            "--candidates",
+            "20",
+            "--train-contexts",
+            "300",
+            "--eval-seeds",
+            "5",
+        ]
+    )
+    for name in (
+        "at the mean: learned - best fixed",
+        "under the policy's noise: learned - best fixed",
+        "per-(prompt, mode) table - best fixed",
+        "regressed policy - best fixed",
+    ):
         assert np.isfinite(out[name]["mean"]) and out[name]["n"] == 50
     assert out["fit loss"]["last"] < 0.5 * out["fit loss"]["first"]

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from common.config import load_config
-from tests.conftest import load_bench
 from common.policy import SchedulePolicy, log_prob, policy_kwargs
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 

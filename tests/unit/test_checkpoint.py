@@ -9,7 +9,7 @@ import torch
 from common.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from common.policy import SchedulePolicy
 
-TINY = dict(widths=[8, 8], groups=4, attn_heads=2, head_hidden=8, input_kind="vector")
+TINY = {"widths": [8, 8], "groups": 4, "attn_heads": 2, "head_hidden": 8, "input_kind": "vector"}
 
 
 def _policy(seed=0):
@@ -31,7 +31,7 @@ def test_save_load_round_trip(tmp_path):
     opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
     state = load_checkpoint(ck, other, opt2)
     assert state == {"iteration": 7, "version": 7, "cursor": 112}
-    for a, b in zip(pol.state_dict().values(), other.state_dict().values()):
+    for a, b in zip(pol.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
@@ -87,7 +87,7 @@ def test_store_on_an_fsspec_url(tmp_path):
     assert local.name == "ckpt-00000003" and verify(local) is None
     other = _policy(1)
     assert load_checkpoint(local, other, None) == {"iteration": 3}
-    assert all(torch.equal(a, b) for a, b in zip(pol.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(pol.state_dict().values(), other.state_dict().values(), strict=True))
     # a damaged remote checkpoint is skipped in favour of the previous one
     fs.pipe(f"{root}/ckpt-00000003/state.json", b'{"iteration": 99}')
     msgs = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import numpy as np
 import pytest
@@ -14,8 +16,18 @@ from common.messages import RolloutRecord
 
 def _record(i=0) -> RolloutRecord:
     return RolloutRecord(
-        iteration=i, context=3, k=1, prompt="class 2", seed=42, version=i, tau=[0.1, 0.2, 0.7],
-        logp=1.5, reward=-0.25, rewards={"toy": -0.25}, baseline=0.1, advantage=-0.35,
+        iteration=i,
+        context=3,
+        k=1,
+        prompt="class 2",
+        seed=42,
+        version=i,
+        tau=[0.1, 0.2, 0.7],
+        logp=1.5,
+        reward=-0.25,
+        rewards={"toy": -0.25},
+        baseline=0.1,
+        advantage=-0.35,
     )
 
 
@@ -57,10 +69,8 @@ def test_rejects_oversized_and_wrong_types():
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_never_crash(data):
-    try:
+    with contextlib.suppress(DecodeError):
         unpack(data, RolloutRecord)
-    except DecodeError:
-        pass
 
 
 def test_rollout_log_append_and_read(tmp_path):

@@ -109,7 +109,7 @@ def test_cli_mistakes_exit_2_without_traceback(tmp_path: Path):
 def test_cli_help_lists_every_field():
     res = _cli("--help")
     assert res.returncode == 0
-    for section, model in Config.model_fields.items():
+    for section in Config.model_fields:
         assert f"--{section}" in res.stdout
     for name in ("--rollout.k", "--learner.baseline", "--policy.init", "--sampler.toy.spread", "--ray.num_cpus"):
         assert name in res.stdout

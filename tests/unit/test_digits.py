@@ -12,7 +12,7 @@ from common import digits
 from common.cache import cached, settings_key
 from common.schedule import guard_tau, times_from_tau, uniform_flow_tau
 
-TINY = dict(hidden=32, depth=2, emb_dim=8, train_steps=20, batch_size=32)
+TINY = {"hidden": 32, "depth": 2, "emb_dim": 8, "train_steps": 20, "batch_size": 32}
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,10 @@ def test_rewards_tell_real_from_degraded_and_few_step_from_many(trained):
     xh, yh = digits.split("held_out")
     prompts = [f"the digit {c}" for c in yh]
     real = reward(digits.to_unit(xh), prompts)
-    fake = reward(digits.to_unit(degrade(torch.from_numpy(xh), torch.from_numpy(yh), torch.Generator().manual_seed(0)).numpy()), prompts)
+    fake = reward(
+        digits.to_unit(degrade(torch.from_numpy(xh), torch.from_numpy(yh), torch.Generator().manual_seed(0)).numpy()),
+        prompts,
+    )
     assert real.mean() > 0.8 and fake.mean() < 0.2
     wrong = reward(digits.to_unit(xh), [f"the digit {(c + 1) % 10}" for c in yh])
     assert wrong.mean() < 0.1  # the prompted class matters

@@ -40,7 +40,10 @@ def test_doc_example_scores_through_a_reward_server(my_rewards):
     server = RewardServer("my_rewards:ColourMatch", {"sharpness": 4.0})
     s = server.score(_images(), ["a red square", "a blue square"])
     assert s.dtype == np.float32 and s[0] > 0.8 and s[1] < 0.2
-    with pytest.raises(RuntimeError, match=r"reward 'my_rewards:ColourMatch' failed on prompts \['a cat'\]: ValueError: no colour named in 'a cat'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"reward 'my_rewards:ColourMatch' failed on prompts \['a cat'\]: ValueError: no colour named in 'a cat'",
+    ):
         server.score(_images()[:1], ["a cat"])
 
 
@@ -49,12 +52,19 @@ def test_doc_example_in_a_ray_server_and_bad_specs_fail_at_startup(my_rewards, r
     from learner.groups import RewardGroup
 
     path = os.pathsep.join([str(my_rewards.parent), str(REPO), os.environ.get("PYTHONPATH", "")])
-    spec = RewardSpec(name="my_rewards:ColourMatch", kwargs={"sharpness": 4.0}, num_cpus=0.25,
-                      runtime_env={"env_vars": {"PYTHONPATH": path}})
+    spec = RewardSpec(
+        name="my_rewards:ColourMatch",
+        kwargs={"sharpness": 4.0},
+        num_cpus=0.25,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     group = RewardGroup([spec])
     s = ray_local.get(group.servers[0][0].score.remote(_images(), ["a red square", "a green square"]))
     assert s[0] > 0.8 and s[1] < 0.2
     # the page's startup error: a misspelt class, one line naming the reward
     bad = spec.model_copy(update={"name": "my_rewards:ColourMach"})
-    with pytest.raises(ConfigError, match=r"rewards\[0\] \('my_rewards:ColourMach'\) could not start: ValueError: .*has no attribute 'ColourMach'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"rewards\[0\] \('my_rewards:ColourMach'\) could not start: ValueError: .*has no attribute 'ColourMach'",
+    ):
         RewardGroup([bad])

@@ -23,7 +23,9 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hps"
 
 @pytest.fixture(scope="module")
 def tiny_hps():
-    return build("hps", {"checkpoint": str(FIXTURE / "tiny-hps.pt"), "arch": str(FIXTURE / "tiny-hps.json"), "batch_size": 3})
+    return build(
+        "hps", {"checkpoint": str(FIXTURE / "tiny-hps.pt"), "arch": str(FIXTURE / "tiny-hps.json"), "batch_size": 3}
+    )
 
 
 def test_scores_equal_hpsv2_reference(tiny_hps):

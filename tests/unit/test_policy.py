@@ -19,7 +19,7 @@ from common.policy import (
 )
 from common.schedule import uniform_flow_tau
 
-TINY = dict(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16, input_kind="vector")
+TINY = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16, "input_kind": "vector"}
 
 
 def _inputs(b=3, x_shape=(4,), t=5, e=6, p=6, seed=0) -> PolicyInputs:
@@ -38,7 +38,9 @@ def _inputs(b=3, x_shape=(4,), t=5, e=6, p=6, seed=0) -> PolicyInputs:
 def test_conditional_shapes_vector_and_image(x_shape):
     torch.manual_seed(0)
     kind = "vector" if len(x_shape) == 1 else "image"
-    pol = SchedulePolicy(steps=5, in_channels=x_shape[0], token_dim=6, pooled_dim=6, **{**TINY, "input_kind": kind}).eval()
+    pol = SchedulePolicy(
+        steps=5, in_channels=x_shape[0], token_dim=6, pooled_dim=6, **{**TINY, "input_kind": kind}
+    ).eval()
     alpha = pol(_inputs(x_shape=x_shape))
     assert alpha.shape == (3, 6) and alpha.dtype == torch.float32
     assert bool((alpha > ALPHA_MIN).all())
@@ -60,8 +62,15 @@ def test_default_init_mean_is_the_default_schedule():
     tau0 = uniform_flow_tau(4)
     for variant in ("conditional", "global"):
         pol = SchedulePolicy(
-            steps=4, in_channels=4, token_dim=6, pooled_dim=6, variant=variant, init="default",
-            default_tau=tau0.tolist(), concentration=50.0, **TINY,
+            steps=4,
+            in_channels=4,
+            token_dim=6,
+            pooled_dim=6,
+            variant=variant,
+            init="default",
+            default_tau=tau0.tolist(),
+            concentration=50.0,
+            **TINY,
         ).eval()
         alpha = pol(_inputs()).detach().double()
         mean = (alpha / alpha.sum(-1, keepdim=True)).numpy()
@@ -164,8 +173,16 @@ def test_bad_variant_or_init():
 
 def test_max_concentration_caps_the_sum_and_keeps_the_mean():
     torch.manual_seed(0)
-    kw = dict(steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="default", default_tau=uniform_flow_tau(4).tolist(),
-              concentration=200.0, **TINY)
+    kw = dict(
+        steps=4,
+        in_channels=4,
+        token_dim=6,
+        pooled_dim=6,
+        init="default",
+        default_tau=uniform_flow_tau(4).tolist(),
+        concentration=200.0,
+        **TINY,
+    )
     free = SchedulePolicy(**kw).eval()
     torch.manual_seed(0)
     capped = SchedulePolicy(**kw, max_concentration=30.0).eval()
@@ -174,10 +191,14 @@ def test_max_concentration_caps_the_sum_and_keeps_the_mean():
     np.testing.assert_allclose((b / b.sum(-1, keepdim=True)).numpy(), (a / a.sum(-1, keepdim=True)).numpy(), atol=1e-6)
     torch.manual_seed(0)
     low = SchedulePolicy(**{**kw, "concentration": 10.0}, max_concentration=30.0).eval()
-    np.testing.assert_allclose(low(_inputs()).detach().double().sum(-1).numpy(), 10.0, rtol=1e-4)  # below the cap: untouched
+    np.testing.assert_allclose(
+        low(_inputs()).detach().double().sum(-1).numpy(), 10.0, rtol=1e-4
+    )  # below the cap: untouched
 
 
 def test_alpha_min_floors_alpha():
     torch.manual_seed(0)
-    pol = SchedulePolicy(steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="scratch", alpha_min=1.0, **TINY).eval()
+    pol = SchedulePolicy(
+        steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="scratch", alpha_min=1.0, **TINY
+    ).eval()
     assert bool((pol(_inputs()) > 1.0).all())

@@ -16,7 +16,7 @@ from rewards.count import CountReward, count_detections, count_reward, parse_cou
 from rewards.images import as_uint8_images
 from rewards.ocr import quoted_text, substring_distance, text_recall
 from tests.conftest import REPO
-from tests.tiny_hf import save_tiny_clip, save_tiny_owlv2
+from tests.fixtures.tiny_hf import save_tiny_clip, save_tiny_owlv2
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,13 @@ def test_count_parsing_and_grading():
     assert parse_counts("one cat, one cat") == [("cat", 2)]
     assert parse_counts("a cat on a mat") == []
     assert [singular(w) for w in ("boxes", "cherries", "glasses", "bus", "buses", "sheep")] == [
-        "box", "cherry", "glass", "bus", "bus", "sheep"]
+        "box",
+        "cherry",
+        "glass",
+        "bus",
+        "bus",
+        "sheep",
+    ]
     assert count_reward([3, 2], [3, 2]) == 1.0
     assert count_reward([2], [0]) == 0.0 and count_reward([2], [4]) == 0.0 and count_reward([2], [9]) == 0.0
     assert count_reward([4, 2], [3, 2]) == pytest.approx((0.75 + 1.0) / 2)
@@ -146,7 +152,7 @@ def test_image_forms():
     f_chw = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
     for form in (u8, list(u8), f_chw, f_chw.numpy().transpose(0, 2, 3, 1)):
         out = as_uint8_images(form)
-        assert len(out) == 2 and all(np.array_equal(a, b) for a, b in zip(out, u8))
+        assert len(out) == 2 and all(np.array_equal(a, b) for a, b in zip(out, u8, strict=True))
     with pytest.raises(ValueError, match="non-finite"):
         as_uint8_images(np.full((1, 4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="uint8 or float"):

@@ -49,9 +49,7 @@ def simplex_points(draw, min_l=1, max_l=MAX_L, batch=False):
 def decreasing_times(draw, min_l=1, max_l=MAX_L):
     """[L] strictly decreasing times in (0, 1)."""
     steps = draw(st.integers(min_l, max_l))
-    vals = draw(
-        hnp.arrays(np.float64, steps, elements=st.floats(1e-6, 1 - 1e-6), unique=True)
-    )
+    vals = draw(hnp.arrays(np.float64, steps, elements=st.floats(1e-6, 1 - 1e-6), unique=True))
     return np.sort(vals)[::-1].copy()
 
 

@@ -23,7 +23,7 @@ from common.schedule import (
     times_from_tau,
 )
 
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
 
 @pytest.mark.parametrize("steps", [1, 4, 28])

@@ -71,7 +71,9 @@ def test_best_per_sample_schedule_beats_the_default_at_few_steps():
     reward = ToyReward(floor=-10.0, dim=4)
     prompts = [f"class {i % 10}" for i in range(n)]
     noise = s.initial_noise(list(range(n)))
-    taus = np.concatenate([uniform_flow_tau(steps)[None], guard_tau(np.random.default_rng(1).dirichlet(np.full(steps + 1, 2.0), cands))])
+    taus = np.concatenate(
+        [uniform_flow_tau(steps)[None], guard_tau(np.random.default_rng(1).dirichlet(np.full(steps + 1, 2.0), cands))]
+    )
     r = np.stack([reward(s.sample(prompts, noise, np.tile(times_from_tau(t), (n, 1))), prompts) for t in taus])
     default, best_global, best_each = r[0].mean(), r.mean(1).max(), r.max(0).mean()
     assert best_global > default + 0.5, (default, best_global)

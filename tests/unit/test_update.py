@@ -25,7 +25,7 @@ from common.schedule import TAU_FLOOR, executed_tau, guard_tau
 from learner import baselines
 from learner.update import reinforce_step
 
-TINY = dict(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16, input_kind="vector")
+TINY = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16, "input_kind": "vector"}
 
 
 def _score(alpha: np.ndarray, log_tau: np.ndarray) -> np.ndarray:
@@ -82,8 +82,14 @@ def _bandit_setup(seed: int, variant: str = "conditional"):
     torch.manual_seed(seed)
     steps = 2
     policy = SchedulePolicy(
-        steps=steps, in_channels=3, token_dim=4, variant=variant, init="default",
-        default_tau=[1 / 3] * 3, concentration=6.0, **TINY,
+        steps=steps,
+        in_channels=3,
+        token_dim=4,
+        variant=variant,
+        init="default",
+        default_tau=[1 / 3] * 3,
+        concentration=6.0,
+        **TINY,
     ).eval()
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 3)).astype(np.float32)
@@ -98,7 +104,9 @@ def test_estimator_gradient_is_the_design_formula():
     c, k, steps = 3, 4, 3
     policy = SchedulePolicy(steps=steps, in_channels=3, token_dim=4, init="scratch", **TINY).eval()
     rng = np.random.default_rng(0)
-    inputs = collate(rng.standard_normal((c, 3)).astype(np.float32), [rng.standard_normal((2, 4)).astype(np.float32)] * c, None)
+    inputs = collate(
+        rng.standard_normal((c, 3)).astype(np.float32), [rng.standard_normal((2, 4)).astype(np.float32)] * c, None
+    )
     with torch.no_grad():
         alpha0 = policy(inputs).double().numpy()
     log_tau = np.stack([log_dirichlet(a, rng, size=k) for a in alpha0])
@@ -111,7 +119,7 @@ def test_estimator_gradient_is_the_design_formula():
 
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
     reinforce_step(policy, opt, inputs, log_tau, adv, np.zeros((c, k)), grad_clip=1e9)
-    for p, e in zip(policy.parameters(), expected):
+    for p, e in zip(policy.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)
 
 
@@ -172,5 +180,5 @@ def test_cosine_learning_rate_runs_from_lr_to_the_final_ratio():
     lc = LearnerConfig(iterations=101, lr=2e-3, lr_schedule="cosine", lr_final_ratio=0.1)
     lrs = [learning_rate(lc, it) for it in range(101)]
     assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4) and lrs[50] == pytest.approx(1.1e-3)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=True))
     assert learning_rate(LearnerConfig(iterations=101, lr=2e-3), 70) == 2e-3  # constant
