@@ -71,8 +71,8 @@ class Toy:
         if cfg.sampler.backend != "toy" or [r.name for r in cfg.rewards] != ["toy"]:
             raise ValueError("this bench runs the toy sampler with the single 'toy' reward")
         sampler = ToySampler(**cfg.sampler.toy.model_dump())
-        # The toy reward scores against the sampler's own mixture (as learner/loop.py hands it).
-        reward = ToyReward(**cfg.rewards[0].kwargs, **cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"}))
+        # the toy reward scores against the sampler's own mixture: it takes the sampler section, as in a run
+        reward = ToyReward(sampler=cfg.sampler.model_dump(mode="json"), **cfg.rewards[0].kwargs)
         prompts = sampler.spec().train_prompts
         feats = sampler.encode(prompts)
         return cls(

@@ -134,7 +134,7 @@ class Backend:
                 raise ValueError("the toy bench scores with the single 'toy' reward")
             sampler = ToySampler(**cfg.sampler.toy.model_dump())
             # The toy reward scores against the sampler's own mixture (as learner/loop.py hands it).
-            toy = ToyReward(**cfg.rewards[0].kwargs, **cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"}))
+            toy = ToyReward(sampler=cfg.sampler.model_dump(mode="json"), **cfg.rewards[0].kwargs)
             spec = sampler.spec()
             return cls(
                 name="toy",

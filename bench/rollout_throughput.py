@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # run as a script (python bench/rollout_throughpu
 
 from common.config import FluxConfig, SD3Config, SDConfig  # noqa: E402
 from common.schedule import guard_tau, times_from_tau  # noqa: E402
+from rollout.backends.diffusers_common import DiffusersSampler  # noqa: E402
 from rollout.backends.prompts import TRAIN_PROMPTS  # noqa: E402
 from tests.fixtures.stock_reference import stock_generate, stock_pipeline_for_schedules  # noqa: E402
 from tests.fixtures.tiny_pipelines import FAMILIES, SIZE, tiny_pipeline  # noqa: E402
@@ -46,19 +47,27 @@ def make_sampler(family: str, batch: int):
         "max_batch_size": batch,
     }
     if family == "flux":
-        from rollout.backends.flux import FluxSampler
+        from rollout.backends.flux import FluxFamily
 
         cfg = FluxConfig(max_sequence_length=32, **common)
-        return pipe, FluxSampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32}
+        return (
+            pipe,
+            DiffusersSampler(FluxFamily, pipe, cfg),
+            {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32},
+        )
     if family == "sd3":
-        from rollout.backends.sd3 import SD3Sampler
+        from rollout.backends.sd3 import SD3Family
 
         cfg = SD3Config(max_sequence_length=32, **common)
-        return pipe, SD3Sampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32}
-    from rollout.backends.sd import SDSampler
+        return (
+            pipe,
+            DiffusersSampler(SD3Family, pipe, cfg),
+            {"guidance_scale": cfg.guidance_scale, "max_sequence_length": 32},
+        )
+    from rollout.backends.sd import SDFamily
 
     cfg = SDConfig(guidance_scale=5.0 if family == "sdxl" else 7.5, **common)
-    return pipe, SDSampler(pipe, cfg), {"guidance_scale": cfg.guidance_scale}
+    return pipe, DiffusersSampler(SDFamily, pipe, cfg), {"guidance_scale": cfg.guidance_scale}
 
 
 def bench_family(family: str, contexts: int, k: int, steps: int, repeats: int, seed: int = 0) -> dict:

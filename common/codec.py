@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import msgpack
 import numpy as np
@@ -129,33 +129,40 @@ class LogScan:
     torn_bytes: int  # bytes of an incomplete last record after it (a crash mid-write)
 
 
+def _records_with_ends(f: BinaryIO, source: Path | str, model: type[M]) -> Iterator[tuple[M, int]]:
+    """(record, byte offset where it ends) for each complete record of the open log ``f``; a torn
+    tail ends the iteration, damage anywhere else raises DecodeError naming its byte offset."""
+    unpacker = msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD)
+    offset = 0
+    while True:
+        try:
+            raw = unpacker.unpack()
+        except msgpack.OutOfData:
+            return
+        except msgpack.BufferFull:
+            raise DecodeError(f"{source}: record at byte {offset} is larger than {MAX_RECORD} bytes") from None
+        except Exception as e:  # noqa: BLE001 - msgpack raises many types for damaged bytes
+            raise DecodeError(f"{source}: damaged record at byte {offset}: {type(e).__name__}: {e}") from None
+        try:
+            record = model.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise DecodeError(
+                f"{source}: damaged record at byte {offset}: not a {model.__name__}"
+                f" ({'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']})"
+            ) from None
+        offset = unpacker.tell()
+        yield record, offset
+
+
 def scan_records(path: Path | str, model: type[M]) -> LogScan:
     """Read a whole record log. An incomplete last record (a torn tail) is reported in
     ``torn_bytes``, not raised; damage anywhere else raises DecodeError naming its byte offset."""
-    records: list[M] = []
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        unpacker = msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD)
-        offset = 0
-        while True:
-            try:
-                raw = unpacker.unpack()
-            except msgpack.OutOfData:
-                break
-            except msgpack.BufferFull:
-                raise DecodeError(f"{path}: record at byte {offset} is larger than {MAX_RECORD} bytes") from None
-            except Exception as e:  # noqa: BLE001 - msgpack raises many types for damaged bytes
-                raise DecodeError(f"{path}: damaged record at byte {offset}: {type(e).__name__}: {e}") from None
-            try:
-                records.append(model.model_validate(raw))
-            except ValidationError as e:
-                first = e.errors()[0]
-                raise DecodeError(
-                    f"{path}: damaged record at byte {offset}: not a {model.__name__}"
-                    f" ({'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']})"
-                ) from None
-            offset = unpacker.tell()
-    return LogScan(records, offset, size - offset)
+        pairs = list(_records_with_ends(f, path, model))
+    end = pairs[-1][1] if pairs else 0
+    return LogScan([r for r, _ in pairs], end, size - end)
 
 
 def read_records(source: Path | str, model: type[M]) -> Iterator[M]:
@@ -163,17 +170,5 @@ def read_records(source: Path | str, model: type[M]) -> Iterator[M]:
     memory). A torn last record (a crash mid-write) ends the iteration; damage anywhere else
     raises DecodeError naming the byte offset."""
     with open(source, "rb") as f:
-        unpacker = msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD)
-        offset = 0
-        while True:
-            try:
-                raw = unpacker.unpack()
-            except msgpack.OutOfData:
-                return
-            except Exception as e:  # noqa: BLE001
-                raise DecodeError(f"{source}: damaged record at byte {offset}: {type(e).__name__}: {e}") from None
-            try:
-                yield model.model_validate(raw)
-            except ValidationError as e:
-                raise DecodeError(f"{source}: damaged record at byte {offset}: not a {model.__name__}: {e}") from None
-            offset = unpacker.tell()
+        for record, _ in _records_with_ends(f, source, model):
+            yield record

@@ -8,6 +8,7 @@ Unknown keys, wrong types and impossible values are errors that name the field.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -170,17 +171,40 @@ class SDConfig(DiffusersSection):
     negative_prompt: str | None = Field(None, description="Negative prompt of classifier-free guidance (None: empty).")
 
 
+#: The built-in sampler backends (each with its own section below).
+BUILTIN_BACKENDS = ("toy", "digits", "flux", "sd3", "sd")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
 class SamplerConfig(Section):
-    backend: Literal["toy", "digits", "flux", "sd3", "sd"] = Field(
+    backend: str = Field(
         "digits",
-        description="Sampler backend: 'toy', 'digits', or a diffusers pipeline: 'flux', 'sd3'"
-        " (SD3/3.5), 'sd' (SD1.5/SDXL).",
+        description="Sampler backend: 'toy', 'digits', a diffusers pipeline ('flux', 'sd3' for SD3/3.5, 'sd' for"
+        " SD1.5/SDXL), or a user's sampler by import path 'pkg.module:Class' (docs/backends.md).",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a sampler named by import path (its __init__)."
+    )
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime_env of the rollout workers (a plug-in sampler's own dependencies)."
     )
     toy: ToyConfig = Field(default_factory=ToyConfig, description="Options of the toy backend.")
     digits: DigitsConfig = Field(default_factory=DigitsConfig, description="Options of the digits backend.")
     flux: FluxConfig = Field(default_factory=FluxConfig, description="Options of the flux backend.")
     sd3: SD3Config = Field(default_factory=SD3Config, description="Options of the sd3 backend.")
     sd: SDConfig = Field(default_factory=SDConfig, description="Options of the sd backend (SD1.5 and SDXL).")
+
+    @model_validator(mode="after")
+    def _backend_is_known(self) -> SamplerConfig:
+        b = self.backend
+        if b not in BUILTIN_BACKENDS and not _IMPORT_PATH.match(b):
+            raise ValueError(
+                f"backend {b!r} is neither a built-in ({', '.join(BUILTIN_BACKENDS)}) nor an import path"
+                " 'pkg.module:Class'"
+            )
+        if b in BUILTIN_BACKENDS and self.kwargs:
+            raise ValueError(f"kwargs are for a sampler named by import path; the {b!r} backend reads sampler.{b}")
+        return self
 
 
 class PolicyConfig(Section):
@@ -275,6 +299,13 @@ class RolloutConfig(Section):
         120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
     )
     max_attempts: int = Field(5, ge=1, le=100, description="Sends of one rollout request before the step fails.")
+    prompt_cache: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="Prompts whose policy features (text tokens) a worker keeps, least recently used evicted"
+        " (0: none kept). With T5 features a prompt holds megabytes.",
+    )
     start_timeout_s: float = Field(
         600.0, gt=0, le=86_400, description="Seconds a rollout worker has to start (build its sampler, load the model)."
     )
@@ -513,6 +544,8 @@ RESUME_FREE = {
     "rollout.max_attempts",
     "rollout.start_timeout_s",
     "rollout.sample_timeout_s",
+    "rollout.prompt_cache",
+    "sampler.runtime_env",
     "rollout.sample_timeout_per_nfe_s",
 }
 _REWARD_RESOURCES = {

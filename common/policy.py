@@ -149,8 +149,9 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
                 for i in range(len(widths))
             )
             feat = sum(widths) + pooled_dim
+            hidden = nn.Linear(feat, head_hidden)  # built before head_out: the init draws in this order
             head_out = nn.Linear(head_hidden, n_out)
-            self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.SiLU(), head_out)
+            self.head = nn.Sequential(hidden, nn.SiLU(), head_out)
             last_bias = head_out.bias
         if init == "default":
             # Dirichlet mean = default_tau at total concentration `concentration`: h = softplus^-1(alpha - alpha_min),

@@ -34,8 +34,8 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
-from rewards.base import _shown
-from rewards.server import MetricServer, RewardServer
+from rewards.actors import MetricServer, RewardServer
+from rewards.registry import _shown
 from rollout.worker import RolloutWorker
 
 #: What a dead or restarting actor looks like to its caller. A RayTaskError (an exception raised
@@ -133,7 +133,11 @@ class RolloutGroup:
     def __init__(self, cfg: Config, reference_steps: int = 0):
         r = cfg.rollout
         actor = ray.remote(RolloutWorker).options(
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0
+            num_cpus=r.num_cpus,
+            num_gpus=r.num_gpus,
+            max_restarts=r.max_restarts,
+            max_task_retries=0,
+            runtime_env=cfg.sampler.runtime_env,  # a plug-in sampler's own dependencies
         )
         self.workers: list[Any] = [
             actor.remote(
@@ -143,6 +147,7 @@ class RolloutGroup:
                 r.steps,
                 cfg.experiment.seed,
                 reference_steps=reference_steps,
+                prompt_cache=r.prompt_cache,
             )
             for i in range(r.num_workers)
         ]
@@ -246,17 +251,17 @@ class RewardGroup:
     def __init__(
         self,
         specs: list[RewardSpec],
-        extra_kwargs: dict[str, dict[str, Any]] | None = None,
+        sampler: dict[str, Any] | None = None,
         max_restarts: int = 3,
         restart_timeout_s: float = 120.0,
     ):
-        """``extra_kwargs[name]`` is merged under a spec's own kwargs (the toy reward's mixture)."""
+        """``sampler``: the run's sampler section, for rewards that score against the sampler's own
+        model (``uses_sampler_config``, e.g. the toy reward)."""
         self.specs = specs
         self.servers: list[list[Any]] = []
         self.restart_timeout_s = restart_timeout_s
         self._scale: dict[str, float] = {}
         for spec in specs:
-            kwargs = {**(extra_kwargs or {}).get(spec.name, {}), **spec.kwargs}
             actor = ray.remote(RewardServer).options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
@@ -264,7 +269,9 @@ class RewardGroup:
                 max_restarts=max_restarts,
                 max_task_retries=0,
             )
-            self.servers.append([actor.remote(spec.name, kwargs) for _ in range(spec.num_servers)])
+            self.servers.append(
+                [actor.remote(spec.name, spec.kwargs, sampler=sampler) for _ in range(spec.num_servers)]
+            )
         self.alive = [list(range(len(s))) for s in self.servers]
         self._wait_started()
         #: per reward: whether it compares with the many-step reference (rollout.reference_steps)

@@ -63,13 +63,6 @@ def init_ray(cfg: RayConfig) -> bool:
     return True
 
 
-def _reward_extras(cfg: Config) -> dict[str, dict]:
-    # The toy reward scores against the sampler's own mixture: hand it the mixture's settings.
-    return (
-        {"toy": cfg.sampler.toy.model_dump(exclude={"token_len", "token_dim"})} if cfg.sampler.backend == "toy" else {}
-    )
-
-
 def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
     """NFE of the workers' many-step reference samples: what the config says, or (None) 64 where
     a reward compares with it and 0 where none does."""
@@ -151,7 +144,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     try:
-        rewards = RewardGroup(cfg.rewards, _reward_extras(cfg), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s)
+        rewards = RewardGroup(
+            cfg.rewards, cfg.sampler.model_dump(mode="json"), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s
+        )
         rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewards.base import register
-from rewards.cache import PromptCache
+from common.prompt_cache import PromptCache
 from rewards.images import as_uint8_images
+from rewards.registry import register
 
 if TYPE_CHECKING:  # torch is imported where a model is built, not at import
     import torch
@@ -57,7 +57,7 @@ class ClipEmbedder:
         self.model.requires_grad_(False)
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.batch_size = batch_size
-        self.text_features = PromptCache(self._encode_text, cache_prompts)
+        self.text_features: PromptCache[torch.Tensor] = PromptCache(self._encode_text, cache_prompts)
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         import torch
@@ -75,7 +75,7 @@ class ClipEmbedder:
         arrs = as_uint8_images(images)
         if len(arrs) != len(prompts):
             raise ValueError(f"{len(arrs)} images for {len(prompts)} prompts")
-        text = self.text_features(list(prompts))
+        text = torch.stack(self.text_features.get(list(prompts)))
         out = []
         for i in range(0, len(arrs), self.batch_size):
             pil = [Image.fromarray(a) for a in arrs[i : i + self.batch_size]]

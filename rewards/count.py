@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import register
 from rewards.images import as_uint8_images
+from rewards.registry import register
 
 NUMBERS = {
     w: i

@@ -1,7 +1,7 @@
 """Digits rewards: realism x p(prompted class), and the Frechet distance as a gold metric.
 
 Three small models, trained by the project on the training digits (common/digits.py), once,
-deterministically, and cached by their settings (common/cache.py):
+deterministically, and cached by their settings (common/artifacts.py):
 
 - a classifier (MLP) gives p(class | image) and the feature space of the Frechet distance;
 - a discriminator scores realism: real digits against degraded ones (Gaussian blur, the
@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common import digits
-from common.cache import cached
-from rewards.base import register, register_metric
+from common.artifacts import cached
+from rewards.registry import register, register_metric
 
 SETTINGS = {"seed": 0, "steps": 3000, "batch_size": 256, "lr": 1e-3, "hidden": 256, "features": 64}
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import register
+from rewards.registry import register
 
 
 def as_float_images(images: Any) -> np.ndarray:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from rewards.base import register
-from rewards.cache import PromptCache
+from common.prompt_cache import PromptCache
 from rewards.images import as_uint8_images
+from rewards.registry import register
 
 if TYPE_CHECKING:  # torch is imported where a model is built, not at import
     import torch
@@ -133,7 +133,7 @@ class HPSReward:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.image_size = int(np.atleast_1d(self.model.visual.image_size)[0])
         self.tokenizer = open_clip.get_tokenizer(arch)
-        self.text_features = PromptCache(self._encode_text, cache_prompts)
+        self.text_features: PromptCache[torch.Tensor] = PromptCache(self._encode_text, cache_prompts)
 
     def _autocast(self):
         import torch
@@ -153,7 +153,7 @@ class HPSReward:
         arrs = as_uint8_images(images)
         if len(arrs) != len(prompts):
             raise ValueError(f"hps: {len(arrs)} images for {len(prompts)} prompts")
-        text = self.text_features(list(prompts))
+        text = torch.stack(self.text_features.get(list(prompts)))
         out = []
         for i in range(0, len(arrs), self.batch_size):
             x = torch.stack([preprocess(a, self.image_size) for a in arrs[i : i + self.batch_size]])

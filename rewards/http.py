@@ -1,6 +1,6 @@
 """A reward scored by a remote service over HTTP, with msgpack bodies (DESIGN.md section 2).
 
-Protocol (served by ``python -m rewards.serve``):
+Protocol (served by ``python -m rewards.http_server``):
 
     POST /score   Content-Type: application/msgpack
         request   {"images": uint8 [N, H, W, 3], "prompts": [N strings]}
@@ -36,8 +36,8 @@ from pydantic import Field, model_validator
 from common.codec import DecodeError, pack, unpack
 from common.messages import ArrayMessage, Message
 from common.prompts import MAX_PROMPT_CHARS
-from rewards.base import register
 from rewards.images import stack_uint8
+from rewards.registry import register
 
 CONTENT_TYPE = "application/msgpack"
 MAX_REQUEST_BYTES = 256 * 2**20

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import register
 from rewards.images import as_uint8_images
+from rewards.registry import register
 
 _QUOTED = re.compile(r'"([^"]+)"|\u201c([^\u201d]+)\u201d')
 

@@ -8,17 +8,27 @@ by a few outliers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from common.toy import ToyMixture
-from rewards.base import register
+from rewards.registry import register
 
 
 @register("toy")
 class ToyReward:
-    def __init__(self, floor: float = -10.0, **problem):
-        """``problem``: the toy mixture's settings (the sampler's ``sampler.toy`` section)."""
+    #: the reward server hands it the run's sampler section: it scores against the sampler's mixture
+    uses_sampler_config = True
+
+    def __init__(self, sampler: dict[str, Any] | None = None, floor: float = -10.0, **problem: Any):
+        """``sampler``: the run's sampler section (given by the reward server), whose ``toy``
+        settings define the mixture; or the mixture's settings directly as ``problem``."""
+        if sampler is not None:
+            if sampler.get("backend") != "toy":
+                raise ValueError(f"the toy reward scores the toy backend's samples, not {sampler.get('backend')!r}'s")
+            mixture = {k: v for k, v in sampler["toy"].items() if k not in ("token_len", "token_dim")}
+            problem = {**mixture, **problem}
         self.floor = floor
         self.mixture = ToyMixture(**problem)
 

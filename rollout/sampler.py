@@ -21,6 +21,15 @@ class PromptFeatures:
     pooled: np.ndarray | None  # [P] float32
 
 
+#: The methods every sampler has (``check_prompt`` is optional).
+REQUIRED_METHODS = ("spec", "default_tau", "encode", "initial_noise", "sample")
+
+
+def missing_methods(cls: type) -> list[str]:
+    """The protocol's methods that ``cls`` lacks (or has as something other than a callable)."""
+    return [f"{m}()" for m in REQUIRED_METHODS if not callable(getattr(cls, m, None))]
+
+
 @runtime_checkable
 class Sampler(Protocol):
     def spec(self) -> SamplerSpec:

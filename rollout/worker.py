@@ -17,6 +17,7 @@ import torch
 from common.config import PolicyConfig, SamplerConfig
 from common.messages import RolloutBatch, RolloutRequest
 from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_log_tau
+from common.prompt_cache import PromptCache
 from common.prompts import check_prompts
 from common.schedule import executed_tau, times_from_tau
 from rollout.backends import build_sampler
@@ -33,6 +34,7 @@ class RolloutWorker:
         run_seed: int,
         torch_threads: int = 1,
         reference_steps: int = 0,
+        prompt_cache: int = 256,
     ):
         torch.set_num_threads(torch_threads)
         self.worker_id, self.run_seed, self.reference_steps = worker_id, run_seed, reference_steps
@@ -41,7 +43,8 @@ class RolloutWorker:
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
         self.policy = SchedulePolicy(**self._policy_kwargs).eval()
         self.version = -1
-        self._features: dict[str, PromptFeatures] = {}
+        # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
+        self._features: PromptCache[PromptFeatures] = PromptCache(self.sampler.encode, prompt_cache)
 
     def spec(self):
         return self.sampler.spec()
@@ -69,10 +72,7 @@ class RolloutWorker:
         return None
 
     def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._features]
-        if new:
-            self._features.update(zip(new, self.sampler.encode(new), strict=True))
-        return [self._features[p] for p in prompts]
+        return self._features.get(prompts)
 
     def sample(
         self, request: RolloutRequest, weights: dict[str, np.ndarray] | None

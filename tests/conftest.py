@@ -1,15 +1,19 @@
 """Shared fixtures. Ray runs with auth disabled (a token left by an earlier ray.init() would
-otherwise break `ray job submit`), an explicit num_cpus, and is shut down in teardown."""
+otherwise break `ray job submit`), an explicit num_cpus, and is shut down in teardown. Whatever
+the project caches (the digits models) goes to the checkout's own `.test-cache/`, never to the
+user's cache directory: `STEINSCHED_CACHE` is set before anything is imported, and Ray workers
+and subprocesses inherit it."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+os.environ.setdefault("STEINSCHED_CACHE", str(Path(__file__).resolve().parents[1] / ".test-cache"))
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

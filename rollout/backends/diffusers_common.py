@@ -1,22 +1,27 @@
-"""What the diffusers backends (flux, sd3, sd) share: loading a pipeline from its config section,
-the per-prompt cache of encoder outputs, x_T from a seed, schedule checks and image conversion.
+"""The diffusers backends (flux, sd3, sd) by composition: ``DiffusersSampler`` does what every
+family does (loading, devices and dtype, prompts, the bounded cache of encoder outputs, policy
+features, x_T from a seed, chunking, images); a family (``FluxFamily``, ``SD3Family``,
+``SDFamily``) supplies only its encoders, its time map and its denoising loop (``DiffusersFamily``).
 
-The backends own their denoising loops (every sample has its own schedule; a stock scheduler holds
-one scalar step index) but reuse the pipelines' own encoders, helpers and VAE.
+The families own their loops (every sample has its own schedule; a stock scheduler holds one
+scalar step index) but reuse the pipelines' own encoders, helpers and VAE.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from common.config import DiffusersSection
+from common.messages import SamplerSpec
+from common.prompt_cache import PromptCache
 from common.prompts import read_prompt_file
+from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
+from rollout.sampler import PromptFeatures
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,24 +131,91 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class PromptCache:
-    """Encoder outputs per prompt, least recently used evicted: each prompt is encoded once."""
-
-    def __init__(self, encode: Callable[[list[str]], list[Any]], capacity: int):
-        self.encode, self.capacity = encode, capacity
-        self._items: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, prompts: Sequence[str]) -> list[Any]:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._items]
-        if new:
-            self._items.update(zip(new, self.encode(new), strict=True))
-        for p in prompts:
-            self._items.move_to_end(p)
-        out = [self._items[p] for p in prompts]
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return out
-
-
 def stack(items: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.stack([it[key] for it in items])
+
+
+class DiffusersFamily(Protocol):
+    """What one pipeline family supplies to ``DiffusersSampler``: its encoders, its time map and
+    its denoising loop. Built on a prepared pipeline (devices, dtype, offload already set)."""
+
+    backend: str  # the config's backend name
+    x_shape: tuple[int, int, int]  # one initial noise, image-shaped [C, h, w]
+    token_dim: int  # width of the text tokens the denoiser cross-attends to
+    pooled_dim: int  # width of the pooled text embedding
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        """The stock schedule at ``steps`` NFE as a point of the simplex (the family's time map)."""
+        ...
+
+    def encode_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
+        """Per prompt: the denoiser's conditioning, with ``embeds`` [T, E], ``pooled`` [P] and
+        ``span`` (start, length) of the prompt's real tokens in ``embeds``."""
+        ...
+
+    def run(self, conds: list[dict[str, Any]], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """The loop: float images [n, H, W, 3] in [0, 1], sample i on its own ``times[i]``."""
+        ...
+
+
+class DiffusersSampler:
+    """The Sampler of every diffusers family: prompts, the bounded conditioning cache, policy
+    features, the initial noise, chunking and the images; the family runs its own loop."""
+
+    def __init__(self, family: Callable[[Any, Any], DiffusersFamily], pipe: Any, cfg: DiffusersSection):
+        """``family(prepared pipe, cfg)`` builds the family (e.g. ``FluxFamily``)."""
+        self.cfg = cfg
+        self.pipe = prepare_pipeline(pipe, cfg)
+        self.family = family(self.pipe, cfg)
+        self.x_shape = self.family.x_shape
+        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
+        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
+        self._cache: PromptCache[dict[str, Any]] = PromptCache(self.family.encode_batch, cfg.prompt_cache)
+
+    @classmethod
+    def from_pretrained(
+        cls, family: Callable[[Any, Any], DiffusersFamily], pipeline: Any, cfg: DiffusersSection, **extra: Any
+    ) -> DiffusersSampler:
+        """The sampler of ``family`` on ``pipeline`` (a diffusers class) loaded from ``cfg``."""
+        return cls(family, load_pipeline(pipeline, cfg, **extra), cfg)
+
+    def spec(self) -> SamplerSpec:
+        f = self.family
+        return SamplerSpec(
+            backend=f.backend,
+            x_shape=f.x_shape,
+            token_dim=f.token_dim,
+            pooled_dim=f.pooled_dim,
+            train_prompts=self.train_prompts,
+            eval_prompts=self.eval_prompts,
+        )
+
+    def default_tau(self, steps: int) -> np.ndarray:
+        return self.family.default_tau(steps)
+
+    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
+        """The policy's view of each prompt: its real tokens (trimmed) and the pooled embedding."""
+        out = []
+        for c in self._cache.get(prompts):
+            start, length = c["span"]
+            tokens = c["embeds"][start : start + length].float().cpu().numpy()
+            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
+        return out
+
+    def initial_noise(self, seeds: list[int]) -> np.ndarray:
+        return draw_noise(seeds, self.x_shape)
+
+    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
+        return to_uint8(self.generate(prompts, noise, times))
+
+    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np'),
+        in chunks of ``max_batch_size`` samples."""
+        times = check_times(times, len(prompts))
+        if noise.shape != (len(prompts), *self.x_shape):
+            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
+        conds = self._cache.get(prompts)
+        out = [self.family.run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
+        self.pipe.maybe_free_model_hooks()
+        return np.concatenate(out)

@@ -4,7 +4,7 @@ A ~1M-parameter MLP velocity model on scikit-learn's 8x8 digits, rectified flow
 ``x_t = (1 - t) x0 + t eps`` with target ``eps - x0`` (diffusers' flow-matching convention:
 sigma = t, the model sees the timestep ``1000 t``), classifier-free guidance by label dropout.
 Trained once, deterministically (one thread, fixed seed), and cached by its settings
-(common/cache.py). Sampling is Euler from ``t_k`` to ``t_{k+1}`` with every sample on its own
+(common/artifacts.py). Sampling is Euler from ``t_k`` to ``t_{k+1}`` with every sample on its own
 schedule, as FlowMatchEulerDiscreteScheduler.step does with a per-sample sigma.
 
 Prompts name a digit ("a handwritten seven", "the digit 7", "7"). The text encoder maps the
@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common import digits
-from common.cache import cached
+from common.artifacts import cached
 from common.messages import SamplerSpec
 from common.schedule import step_ends, uniform_flow_tau
 from rollout.sampler import PromptFeatures

@@ -16,56 +16,38 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import FluxConfig
-from common.messages import SamplerSpec
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
-    PromptCache,
+    DiffusersSampler,
     check_flow_scheduler,
-    check_times,
-    chunks,
-    draw_noise,
     image_size,
-    load_pipeline,
-    prepare_pipeline,
-    read_prompts,
     stack,
-    to_uint8,
 )
-from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
-from rollout.sampler import PromptFeatures
 
 
-class FluxSampler:
+def flux_sampler(cfg: FluxConfig) -> DiffusersSampler:
+    """The flux backend's sampler, its pipeline loaded from ``cfg``."""
+    from diffusers import FluxPipeline
+
+    return DiffusersSampler.from_pretrained(FluxFamily, FluxPipeline, cfg)
+
+
+class FluxFamily:
+    """Flux's encoders, time map and loop (``DiffusersFamily``)."""
+
+    backend = "flux"
+
     def __init__(self, pipe, cfg: FluxConfig):
-        """``pipe``: a loaded diffusers FluxPipeline (``from_config`` loads one from ``cfg``)."""
-        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        """``pipe``: a diffusers FluxPipeline, prepared (devices, dtype) by ``DiffusersSampler``."""
+        self.pipe, self.cfg = pipe, cfg
         check_flow_scheduler(pipe, "flux")
         vsf = pipe.vae_scale_factor
         default = pipe.default_sample_size * vsf
         self.height, self.width = image_size(cfg, default, default, 2 * vsf, "flux")
         h, w = 2 * (self.height // (2 * vsf)), 2 * (self.width // (2 * vsf))
         self.x_shape = (pipe.transformer.config.in_channels // 4, h, w)
-        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
-        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
-        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
-
-    @classmethod
-    def from_config(cls, cfg: FluxConfig) -> FluxSampler:
-        from diffusers import FluxPipeline
-
-        return cls(load_pipeline(FluxPipeline, cfg), cfg)
-
-    # --- Sampler protocol ------------------------------------------------------------------
-
-    def spec(self) -> SamplerSpec:
-        return SamplerSpec(
-            backend="flux",
-            x_shape=self.x_shape,
-            token_dim=self.pipe.text_encoder_2.config.d_model,
-            pooled_dim=self.pipe.text_encoder.config.hidden_size,
-            train_prompts=self.train_prompts,
-            eval_prompts=self.eval_prompts,
-        )
+        self.token_dim = pipe.text_encoder_2.config.d_model
+        self.pooled_dim = pipe.text_encoder.config.hidden_size
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler given exactly what
@@ -76,34 +58,10 @@ class FluxSampler:
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=self._mu())
         return tau_from_times(sched.sigmas[:-1].double().numpy())
 
-    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
-        out = []
-        for c in self._cache.get(prompts):
-            tokens = c["embeds"][: c["length"]].float().cpu().numpy()
-            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
-        return out
-
-    def initial_noise(self, seeds: list[int]) -> np.ndarray:
-        return draw_noise(seeds, self.x_shape)
-
-    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
-        return to_uint8(self.generate(prompts, noise, times))
-
     # --- the loop ------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
-        times = check_times(times, len(prompts))
-        if noise.shape != (len(prompts), *self.x_shape):
-            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
-        conds = self._cache.get(prompts)
-        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
-        self.pipe.maybe_free_model_hooks()
-        return np.concatenate(out)
-
     @torch.no_grad()
-    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+    def run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
         # Mirrors diffusers 0.42.1 FluxPipeline.__call__ (steps 4-6 and the decode), with one change:
         # a per-sample sigma vector instead of the scheduler's scalar step index, and
         # FlowMatchEulerDiscreteScheduler.step inlined as a per-sample Euler step.
@@ -160,7 +118,7 @@ class FluxSampler:
         )
 
     @torch.no_grad()
-    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+    def encode_batch(self, prompts: list[str]) -> list[dict]:
         pipe, msl = self.pipe, self.cfg.max_sequence_length
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=pipe._execution_device, max_sequence_length=msl
@@ -168,5 +126,6 @@ class FluxSampler:
         # the T5 tokens the prompt really has (with </s>), as the pipeline's own tokenizer counts them
         mask = pipe.tokenizer_2(prompts, padding="max_length", max_length=msl, truncation=True).attention_mask
         return [
-            {"embeds": embeds[i], "pooled": pooled[i], "length": max(1, int(sum(mask[i])))} for i in range(len(prompts))
+            {"embeds": embeds[i], "pooled": pooled[i], "span": (0, max(1, int(sum(mask[i]))))}
+            for i in range(len(prompts))
         ]

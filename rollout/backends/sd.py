@@ -23,30 +23,37 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import SDConfig
-from common.messages import SamplerSpec
 from common.schedule import epsilon_model_timesteps, epsilon_sigmas, epsilon_tau
-from rollout.backends.diffusers_common import (
-    PromptCache,
-    check_times,
-    chunks,
-    draw_noise,
-    image_size,
-    load_pipeline,
-    prepare_pipeline,
-    read_prompts,
-    stack,
-    to_uint8,
-)
-from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
-from rollout.sampler import PromptFeatures
+from rollout.backends.diffusers_common import DiffusersSampler, image_size, stack
 
 
-class SDSampler:
+def sd_sampler(cfg: SDConfig) -> DiffusersSampler:
+    """The sd backend's sampler: the family (SD1.x/2.x or SDXL) is read from model_index.json."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
+    name = index.get("_class_name")
+    if name == "StableDiffusionXLPipeline":
+        return DiffusersSampler.from_pretrained(SDFamily, StableDiffusionXLPipeline, cfg, add_watermarker=False)
+    if name == "StableDiffusionPipeline":
+        return DiffusersSampler.from_pretrained(
+            SDFamily, StableDiffusionPipeline, cfg, safety_checker=None, requires_safety_checker=False
+        )
+    raise ValueError(
+        f"{cfg.model} is a {name}; the sd backend runs StableDiffusionPipeline or StableDiffusionXLPipeline"
+    )
+
+
+class SDFamily:
+    """SD1.x/2.x and SDXL: their encoders, time map and Euler loop with CFG (``DiffusersFamily``)."""
+
+    backend = "sd"
+
     def __init__(self, pipe, cfg: SDConfig):
-        """``pipe``: a loaded StableDiffusionPipeline or StableDiffusionXLPipeline."""
+        """``pipe``: a StableDiffusionPipeline or StableDiffusionXLPipeline, prepared by ``DiffusersSampler``."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        self.pipe, self.cfg = pipe, cfg
         self.xl = isinstance(pipe, StableDiffusionXLPipeline)
         # Euler on the model's own betas, whatever scheduler it ships (SD1.5 ships PNDM)
         self.euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -66,41 +73,11 @@ class SDSampler:
         self.height, self.width = image_size(cfg, h * vsf, w * vsf, vsf, "sd")
         self.x_shape = (pipe.unet.config.in_channels, self.height // vsf, self.width // vsf)
         self.cfg_guidance = cfg.guidance_scale > 1  # the pipelines' do_classifier_free_guidance
-        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
-        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
-        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
-
-    @classmethod
-    def from_config(cls, cfg: SDConfig) -> SDSampler:
-        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
-        name = index.get("_class_name")
-        if name == "StableDiffusionXLPipeline":
-            return cls(load_pipeline(StableDiffusionXLPipeline, cfg, add_watermarker=False), cfg)
-        if name == "StableDiffusionPipeline":
-            pipe = load_pipeline(StableDiffusionPipeline, cfg, safety_checker=None, requires_safety_checker=False)
-            return cls(pipe, cfg)
-        raise ValueError(
-            f"{cfg.model} is a {name}; the sd backend runs StableDiffusionPipeline or StableDiffusionXLPipeline"
-        )
-
-    # --- Sampler protocol ------------------------------------------------------------------
-
-    def spec(self) -> SamplerSpec:
-        pipe = self.pipe
+        self.token_dim = pipe.unet.config.cross_attention_dim
         if self.xl:
-            pooled_dim = pipe.text_encoder_2.config.projection_dim
+            self.pooled_dim = pipe.text_encoder_2.config.projection_dim
         else:
-            pooled_dim = pipe.text_encoder.config.hidden_size
-        return SamplerSpec(
-            backend="sd",
-            x_shape=self.x_shape,
-            token_dim=pipe.unet.config.cross_attention_dim,
-            pooled_dim=pooled_dim,
-            train_prompts=self.train_prompts,
-            eval_prompts=self.eval_prompts,
-        )
+            self.pooled_dim = pipe.text_encoder.config.hidden_size
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock EulerDiscreteScheduler grid at ``steps`` (from the model's scheduler config)."""
@@ -117,20 +94,6 @@ class SDSampler:
             raise ValueError("the sd backend reproduces linear-interpolated Euler grids ending in 0 only")
         return epsilon_tau(sched.timesteps.double().numpy(), sched.config.num_train_timesteps)
 
-    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
-        out = []
-        for c in self._cache.get(prompts):
-            tokens = c["embeds"][: c["length"]].float().cpu().numpy()
-            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
-        return out
-
-    def initial_noise(self, seeds: list[int]) -> np.ndarray:
-        return draw_noise(seeds, self.x_shape)
-
-    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
-        return to_uint8(self.generate(prompts, noise, times))
-
     # --- the loop ------------------------------------------------------------------------------
 
     def sigmas(self, times: np.ndarray) -> np.ndarray:
@@ -138,18 +101,8 @@ class SDSampler:
         t = np.concatenate([times, np.zeros_like(times[:, :1])], axis=1)
         return epsilon_sigmas(t, self.train_sigmas).astype(np.float32)
 
-    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
-        times = check_times(times, len(prompts))
-        if noise.shape != (len(prompts), *self.x_shape):
-            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
-        conds = self._cache.get(prompts)
-        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
-        self.pipe.maybe_free_model_hooks()
-        return np.concatenate(out)
-
     @torch.no_grad()
-    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+    def run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
         # Mirrors diffusers 0.42.1 StableDiffusionPipeline.__call__ / StableDiffusionXLPipeline.__call__
         # with EulerDiscreteScheduler (denoising loop and decode; no IP adapter, no guidance rescale,
         # no watermark), with one change: per-sample sigma and timestep vectors instead of the
@@ -224,7 +177,7 @@ class SDSampler:
     # --- helpers ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+    def encode_batch(self, prompts: list[str]) -> list[dict]:
         pipe, device, cfg_g = self.pipe, self.pipe._execution_device, self.cfg_guidance
         if self.xl:
             embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -251,7 +204,7 @@ class SDSampler:
             length = max(1, int(length))
             # SD1.5 has no pooled conditioning: CLIP's pooled output is its end-of-text token
             p = pooled[i] if self.xl else embeds[i, length - 1]
-            item = {"embeds": embeds[i], "pooled": p, "length": length}
+            item = {"embeds": embeds[i], "pooled": p, "span": (0, length)}
             if cfg_g:
                 item["neg_embeds"] = neg[i]
                 if self.xl:

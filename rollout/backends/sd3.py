@@ -17,57 +17,38 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import SD3Config
-from common.messages import SamplerSpec
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
-    PromptCache,
+    DiffusersSampler,
     check_flow_scheduler,
-    check_times,
-    chunks,
-    draw_noise,
     image_size,
-    load_pipeline,
-    prepare_pipeline,
-    read_prompts,
     stack,
-    to_uint8,
 )
-from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
-from rollout.sampler import PromptFeatures
 
 
-class SD3Sampler:
+def sd3_sampler(cfg: SD3Config) -> DiffusersSampler:
+    """The sd3 backend's sampler, its pipeline loaded from ``cfg``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return DiffusersSampler.from_pretrained(SD3Family, StableDiffusion3Pipeline, cfg)
+
+
+class SD3Family:
+    """SD3's encoders, time map and loop (``DiffusersFamily``)."""
+
+    backend = "sd3"
+
     def __init__(self, pipe, cfg: SD3Config):
-        """``pipe``: a loaded StableDiffusion3Pipeline (``from_config`` loads one from ``cfg``)."""
-        self.pipe, self.cfg = prepare_pipeline(pipe, cfg), cfg
+        """``pipe``: a StableDiffusion3Pipeline, prepared (devices, dtype) by ``DiffusersSampler``."""
+        self.pipe, self.cfg = pipe, cfg
         check_flow_scheduler(pipe, "sd3")
         vsf = pipe.vae_scale_factor
         default = pipe.default_sample_size * vsf
         self.height, self.width = image_size(cfg, default, default, vsf * pipe.transformer.config.patch_size, "sd3")
         self.x_shape = (pipe.transformer.config.in_channels, self.height // vsf, self.width // vsf)
         self.cfg_guidance = cfg.guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
-        self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
-        self.eval_prompts = read_prompts(cfg.eval_prompt_file, EVAL_PROMPTS)
-        self._cache = PromptCache(self._encode_batch, cfg.prompt_cache)
-
-    @classmethod
-    def from_config(cls, cfg: SD3Config) -> SD3Sampler:
-        from diffusers import StableDiffusion3Pipeline
-
-        return cls(load_pipeline(StableDiffusion3Pipeline, cfg), cfg)
-
-    # --- Sampler protocol ------------------------------------------------------------------
-
-    def spec(self) -> SamplerSpec:
-        pipe = self.pipe
-        return SamplerSpec(
-            backend="sd3",
-            x_shape=self.x_shape,
-            token_dim=pipe.transformer.config.joint_attention_dim,
-            pooled_dim=pipe.transformer.config.pooled_projection_dim,
-            train_prompts=self.train_prompts,
-            eval_prompts=self.eval_prompts,
-        )
+        self.token_dim = pipe.transformer.config.joint_attention_dim
+        self.pooled_dim = pipe.transformer.config.pooled_projection_dim
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler called as
@@ -90,35 +71,10 @@ class SD3Sampler:
         sched.set_timesteps(steps, **kwargs)
         return tau_from_times(sched.sigmas[:-1].double().numpy())
 
-    def encode(self, prompts: list[str]) -> list[PromptFeatures]:
-        out = []
-        for c in self._cache.get(prompts):
-            start, length = c["span"]
-            tokens = c["embeds"][start : start + length].float().cpu().numpy()
-            out.append(PromptFeatures(tokens=tokens, pooled=c["pooled"].float().cpu().numpy()))
-        return out
-
-    def initial_noise(self, seeds: list[int]) -> np.ndarray:
-        return draw_noise(seeds, self.x_shape)
-
-    def sample(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """uint8 images [N, H, W, 3]; sample n runs its own schedule ``times[n]``."""
-        return to_uint8(self.generate(prompts, noise, times))
-
     # --- the loop ------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Float images [N, H, W, 3] in [0, 1] (what the stock pipeline returns with output_type='np')."""
-        times = check_times(times, len(prompts))
-        if noise.shape != (len(prompts), *self.x_shape):
-            raise ValueError(f"noise must be [{len(prompts)}, {', '.join(map(str, self.x_shape))}], got {noise.shape}")
-        conds = self._cache.get(prompts)
-        out = [self._run(conds[s], noise[s], times[s]) for s in chunks(len(prompts), self.cfg.max_batch_size)]
-        self.pipe.maybe_free_model_hooks()
-        return np.concatenate(out)
-
     @torch.no_grad()
-    def _run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
+    def run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
         # Mirrors diffusers 0.42.1 StableDiffusion3Pipeline.__call__ (steps 4-7 and the decode; no
         # skip-layer guidance, no IP adapter), with one change: a per-sample sigma vector instead of
         # the scheduler's scalar step index, FlowMatchEulerDiscreteScheduler.step inlined.
@@ -156,7 +112,7 @@ class SD3Sampler:
     # --- helpers ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode_batch(self, prompts: list[str]) -> list[dict]:
+    def encode_batch(self, prompts: list[str]) -> list[dict]:
         pipe, msl = self.pipe, self.cfg.max_sequence_length
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompts,

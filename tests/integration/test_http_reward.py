@@ -1,4 +1,4 @@
-"""The HTTP scorer against the reference server (python -m rewards.serve) on loopback only.
+"""The HTTP scorer against the reference server (python -m rewards.http_server) on loopback only.
 
 Round trip: HPS (the tiny parity architecture) served over HTTP scores as it does in-process.
 Strictness: oversized, malformed, wrongly typed and mis-shaped bodies are refused with 4xx;
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from common.codec import pack, unpack
-from rewards.base import build
+from rewards.actors import RewardServer
 from rewards.http import ErrorResponse, Health, HttpReward, RemoteRewardError
-from rewards.server import RewardServer
+from rewards.registry import build
 from tests.conftest import REPO
 from tests.fixtures.hps.make_fixture import make_images
 
@@ -36,7 +36,7 @@ def _serve(reward: str, kwargs: dict, *extra: str) -> tuple[subprocess.Popen, st
     cmd = [
         sys.executable,
         "-m",
-        "rewards.serve",
+        "rewards.http_server",
         "--reward",
         reward,
         "--kwargs",

@@ -19,7 +19,7 @@ from rewards.http import (
     RemoteRewardError,
     ScoreRequest,
 )
-from rewards.serve import MAX_ERROR_CHARS, RewardHTTPServer
+from rewards.http_server import MAX_ERROR_CHARS, RewardHTTPServer
 
 
 class _Slow:

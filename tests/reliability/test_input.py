@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from common.config import ConfigError, load_config
 from common.prompts import MAX_PROMPT_CHARS
 from learner.main import main
-from rewards.base import check_scores, resolve
+from rewards.registry import check_scores, resolve
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from common.config import FluxConfig, SD3Config, SDConfig
 from common.schedule import check_tau, guard_tau, times_from_tau
+from rollout.backends.diffusers_common import DiffusersSampler
 from rollout.sampler import Sampler
 from tests.fixtures.tiny_pipelines import FAMILIES, SIZE, tiny_pipeline
 
@@ -53,25 +54,25 @@ def build(family: str, device: str = "cpu", dtype: str = "float32", **over) -> C
     pipe = tiny_pipeline(family)
     common = {"model": "tiny", "device": device, "dtype": dtype, "height": SIZE, "width": SIZE, **over}
     if family == "flux":
-        from rollout.backends.flux import FluxSampler
+        from rollout.backends.flux import FluxFamily
 
         cfg = FluxConfig(**{"max_sequence_length": 32, "guidance_scale": 3.5, **common})
         pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        sampler = FluxSampler(pipe, cfg)
+        sampler = DiffusersSampler(FluxFamily, pipe, cfg)
         stock = {"guidance_scale": cfg.guidance_scale, "max_sequence_length": cfg.max_sequence_length}
     elif family == "sd3":
-        from rollout.backends.sd3 import SD3Sampler
+        from rollout.backends.sd3 import SD3Family
 
         cfg = SD3Config(**{"max_sequence_length": 32, "guidance_scale": 4.0, **common})
         pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        sampler = SD3Sampler(pipe, cfg)
+        sampler = DiffusersSampler(SD3Family, pipe, cfg)
         stock = {"guidance_scale": cfg.guidance_scale, "max_sequence_length": cfg.max_sequence_length}
     else:
-        from rollout.backends.sd import SDSampler
+        from rollout.backends.sd import SDFamily
 
         cfg = SDConfig(**{"guidance_scale": 7.5, **common})
         pipe.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        sampler = SDSampler(pipe, cfg)
+        sampler = DiffusersSampler(SDFamily, pipe, cfg)
         # the stock pipeline with its EulerDiscreteScheduler, as a user swaps it in
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         stock = {"guidance_scale": cfg.guidance_scale}

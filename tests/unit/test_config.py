@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,12 @@ def test_concentration_schedule_is_validated_and_read_by_iteration():
         PolicyConfig(max_concentration=5.0, concentration_schedule={-1: 50.0})
     with pytest.raises(ValueError):
         PolicyConfig(max_concentration=5.0, concentration_schedule={1: 0.0})
+
+
+def test_the_tests_never_write_to_the_users_cache():
+    from platformdirs import user_cache_dir
+
+    from common.artifacts import cache_root
+
+    assert cache_root() != Path(user_cache_dir("steinsched"))
+    assert os.environ["STEINSCHED_CACHE"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common import digits
-from common.cache import cached, settings_key
+from common.artifacts import cached, settings_key
 from common.schedule import guard_tau, times_from_tau, uniform_flow_tau
 
 TINY = {"hidden": 32, "depth": 2, "emb_dim": 8, "train_steps": 20, "batch_size": 32}
@@ -137,7 +137,7 @@ def test_rewards_tell_real_from_degraded_and_few_step_from_many(trained):
 def test_frechet_noise_is_small_against_a_real_difference(trained):
     """MetricServer.distance_with_se: the bootstrap noise of the FD is far below the gap between
     one-step and 30-step samples, and the value is the plain distance."""
-    from rewards.server import MetricServer
+    from rewards.actors import MetricServer
 
     sampler, _, _, fd = trained
     _, yh = digits.split("held_out")

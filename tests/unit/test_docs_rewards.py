@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, RewardSpec
-from rewards.server import RewardServer
+from rewards.actors import RewardServer
 from tests.conftest import REPO
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import build
 from rewards.hps import HPSReward, preprocess
+from rewards.registry import build
 from tests.fixtures.hps.make_fixture import make_images
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hps"

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import build, registered
 from rewards.count import CountReward, count_detections, count_reward, parse_counts, singular
 from rewards.images import as_uint8_images
 from rewards.ocr import quoted_text, substring_distance, text_recall
+from rewards.registry import build, registered
 from tests.conftest import REPO
 from tests.fixtures.tiny_hf import save_tiny_clip, save_tiny_owlv2
 
@@ -31,7 +31,7 @@ def _images(n: int, h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
 def test_registry_lists_the_builtins_without_heavy_imports():
     assert {"toy", "hps", "clip", "pickscore", "ocr", "count", "http"} <= set(registered())
     code = (
-        "import sys; from rewards.base import registered; registered(); "
+        "import sys; from rewards.registry import registered; registered(); "
         "print([m for m in ('open_clip', 'transformers', 'rapidocr', 'onnxruntime') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
@@ -157,26 +157,3 @@ def test_image_forms():
         as_uint8_images(np.full((1, 4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="uint8 or float"):
         as_uint8_images(np.zeros((1, 4, 4, 3), np.int32))
-
-
-def test_prompt_cache_encodes_each_prompt_once_and_stays_bounded():
-    from rewards.cache import PromptCache
-
-    calls = []
-
-    def encode(prompts):
-        calls.append(list(prompts))
-        return torch.tensor([[float(len(p)), 1.0] for p in prompts])
-
-    cache = PromptCache(encode, max_prompts=2)
-    assert cache(["ab", "abc", "ab"])[:, 0].tolist() == [2.0, 3.0, 2.0]
-    assert cache(["abc", "ab"])[:, 0].tolist() == [3.0, 2.0]
-    assert calls == [["ab", "abc"]] and (cache.hits, cache.misses) == (3, 2)
-    cache(["x"])  # evicts the least recently used ("abc" was used before "ab")
-    cache(["ab"])
-    cache(["abc"])
-    assert calls[1:] == [["x"], ["abc"]]
-    off = PromptCache(encode, max_prompts=0)
-    off(["q", "q"])
-    off(["q"])
-    assert calls[-2:] == [["q"], ["q"]]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rewards.base import build, check_scores, register, registered, resolve
-from rewards.server import RewardServer
+from rewards.actors import RewardServer
+from rewards.registry import build, check_scores, register, registered, resolve
 from rewards.toy import ToyReward
 
 
@@ -73,3 +73,21 @@ def test_toy_reward_is_the_floored_log_density():
     assert s[0] == pytest.approx(r.mixture.log_density(on_mode, np.array([2]))[0], rel=1e-6)
     with pytest.raises(ValueError, match="class 99"):
         r(on_mode, ["class 99"])
+
+
+def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
+    """A reward that declares uses_sampler_config is built with the run's sampler section: the
+    toy reward scores against the very mixture the sampler samples, whatever its settings."""
+    from common.config import SamplerConfig
+    from rewards.registry import build
+
+    sampler = SamplerConfig(backend="toy", toy={"dim": 3, "seed": 7}).model_dump(mode="json")
+    r = build("toy", {"floor": -5.0}, sampler=sampler)
+    direct = ToyReward(floor=-5.0, dim=3, seed=7)
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    prompts = ["class 1", "class 2", "class 3", "class 4"]
+    assert np.array_equal(r(x, prompts), direct(x, prompts))
+    with pytest.raises(ValueError, match="needs the sampler's config"):
+        build("toy", {})
+    with pytest.raises(ValueError, match="scores the toy backend's samples, not 'digits'"):
+        build("toy", {}, sampler=SamplerConfig().model_dump(mode="json"))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -180,5 +181,5 @@ def test_cosine_learning_rate_runs_from_lr_to_the_final_ratio():
     lc = LearnerConfig(iterations=101, lr=2e-3, lr_schedule="cosine", lr_final_ratio=0.1)
     lrs = [learning_rate(lc, it) for it in range(101)]
     assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4) and lrs[50] == pytest.approx(1.1e-3)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=True))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert learning_rate(LearnerConfig(iterations=101, lr=2e-3), 70) == 2e-3  # constant

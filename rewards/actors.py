@@ -12,16 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import _shown, build, build_metric, check_scores
+from rewards.registry import _shown, build, build_metric, check_scores
 
 
 class RewardServer:
-    def __init__(self, name: str, kwargs: dict[str, Any], torch_threads: int = 1):
+    def __init__(
+        self, name: str, kwargs: dict[str, Any], torch_threads: int = 1, sampler: dict[str, Any] | None = None
+    ):
+        """``sampler``: the run's sampler section, for a reward that declares ``uses_sampler_config``."""
         import torch
 
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.reward: Any = build(name, kwargs)  # a Reward, or one that also takes references=
+        self.reward: Any = build(name, kwargs, sampler)  # a Reward, or one that also takes references=
 
     def needs_reference(self) -> bool:
         """Whether the reward compares with the many-step reference sample (``needs_reference``)."""

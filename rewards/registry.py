@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from common.plugins import import_object
+
 
 @runtime_checkable
 class Reward(Protocol):
@@ -71,15 +73,7 @@ def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
                 f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'"
             )
         return table[name]
-    mod_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"{kind} {name!r}: cannot import module {mod_name!r}: {e}") from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise ValueError(f"{kind} {name!r}: module {mod_name!r} has no attribute {attr!r}")
-    return obj
+    return import_object(name, kind)
 
 
 def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
@@ -112,8 +106,15 @@ def resolve(name: str) -> type:
     return cls
 
 
-def build(name: str, kwargs: dict[str, Any]) -> Reward:
+def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = None) -> Reward:
+    """The reward ``name`` built with ``kwargs``; a class that declares ``uses_sampler_config``
+    (it scores against the sampler's own model, as the toy reward does) also gets ``sampler``,
+    the run's sampler section."""
     cls = resolve(name)
+    if getattr(cls, "uses_sampler_config", False):
+        if sampler is None:
+            raise ValueError(f"reward {name!r} scores against the sampler's own model: it needs the sampler's config")
+        kwargs = {**kwargs, "sampler": sampler}
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -1,6 +1,6 @@
 """Reference server of the HTTP reward protocol (rewards/http.py): any registered reward.
 
-    python -m rewards.serve --reward hps --kwargs '{"checkpoint": "/models/HPS_v2.1_compressed.pt"}' --port 8000
+    python -m rewards.http_server --reward hps --kwargs '{"checkpoint": "/models/HPS_v2.1_compressed.pt"}' --port 8000
 
 ``--reward`` takes a registered name or an import path 'pkg.module:Class'. The model loads once,
 at start; requests are scored one at a time (a lock), so a GPU holds one batch at a time. Every
@@ -28,8 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from common.codec import DecodeError, pack, unpack
-from rewards.base import _shown, build, check_scores
 from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
+from rewards.registry import _shown, build, check_scores
 
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1000
@@ -151,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m rewards.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rewards.http_server", description=__doc__.split("\n")[0])
     p.add_argument("--reward", required=True, help="A registered reward name or an import path 'pkg.module:Class'.")
     p.add_argument("--kwargs", default="{}", help="JSON object of the reward's keyword arguments.")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: loopback only).")
