@@ -26,7 +26,9 @@ class ToyReward:
         settings define the mixture; or the mixture's settings directly as ``problem``."""
         if sampler is not None:
             if sampler.get("backend") != "toy":
-                raise ValueError(f"the toy reward scores the toy backend's samples, not {sampler.get('backend')!r}'s")
+                raise ValueError(
+                    f"the toy reward scores the toy backend's samples; sampler.backend is {sampler.get('backend')!r}"
+                )
             mixture = {k: v for k, v in sampler["toy"].items() if k not in ("token_len", "token_dim")}
             problem = {**mixture, **problem}
         self.floor = floor

@@ -89,5 +89,5 @@ def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
     assert np.array_equal(r(x, prompts), direct(x, prompts))
     with pytest.raises(ValueError, match="needs the sampler's config"):
         build("toy", {})
-    with pytest.raises(ValueError, match="scores the toy backend's samples, not 'digits'"):
+    with pytest.raises(ValueError, match="scores the toy backend's samples; sampler.backend is 'digits'"):
         build("toy", {}, sampler=SamplerConfig().model_dump(mode="json"))
