@@ -69,6 +69,22 @@ class ToyConfig(Section):
     seed: int = Field(1234, ge=0, description="Seed that fixes the mixture and the class embeddings.")
 
 
+class SimulatedConfig(Section):
+    """The simulated backend (rollout/backends/simulated.py): the cost and shapes of a real sampler,
+    no model. For capacity planning and bench/overhead.py."""
+
+    preset: Literal["flux", "sd3", "sdxl", "tiny"] = Field(
+        "flux", description="Backbone whose x_T, text-token and pooled shapes it has (the policy is that size)."
+    )
+    image_size: int = Field(1024, ge=1, le=8192, description="Side of its uint8 images.")
+    seconds_per_image_step: float = Field(
+        0.025, ge=0, le=3600, description="Seconds per image per model evaluation (sleeping, or busy on a GPU)."
+    )
+    seconds_per_call: float = Field(0.0, ge=0, le=3600, description="Fixed seconds per call of sample().")
+    busy: Literal["sleep", "gpu"] = Field("sleep", description="'gpu': spend the time in matmuls on the GPU if any.")
+    prompts: int = Field(64, ge=2, le=1_000_000, description="Number of (meaningless) train prompts.")
+
+
 class DigitsConfig(Section):
     """The digits backend: a flow-matching MLP the project trains on scikit-learn's 8x8 digits."""
 
@@ -172,7 +188,7 @@ class SDConfig(DiffusersSection):
 
 
 #: The built-in sampler backends (each with its own section below).
-BUILTIN_BACKENDS = ("toy", "digits", "flux", "sd3", "sd")
+BUILTIN_BACKENDS = ("toy", "digits", "flux", "sd3", "sd", "simulated")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
@@ -180,7 +196,8 @@ class SamplerConfig(Section):
     backend: str = Field(
         "digits",
         description="Sampler backend: 'toy', 'digits', a diffusers pipeline ('flux', 'sd3' for SD3/3.5, 'sd' for"
-        " SD1.5/SDXL), or a user's sampler by import path 'pkg.module:Class' (docs/backends.md).",
+        " SD1.5/SDXL), 'simulated' (a real sampler's cost and shapes, no model), or a user's sampler by import"
+        " path 'pkg.module:Class' (docs/backends.md).",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of a sampler named by import path (its __init__)."
@@ -193,6 +210,9 @@ class SamplerConfig(Section):
     flux: FluxConfig = Field(default_factory=FluxConfig, description="Options of the flux backend.")
     sd3: SD3Config = Field(default_factory=SD3Config, description="Options of the sd3 backend.")
     sd: SDConfig = Field(default_factory=SDConfig, description="Options of the sd backend (SD1.5 and SDXL).")
+    simulated: SimulatedConfig = Field(
+        default_factory=SimulatedConfig, description="Options of the simulated backend (cost and shapes, no model)."
+    )
 
     @model_validator(mode="after")
     def _backend_is_known(self) -> SamplerConfig:

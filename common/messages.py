@@ -87,6 +87,7 @@ class RolloutBatch(ArrayMessage):
     log_tau: np.ndarray  # [C, K, L+1] float64: log of the drawn points (the actions the update scores)
     logp: np.ndarray  # [C, K] float64: behaviour log-probs (0 for fixed schedules)
     seconds: float = 0.0  # time the worker spent on the request
+    started_at: float = 0.0  # wall-clock time (time.time()) the worker started it: dispatch skew
 
     @property
     def prompts(self) -> list[str]:

@@ -209,6 +209,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 adv = adv / (adv.std() + 1e-8)
 
             # TRAINING: REINFORCE on log pi recomputed from the inputs the rollouts carry
+            t_learn = time.perf_counter()
             log_tau = np.concatenate([bt.log_tau for bt in batches])
             inputs = collate(
                 np.concatenate([bt.x for bt in batches]),
@@ -227,7 +228,11 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     " or learner.grad_clip, then continue with --resume auto --resume_changes=true"
                 )
             version += 1
-            weights = ray.put(state_to_numpy(policy))
+            t_put = time.perf_counter()
+            arrays = state_to_numpy(policy)
+            weights = ray.put(arrays)
+            broadcast_s = time.perf_counter() - t_put
+            learner_s = time.perf_counter() - t_learn
 
             # LOGGING
             step_s = time.perf_counter() - t0
@@ -242,6 +247,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     "system/step_seconds": step_s,
                     "system/workers_alive": float(len(rollouts.alive)),
                     "system/faults": float(got.faults),
+                    "system/learner_seconds": learner_s,  # update, checks and the weights into the object store
+                    "system/broadcast_seconds": broadcast_s,
+                    "system/broadcast_bytes": float(sum(v.nbytes for v in arrays.values())),
+                    "system/dispatch_skew_s": float(
+                        max(bt.started_at for bt in batches) - min(bt.started_at for bt in batches)
+                    ),
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }

@@ -34,6 +34,7 @@ _BUILTIN_MODULES = (
     "rewards.ocr",
     "rewards.count",
     "rewards.http",
+    "rewards.simulated",
 )
 
 

@@ -85,7 +85,7 @@ class RolloutWorker:
         ``references`` (None unless ``reference_steps``) holds, row for row, the many-step sample
         of the same prompt and noise: made once per context and repeated for its K rollouts.
         """
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         if request.mode in ("sample", "mean") and request.version != self.version:
             if weights is None:
                 raise ValueError(f"request {request.request_id} needs policy version {request.version}")
@@ -147,5 +147,6 @@ class RolloutWorker:
             log_tau=log_tau,
             logp=logp,
             seconds=time.perf_counter() - start,
+            started_at=started_at,
         )
         return batch, images, references

@@ -29,6 +29,10 @@ def build_sampler(cfg: SamplerConfig) -> Sampler:
             return cls(**cfg.kwargs)
         except TypeError as e:
             raise ValueError(f"sampler {cfg.backend!r}: bad kwargs {sorted(cfg.kwargs)}: {e}") from None
+    if cfg.backend == "simulated":
+        from rollout.backends.simulated import SimulatedSampler
+
+        return SimulatedSampler(**cfg.simulated.model_dump())
     if cfg.backend == "toy":
         from rollout.backends.toy import ToySampler
 

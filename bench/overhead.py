@@ -1,0 +1,197 @@
+"""The system's own overhead: the real training loop on the simulated backend, against the time
+the sampler alone needs, as the number of rollout workers grows.
+
+    cd <repo> && python bench/overhead.py                       # W = 1..32, Flux shapes, ~15 min on 2 cores
+    python bench/overhead.py --workers 1 2 4 --iterations 3     # a quick look
+
+Every worker sleeps ``--seconds-per-image-step`` per image per model evaluation and returns
+images of ``--image-size`` (the simulated backend, `rollout/backends/simulated.py`); the
+simulated reward sleeps ``--reward-seconds-per-image``. The ideal iteration is the busiest
+worker's sampler time, ceil(C / W) x K x L x cost: all else (dispatch, the object store, scoring
+that does not overlap sampling, the learner's update and the weight broadcast) is overhead.
+Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction of a CPU.
+
+Per worker count it prints: wall / ideal (the mean over iterations after the first), the learner
+side (update and broadcast) as a share of the iteration, the broadcast's bytes and seconds, the
+dispatch skew (the last worker's start minus the first's), and writes a PNG of wall / ideal.
+The last line is ``overhead ratio at <W> workers: X`` for the largest W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python bench/overhead.py), not installed
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+from learner.metrics import read_jsonl  # noqa: E402
+
+
+@dataclass
+class Row:
+    workers: int
+    reward_servers: int
+    wall_s: float  # mean iteration wall time after the first
+    ideal_s: float  # the busiest worker's sampler time
+    ratio: float  # wall / ideal
+    learner_share: float  # update + broadcast, as a share of the iteration
+    broadcast_mb: float
+    broadcast_s: float
+    dispatch_skew_s: float
+    iterations: int
+
+
+def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
+    from learner.loop import train
+
+    actors = workers + args.reward_servers
+    cpus = min(0.5, (args.cpus - 0.5) / actors)  # the learner keeps half a core
+    over = {
+        "experiment": {"name": f"W{workers}", "output_dir": str(out), "seed": 0},
+        "sampler": {
+            "backend": "simulated",
+            "simulated": {
+                "preset": args.preset,
+                "image_size": args.image_size,
+                "seconds_per_image_step": args.seconds_per_image_step,
+                "seconds_per_call": args.seconds_per_call,
+            },
+        },
+        "policy": {"widths": args.widths, "groups": min(8, min(args.widths)), "head_hidden": args.head_hidden},
+        "rollout": {
+            "num_workers": workers,
+            "num_cpus": cpus,
+            "k": args.k,
+            "steps": args.steps,
+            "contexts_per_iter": args.contexts,
+            "reference_steps": 0,
+        },
+        "rewards": [
+            {
+                "name": "simulated",
+                "kwargs": {"seconds_per_image": args.reward_seconds_per_image},
+                "num_servers": args.reward_servers,
+                "num_cpus": cpus,
+            }
+        ],
+        "learner": {
+            "iterations": args.iterations,
+            "checkpoint_every": 10**6,
+            "eval_metrics": [],
+            "global_baseline": False,
+            "plots": False,
+            "progress": False,
+            "rollout_log": False,
+        },
+        "ray": {"num_cpus": args.cpus},
+    }
+    cfg = load_config([], **over)
+    train(cfg, final_eval=False)
+    rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][1:]  # warm-up off
+    wall = float(np.mean([m["system/step_seconds"] for m in rows]))
+    per_worker = math.ceil(args.contexts / workers) * args.k * args.steps
+    ideal = args.seconds_per_call + per_worker * args.seconds_per_image_step
+    return Row(
+        workers=workers,
+        reward_servers=args.reward_servers,
+        wall_s=wall,
+        ideal_s=ideal,
+        ratio=wall / ideal,
+        learner_share=float(np.mean([m["system/learner_seconds"] for m in rows])) / wall,
+        broadcast_mb=float(rows[-1]["system/broadcast_bytes"]) / 2**20,
+        broadcast_s=float(np.mean([m["system/broadcast_seconds"] for m in rows])),
+        dispatch_skew_s=float(np.mean([m["system/dispatch_skew_s"] for m in rows])),
+        iterations=len(rows),
+    )
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| workers | wall (s) | ideal (s) | wall / ideal | learner share | broadcast (MB, s) | dispatch skew (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.workers} | {r.wall_s:.3f} | {r.ideal_s:.3f} | {r.ratio:.3f} | {r.learner_share:.1%} |"
+            f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.dispatch_skew_s:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r.workers for r in rows], [r.ratio for r in rows], "o-", label="wall / ideal")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rollout workers")
+    ax.set_ylabel("iteration wall / sampler time")
+    ax.set_title("overhead on the simulated backend")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python bench/overhead.py", description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--reward-servers", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=4, help="Iterations per worker count (the first is warm-up).")
+    p.add_argument("--contexts", type=int, default=32, help="C: contexts per iteration.")
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="L: model evaluations per sample.")
+    p.add_argument("--preset", default="flux", help="Backbone shapes of the simulated sampler (flux, sd3, sdxl, tiny).")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--seconds-per-image-step", type=float, default=0.025)
+    p.add_argument("--seconds-per-call", type=float, default=0.0)
+    p.add_argument("--reward-seconds-per-image", type=float, default=0.004, help="About 3%% of sampling by default.")
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 32, 64, 64], help="The policy's block widths.")
+    p.add_argument("--head-hidden", type=int, default=128)
+    p.add_argument("--cpus", type=float, default=2.0, help="CPUs of the local Ray cluster.")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "img" / "overhead.png")
+    p.add_argument("--json", type=Path, help="Write the rows here as JSON.")
+    args = p.parse_args(argv)
+
+    import ray
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="steinsched-overhead-") as tmp:
+        for w in args.workers:
+            start = time.perf_counter()
+            fresh = not ray.is_initialized()  # a fresh cluster per worker count, unless one is given
+            if fresh:
+                ray.init(num_cpus=math.ceil(args.cpus), include_dashboard=False, log_to_driver=False)
+            try:
+                rows.append(run_one(args, w, Path(tmp)))
+            finally:
+                if fresh:
+                    ray.shutdown()
+            print(f"W={w}: wall/ideal {rows[-1].ratio:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(table(rows))
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, args.png)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print(f"overhead ratio at {rows[-1].workers} workers: {rows[-1].ratio:.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
