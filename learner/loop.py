@@ -384,42 +384,39 @@ def _trim_logs(run_dir: Path, state: dict) -> int:
     """On resume: keep the logged rollouts and metrics of the iterations the checkpoint holds,
     so that each appears once, and rebuild tb/ from the kept metrics. A torn last record (a
     crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts than the
-    checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Returns the
-    number of rollouts kept. The files are rewritten atomically."""
+    checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Both logs are
+    read and checked before either is rewritten (atomically), so a refusal changes nothing.
+    Returns the number of rollouts kept."""
     iteration = state["iteration"]
-    kept_records = 0
-    log = run_dir / "rollouts.msgpack"
-    if log.exists():
-        try:
-            scan = scan_records(log, RolloutRecord)
-        except DecodeError as e:
-            raise ConfigError(
-                f"cannot resume: the rollout log is damaged ({e}); --overwrite starts the run again"
-            ) from None
+    log, metrics = run_dir / "rollouts.msgpack", run_dir / "metrics.jsonl"
+    keep: list[RolloutRecord] = []
+    rows: list[dict] = []
+    try:
+        scan = scan_records(log, RolloutRecord) if log.exists() else None
+        found = scan_jsonl(metrics) if metrics.exists() else None
+    except (DecodeError, ValueError) as e:
+        raise ConfigError(f"cannot resume: a log is damaged ({e}); --overwrite starts the run again") from None
+    if scan is not None:
         if scan.torn_bytes:
             print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
         keep = [r for r in scan.records if r.iteration < iteration]
-        kept_records = len(keep)
+    expected = state.get("logged_rollouts")
+    if expected is not None and len(keep) < expected:
+        raise ConfigError(
+            f"cannot resume: {log} holds {len(keep)} rollouts of the first {iteration} iterations, but the"
+            f" checkpoint recorded {expected} (the log was truncated or replaced); --overwrite starts the run again"
+        )
+    if found is not None:
+        all_rows, _, torn = found
+        if torn:
+            print(f"warning: {metrics}: dropped a torn last line ({torn} bytes, a write cut short)")
+        rows = [row for row in all_rows if row["step"] <= iteration]
+    if scan is not None:
         tmp = log.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
         append_records(tmp, keep)
         os.replace(tmp, log)
-    expected = state.get("logged_rollouts")
-    if expected is not None and kept_records < expected:
-        raise ConfigError(
-            f"cannot resume: {log} holds {kept_records} rollouts of the first {iteration} iterations, but the"
-            f" checkpoint recorded {expected} (the log was truncated or replaced); --overwrite starts the run again"
-        )
-    metrics = run_dir / "metrics.jsonl"
-    rows: list[dict] = []
-    if metrics.exists():
-        try:
-            rows, _, torn = scan_jsonl(metrics)
-        except ValueError as e:
-            raise ConfigError(f"cannot resume: {e}") from None
-        if torn:
-            print(f"warning: {metrics}: dropped a torn last line ({torn} bytes, a write cut short)")
-        rows = [row for row in rows if row["step"] <= iteration]
+    if found is not None:
         tmp = metrics.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, metrics)
@@ -430,7 +427,7 @@ def _trim_logs(run_dir: Path, state: dict) -> int:
         for row in rows:
             writer.log(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
         writer.close()
-    return kept_records
+    return len(keep)
 
 
 def _records(batches, r, b, adv, per_reward, k: int) -> list[RolloutRecord]:

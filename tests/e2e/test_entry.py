@@ -15,28 +15,29 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.ray
 
 
-def test_entry_point_trains_and_prints_the_table(tmp_path):
+def _entry(*flags: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m learner.main <flags>`` as a user runs it, from the repository root."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "learner.main",
-            "--config",
-            "configs/toy.yaml",
-            f"--experiment.output_dir={tmp_path}",
-            "--experiment.name=e2e",
-            "--learner.iterations=4",
-            "--learner.eval_seeds=8",
-            "--learner.checkpoint_every=2",
-            "--learner.progress=false",
-            "--ray.num_cpus=2",
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "learner.main", *flags, "--learner.progress=false", "--ray.num_cpus=2"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+
+
+def test_entry_point_trains_and_prints_the_table(tmp_path):
+    res = _entry(
+        "--config",
+        "configs/toy.yaml",
+        f"--experiment.output_dir={tmp_path}",
+        "--experiment.name=e2e",
+        "--learner.iterations=4",
+        "--learner.eval_seeds=8",
+        "--learner.checkpoint_every=2",
         timeout=300,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -52,25 +53,7 @@ def test_entry_point_trains_and_prints_the_table(tmp_path):
 def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
     """`python -m learner.main` (the README's first command) on a tiny budget: the digits demo
     with the learned global schedule, the held-out table with the Frechet distance, and PNGs."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "learner.main",
-            f"--experiment.output_dir={tmp_path}",
-            "--learner.iterations=3",
-            "--learner.eval_seeds=6",
-            "--learner.progress=false",
-            "--ray.num_cpus=2",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    res = _entry(f"--experiment.output_dir={tmp_path}", "--learner.iterations=3", "--learner.eval_seeds=6", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "training the learned global schedule" in out

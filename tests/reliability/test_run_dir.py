@@ -211,7 +211,7 @@ def test_torn_log_tails_are_dropped_with_a_warning_and_the_run_resumes(finished,
 
 
 @ray_needed
-@pytest.mark.parametrize("damage", ["middle", "truncated"])
+@pytest.mark.parametrize("damage", ["middle", "truncated", "metrics"])
 def test_a_damaged_or_truncated_log_blocks_resume_with_a_message(finished, tmp_path, capsys, damage):
     out = _copy(finished, tmp_path)
     log = out / "r" / "rollouts.msgpack"
@@ -219,14 +219,21 @@ def test_a_damaged_or_truncated_log_blocks_resume_with_a_message(finished, tmp_p
     if damage == "middle":
         log.write_bytes(data[:300] + b"\xc1\xc1\xc1" + data[303:])
         needle = "damaged record at byte"
+    elif damage == "metrics":
+        m = out / "r" / "metrics.jsonl"
+        lines = m.read_text().splitlines(keepends=True)
+        m.write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+        needle = "line 2 is not JSON"
     else:
         recs = list(read_records(log, RolloutRecord))
         log.unlink()
         append_records(log, recs[:-5])  # complete records, but five missing
         needle = f"holds {len(recs) - 5} rollouts of the first 4 iterations, but the checkpoint recorded {len(recs)}"
+    before = _snapshot(out / "r")
     assert main(_flags(out, "--resume=auto", "--learner.iterations=6")) == 2
     err = capsys.readouterr().err
     assert needle in err and "--overwrite" in err, err
+    assert _snapshot(out / "r") == before, "a refused resume rewrites nothing"
 
 
 @ray_needed
