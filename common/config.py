@@ -676,19 +676,16 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, action="append", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config and len(known.config) > 1:
-        raise ConfigError(
-            f"--config given {len(known.config)} times ({', '.join(map(str, known.config))}): give one file"
-        )
-    known.config = known.config[0] if known.config else None
+    pre.add_argument("--config", type=Path, action="append", default=[])
+    files: list[Path] = pre.parse_known_args(argv)[0].config
+    if len(files) > 1:
+        raise ConfigError(f"--config given {len(files)} times ({', '.join(map(str, files))}): give one file")
     argv, empties = _empty_list_flags(argv)
-    data: dict[str, Any] = _read_yaml(known.config) if known.config else {}
+    data: dict[str, Any] = _read_yaml(files[0]) if files else {}
     _deep_merge(data, overrides)
     _deep_merge(data, empties)
-    if known.config is not None:
-        data["config"] = known.config
+    if files:
+        data["config"] = files[0]
     try:
         return Config(_cli_parse_args=argv, **data)
     except ValidationError as e:

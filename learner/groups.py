@@ -35,7 +35,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.actors import MetricServer, RewardServer
-from rewards.registry import _shown
+from rewards.registry import shown_prompts
 from rollout.worker import RolloutWorker
 
 #: What a dead or restarting actor looks like to its caller. A RayTaskError (an exception raised
@@ -387,6 +387,15 @@ class Collected:
     faults: int
 
 
+class _Stalled(Exception):
+    """A unit past its time on one actor: ``kind`` 'worker' (``who``: its index) or 'reward'
+    (``who``: the reward's index), after ``limit`` seconds."""
+
+    def __init__(self, kind: str, who: int, limit: float):
+        super().__init__(kind, who, limit)
+        self.kind, self.who, self.limit = kind, who, limit
+
+
 class Dispatcher:
     """Runs requests as units of work (sample, then score) with re-sends on actor faults and
     time-outs."""
@@ -402,7 +411,7 @@ class Dispatcher:
         return p
 
     def _wait(self, p: Pending, queued_on_worker: int) -> tuple[RolloutBatch, list[np.ndarray]]:
-        """The unit's batch and scores, or GetTimeoutError with ``.stalled`` naming the actor.
+        """The unit's batch and scores, or ``_Stalled`` naming the actor past its time.
 
         Sampling may take the worker's time for each unit queued on it up to this one; scoring,
         its own time from when the images are there (the reward servers score in submission
@@ -410,18 +419,16 @@ class Dispatcher:
         limit = self.rollouts.timeout(p.request) * queued_on_worker
         try:
             batch = ray.get(p.batch, timeout=max(0.0, p.launched + limit - time.monotonic()))
-        except GetTimeoutError as e:
-            e.stalled = ("worker", p.worker, limit)  # type: ignore[attr-defined]
-            raise
-        n = len(p.prompts)
+        except GetTimeoutError:
+            raise _Stalled("worker", p.worker, limit) from None
+        scores = []
         for j, ref in enumerate(p.scores):
-            limit = self.rewards.specs[j].score_timeout(n)
+            limit = self.rewards.specs[j].score_timeout(len(p.prompts))
             try:
-                ray.get(ref, timeout=limit)
-            except GetTimeoutError as e:
-                e.stalled = ("reward", j, limit)  # type: ignore[attr-defined]
-                raise
-        return batch, ray.get(p.scores)
+                scores.append(ray.get(ref, timeout=limit))
+            except GetTimeoutError:
+                raise _Stalled("reward", j, limit) from None
+        return batch, scores
 
     def run(self, requests: list[RolloutRequest], weights: ray.ObjectRef | None) -> Collected:
         start, faults = time.perf_counter(), 0
@@ -441,15 +448,15 @@ class Dispatcher:
             )
             try:
                 batch, scores = self._wait(p, queued)
-            except GetTimeoutError as e:
-                kind, who, limit = e.stalled  # type: ignore[attr-defined]
+            except _Stalled as e:
+                kind, who, limit = e.kind, e.who, e.limit
                 timeouts[rid] += 1
                 name = f"rollout worker {who}" if kind == "worker" else f"reward {self.rewards.specs[who].name!r}"
                 doing = "sampling" if kind == "worker" else "scoring"
                 setting = "rollout.sample_timeout_s" if kind == "worker" else f"rewards[{who}].timeout_s"
                 if timeouts[rid] >= 2:
                     raise TimedOut(
-                        f"{name} did not finish {doing} prompts {_shown(p.prompts)} within {limit:.0f} s, twice"
+                        f"{name} did not finish {doing} prompts {shown_prompts(p.prompts)} within {limit:.0f} s, twice"
                         f" (request {rid}); if that is its normal time raise {setting}, else look for a hang in it"
                     ) from None
                 print(

@@ -188,13 +188,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 got = dispatcher.run(rollouts.requests(contexts, K, L, it, version, max_concentration=cap), weights)
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
-                state = {
-                    "iteration": it,
-                    "version": version,
-                    "cursor": cursor,
-                    "logged_rollouts": logged,
-                    **_static_state(cfg),
-                }
+                state = _checkpoint_state(cfg, it, version, cursor, logged)
                 ckpt = store.save(it, policy, optimizer, state, keep=lc.keep_checkpoints)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
@@ -223,9 +217,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
                 raise Diverged(
                     f"iteration {it + 1}: the update diverged ({problem}); nothing of it was saved, the latest"
-                    " checkpoint"
-                    f" in {store} is the last good state. Lower learner.lr (now {optimizer.param_groups[0]['lr']:g})"
-                    " or learner.grad_clip, then continue with --resume auto --resume_changes=true"
+                    f" checkpoint in {store} is the last good state. Lower learner.lr (now"
+                    f" {optimizer.param_groups[0]['lr']:g}) or learner.grad_clip, then continue with"
+                    " --resume auto --resume_changes=true"
                 )
             version += 1
             t_put = time.perf_counter()
@@ -265,13 +259,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
 
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                state = {
-                    "iteration": it + 1,
-                    "version": version,
-                    "cursor": stream.cursor,
-                    "logged_rollouts": logged,
-                    **_static_state(cfg),
-                }
+                state = _checkpoint_state(cfg, it + 1, version, stream.cursor, logged)
                 store.save(it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
                 res = evaluate(
@@ -354,10 +342,17 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
     plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images)
 
 
-def _static_state(cfg: Config) -> dict:
-    """What a checkpoint records besides the counters: the config it was trained with (a resume
-    under a config that differs where it matters is refused)."""
-    return {"config": cfg.model_dump(mode="json", exclude=RUN_FLAGS)}
+def _checkpoint_state(cfg: Config, iteration: int, version: int, cursor: int, logged: int) -> dict:
+    """What a checkpoint records besides the weights: the counters, the rollouts logged so far
+    (a resume checks the log against it), and the config it was trained with (a resume under a
+    config that differs where it matters is refused)."""
+    return {
+        "iteration": iteration,
+        "version": version,
+        "cursor": cursor,
+        "logged_rollouts": logged,
+        "config": cfg.model_dump(mode="json", exclude=RUN_FLAGS),
+    }
 
 
 #: Largest alpha an update may leave (a Dirichlet with sum(alpha) ~ 1e8 is a point mass; beyond,

@@ -1,4 +1,5 @@
-"""RewardServer: hosts one reward and scores batches of images (a Ray actor in a run).
+"""The reward side's Ray actors: RewardServer hosts one reward and scores batches of images;
+MetricServer hosts one set-level evaluation metric.
 
 The images arrive as a Ray object ref resolved by Ray itself, straight from the rollout worker
 that made them: the learner never holds them.
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.registry import _shown, build, build_metric, check_scores
+from rewards.registry import build, build_metric, check_scores, shown_prompts
 
 
 class RewardServer:
@@ -43,7 +44,7 @@ class RewardServer:
                 raw = self.reward(images, prompts)
         except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompts named
             raise RuntimeError(
-                f"reward {self.name!r} failed on prompts {_shown(prompts)}: {type(e).__name__}: {e}"
+                f"reward {self.name!r} failed on prompts {shown_prompts(prompts)}: {type(e).__name__}: {e}"
             ) from e
         return check_scores(self.name, raw, prompts)
 

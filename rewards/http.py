@@ -163,7 +163,7 @@ class HttpReward:
             self.attempts += 1
             try:
                 status, data = self._post(body)
-            except (OSError, TimeoutError) as e:  # refused, reset, timed out: a retry may cure it
+            except OSError as e:  # refused, reset, timed out (TimeoutError): a retry may cure it
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 continue
             if len(data) > self.max_response_bytes:

@@ -29,7 +29,7 @@ from typing import Any
 
 from common.codec import DecodeError, pack, unpack
 from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
-from rewards.registry import _shown, build, check_scores
+from rewards.registry import build, check_scores, shown_prompts
 
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1000
@@ -145,7 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(e, ValueError) and str(e).startswith(f"reward {self.server.name!r}"):
                 return self._error(500, str(e))  # check_scores' message already names reward and prompt
             return self._error(
-                500, f"reward {self.server.name!r} failed on prompts {_shown(req.prompts)}: {type(e).__name__}: {e}"
+                500,
+                f"reward {self.server.name!r} failed on prompts {shown_prompts(req.prompts)}: {type(e).__name__}: {e}",
             )
         self._send(200, pack(ScoreResponse(scores=scores)))
 

@@ -122,7 +122,7 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
         raise ValueError(f"reward {name!r}: bad kwargs {sorted(kwargs)}: {e}") from None
 
 
-def _shown(prompts: Sequence[str], n: int = 4) -> list[str]:
+def shown_prompts(prompts: Sequence[str], n: int = 4) -> list[str]:
     prompts = list(prompts)
     return prompts if len(prompts) <= n else prompts[:n] + [f"... {len(prompts)} in all"]
 
@@ -138,20 +138,21 @@ def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
         raw = np.asarray(scores)
     except (TypeError, ValueError) as e:
         raise ValueError(
-            f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {_shown(prompts)}: {e}"
+            f"reward {name!r} returned {type(scores).__name__}, not numbers, for prompts {shown_prompts(prompts)}: {e}"
         ) from None
     if raw.dtype.kind not in "iuf":
         kind = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "O": "objects"}.get(
             raw.dtype.kind, str(raw.dtype)
         )
         raise ValueError(
-            f"reward {name!r} returned {kind}, not real numbers, for prompts {_shown(prompts)}; the step is stopped"
+            f"reward {name!r} returned {kind}, not real numbers, for prompts {shown_prompts(prompts)};"
+            " the step is stopped"
         )
     with np.errstate(over="ignore"):  # beyond float32's range is inf: refused below
         arr = raw.astype(np.float32)
     if arr.shape != (len(prompts),):
         raise ValueError(
-            f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images (prompts {_shown(prompts)}); "
+            f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images (prompts {shown_prompts(prompts)}); "
             "expected [N]; the step is stopped"
         )
     bad = np.flatnonzero(~np.isfinite(arr))
