@@ -189,8 +189,6 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
         raise ConfigError(f"experiment.output_dir {out} is a file, not a directory")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run dir {path} is a file, not a directory")
-    if cfg.resume is not None and cfg.resume == "auto" and not path.is_dir() and cfg.learner.checkpoint_dir is None:
-        raise ConfigError(f"--resume auto: there is no run dir {path} to resume (check experiment.name and output_dir)")
     ckpt_dir = _local_checkpoint_dir(cfg)
     _check_writable(path, "run dir")
     if ckpt_dir is not None:

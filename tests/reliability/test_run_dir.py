@@ -114,6 +114,12 @@ def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
     assert needle in capsys.readouterr().err
 
 
+def test_resume_auto_on_a_new_run_dir_starts_fresh(tmp_path):
+    """A job that always passes --resume auto (a preemptible cluster's) starts fresh the first time."""
+    with claim(load_config(_flags(tmp_path, "--resume=auto"))) as rd:
+        assert rd.path.is_dir() and rd.artefacts() == []
+
+
 def test_stale_temporaries_are_cleaned_when_claimed(tmp_path):
     run = tmp_path / "r"
     (run / "checkpoints" / ".ckpt-00000004.tmp-999").mkdir(parents=True)
