@@ -335,12 +335,16 @@ class GapResult:
                 out[name]["realism_x_pclass"] = self.extra[name]
         return out
 
-    def learned_vs_fixed(self) -> dict[str, float] | None:
-        """learned instance-level - best fixed, paired and clustered by prompt, with its z (mean / s.e.)."""
-        if INSTANCE not in self.methods:
+    def paired(self, a: str, b: str) -> dict[str, float] | None:
+        """Method ``a`` minus method ``b``, paired and clustered by prompt, with its z (mean / s.e.)."""
+        if a not in self.methods or b not in self.methods:
             return None
-        d = mean_se(self.methods[INSTANCE].reward - self.methods[FIXED].reward, clusters=self.prompts)
+        d = mean_se(self.methods[a].reward - self.methods[b].reward, clusters=self.prompts)
         return {**d, "z": d["mean"] / d["se"] if d["se"] > 0 else float("nan")}
+
+    def learned_vs_fixed(self) -> dict[str, float] | None:
+        """learned instance-level - best fixed."""
+        return self.paired(INSTANCE, FIXED)
 
     def within_prompt(self) -> dict[str, float]:
         """Noise dependence of the learned instance-level schedules and of the oracle's picks."""
@@ -356,6 +360,7 @@ class GapResult:
             "held_out": {"contexts": len(self.prompts), "prompts": len(set(self.prompts))},
             "rows": self.rows(),
             "learned_minus_best_fixed": self.learned_vs_fixed(),
+            "instance_minus_global": self.paired(INSTANCE, GLOBAL),
             "within_prompt_share": self.within_prompt(),
             "schedules": {n: self.methods[n].tau[0].tolist() for n in (DEFAULT, FIXED, GLOBAL) if n in self.methods},
             **self.notes,
@@ -397,9 +402,10 @@ class GapResult:
                 ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        d = self.learned_vs_fixed()
-        if d is not None:
-            lines.append(f"learned instance-level - best fixed: {d['mean']:+.4g} +- {d['se']:.2g} ({d['z']:+.1f} s.e.)")
+        for b in (FIXED, GLOBAL):
+            d = self.paired(INSTANCE, b)
+            if d is not None:
+                lines.append(f"{INSTANCE} - {b}: {d['mean']:+.4g} +- {d['se']:.2g} ({d['z']:+.1f} s.e.)")
         shares = self.within_prompt()
         lines.append(
             "within-prompt share of schedule variance (noise dependence): "

@@ -11,10 +11,15 @@ worker's sampler time, ceil(C / W) x K x L x cost: all else (dispatch, the objec
 that does not overlap sampling, the learner's update and the weight broadcast) is overhead.
 Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction of a CPU.
 
-Per worker count it prints: wall / ideal (the mean over iterations after the first), the learner
-side (update and broadcast) as a share of the iteration, the broadcast's bytes and seconds, the
-dispatch skew (the last worker's start minus the first's), and writes a PNG of wall / ideal.
-The last line is ``overhead ratio at <W> workers: X`` for the largest W.
+Per worker count it prints: wall / ideal (the mean over iterations after the first); the same
+without the learner's update and broadcast (what the system costs around a learner that takes
+no time, as a GPU learner nearly does); the learner side as a share of the iteration; the share
+of scoring time that overlapped sampling; the broadcast's bytes and seconds; and the dispatch
+skew (the last worker's start minus the first's). It writes a PNG of both ratios. The last line
+is ``overhead ratio at 16 workers: X`` (or at the largest W if 16 is not measured).
+
+    python bench/overhead.py --micro-batch 0 --broadcast-dtype float32   # one request per worker, fp32
+    python bench/overhead.py                                              # micro-batches of 1, bf16
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ class Row:
     wall_s: float  # mean iteration wall time after the first
     ideal_s: float  # the busiest worker's sampler time
     ratio: float  # wall / ideal
+    outside_learner: float  # (wall - update and broadcast) / ideal
     learner_share: float  # update + broadcast, as a share of the iteration
+    scoring_overlap: float  # share of scoring time during which a worker was sampling
     broadcast_mb: float
     broadcast_s: float
     dispatch_skew_s: float
@@ -55,7 +62,8 @@ class Row:
 def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
     from learner.loop import train
 
-    actors = workers + args.reward_servers
+    servers = args.reward_servers or math.ceil(workers / 16)
+    actors = workers + servers
     cpus = min(0.5, (args.cpus - 0.5) / actors)  # the learner keeps half a core
     over = {
         "experiment": {"name": f"W{workers}", "output_dir": str(out), "seed": 0},
@@ -76,12 +84,13 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
             "steps": args.steps,
             "contexts_per_iter": args.contexts,
             "reference_steps": 0,
+            "micro_batch": args.micro_batch or None,
         },
         "rewards": [
             {
                 "name": "simulated",
                 "kwargs": {"seconds_per_image": args.reward_seconds_per_image},
-                "num_servers": args.reward_servers,
+                "num_servers": servers,
                 "num_cpus": cpus,
             }
         ],
@@ -93,6 +102,7 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
             "plots": False,
             "progress": False,
             "rollout_log": False,
+            "broadcast_dtype": args.broadcast_dtype,
         },
         "ray": {"num_cpus": args.cpus},
     }
@@ -100,15 +110,19 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
     train(cfg, final_eval=False)
     rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][1:]  # warm-up off
     wall = float(np.mean([m["system/step_seconds"] for m in rows]))
-    per_worker = math.ceil(args.contexts / workers) * args.k * args.steps
-    ideal = args.seconds_per_call + per_worker * args.seconds_per_image_step
+    per_worker = math.ceil(args.contexts / workers)
+    calls = math.ceil(per_worker / (args.micro_batch or per_worker))  # requests per worker, each with its fixed cost
+    ideal = calls * args.seconds_per_call + per_worker * args.k * args.steps * args.seconds_per_image_step
+    learner = float(np.mean([m["system/learner_seconds"] for m in rows]))
     return Row(
         workers=workers,
-        reward_servers=args.reward_servers,
+        reward_servers=servers,
         wall_s=wall,
         ideal_s=ideal,
         ratio=wall / ideal,
-        learner_share=float(np.mean([m["system/learner_seconds"] for m in rows])) / wall,
+        outside_learner=(wall - learner) / ideal,
+        learner_share=learner / wall,
+        scoring_overlap=float(np.nanmean([m["system/scoring_overlap"] for m in rows])),
         broadcast_mb=float(rows[-1]["system/broadcast_bytes"]) / 2**20,
         broadcast_s=float(np.mean([m["system/broadcast_seconds"] for m in rows])),
         dispatch_skew_s=float(np.mean([m["system/dispatch_skew_s"] for m in rows])),
@@ -118,12 +132,14 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| workers | wall (s) | ideal (s) | wall / ideal | learner share | broadcast (MB, s) | dispatch skew (ms) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workers | reward servers | wall (s) | ideal (s) | wall / ideal | without the learner | learner share"
+        " | scoring overlapped | broadcast (MB, s) | dispatch skew (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.workers} | {r.wall_s:.3f} | {r.ideal_s:.3f} | {r.ratio:.3f} | {r.learner_share:.1%} |"
+            f"| {r.workers} | {r.reward_servers} | {r.wall_s:.3f} | {r.ideal_s:.3f} | {r.ratio:.3f} |"
+            f" {r.outside_learner:.3f} | {r.learner_share:.1%} | {r.scoring_overlap:.0%} |"
             f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.dispatch_skew_s:.0f} |"
         )
     return "\n".join(lines)
@@ -137,6 +153,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r.workers for r in rows], [r.ratio for r in rows], "o-", label="wall / ideal")
+    ax.plot([r.workers for r in rows], [r.outside_learner for r in rows], "s--", label="without the learner's step")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rollout workers")
@@ -151,7 +168,13 @@ def plot(rows: list[Row], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python bench/overhead.py", description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--reward-servers", type=int, default=1)
+    p.add_argument(
+        "--reward-servers", type=int, default=0, help="Reward servers (0: one per 16 workers, at least one)."
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=1, help="Contexts per request (rollout.micro_batch); 0: one per worker."
+    )
+    p.add_argument("--broadcast-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--iterations", type=int, default=4, help="Iterations per worker count (the first is warm-up).")
     p.add_argument("--contexts", type=int, default=32, help="C: contexts per iteration.")
     p.add_argument("--k", type=int, default=2)
@@ -189,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         plot(rows, args.png)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    print(f"overhead ratio at {rows[-1].workers} workers: {rows[-1].ratio:.3f}")
+    last = next((r for r in rows if r.workers == 16), rows[-1])
+    print(f"overhead ratio at {last.workers} workers: {last.ratio:.3f}")
     return rows
 
 

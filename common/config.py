@@ -298,6 +298,10 @@ class PolicyConfig(Section):
 MAX_K = 1024
 
 
+#: A device setting: 'auto', 'cpu', 'cuda' or 'cuda:N' (common.devices.resolve_device).
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
 class RolloutConfig(Section):
     num_workers: int = Field(2, ge=1, le=4096, description="Number of RolloutWorker actors.")
     k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")
@@ -309,6 +313,20 @@ class RolloutConfig(Section):
     )
     steps: int = Field(4, ge=1, le=1000, description="L: model evaluations (NFE) per sample.")
     contexts_per_iter: int = Field(16, ge=1, le=65_536, description="C: contexts (prompt, seed) per iteration.")
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Contexts per request (micro-batch): each request's images go to a reward server as soon as they"
+        " exist, so scoring overlaps the sampling of the next. None: C split evenly, one request per worker (no"
+        " overlap; the least overhead for a fast sampler). For samplers of a second or more per image, 1 or 2.",
+    )
+    policy_device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Device of the workers' policy copy: 'auto' (the worker's GPU if it has one, else cpu), 'cpu',"
+        " 'cuda' or 'cuda:N'.",
+    )
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
@@ -452,6 +470,19 @@ class LearnerConfig(Section):
         description="Torch CPU threads of the learner: fixed, so a run is bit-reproducible on any machine.",
     )
     rollout_log: bool = Field(True, description="Append every rollout's record to rollouts.msgpack in the run dir.")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Device of the learner's policy and update: 'auto' (cuda if the learner sees a GPU, else cpu),"
+        " 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    broadcast_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Precision of the weights sent to the workers each iteration. float32: the workers sample from"
+        " exactly the learner's policy. bfloat16/float16: half the bytes; the workers' copy is rounded, so"
+        " learner/logp_drift is no longer 0 (the update still scores the executed draws under the learner's"
+        " weights).",
+    )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
     @field_validator("train_prompts", "eval_prompts")
@@ -567,6 +598,9 @@ RESUME_FREE = {
     "rollout.prompt_cache",
     "sampler.runtime_env",
     "rollout.sample_timeout_per_nfe_s",
+    "rollout.micro_batch",
+    "rollout.policy_device",
+    "learner.device",
 }
 _REWARD_RESOURCES = {
     "num_servers",

@@ -58,6 +58,11 @@ class RolloutRequest(Message):
     max_concentration: float | None = Field(
         None, gt=0, description="The policy's cap on sum(alpha) at this iteration (None: the policy's own)."
     )
+    image_size: int | None = Field(
+        None,
+        ge=1,
+        description="Longest side of the images sent on (every reward reads no more: its input_size); None: as made.",
+    )
 
     @model_validator(mode="after")
     def _tau_iff_fixed(self) -> RolloutRequest:

@@ -270,8 +270,10 @@ def describe(policy: SchedulePolicy) -> str:
     return f"{policy.variant} policy, L={policy.steps}, {n:,} parameters ({n * 4 / 2**20:.2f} MiB fp32)"
 
 
-def collate(x: np.ndarray, tokens: Sequence[np.ndarray], pooled: np.ndarray | None) -> PolicyInputs:
-    """Stack per-context policy inputs; text tokens of different lengths are padded and masked."""
+def collate(
+    x: np.ndarray, tokens: Sequence[np.ndarray], pooled: np.ndarray | None, device: torch.device | str = "cpu"
+) -> PolicyInputs:
+    """Stack per-context policy inputs on ``device``; text tokens of different lengths are padded and masked."""
     n, t_max = len(tokens), max(t.shape[0] for t in tokens)
     if n != len(x):
         raise ValueError(f"{len(x)} noises but {n} token sequences")
@@ -282,20 +284,59 @@ def collate(x: np.ndarray, tokens: Sequence[np.ndarray], pooled: np.ndarray | No
         padded[i, : len(t)] = t
         mask[i, : len(t)] = True
     return PolicyInputs(
-        x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-        tokens=torch.from_numpy(padded),
-        mask=torch.from_numpy(mask),
-        pooled=None if pooled is None else torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)),
+        x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device),
+        tokens=torch.from_numpy(padded).to(device),
+        mask=torch.from_numpy(mask).to(device),
+        pooled=None if pooled is None else torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).to(device),
     )
 
 
-def state_to_numpy(policy: nn.Module) -> dict[str, np.ndarray]:
-    """The policy's weights as numpy arrays: what is ray.put once per version."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in policy.state_dict().items()}
+#: Wire dtypes of a weight broadcast. numpy has no bfloat16: its bits travel as uint16.
+_WIRE = {"float32": (torch.float32, None), "float16": (torch.float16, None), "bfloat16": (torch.bfloat16, torch.int16)}
 
 
-def load_numpy_state(policy: nn.Module, state: dict[str, np.ndarray]) -> None:
-    policy.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+@dataclass
+class Weights:
+    """One version of the policy's weights as it is broadcast (ray.put once per version):
+    numpy arrays in ``dtype`` (bfloat16 as its raw 16 bits), floating tensors only; buffers of
+    other dtypes travel as they are."""
+
+    arrays: dict[str, np.ndarray]
+    dtype: str = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def state_to_numpy(policy: nn.Module, dtype: str = "float32") -> Weights:
+    """The policy's weights for the workers, in ``dtype`` ('float32', 'bfloat16', 'float16')."""
+    wire, bits = _WIRE[dtype]
+    arrays = {}
+    for k, v in policy.state_dict().items():
+        t = v.detach()
+        if t.is_floating_point():
+            t = t.to(wire)
+            if bits is not None:
+                t = t.view(bits)
+        arrays[k] = t.cpu().numpy().copy()
+    return Weights(arrays, dtype)
+
+
+def load_numpy_state(policy: nn.Module, state: Weights | dict[str, np.ndarray]) -> None:
+    """Load broadcast weights (or a plain dict of arrays) into ``policy``, cast to its own dtype
+    and device."""
+    if isinstance(state, dict):
+        state = Weights(state)
+    wire, bits = _WIRE[state.dtype]
+    own = policy.state_dict()
+    tensors = {}
+    for k, a in state.arrays.items():
+        t = torch.from_numpy(np.array(a))
+        if bits is not None and k in own and own[k].is_floating_point():
+            t = t.view(wire)
+        tensors[k] = t.to(own[k].dtype) if k in own else t
+    policy.load_state_dict(tensors)
 
 
 def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau: np.ndarray) -> dict:

@@ -22,6 +22,7 @@ time-out of the same unit stops the run with a message naming the actor and the 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -112,8 +113,8 @@ def _dead_for_good(actor: Any) -> bool:
 
 @dataclass
 class Pending:
-    """One in-flight request: its metadata ref, its image and reference refs, and its score refs
-    (one per reward)."""
+    """One in-flight request: its metadata ref, its image and reference refs, and, once its images
+    exist, its score refs (one per reward) with the server that scores each."""
 
     request: RolloutRequest
     worker: int
@@ -123,14 +124,31 @@ class Pending:
     scores: list[ray.ObjectRef] = field(default_factory=list)
     servers: list[int] = field(default_factory=list)  # per reward: the server that scores it
     launched: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf  # sampling must be done by then (time.monotonic())
+    sampled: RolloutBatch | None = None  # the batch, once the worker is done
+    score_deadlines: list[float] = field(default_factory=list)
+    got: list[np.ndarray | None] = field(default_factory=list)  # per reward: its scores once collected
 
     @property
     def prompts(self) -> list[str]:
         return [c.prompt for c in self.request.contexts for _ in range(self.request.k)]
 
+    def waiting(self) -> list[tuple[ray.ObjectRef, int, float]]:
+        """What the unit waits for: (ref, -1 for sampling or the reward's index, deadline)."""
+        if self.sampled is None:
+            return [(self.batch, -1, self.deadline)]
+        return [
+            (ref, j, d)
+            for j, (ref, d, got) in enumerate(zip(self.scores, self.score_deadlines, self.got, strict=True))
+            if got is None
+        ]
+
 
 class RolloutGroup:
-    def __init__(self, cfg: Config, reference_steps: int = 0):
+    def __init__(self, cfg: Config, reference_steps: int = 0, image_size: int | None = None):
+        """``image_size``: the longest side every reward reads (``RewardGroup.input_size``): training
+        images are downscaled to it on the workers (evaluation images, which metrics and plots
+        read too, are sent as made)."""
         r = cfg.rollout
         actor = ray.remote(RolloutWorker).options(
             num_cpus=r.num_cpus,
@@ -148,12 +166,13 @@ class RolloutGroup:
                 cfg.experiment.seed,
                 reference_steps=reference_steps,
                 prompt_cache=r.prompt_cache,
+                policy_device=r.policy_device,
             )
             for i in range(r.num_workers)
         ]
         self.alive = list(range(r.num_workers))
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
-        self.reference_steps = reference_steps
+        self.reference_steps, self.image_size, self.micro_batch = reference_steps, image_size, r.micro_batch
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         _wait_started(self.workers, r.start_timeout_s, [f"rollout worker {i}" for i in range(r.num_workers)])
 
@@ -204,21 +223,23 @@ class RolloutGroup:
         tau: list[float] | None = None,
         max_concentration: float | None = None,
     ) -> list[RolloutRequest]:
-        """Split ``contexts`` evenly, one request per live worker, in context order."""
-        chunks = [c for c in np.array_split(np.arange(len(contexts)), len(self.alive)) if len(c)]
+        """Split ``contexts`` into requests, in context order: micro-batches of ``rollout.micro_batch``
+        contexts, or (None) evenly, one request per live worker."""
+        n = self.micro_batch or math.ceil(len(contexts) / len(self.alive))
         return [
             RolloutRequest(
                 request_id=uuid.uuid4().hex,
                 iteration=iteration,
                 version=version,
-                contexts=[contexts[i] for i in idx],
+                contexts=contexts[i : i + n],
                 k=k,
                 steps=steps,
                 mode=mode,
                 tau=tau,
                 max_concentration=max_concentration,
+                image_size=self.image_size if mode == "sample" else None,
             )
-            for idx in chunks
+            for i in range(0, len(contexts), n)
         ]
 
     def submit(self, request: RolloutRequest, weights: ray.ObjectRef | None, worker: int) -> Pending:
@@ -282,6 +303,12 @@ class RewardGroup:
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
+        sizes = [
+            ray.get(servers[0].input_size.remote(), timeout=spec.timeout_s)
+            for spec, servers in zip(specs, self.servers, strict=True)
+        ]
+        #: the longest image side every reward reads (None: one reads images as made)
+        self.input_size: int | None = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
         self._turn = 0
 
     def _wait_started(self) -> None:
@@ -294,14 +321,20 @@ class RewardGroup:
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
             _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
 
-    def score(self, p: Pending) -> None:
-        """Start scoring ``p``'s images with every reward (round robin over each reward's servers)."""
-        p.scores, p.servers = [], []
+    def score(self, p: Pending, load: list[list[int]] | None = None) -> None:
+        """Start scoring ``p``'s images with every reward, each on its least loaded live server
+        (``load[j][i]``: calls in flight on server i of reward j; ties go round robin). Sets
+        ``p.scores`` (refs of (scores, started, finished)), ``p.servers`` and ``p.score_deadlines``:
+        a call has its time for each call queued ahead of it on its server, and its own."""
+        p.scores, p.servers, p.score_deadlines, p.got = [], [], [], []
+        now = time.monotonic()
         for j, servers in enumerate(self.servers):
-            alive = self.alive[j]
-            i = alive[self._turn % len(alive)]
-            p.scores.append(servers[i].score.remote(p.images, p.prompts, p.references))
+            alive, queued = self.alive[j], load[j] if load is not None else [0] * len(servers)
+            i = min(alive, key=lambda s: (queued[s], (s - self._turn) % len(servers)))
+            p.scores.append(servers[i].score_timed.remote(p.images, p.prompts, p.references))
             p.servers.append(i)
+            p.score_deadlines.append(now + self.specs[j].score_timeout(len(p.prompts)) * (1 + queued[i]))
+            p.got.append(None)
         self._turn += 1
 
     def restart(self, reward: int, server: int) -> None:
@@ -385,106 +418,140 @@ class Collected:
     pending: list[Pending]  # the units whose results were kept (image refs for metrics and plots)
     seconds: float
     faults: int
+    scoring: list[tuple[float, float]] = field(default_factory=list)  # kept scoring calls: (start, end), time.time()
+
+    def scoring_overlap(self) -> float:
+        """The share of scoring time during which a worker was still sampling (1: scoring is
+        hidden behind sampling; 0: it all came after). NaN without scoring time."""
+        sampling = _union([(b.started_at, b.started_at + b.seconds) for b in self.batches])
+        total = sum(e - s for s, e in self.scoring)
+        if total <= 0:
+            return math.nan
+        covered = sum(max(0.0, min(e, se) - max(s, ss)) for s, e in self.scoring for ss, se in sampling)
+        return covered / total
 
 
-class _Stalled(Exception):
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint intervals covering ``spans``."""
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+@dataclass
+class _Stalled:
     """A unit past its time on one actor: ``kind`` 'worker' (``who``: its index) or 'reward'
     (``who``: the reward's index), after ``limit`` seconds."""
 
-    def __init__(self, kind: str, who: int, limit: float):
-        super().__init__(kind, who, limit)
-        self.kind, self.who, self.limit = kind, who, limit
+    kind: str
+    who: int
+    limit: float
 
 
 class Dispatcher:
     """Runs requests as units of work (sample, then score) with re-sends on actor faults and
-    time-outs."""
+    time-outs.
+
+    Every request goes out at once; workers take theirs in order. Results are collected in
+    completion order (``ray.wait``): a unit's images go to a reward server the moment they exist,
+    on the server with the fewest calls in flight, so with micro-batches (``rollout.micro_batch``)
+    scoring runs while the workers sample the next ones."""
 
     def __init__(self, rollouts: RolloutGroup, rewards: RewardGroup, max_attempts: int = 5):
         self.rollouts, self.rewards, self.max_attempts = rollouts, rewards, max_attempts
         self.faults = 0  # actor faults survived over the run
 
-    def _launch(self, request: RolloutRequest, weights: ray.ObjectRef | None, turn: int) -> Pending:
+    def _launch(self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending]) -> Pending:
+        """Send ``request`` to a live worker; it has its time for each unit queued ahead of it there."""
         alive = self.rollouts.alive
-        p = self.rollouts.submit(request, weights, alive[turn % len(alive)])
-        self.rewards.score(p)
+        worker = alive[turn % len(alive)]
+        queued = sum(1 for u in live.values() if u.worker == worker and u.sampled is None)
+        p = self.rollouts.submit(request, weights, worker)
+        p.deadline = p.launched + self.rollouts.timeout(request) * (1 + queued)
         return p
 
-    def _wait(self, p: Pending, queued_on_worker: int) -> tuple[RolloutBatch, list[np.ndarray]]:
-        """The unit's batch and scores, or ``_Stalled`` naming the actor past its time.
+    def _load(self, live: dict[str, Pending]) -> list[list[int]]:
+        """Scoring calls in flight per reward server: ``[reward][server]``."""
+        load = [[0] * len(servers) for servers in self.rewards.servers]
+        for u in live.values():
+            for j, (i, got) in enumerate(zip(u.servers, u.got, strict=True)):
+                load[j][i] += got is None
+        return load
 
-        Sampling may take the worker's time for each unit queued on it up to this one; scoring,
-        its own time from when the images are there (the reward servers score in submission
-        order, and every earlier unit's scores have been collected by then)."""
-        limit = self.rollouts.timeout(p.request) * queued_on_worker
-        try:
-            batch = ray.get(p.batch, timeout=max(0.0, p.launched + limit - time.monotonic()))
-        except GetTimeoutError:
-            raise _Stalled("worker", p.worker, limit) from None
-        scores = []
-        for j, ref in enumerate(p.scores):
-            limit = self.rewards.specs[j].score_timeout(len(p.prompts))
-            try:
-                scores.append(ray.get(ref, timeout=limit))
-            except GetTimeoutError:
-                raise _Stalled("reward", j, limit) from None
-        return batch, scores
+    def _stalled(self, p: Pending, now: float) -> _Stalled | None:
+        if p.sampled is None:
+            if now > p.deadline:
+                return _Stalled("worker", p.worker, p.deadline - p.launched)
+            return None
+        for j, (deadline, got) in enumerate(zip(p.score_deadlines, p.got, strict=True)):
+            if got is None and now > deadline:
+                return _Stalled("reward", j, self.rewards.specs[j].score_timeout(len(p.prompts)))
+        return None
 
-    def run(self, requests: list[RolloutRequest], weights: ray.ObjectRef | None) -> Collected:
+    def run(self, requests: list[RolloutRequest], weights: Any) -> Collected:
         start, faults = time.perf_counter(), 0
-        units = [self._launch(r, weights, i) for i, r in enumerate(requests)]
+        live: dict[str, Pending] = {}
+        for i, r in enumerate(requests):  # all at once: each worker queues its own
+            live[r.request_id] = self._launch(r, weights, i, live)
         done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
+        spans: dict[str, list[tuple[float, float]]] = {}
         attempts = {r.request_id: 1 for r in requests}
         timeouts = {r.request_id: 0 for r in requests}
-        i = 0
-        while i < len(units):
-            p = units[i]
+
+        def resend(p: Pending) -> None:
             rid = p.request.request_id
-            # units sent to the same worker before this one and not yet collected run first
-            queued = 1 + sum(
-                1
-                for u in units
-                if u is not p and u.worker == p.worker and u.launched < p.launched and u.request.request_id not in done
-            )
+            attempts[rid] += 1
+            del live[rid]
+            spans.pop(rid, None)
+            live[rid] = self._launch(p.request, weights, p.worker + attempts[rid], live)
+
+        while live:
+            waits = [(ref, u, j, d) for u in live.values() for ref, j, d in u.waiting()]
+            waiting = {ref: (u, j) for ref, u, j, _ in waits}  # ref -> (unit, -1 sampling or reward j)
+            deadline = min(d for *_, d in waits)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if ready:  # and whatever else is ready by now, in one sweep
+                rest = [r for r in waiting if r not in ready]
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
             try:
-                batch, scores = self._wait(p, queued)
-            except _Stalled as e:
-                kind, who, limit = e.kind, e.who, e.limit
-                timeouts[rid] += 1
-                name = f"rollout worker {who}" if kind == "worker" else f"reward {self.rewards.specs[who].name!r}"
-                doing = "sampling" if kind == "worker" else "scoring"
-                setting = "rollout.sample_timeout_s" if kind == "worker" else f"rewards[{who}].timeout_s"
-                if timeouts[rid] >= 2:
-                    raise TimedOut(
-                        f"{name} did not finish {doing} prompts {shown_prompts(p.prompts)} within {limit:.0f} s, twice"
-                        f" (request {rid}); if that is its normal time raise {setting}, else look for a hang in it"
-                    ) from None
-                print(
-                    f"warning: {name} did not finish {doing} within {limit:.0f} s: restarting it and re-sending"
-                    " the unit"
-                )
-                faults += 1
-                if kind == "worker":
-                    self.rollouts.restart(who)
-                    self.rollouts.check(who)
-                else:
-                    self.rewards.restart(who, p.servers[who])
-                    self.rewards.check()
-                attempts[rid] += 1
-                units[i] = self._launch(p.request, weights, p.worker + attempts[rid])
-                continue
+                for ref in ready:
+                    p, j = waiting[ref]
+                    rid = p.request.request_id
+                    if live.get(rid) is not p:  # re-sent meanwhile: this attempt's results are dropped
+                        continue
+                    if j < 0:  # the worker is done: its images go to the least loaded reward servers
+                        p.sampled = ray.get(ref)
+                        self.rewards.score(p, self._load(live))
+                    else:
+                        scores, began, ended = ray.get(ref)
+                        p.got[j] = scores
+                        spans.setdefault(rid, []).append((began, ended))
+                    if p.sampled is not None and all(g is not None for g in p.got):
+                        del live[rid]
+                        if rid not in done:  # a request's results are used once, whatever Ray reported
+                            done[rid] = (p.sampled, [g for g in p.got if g is not None], p)
+                now = time.monotonic()
+                for p in list(live.values()):
+                    stalled = self._stalled(p, now)
+                    if stalled is not None:
+                        self._on_stalled(p, stalled, timeouts)
+                        faults += 1
+                        resend(p)
             except ACTOR_FAULTS as e:
+                p = waiting[ref][0]
+                rid = p.request.request_id
                 faults += 1
                 if attempts[rid] >= self.max_attempts:
                     raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
-                self.rollouts.check(p.worker)
-                self.rewards.check()
-                attempts[rid] += 1
-                units[i] = self._launch(p.request, weights, p.worker + attempts[rid])
-                continue
-            if rid not in done:  # a request's results are used once, whatever Ray reported
-                done[rid] = (batch, scores, p)
-            i += 1
+                if waiting[ref][1] < 0:
+                    self.rollouts.check(p.worker)
+                else:
+                    self.rewards.check()
+                resend(p)
         self.faults += faults
         kept = [done[r.request_id] for r in requests]
         return Collected(
@@ -493,4 +560,26 @@ class Dispatcher:
             pending=[p for _, _, p in kept],
             seconds=time.perf_counter() - start,
             faults=faults,
+            scoring=[span for r in requests for span in spans.get(r.request_id, [])],
         )
+
+    def _on_stalled(self, p: Pending, e: _Stalled, timeouts: dict[str, int]) -> None:
+        """A unit past its time: the second time for this unit stops the run (``TimedOut``, naming
+        the actor and the prompts); the first restarts the stalled actor (the caller re-sends)."""
+        rid = p.request.request_id
+        timeouts[rid] += 1
+        name = f"rollout worker {e.who}" if e.kind == "worker" else f"reward {self.rewards.specs[e.who].name!r}"
+        doing = "sampling" if e.kind == "worker" else "scoring"
+        setting = "rollout.sample_timeout_s" if e.kind == "worker" else f"rewards[{e.who}].timeout_s"
+        if timeouts[rid] >= 2:
+            raise TimedOut(
+                f"{name} did not finish {doing} prompts {shown_prompts(p.prompts)} within {e.limit:.0f} s, twice"
+                f" (request {rid}); if that is its normal time raise {setting}, else look for a hang in it"
+            )
+        print(f"warning: {name} did not finish {doing} within {e.limit:.0f} s: restarting it and re-sending the unit")
+        if e.kind == "worker":
+            self.rollouts.restart(e.who)
+            self.rollouts.check(e.who)
+        else:
+            self.rewards.restart(e.who, p.servers[e.who])
+            self.rewards.check()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import CheckpointStore, load_checkpoint, verify
 from common.codec import DecodeError, append_records, scan_records
 from common.config import RUN_FLAGS, Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
+from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import PolicyInputs, SchedulePolicy, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
@@ -75,6 +76,13 @@ def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
             f"reward {needing[0]!r} compares with a many-step reference sample, but rollout.reference_steps=0"
         )
     return steps
+
+
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise ConfigError(f"learner.device: {e}") from None
 
 
 class Diverged(RunStopped):
@@ -147,13 +155,14 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         rewards = RewardGroup(
             cfg.rewards, cfg.sampler.model_dump(mode="json"), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s
         )
-        rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
+        rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards), rewards.input_size)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
         torch.set_num_threads(lc.torch_threads)
         torch.manual_seed(cfg.experiment.seed)
-        policy = SchedulePolicy(**rollouts.policy_kwargs()).eval()
+        device = _device(lc.device)
+        policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
         rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
@@ -169,7 +178,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
-        weights = ray.put(state_to_numpy(policy))
+        weights = ray.put(state_to_numpy(policy, lc.broadcast_dtype))
         bar = tqdm(
             range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
         )
@@ -209,6 +218,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 np.concatenate([bt.x for bt in batches]),
                 [t for bt in batches for t in bt.tokens],
                 None if batches[0].pooled is None else np.concatenate([bt.pooled for bt in batches]),
+                device,
             )
             m = reinforce_step(
                 policy, optimizer, inputs, log_tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
@@ -223,8 +233,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 )
             version += 1
             t_put = time.perf_counter()
-            arrays = state_to_numpy(policy)
-            weights = ray.put(arrays)
+            sent = state_to_numpy(policy, lc.broadcast_dtype)
+            weights = ray.put(sent)
             broadcast_s = time.perf_counter() - t_put
             learner_s = time.perf_counter() - t_learn
 
@@ -243,7 +253,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     "system/faults": float(got.faults),
                     "system/learner_seconds": learner_s,  # update, checks and the weights into the object store
                     "system/broadcast_seconds": broadcast_s,
-                    "system/broadcast_bytes": float(sum(v.nbytes for v in arrays.values())),
+                    "system/broadcast_bytes": float(sent.nbytes),
+                    "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": float(
                         max(bt.started_at for bt in batches) - min(bt.started_at for bt in batches)
                     ),

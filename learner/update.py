@@ -30,8 +30,9 @@ def reinforce_step(
     policy.train()
     alpha = policy(inputs)  # [C, L+1]
     c, k = advantage.shape
-    logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(log_tau))  # [C, K] float64
-    adv = torch.from_numpy(np.asarray(advantage, dtype=np.float64))
+    device = alpha.device  # the policy's: the learner's GPU if it has one (learner.device)
+    logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(log_tau).to(device))  # [C, K] float64
+    adv = torch.from_numpy(np.asarray(advantage, dtype=np.float64)).to(device)
     loss = -(adv * logp).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -46,7 +47,7 @@ def reinforce_step(
             "learner/pg_loss": float(loss),
             "learner/grad_norm": float(grad_norm),
             # on-policy: the recomputed log-prob must equal the worker's (a drift means stale weights)
-            "learner/logp_drift": float((logp.detach() - torch.from_numpy(behaviour_logp)).abs().max()),
+            "learner/logp_drift": float((logp.detach().cpu() - torch.from_numpy(behaviour_logp)).abs().max()),
             "policy/entropy": float(entropy(alpha).mean()),
             "policy/concentration": float(conc.mean()),
         }

@@ -8,6 +8,7 @@ that made them: the learner never holds them.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,21 @@ class RewardServer:
     def needs_reference(self) -> bool:
         """Whether the reward compares with the many-step reference sample (``needs_reference``)."""
         return bool(getattr(self.reward, "needs_reference", False))
+
+    def input_size(self) -> int | None:
+        """The side the reward resizes an image's longest side to (its ``input_size``, e.g. 224
+        for HPS), or None: the workers may send images downscaled to it."""
+        size = getattr(self.reward, "input_size", None)
+        return None if size is None else int(size)
+
+    def score_timed(
+        self, images: Any, prompts: Sequence[str], references: Any = None
+    ) -> tuple[np.ndarray, float, float]:
+        """``score``, with the wall-clock times (time.time()) it started and finished: the learner
+        measures how much scoring overlapped sampling."""
+        started = time.time()
+        scores = self.score(images, prompts, references)
+        return scores, started, time.time()
 
     def score(self, images: Any, prompts: Sequence[str], references: Any = None) -> np.ndarray:
         """Scores [N] float32; a crash, a non-finite score or a wrong shape raises, naming the reward

@@ -132,6 +132,7 @@ class HPSReward:
             model.load_state_dict(load_hps_state(checkpoint), strict=True)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.image_size = int(np.atleast_1d(self.model.visual.image_size)[0])
+        self.input_size = self.image_size  # the workers may send images downscaled to it (rollout side)
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.text_features: PromptCache[torch.Tensor] = PromptCache(self._encode_text, cache_prompts)
 

@@ -61,3 +61,31 @@ def stack_uint8(images: Any) -> np.ndarray:
     if len(shapes) > 1:
         raise ValueError(f"images of different sizes cannot be stacked: {sorted(shapes)}")
     return np.stack(arrs) if arrs else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def downscale(images: np.ndarray, size: int) -> np.ndarray:
+    """A batch [N, H, W, 3] uint8 (or float [N, 3, H, W] / [N, H, W, 3]) with its longest side
+    brought down to ``size`` (bicubic, antialiased, as HPS and CLIP resize), in the same layout
+    and dtype; smaller images and non-image batches (e.g. the toy's vectors) are returned as they
+    are. The rollout workers apply it where every reward declares the side it reads
+    (``input_size``), so 1024² images do not travel to a reward that reads 224²."""
+    import torch
+    import torch.nn.functional as F
+
+    a = np.asarray(images)
+    if a.ndim != 4:
+        return images
+    last = a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3)  # channels last
+    h, w = (a.shape[1], a.shape[2]) if last else (a.shape[2], a.shape[3])
+    if max(h, w) <= size:
+        return images
+    new = [max(1, round(d * size / max(h, w))) for d in (h, w)]
+    x = torch.from_numpy(np.ascontiguousarray(a)).float()
+    if last:
+        x = x.permute(0, 3, 1, 2)
+    y = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
+    if last:
+        y = y.permute(0, 2, 3, 1)
+    if a.dtype == np.uint8:
+        return y.round().clamp(0, 255).to(torch.uint8).numpy()
+    return y.numpy().astype(a.dtype)

@@ -15,11 +15,21 @@ import numpy as np
 import torch
 
 from common.config import PolicyConfig, SamplerConfig
+from common.devices import resolve_device
 from common.messages import RolloutBatch, RolloutRequest
-from common.policy import SchedulePolicy, collate, load_numpy_state, log_prob, policy_kwargs, sample_log_tau
+from common.policy import (
+    SchedulePolicy,
+    Weights,
+    collate,
+    load_numpy_state,
+    log_prob,
+    policy_kwargs,
+    sample_log_tau,
+)
 from common.prompt_cache import PromptCache
 from common.prompts import check_prompts
 from common.schedule import executed_tau, times_from_tau
+from rewards.images import downscale
 from rollout.backends import build_sampler
 from rollout.sampler import PromptFeatures
 
@@ -35,13 +45,15 @@ class RolloutWorker:
         torch_threads: int = 1,
         reference_steps: int = 0,
         prompt_cache: int = 256,
+        policy_device: str = "auto",
     ):
         torch.set_num_threads(torch_threads)
         self.worker_id, self.run_seed, self.reference_steps = worker_id, run_seed, reference_steps
         self.sampler = build_sampler(SamplerConfig(**sampler))
         spec = self.sampler.spec()
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
-        self.policy = SchedulePolicy(**self._policy_kwargs).eval()
+        self.device = resolve_device(policy_device)  # 'auto': the GPU Ray gave this worker, if any
+        self.policy = SchedulePolicy(**self._policy_kwargs).to(self.device).eval()
         self.version = -1
         # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
         self._features: PromptCache[PromptFeatures] = PromptCache(self.sampler.encode, prompt_cache)
@@ -75,7 +87,7 @@ class RolloutWorker:
         return self._features.get(prompts)
 
     def sample(
-        self, request: RolloutRequest, weights: dict[str, np.ndarray] | None
+        self, request: RolloutRequest, weights: Weights | dict[str, np.ndarray] | None
     ) -> tuple[RolloutBatch, np.ndarray, np.ndarray | None]:
         """Rollouts for ``request`` under ``weights`` (version ``request.version``).
 
@@ -84,6 +96,7 @@ class RolloutWorker:
         learner. Images are ordered context-major: row c*K + i is rollout i of context c.
         ``references`` (None unless ``reference_steps``) holds, row for row, the many-step sample
         of the same prompt and noise: made once per context and repeated for its K rollouts.
+        Both are downscaled to ``request.image_size`` where it is set (the rewards read no more).
         """
         start, started_at = time.perf_counter(), time.time()
         if request.mode in ("sample", "mean") and request.version != self.version:
@@ -102,7 +115,7 @@ class RolloutWorker:
 
         if request.mode == "sample":
             with torch.no_grad():
-                alpha = self.policy(collate(x, tokens, pooled)).double()
+                alpha = self.policy(collate(x, tokens, pooled, self.device)).double().cpu()
             a = alpha.numpy()
             log_tau = np.stack(
                 [
@@ -116,7 +129,7 @@ class RolloutWorker:
         else:
             if request.mode == "mean":
                 with torch.no_grad():
-                    alpha = self.policy(collate(x, tokens, pooled)).double().numpy()
+                    alpha = self.policy(collate(x, tokens, pooled, self.device)).double().cpu().numpy()
                 mean = alpha / alpha.sum(-1, keepdims=True)
             else:
                 fixed = self.sampler.default_tau(steps) if request.mode == "default" else np.asarray(request.tau)
@@ -133,7 +146,12 @@ class RolloutWorker:
         references = None
         if self.reference_steps:
             ref_times = np.tile(times_from_tau(self.sampler.default_tau(self.reference_steps)), (len(ctxs), 1))
-            references = np.repeat(self.sampler.sample(prompts, x, ref_times), k, axis=0)
+            references = self.sampler.sample(prompts, x, ref_times)
+            if request.image_size is not None:
+                references = downscale(references, request.image_size)
+            references = np.repeat(references, k, axis=0)
+        if request.image_size is not None:
+            images = downscale(images, request.image_size)
         batch = RolloutBatch(
             request_id=request.request_id,
             iteration=request.iteration,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common.config import DiffusersSection
+from common.devices import resolve_device
 from common.messages import SamplerSpec
 from common.prompt_cache import PromptCache
 from common.prompts import read_prompt_file
@@ -24,12 +25,6 @@ from rollout.backends.prompts import EVAL_PROMPTS, TRAIN_PROMPTS
 from rollout.sampler import PromptFeatures
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_pipeline(cls: Any, cfg: DiffusersSection, **extra: Any) -> Any:

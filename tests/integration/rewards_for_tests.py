@@ -103,3 +103,15 @@ class ScaleJump:
     def __call__(self, images, prompts):
         self.calls += 1
         return np.full(len(prompts), 1.0 if self.calls == 1 else 1e6, dtype=np.float32)
+
+
+class SideProbe:
+    """Declares the side it reads (``input_size``, as HPS does) and scores each image with the
+    longest side it received: shows that the workers downscaled the images before sending them."""
+
+    def __init__(self, input_size: int | None = 16):
+        self.input_size = input_size
+
+    def __call__(self, images, prompts):
+        a = np.asarray(images)
+        return np.full(len(prompts), max(a.shape[1:3]), dtype=np.float32)

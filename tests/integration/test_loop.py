@@ -124,3 +124,19 @@ def test_concentration_schedule_reaches_workers_and_learner_alike(ray_local, tmp
     assert min(conc[2:]) > 10.0  # the init's concentration (20), no longer capped
     assert max(m["learner/logp_drift"] for m in rows) < 1e-6
     assert SchedulePolicy.from_pretrained(res.run_dir / "policy").max_concentration == 1000.0
+
+
+@pytest.mark.gpu
+def test_learner_and_workers_run_the_policy_on_cuda(ray_local, tmp_path):
+    """learner.device and rollout.policy_device on the GPU: the same run as on the CPU up to float
+    differences between devices, still on-policy."""
+    gpu = {"num_gpus": 0.25, "policy_device": "cuda"}
+    cpu_cfg = load_config([], **tiny_overrides(tmp_path / "cpu"))
+    gpu_cfg = load_config([], **tiny_overrides(tmp_path / "gpu", rollout=gpu, learner={"device": "cuda"}))
+    a, b = train(cpu_cfg, final_eval=False), train(gpu_cfg, final_eval=False)
+    assert next(b.policy.parameters()).is_cuda
+    rows = [m for m in read_jsonl(b.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
+    assert max(m["learner/logp_drift"] for m in rows) < 1e-3
+    first = [r for r in read_records(a.run_dir / "rollouts.msgpack", RolloutRecord) if r.iteration == 0]
+    again = [r for r in read_records(b.run_dir / "rollouts.msgpack", RolloutRecord) if r.iteration == 0]
+    np.testing.assert_allclose([r.tau for r in first], [r.tau for r in again], rtol=1e-2, atol=1e-4)

@@ -34,7 +34,7 @@ def test_runtime_env_weights_and_crash(ray_local):
     requests = [SimpleNamespace(images=ray.put(x), prompts=["class 1", "class 2"], references=None) for _ in range(2)]
     for p in requests:  # two requests: NegativeNorm's two servers take one each
         group.score(p)
-    scores = group.combine([ray.get(p.scores) for p in requests])
+    scores = group.combine([[got[0] for got in ray.get(p.scores)] for p in requests])  # (scores, start, end)
     np.testing.assert_allclose(scores.per_reward[f"{MOD}:EnvScale"], [1.5, 1.5] * 2)  # the env var was seen
     np.testing.assert_allclose(scores.per_reward[f"{MOD}:NegativeNorm"], [-5.0, -1.0] * 2)
     np.testing.assert_allclose(scores.total, 2.0 * 1.5 + 0.5 * np.array([-5.0, -1.0] * 2))

@@ -58,6 +58,10 @@ def test_rewards_list_from_flag():
         ({"learner": {"baseline": "ppo"}}, "learner.baseline"),
         ({"rewards": [{"name": "toy", "wieght": 1}]}, "rewards.0.wieght"),
         ({"policy": {"widths": [30], "groups": 8}}, "groups"),
+        ({"learner": {"device": "gpu0"}}, "learner.device"),
+        ({"rollout": {"policy_device": "cuda:x"}}, "rollout.policy_device"),
+        ({"learner": {"broadcast_dtype": "int8"}}, "learner.broadcast_dtype"),
+        ({"rollout": {"micro_batch": 0}}, "rollout.micro_batch"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, data, field):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rewards.hps import HPSReward, preprocess
+from rewards.images import downscale
 from rewards.registry import build
 from tests.fixtures.hps.make_fixture import make_images
 
@@ -59,6 +60,21 @@ def test_preprocess_pads_to_a_centred_square():
     assert not torch.isclose(col[100], col[0])
     # an image whose longer side is already 224 is padded too (hpsv2 would skip the pad and fail)
     assert preprocess(np.zeros((224, 100, 3), np.uint8)).shape == (3, 224, 224)
+
+
+def test_images_downscaled_on_the_worker_score_as_the_full_images():
+    """A worker sends a 1024² image at HPS's input size (rewards.images.downscale, the same
+    bicubic antialiased resize): what HPS reads differs only by the uint8 rounding of the smaller
+    image (one grey level in [0, 1], under 0.02 after CLIP's normalisation)."""
+    rng = np.random.default_rng(0)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 16, 8, generator=torch.Generator().manual_seed(0)), (1024, 512), mode="bilinear"
+    )
+    full = (smooth[0].permute(1, 2, 0).numpy() * 200 + rng.integers(0, 40, (1024, 512, 3))).astype(np.uint8)
+    small = downscale(full[None], 224)[0]
+    assert small.shape == (224, 112, 3) and small.dtype == np.uint8
+    a, b = preprocess(full), preprocess(small)
+    assert (a - b).abs().max() < 0.02 + 1 / 255 / 0.26
 
 
 def test_missing_checkpoint_and_bad_checkpoint_are_clear(tmp_path):

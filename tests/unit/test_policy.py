@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.devices import resolve_device
 from common.policy import (
     ALPHA_MIN,
     PolicyInputs,
@@ -133,6 +134,29 @@ def test_numpy_state_round_trip():
     load_numpy_state(b, state_to_numpy(a))
     inp = _inputs(b=2)
     torch.testing.assert_close(a(inp), b(inp), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_half_precision_broadcast_halves_the_bytes_and_rounds_once(dtype, torch_dtype):
+    torch.manual_seed(0)
+    a = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    b = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    full, half = state_to_numpy(a), state_to_numpy(a, dtype)
+    assert half.dtype == dtype and half.nbytes * 2 == full.nbytes
+    load_numpy_state(b, half)
+    for k, v in a.state_dict().items():  # the worker's fp32 copy is the weight rounded to the wire dtype
+        assert b.state_dict()[k].dtype == torch.float32
+        torch.testing.assert_close(b.state_dict()[k], v.to(torch_dtype).float(), rtol=0, atol=0)
+    inp = _inputs(b=2)
+    torch.testing.assert_close(a(inp), b(inp), rtol=2e-2, atol=1e-3)
+
+
+def test_devices_resolve_or_say_what_is_missing():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:1': this process sees no GPU"):
+            resolve_device("cuda:1")
 
 
 def test_sample_log_tau_is_a_pure_function_of_the_key():

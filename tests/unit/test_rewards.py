@@ -91,3 +91,23 @@ def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
         build("toy", {})
     with pytest.raises(ValueError, match="scores the toy backend's samples; sampler.backend is 'digits'"):
         build("toy", {}, sampler=SamplerConfig().model_dump(mode="json"))
+
+
+def test_downscale_keeps_layout_dtype_and_aspect():
+    from rewards.images import downscale
+
+    u8 = np.full((2, 64, 32, 3), 200, np.uint8)
+    out = downscale(u8, 16)
+    assert out.shape == (2, 16, 8, 3) and out.dtype == np.uint8 and (out == 200).all()
+    chw = np.full((1, 3, 48, 48), 0.25, np.float32)
+    out = downscale(chw, 12)
+    assert out.shape == (1, 3, 12, 12) and out.dtype == np.float32 and np.allclose(out, 0.25, atol=1e-6)
+    assert downscale(u8, 64) is u8  # already small enough: untouched
+    vectors = np.zeros((4, 8), np.float32)
+    assert downscale(vectors, 2) is vectors  # not images (the toy's samples)
+
+
+def test_a_reward_declares_the_side_it_reads():
+    assert RewardServer("simulated", {}).input_size() == 224
+    assert RewardServer("simulated", {"input_size": None}).input_size() is None
+    assert RewardServer("tests.unit.test_rewards:GoodReward", {}).input_size() is None

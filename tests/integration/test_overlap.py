@@ -1,0 +1,112 @@
+"""Scoring overlapped with sampling: micro-batches, completion-order collection, reward servers
+balanced by readiness, images downscaled on the workers to what the rewards read, and the
+guarantees kept (the same rollouts whatever the split; a resume still exact)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from common.codec import read_records
+from common.config import RewardSpec, load_config
+from common.messages import RolloutBatch, RolloutRecord
+from learner.groups import Collected, RewardGroup
+from learner.loop import train
+from learner.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+
+def _records(run_dir):
+    records = read_records(run_dir / "rollouts.msgpack", RolloutRecord)
+    return sorted(records, key=lambda r: (r.iteration, r.context, r.k))
+
+
+def test_micro_batches_give_the_same_rollouts_and_resume_exactly(ray_local, tmp_path):
+    whole = train(load_config([], **tiny_overrides(tmp_path / "a")), final_eval=False)
+    micro = train(load_config([], **tiny_overrides(tmp_path / "b", rollout={"micro_batch": 1})), final_eval=False)
+    a, b = _records(whole.run_dir), _records(micro.run_dir)
+    assert [(r.iteration, r.context, r.k, r.seed) for r in a] == [(r.iteration, r.context, r.k, r.seed) for r in b]
+    # the draws are keyed by ids, not by the split; only float32 batch-size effects in the policy remain
+    np.testing.assert_allclose([r.tau for r in a], [r.tau for r in b], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose([r.reward for r in a], [r.reward for r in b], rtol=1e-4, atol=1e-6)
+    # micro-batched, a resumed run is still the uninterrupted one, bit for bit
+    over = {"micro_batch": 1}
+    train(load_config([], **tiny_overrides(tmp_path / "c", rollout=over, learner={"iterations": 2})), final_eval=False)
+    resumed = train(load_config(["--resume", "auto"], **tiny_overrides(tmp_path / "c", rollout=over)), final_eval=False)
+    assert [r.tau for r in _records(resumed.run_dir)] == [r.tau for r in b]
+    for k, v in micro.policy.state_dict().items():
+        assert torch.equal(v, resumed.policy.state_dict()[k])
+
+
+def _simulated(tmp_path, micro_batch):
+    return tiny_overrides(
+        tmp_path,
+        sampler={
+            "backend": "simulated",
+            "simulated": {"preset": "tiny", "image_size": 8, "seconds_per_image_step": 0.02},
+        },
+        policy={"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16},
+        rollout={"num_workers": 2, "k": 2, "steps": 2, "contexts_per_iter": 8, "num_cpus": 0.25}
+        | {"micro_batch": micro_batch},
+        rewards=[{"name": "simulated", "kwargs": {"seconds_per_image": 0.02}, "num_servers": 2, "num_cpus": 0.25}],
+        learner={"iterations": 3, "rollout_log": False},
+    )
+
+
+def test_micro_batched_scoring_overlaps_sampling(ray_local, tmp_path):
+    """Each worker samples 4 contexts (0.08 s each) and each is scored in 0.04 s. One request per
+    worker: every image is scored after its worker is done, nearly nothing overlaps. One context
+    per request: each is scored while the next is sampled, all but the last (about 3/4)."""
+    overlap = {}
+    for mb in (None, 1):
+        res = train(load_config([], **_simulated(tmp_path / f"mb{mb}", mb)), final_eval=False)
+        rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if "system/scoring_overlap" in m]
+        overlap[mb] = float(np.mean([m["system/scoring_overlap"] for m in rows]))
+    assert overlap[1] > 0.5 and overlap[None] < 0.3, overlap
+
+
+def test_workers_send_images_at_the_side_every_reward_reads(ray_local, tmp_path):
+    probe = "tests.integration.rewards_for_tests:SideProbe"
+    cfg = load_config(
+        [],
+        **_simulated(tmp_path, 1) | {"rewards": [{"name": probe, "kwargs": {"input_size": 4}, "num_cpus": 0.25}]},
+    )
+    res = train(cfg, final_eval=False)
+    rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if f"reward/{probe}" in m]
+    assert rows and all(m[f"reward/{probe}"] == 4.0 for m in rows)  # 8x8 images arrived as 4x4
+
+
+def test_reward_servers_are_chosen_by_readiness(ray_local):
+    group = RewardGroup([RewardSpec(name="simulated", kwargs={"seconds_per_image": 0.0}, num_servers=3, num_cpus=0.1)])
+    unit = SimpleNamespace(images=ray_local.put(np.zeros((1, 4, 4, 3), np.uint8)), prompts=["a"], references=None)
+    group.score(unit, load=[[2, 0, 1]])
+    assert unit.servers == [1]  # the idle one
+    chosen = []
+    for _ in range(3):  # equally loaded: round robin
+        group.score(unit, load=[[0, 0, 0]])
+        chosen += unit.servers
+    assert sorted(chosen) == [0, 1, 2]
+    scores, began, ended = ray_local.get(unit.scores[0])
+    assert scores.shape == (1,) and began <= ended
+
+
+def test_scoring_overlap_is_measured_against_sampling_intervals():
+    def batch(start, seconds):
+        return SimpleNamespace(started_at=start, seconds=seconds)
+
+    got = Collected(
+        batches=[batch(0.0, 1.0), batch(0.5, 1.0)],  # sampling covers [0, 1.5]
+        scored=[],
+        pending=[],
+        seconds=2.0,
+        faults=0,
+        scoring=[(1.0, 2.0), (0.2, 0.4)],  # 0.5 of the first and all of the second overlap
+    )
+    assert got.scoring_overlap() == pytest.approx((0.5 + 0.2) / 1.2)
+    assert np.isnan(Collected(batches=[], scored=[], pending=[], seconds=0.0, faults=0).scoring_overlap())
+    assert RolloutBatch  # the real batches carry started_at and seconds (common.messages)
