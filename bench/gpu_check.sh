@@ -12,7 +12,7 @@
 #     bash bench/gpu_check.sh            # from the repository root, after pip install -e '.[test]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RAY_AUTH_MODE=disabled
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-$(python -c 'import secrets; print(secrets.token_hex(32))')}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu_check.sh: no CUDA device')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 

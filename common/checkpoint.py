@@ -209,3 +209,31 @@ class CheckpointStore:
         shutil.rmtree(dest, ignore_errors=True)
         self.fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
         return dest
+
+
+def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
+    """A run's final policy (``<run>/policy``), or the weights of one of its checkpoints
+    (``checkpoint``: 'latest', a name such as 'ckpt-00000300', or a path); a ConfigError naming
+    what is missing otherwise."""
+    from common.config import ConfigError, load_config
+    from common.policy import SchedulePolicy
+
+    if checkpoint is None:
+        if not (run / "policy").is_dir():
+            raise ConfigError(f"{run} has no final policy yet (policy/): pass --checkpoint latest")
+        return SchedulePolicy.from_pretrained(run / "policy").eval()
+    cfg = load_config(["--config", str(run / "config.yaml")])
+    store = CheckpointStore(cfg.learner.checkpoint_dir or run / "checkpoints")
+    if checkpoint == "latest":
+        ckpt = store.latest()
+    else:
+        where = checkpoint if "/" in checkpoint else f"{str(store.root).rstrip('/')}/{checkpoint}"
+        ckpt = store.fetch(where) if store.fs.isdir(where) else None
+    if ckpt is None:
+        raise ConfigError(f"no checkpoint {checkpoint!r} in {store}")
+    problem = verify(Path(ckpt))
+    if problem is not None:
+        raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
+    policy = SchedulePolicy.from_pretrained(Path(ckpt) / "policy").eval()
+    load_checkpoint(Path(ckpt), policy, None)
+    return policy

@@ -303,7 +303,19 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 class RolloutConfig(Section):
-    num_workers: int = Field(2, ge=1, le=4096, description="Number of RolloutWorker actors.")
+    num_workers: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        2,
+        description="Number of RolloutWorker actors, or 'auto': one per rollout.num_gpus share of the GPUs the cluster"
+        " has when the run starts.",
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Elastic scale-out: between iterations the run starts more workers when the cluster has room"
+        " for them (nodes joined, the autoscaler asked for them), up to this many. None: the starting count only."
+        " Set rollout.micro_batch too, so that requests do not depend on the number of workers.",
+    )
     k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")
     k_schedule: dict[int, int] = Field(
         default_factory=dict,
@@ -550,10 +562,13 @@ class Config(BaseSettings):
             raise ValueError(
                 f"rollout.contexts_per_iter={c} is too small for learner.baseline={base!r}: it needs at least {need}"
             )
-        if self.rollout.min_workers > self.rollout.num_workers:
-            raise ValueError(
-                f"rollout.min_workers={self.rollout.min_workers} exceeds rollout.num_workers={self.rollout.num_workers}"
-            )
+        r = self.rollout
+        if r.num_workers != "auto" and r.min_workers > r.num_workers:
+            raise ValueError(f"rollout.min_workers={r.min_workers} exceeds rollout.num_workers={r.num_workers}")
+        if r.num_workers != "auto" and r.max_workers is not None and r.max_workers < r.num_workers:
+            raise ValueError(f"rollout.max_workers={r.max_workers} is below rollout.num_workers={r.num_workers}")
+        if r.num_workers == "auto" and r.num_gpus <= 0:
+            raise ValueError("rollout.num_workers='auto' starts one worker per GPU share: set rollout.num_gpus > 0")
         return self
 
     @property
@@ -587,6 +602,7 @@ RESUME_FREE = {
     "learner.torch_threads",
     "learner.checkpoint_dir",
     "rollout.num_workers",
+    "rollout.max_workers",
     "rollout.num_cpus",
     "rollout.num_gpus",
     "rollout.min_workers",

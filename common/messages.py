@@ -29,6 +29,10 @@ class SamplerSpec(Message):
     pooled_dim: int = Field(ge=0)
     train_prompts: list[str] = Field(min_length=1)
     eval_prompts: list[str] = Field(min_length=1)
+    pipeline: str | None = Field(None, description="The diffusers pipeline class it runs (a policy exports to it).")
+    time_convention: str | None = Field(
+        None, description="How a time t in [0, 1] becomes the model's noise level ('flow: sigma = t', ...)."
+    )
 
 
 class Context(Message):

@@ -198,3 +198,28 @@ def epsilon_tau(timesteps: np.ndarray, num_train_timesteps: int) -> np.ndarray:
     if np.any(np.diff(times) >= 0) or times[0] > 1 or times[-1] <= 0:
         raise ValueError(f"timesteps must decrease strictly within [0, {num_train_timesteps - 1}], got {timesteps}")
     return tau_from_times(times)
+
+
+def loglinear_interp(values: np.ndarray, steps: int) -> np.ndarray:
+    """A decreasing schedule of noise levels resampled to ``steps`` points, linearly in log
+    space (how the Align Your Steps paper brings its 10-step schedules to other step counts)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.any(values <= 0) or np.any(np.diff(values) >= 0):
+        raise ValueError("loglinear_interp needs strictly decreasing positive values")
+    xs = np.linspace(0.0, 1.0, len(values))
+    return np.exp(np.interp(np.linspace(0.0, 1.0, steps), xs, np.log(values[::-1])))[::-1]
+
+
+def ays_tau(ays_sigmas: np.ndarray, steps: int, train_sigmas: np.ndarray) -> np.ndarray:
+    """An Align Your Steps schedule (diffusers' ``AysSchedules`` sigmas, ending in 0) at ``steps``
+    NFE, as a point of the simplex of an epsilon model with training noise levels ``train_sigmas``.
+
+    Its non-zero sigmas are resampled log-linearly to ``steps`` (the AYS paper's interpolation),
+    then each sigma is mapped back to a time through the inverse of ``epsilon_sigmas``.
+    """
+    sig = np.asarray(ays_sigmas, dtype=np.float64)
+    sig = loglinear_interp(sig[sig > 0], steps)
+    n = len(train_sigmas)
+    table = np.concatenate([[0.0], np.asarray(train_sigmas, dtype=np.float64)])  # increasing in the timestep
+    timesteps = np.interp(np.minimum(sig, table[-1]), table, np.arange(-1, n, dtype=np.float64))
+    return tau_from_times((timesteps + 1.0) / n)

@@ -11,11 +11,15 @@ one prompt are not independent draws of what the table generalises over.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 
+from common.config import ConfigError
 from common.messages import Context, ScheduleMode
+from common.policy import SchedulePolicy
 from learner.groups import Collected, Dispatcher, MetricGroup
 from learner.stats import mean_se
 
@@ -24,10 +28,12 @@ DEFAULT = "default"
 
 @dataclass
 class Schedule:
-    """A schedule to evaluate: the backend default, the policy's Dirichlet mean, or a fixed tau."""
+    """A schedule to evaluate: the backend default, the policy's Dirichlet mean, a fixed tau, or
+    (``mode='sample'``, ``k`` > 1) the best of ``k`` draws from the policy (k times the NFE)."""
 
     mode: ScheduleMode
     tau: list[float] | None = None
+    k: int = 1
 
 
 @dataclass
@@ -36,6 +42,7 @@ class EvalResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # schedule -> metric -> value
     taus: dict[str, np.ndarray] = field(default_factory=dict)  # schedule -> [N, L+1] executed schedules
     prompts: list[str] | None = None  # [N] each context's prompt: the clusters of the standard errors
+    per_reward: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # schedule -> reward -> [N]
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {name: {**mean_se(r, self.prompts), **self.metrics.get(name, {})} for name, r in self.rewards.items()}
@@ -69,9 +76,9 @@ def _metric_cell(s: dict[str, float], m: str) -> str:
 
 
 def run_schedule(
-    dispatcher: Dispatcher, contexts: list[Context], steps: int, version: int, weights: ray.ObjectRef, s: Schedule
+    dispatcher: Dispatcher, contexts: list[Context], steps: int, version: int, weights: Any, s: Schedule
 ) -> Collected:
-    requests = dispatcher.rollouts.requests(contexts, 1, steps, iteration=0, version=version, mode=s.mode, tau=s.tau)
+    requests = dispatcher.rollouts.requests(contexts, s.k, steps, iteration=0, version=version, mode=s.mode, tau=s.tau)
     return dispatcher.run(requests, weights)
 
 
@@ -84,12 +91,246 @@ def evaluate(
     weights: ray.ObjectRef,
     schedules: dict[str, Schedule],
 ) -> EvalResult:
-    """Reward (and set metrics) of each schedule on ``contexts``, one sample per context."""
+    """Reward (and set metrics) of each schedule on ``contexts``, one sample per context (a
+    best-of-k schedule: the best of its k samples by the total reward; no set metrics)."""
     result = EvalResult({}, prompts=[c.prompt for c in contexts])
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, contexts, steps, version, weights, sched)
-        result.rewards[name] = dispatcher.rewards.combine(got.scored).total
-        result.taus[name] = np.concatenate([b.tau[:, 0] for b in got.batches])
-        if metrics is not None and metrics.names:
+        scores = dispatcher.rewards.combine(got.scored)
+        tau = np.concatenate([b.tau for b in got.batches])  # [N, k, L+1]
+        best = scores.total.reshape(-1, sched.k).argmax(axis=1)
+        rows = np.arange(len(best)) * sched.k + best
+        result.rewards[name] = scores.total[rows]
+        result.per_reward[name] = {key: v[rows] for key, v in scores.per_reward.items()}
+        result.taus[name] = tau[np.arange(len(best)), best]
+        if metrics is not None and metrics.names and sched.k == 1:
             result.metrics[name] = metrics.measure(got.pending)
     return result
+
+
+# --- python -m learner.evaluate --run DIR: a finished or running run, evaluated again ----------
+
+CLI_DOC = """Evaluate a run again: every method on the same held-out prompts x seeds, at matched NFE.
+
+    python -m learner.evaluate --run runs/digits                        # the run's own L and held-out set
+    python -m learner.evaluate --run runs/digits --steps 2,3,4,8        # baselines at every L
+    python -m learner.evaluate --run runs/d2 --run runs/d4 --run runs/d8 --steps 2,4,8   # a run per L
+    python -m learner.evaluate --run runs/digits --checkpoint ckpt-00000300 --prompt-file mine.txt --seeds 20
+
+Methods, each at every L of ``--steps``: the backend's default schedule; uniform in t; Align Your
+Steps where diffusers has it (SD1.5, SDXL: ``AysSchedules``, resampled to L log-linearly as the
+AYS paper does); and, at each run's own L, the learned global schedule (``<run>/global``) and
+the learned instance-level schedules (the Dirichlet mean); with ``--best-of K`` also the best of K
+draws from the policy (K times the NFE: not matched, an upper reference). Every method sees the
+same noises. Reported: each configured reward, their weighted total, and each set-level metric
+(``learner.eval_metrics``, e.g. the FD) with its bootstrap noise.
+
+Writes into ``--out`` (default ``<first run>/evaluation``): ``table.md`` (reward against L per
+method, +- s.e. clustered by prompt: the paper's Figure 4 as a table), ``summary.csv`` (one row per
+L, method and measure), ``contexts.csv`` (every context's rewards), and ``<measure>_vs_L.png``,
+also logged to the run's TensorBoard. The same code the run ends with: the held-out table of a
+run is reproduced exactly (same contexts, same weights)."""
+
+
+@dataclass
+class Sweep:
+    """Evaluations of one held-out set at several L: ``results[L]`` (each with its schedules)."""
+
+    results: dict[int, EvalResult]
+    contexts: list[Context]
+
+    def measures(self) -> list[str]:
+        """'reward' (the weighted total), each reward where there are several, each set metric."""
+        out = ["reward"]
+        for res in self.results.values():
+            out += [k for v in res.per_reward.values() if len(v) > 1 for k in v]
+            out += [m for v in res.metrics.values() for m in v if not m.endswith("_se")]
+        return list(dict.fromkeys(out))
+
+    def value(self, res: EvalResult, method: str, measure: str) -> tuple[float, float] | None:
+        """(mean, s.e.) of ``measure`` for ``method`` in ``res`` (a set metric: its bootstrap noise)."""
+        if measure == "reward":
+            s = mean_se(res.rewards[method], res.prompts)
+            return s["mean"], s["se"]
+        if measure in res.per_reward.get(method, {}):
+            s = mean_se(res.per_reward[method][measure], res.prompts)
+            return s["mean"], s["se"]
+        m = res.metrics.get(method, {})
+        return (m[measure], m.get(f"{measure}_se", float("nan"))) if measure in m else None
+
+    def table(self, measure: str) -> dict[str, dict[int, tuple[float, float]]]:
+        out: dict[str, dict[int, tuple[float, float]]] = {}
+        for steps, res in sorted(self.results.items()):
+            for method in res.rewards:
+                v = self.value(res, method, measure)
+                if v is not None:
+                    out.setdefault(method, {})[steps] = v
+        return out
+
+    def markdown(self) -> str:
+        ls = sorted(self.results)
+        n_prompts = len({c.prompt for c in self.contexts})
+        lines = [
+            f"held-out: {n_prompts} prompts x {len(self.contexts) // max(n_prompts, 1)} seeds; +- one standard"
+            " error, clustered by prompt (a set metric's: its bootstrap noise); every method on the same noises"
+        ]
+        for measure in self.measures():
+            lines += ["", f"**{measure}**", "", "| method | " + " | ".join(f"L = {n}" for n in ls) + " |"]
+            lines.append("| --- |" + " --- |" * len(ls))
+            for method, by_l in self.table(measure).items():
+                cells = [f"{by_l[n][0]:.4g} +- {by_l[n][1]:.2g}" if n in by_l else "-" for n in ls]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def write(self, out: Path, tb_dir: Path | None = None) -> None:
+        import csv
+
+        from learner import plots
+        from learner.metrics import TensorBoardLogger
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(self.markdown() + "\n")
+        with open(out / "summary.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["L", "method", "measure", "mean", "se"])
+            for measure in self.measures():
+                for method, by_l in self.table(measure).items():
+                    for n, (mean, se) in sorted(by_l.items()):
+                        w.writerow([n, method, measure, repr(mean), repr(se)])
+        with open(out / "contexts.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            keys = sorted({k for res in self.results.values() for v in res.per_reward.values() for k in v})
+            w.writerow(["L", "method", "context", "prompt", "seed", "reward", *keys])
+            for n, res in sorted(self.results.items()):
+                for method, r in res.rewards.items():
+                    for i, c in enumerate(self.contexts):
+                        extra = [repr(float(res.per_reward[method][k][i])) for k in keys]
+                        w.writerow([n, method, c.index, c.prompt, c.seed, repr(float(r[i])), *extra])
+        tb = TensorBoardLogger(tb_dir) if tb_dir is not None else None
+        try:
+            for measure in self.measures():
+                plots.plot_against_steps(out / f"{measure}_vs_L.png", self.table(measure), measure, tb=tb)
+        finally:
+            if tb is not None:
+                tb.close()
+
+
+def sweep(
+    runs: list[Path],
+    steps: list[int] | None = None,
+    checkpoint: str | None = None,
+    prompts: list[str] | None = None,
+    seeds: int | None = None,
+    best_of: int = 0,
+    overrides: list[str] | None = None,
+) -> Sweep:
+    """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``."""
+    from common.checkpoint import load_run_policy
+    from common.config import load_config
+    from common.policy import state_to_numpy
+    from learner.contexts import eval_contexts
+    from learner.groups import RewardGroup, RolloutGroup
+    from learner.loop import _reference_steps, init_ray
+
+    cfgs = [load_config(["--config", str(r / "config.yaml"), *(overrides or [])]) for r in runs]
+    first = cfgs[0]
+    for r, c in zip(runs[1:], cfgs[1:], strict=True):
+        if c.sampler != first.sampler or c.rewards != first.rewards or c.experiment.seed != first.experiment.seed:
+            raise ConfigError(f"{r} differs from {runs[0]} in its sampler, rewards or seed: evaluate them apart")
+    policies = [load_run_policy(r, checkpoint) for r in runs]
+    by_l = {p.steps: (r, c, p) for r, c, p in zip(runs, cfgs, policies, strict=True)}
+    if len(by_l) != len(runs):
+        raise ConfigError("two runs share one L; give one run per L")
+    all_l = sorted(set(steps or []) | set(by_l))
+    started = init_ray(first.ray)
+    try:
+        rewards = RewardGroup.from_config(first)
+        metrics = MetricGroup(first.learner.eval_metrics) if first.learner.eval_metrics else None
+        lc = first.learner
+        out: dict[int, EvalResult] = {}
+        contexts: list[Context] = []
+        served = {i: [n for n in all_l if (by_l[n][0] if n in by_l else runs[0]) == r] for i, r in enumerate(runs)}
+        for i, ls in served.items():  # one set of workers per run, for every L it serves
+            run, cfg, policy = runs[i], cfgs[i].model_copy(deep=True), policies[i]
+            cfg.rollout.steps = policy.steps  # the workers' policy copy is the run's, whatever L is evaluated
+            rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
+            try:
+                dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
+                spec = rollouts.spec()
+                contexts = eval_contexts(
+                    prompts or lc.eval_prompts or spec.eval_prompts, seeds or lc.eval_seeds, cfg.experiment.seed
+                )
+                weights = ray.put(state_to_numpy(policy))
+                worker = rollouts.workers[rollouts.alive[0]]
+                for n in ls:
+                    schedules: dict[str, Schedule] = {DEFAULT: Schedule("default")}
+                    for label, name in (("uniform-in-t", "uniform"), ("AYS", "ays")):
+                        tau = ray.get(worker.named_tau.remote(name, n), timeout=rollouts.timeout_s)
+                        if tau is not None:
+                            schedules[label] = Schedule("fixed", tau)
+                    if n == policy.steps:
+                        if (run / "global" / "policy").is_dir():
+                            glob = SchedulePolicy.from_pretrained(run / "global" / "policy")
+                            schedules["learned global"] = Schedule("fixed", glob.global_mean_tau())
+                        learned = "learned global" if policy.variant == "global" else "learned instance-level"
+                        schedules[learned] = Schedule("mean")
+                        if best_of > 1:
+                            schedules[f"best of {best_of} (x{best_of} NFE)"] = Schedule("sample", k=best_of)
+                    out[n] = evaluate(dispatcher, metrics, contexts, n, 0, weights, schedules)
+            finally:
+                for w in rollouts.workers:
+                    ray.kill(w)
+        return Sweep(dict(sorted(out.items())), contexts)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m learner.evaluate",
+        description=CLI_DOC.split("\n")[0],
+        epilog=CLI_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", type=Path, action="append", required=True, help="A run directory (repeat: one per L).")
+    p.add_argument("--steps", help="L values, e.g. 2,4,8 (default: the runs' own).")
+    p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
+    p.add_argument("--prompt-file", type=Path, help="Held-out prompts, one per line (default: the run's).")
+    p.add_argument("--seeds", type=int, help="Held-out seeds per prompt (default: the run's learner.eval_seeds).")
+    p.add_argument("--best-of", type=int, default=0, help="Also the best of K policy draws (K x NFE).")
+    p.add_argument("--out", type=Path, help="Output directory (default: <first run>/evaluation).")
+    p.add_argument(
+        "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
+    )
+    args = p.parse_args(argv)
+    try:
+        steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+        if steps is not None and min(steps) < 1:
+            raise ConfigError(f"--steps must be positive integers, got {args.steps}")
+        for r in args.run:
+            if not (r / "config.yaml").is_file():
+                raise ConfigError(f"{r} is not a run directory (no config.yaml)")
+        prompts = None
+        if args.prompt_file is not None:
+            from common.prompts import read_prompt_file
+
+            prompts = read_prompt_file(args.prompt_file)
+        result = sweep(args.run, steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or args.run[0] / "evaluation"
+    result.write(out, tb_dir=args.run[0] / "tb")
+    print(result.markdown())
+    print(f"wrote {out}/table.md, summary.csv, contexts.csv and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

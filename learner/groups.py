@@ -84,6 +84,19 @@ def _wait_started(actors: list[Any], timeout_s: float, what: list[str]) -> None:
             raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
 
 
+def _request_resources(workers: int, num_cpus: float, num_gpus: float) -> None:
+    """Ask the cluster's autoscaler for room for ``workers`` rollout workers (nodes to launch);
+    without an autoscaler the request is kept by the GCS and changes nothing."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {k: v for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v}
+    if bundle:
+        try:
+            request_resources(bundles=[bundle] * workers)
+        except Exception as e:  # noqa: BLE001 - an autoscaler that cannot be asked is not a reason to stop
+            print(f"warning: could not ask the autoscaler for {workers} rollout workers: {e}")
+
+
 def _alive(actor: Any, timeout_s: float) -> bool:
     """True once ``actor`` answers (after a restart if it had one); False if it is dead for good
     (restarts exhausted) or not back within ``timeout_s``. Right after a death, calls fail for a
@@ -150,31 +163,65 @@ class RolloutGroup:
         images are downscaled to it on the workers (evaluation images, which metrics and plots
         read too, are sent as made)."""
         r = cfg.rollout
-        actor = ray.remote(RolloutWorker).options(
+        self._actor = ray.remote(RolloutWorker).options(
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             max_restarts=r.max_restarts,
             max_task_retries=0,
             runtime_env=cfg.sampler.runtime_env,  # a plug-in sampler's own dependencies
         )
-        self.workers: list[Any] = [
-            actor.remote(
-                i,
-                cfg.sampler.model_dump(),
-                cfg.policy.model_dump(),
-                r.steps,
-                cfg.experiment.seed,
-                reference_steps=reference_steps,
-                prompt_cache=r.prompt_cache,
-                policy_device=r.policy_device,
-            )
-            for i in range(r.num_workers)
-        ]
-        self.alive = list(range(r.num_workers))
+        self._args = (cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed)
+        self._kwargs = {
+            "reference_steps": reference_steps,
+            "prompt_cache": r.prompt_cache,
+            "policy_device": r.policy_device,
+        }
+        self.num_cpus, self.num_gpus, self.start_timeout_s = r.num_cpus, r.num_gpus, r.start_timeout_s
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
         self.reference_steps, self.image_size, self.micro_batch = reference_steps, image_size, r.micro_batch
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
-        _wait_started(self.workers, r.start_timeout_s, [f"rollout worker {i}" for i in range(r.num_workers)])
+        self.workers: list[Any] = []
+        self.alive: list[int] = []
+        n = self.auto_count() if r.num_workers == "auto" else r.num_workers
+        self.max_workers = max(r.max_workers or n, n)
+        if self.max_workers > n:  # ask an autoscaler (KubeRay, ray up) for the nodes; a no-op without one
+            _request_resources(self.max_workers, self.num_cpus, self.num_gpus)
+        self._start(n)
+
+    def auto_count(self) -> int:
+        """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        n = int(gpus // self.num_gpus + 1e-9)
+        if n < 1:
+            raise ConfigError(
+                f"rollout.num_workers='auto': the cluster has {gpus:g} GPUs, not one share of rollout.num_gpus="
+                f"{self.num_gpus:g}"
+            )
+        return n
+
+    def _start(self, n: int) -> None:
+        """Start ``n`` more workers and wait until each has built its sampler (one line if one cannot)."""
+        first = len(self.workers)
+        new = [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]
+        self.workers += new
+        _wait_started(new, self.start_timeout_s, [f"rollout worker {first + i}" for i in range(n)])
+        self.alive += list(range(first, first + n))
+
+    def grow(self) -> int:
+        """Elastic scale-out, between iterations: start as many more workers as the cluster has free
+        CPUs and GPUs for, up to ``rollout.max_workers``. Returns how many were started."""
+        room = self.max_workers - len(self.alive)
+        if room <= 0:
+            return 0
+        free = ray.available_resources()
+        fits = [free.get("CPU", 0.0) / self.num_cpus if self.num_cpus else room]
+        if self.num_gpus:
+            fits.append(free.get("GPU", 0.0) / self.num_gpus)
+        n = min(room, int(min(fits) + 1e-9))
+        if n > 0:
+            self._start(n)
+            print(f"rollout workers: {len(self.alive)} (started {n}; up to rollout.max_workers={self.max_workers})")
+        return n
 
     def timeout(self, request: RolloutRequest) -> float:
         """Seconds a worker has for ``request``: a fixed part plus a share per model evaluation."""
@@ -311,6 +358,12 @@ class RewardGroup:
         self.input_size: int | None = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
         self._turn = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> RewardGroup:
+        """The run's rewards, restarted as its rollout workers are."""
+        r = cfg.rollout
+        return cls(cfg.rewards, cfg.sampler.model_dump(mode="json"), r.max_restarts, r.restart_timeout_s)
+
     def _wait_started(self) -> None:
         """Every server has built its reward (module, class, call signature, kwargs, model load).
 
@@ -420,6 +473,15 @@ class Collected:
     faults: int
     scoring: list[tuple[float, float]] = field(default_factory=list)  # kept scoring calls: (start, end), time.time()
 
+    def dispatch_skew(self) -> float:
+        """Seconds between the first worker to start on this iteration and the last one (each
+        worker's first request, on the workers' clocks): how long the dispatch kept one waiting.
+        Requests queued behind another on the same worker are not counted."""
+        first: dict[int, float] = {}
+        for b in self.batches:
+            first[b.worker] = min(first.get(b.worker, math.inf), b.started_at)
+        return max(first.values()) - min(first.values()) if first else 0.0
+
     def scoring_overlap(self) -> float:
         """The share of scoring time during which a worker was still sampling (1: scoring is
         hidden behind sampling; 0: it all came after). NaN without scoring time."""
@@ -517,41 +579,41 @@ class Dispatcher:
             if ready:  # and whatever else is ready by now, in one sweep
                 rest = [r for r in waiting if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
-            try:
-                for ref in ready:
-                    p, j = waiting[ref]
-                    rid = p.request.request_id
-                    if live.get(rid) is not p:  # re-sent meanwhile: this attempt's results are dropped
-                        continue
-                    if j < 0:  # the worker is done: its images go to the least loaded reward servers
-                        p.sampled = ray.get(ref)
-                        self.rewards.score(p, self._load(live))
-                    else:
-                        scores, began, ended = ray.get(ref)
-                        p.got[j] = scores
-                        spans.setdefault(rid, []).append((began, ended))
-                    if p.sampled is not None and all(g is not None for g in p.got):
-                        del live[rid]
-                        if rid not in done:  # a request's results are used once, whatever Ray reported
-                            done[rid] = (p.sampled, [g for g in p.got if g is not None], p)
-                now = time.monotonic()
-                for p in list(live.values()):
-                    stalled = self._stalled(p, now)
-                    if stalled is not None:
-                        self._on_stalled(p, stalled, timeouts)
-                        faults += 1
-                        resend(p)
-            except ACTOR_FAULTS as e:
-                p = waiting[ref][0]
+            for ref in ready:
+                p, j = waiting[ref]
                 rid = p.request.request_id
-                faults += 1
-                if attempts[rid] >= self.max_attempts:
-                    raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
-                if waiting[ref][1] < 0:
-                    self.rollouts.check(p.worker)
+                if live.get(rid) is not p:  # re-sent meanwhile: this attempt's results are dropped
+                    continue
+                try:
+                    got = ray.get(ref)
+                except ACTOR_FAULTS as e:  # a dead worker or reward server: the unit is re-sent whole
+                    faults += 1
+                    if attempts[rid] >= self.max_attempts:
+                        raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
+                    if j < 0:
+                        self.rollouts.check(p.worker)
+                    else:
+                        self.rewards.check()
+                    resend(p)
+                    continue
+                if j < 0:  # the worker is done: its images go to the least loaded reward servers
+                    p.sampled = got
+                    self.rewards.score(p, self._load(live))
                 else:
-                    self.rewards.check()
-                resend(p)
+                    scores, began, ended = got
+                    p.got[j] = scores
+                    spans.setdefault(rid, []).append((began, ended))
+                if p.sampled is not None and all(g is not None for g in p.got):
+                    del live[rid]
+                    if rid not in done:  # a request's results are used once, whatever Ray reported
+                        done[rid] = (p.sampled, [g for g in p.got if g is not None], p)
+            now = time.monotonic()
+            for p in list(live.values()):
+                stalled = self._stalled(p, now)
+                if stalled is not None:
+                    self._on_stalled(p, stalled, timeouts)
+                    faults += 1
+                    resend(p)
         self.faults += faults
         kept = [done[r.request_id] for r in requests]
         return Collected(

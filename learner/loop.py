@@ -152,9 +152,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     try:
-        rewards = RewardGroup(
-            cfg.rewards, cfg.sampler.model_dump(mode="json"), cfg.rollout.max_restarts, cfg.rollout.restart_timeout_s
-        )
+        rewards = RewardGroup.from_config(cfg)
         rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards), rewards.input_size)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
@@ -163,7 +161,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         torch.manual_seed(cfg.experiment.seed)
         device = _device(lc.device)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, foreach=True)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
         rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
         stream = ContextStream(train_prompts, cfg.experiment.seed)
@@ -185,6 +183,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         for it in bar:
             t0 = time.perf_counter()
             cursor = stream.cursor
+            if rollouts.max_workers > len(rollouts.alive):
+                rollouts.grow()  # nodes that joined: more workers (the requests, and so the rollouts, do not change)
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
             contexts = stream.next(C)
@@ -223,10 +223,16 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             m = reinforce_step(
                 policy, optimizer, inputs, log_tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
             )
-            problem = _diverged(policy, inputs)
+            # the previous update's alphas on this batch (computed by the step itself), then this
+            # update's weights; its alphas too where a checkpoint or an evaluation is about to use them
+            problem, when = _alpha_problem(m["policy/alpha_min"], m["policy/alpha_max"]), it
+            if problem is None:
+                keep = (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations
+                evaluating = bool(lc.eval_every) and (it + 1) % lc.eval_every == 0
+                problem, when = _diverged(policy, inputs if keep or evaluating else None), it + 1
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
                 raise Diverged(
-                    f"iteration {it + 1}: the update diverged ({problem}); nothing of it was saved, the latest"
+                    f"iteration {when}: the update diverged ({problem}); nothing of it was saved, the latest"
                     f" checkpoint in {store} is the last good state. Lower learner.lr (now"
                     f" {optimizer.param_groups[0]['lr']:g}) or learner.grad_clip, then continue with"
                     " --resume auto --resume_changes=true"
@@ -255,9 +261,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     "system/broadcast_seconds": broadcast_s,
                     "system/broadcast_bytes": float(sent.nbytes),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
-                    "system/dispatch_skew_s": float(
-                        max(bt.started_at for bt in batches) - min(bt.started_at for bt in batches)
-                    ),
+                    "system/dispatch_skew_s": got.dispatch_skew(),
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }
@@ -301,7 +305,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         loggers.close()
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
         if lc.plots:
-            _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, L, version, weights)
+            with TensorBoardLogger(run_dir / "tb") as tb:  # the pictures also go to TensorBoard's Images tab
+                _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, L, version, weights, tb)
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
         if started_ray:
@@ -335,11 +340,13 @@ def _eval_metrics(res: EvalResult) -> dict[str, float]:
     return out
 
 
-def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, steps, version, weights) -> None:
+def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, steps, version, weights, tb) -> None:
     """schedules.png, reward_curve.png, and samples.png for image backends (first noise of each
-    held-out prompt; these few images are fetched to the learner only to be drawn)."""
-    plots.plot_schedules(run_dir / "schedules.png", [c.prompt for c in held_out], result.taus, learned)
-    plots.plot_reward_curve(run_dir / "reward_curve.png", read_jsonl(run_dir / "metrics.jsonl"))
+    held-out prompt; these few images are fetched to the learner only to be drawn); each also
+    into TensorBoard (``tb``) at the last step."""
+    at = {"tb": tb, "step": version}
+    plots.plot_schedules(run_dir / "schedules.png", [c.prompt for c in held_out], result.taus, learned, **at)
+    plots.plot_reward_curve(run_dir / "reward_curve.png", read_jsonl(run_dir / "metrics.jsonl"), **at)
     if len(x_shape) < 3:
         return
     firsts: dict[str, Context] = {}
@@ -350,7 +357,7 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, grid, steps, version, weights, sched)
         images[name] = np.concatenate(ray.get([p.images for p in got.pending]))
-    plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images)
+    plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images, **at)
 
 
 def _checkpoint_state(cfg: Config, iteration: int, version: int, cursor: int, logged: int) -> dict:
@@ -371,18 +378,28 @@ def _checkpoint_state(cfg: Config, iteration: int, version: int, cursor: int, lo
 MAX_ALPHA = 1e8
 
 
-def _diverged(policy: SchedulePolicy, inputs: PolicyInputs) -> str | None:
-    """What is wrong with the policy after an update (None if nothing): non-finite weights, or
-    alphas on the batch that are non-finite or out of range."""
-    for name, p in policy.named_parameters():
-        if not torch.isfinite(p).all():
-            return f"non-finite weights in {name}"
+def _diverged(policy: SchedulePolicy, inputs: PolicyInputs | None) -> str | None:
+    """What is wrong with the policy after an update (None if nothing): non-finite weights, and
+    with ``inputs`` alphas on the batch that are non-finite or out of range. The weights are
+    checked after every update (one fused norm); the alphas cost a forward pass, so the loop
+    asks for them before a checkpoint or an evaluation, and otherwise reads them off the next
+    update's own forward pass (``policy/alpha_min``, ``policy/alpha_max``)."""
+    params = [p.detach() for p in policy.parameters()]
+    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        name = next(n for n, p in policy.named_parameters() if not torch.isfinite(p).all())
+        return f"non-finite weights in {name}"
+    if inputs is None:
+        return None
     with torch.no_grad():
         alpha = policy(inputs)
-    if not torch.isfinite(alpha).all():
+    return _alpha_problem(float(alpha.min()), float(alpha.max()))
+
+
+def _alpha_problem(lo: float, hi: float) -> str | None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return "non-finite alpha on the batch"
-    if alpha.min() <= 0 or alpha.max() > MAX_ALPHA:
-        return f"alpha on the batch in [{alpha.min().item():.3g}, {alpha.max().item():.3g}], outside (0, {MAX_ALPHA:g}]"
+    if lo <= 0 or hi > MAX_ALPHA:
+        return f"alpha on the batch in [{lo:.3g}, {hi:.3g}], outside (0, {MAX_ALPHA:g}]"
     return None
 
 

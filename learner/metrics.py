@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class MetricLogger(Protocol):
@@ -36,8 +36,18 @@ class TensorBoardLogger:
         for k, v in metrics.items():
             self._w.add_scalar(k, v, step)
 
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        """A matplotlib figure as an image (the run's pictures, also in TensorBoard's Images tab)."""
+        self._w.add_figure(tag, fig, step, close=False)
+
     def close(self) -> None:
         self._w.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Loggers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,11 +21,32 @@ import numpy as np  # noqa: E402
 
 from common.schedule import times_from_tau  # noqa: E402
 
-COLORS = {"default": "black", "learned global": "tab:orange"}
+COLORS = {
+    "default": "black",
+    "learned global": "tab:orange",
+    "learned instance-level": "tab:blue",
+    "uniform-in-t": "tab:gray",
+    "AYS": "tab:green",
+}
+
+
+def _finish(fig, path: Path, tb: Any = None, tag: str = "", step: int = 0) -> None:
+    """Write ``fig`` to ``path`` and, given a ``TensorBoardLogger``, to TensorBoard as ``tag``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if tb is not None:
+        tb.figure(tag, fig, step)
+    plt.close(fig)
 
 
 def plot_schedules(
-    path: Path, prompts: list[str], taus: dict[str, np.ndarray], learned: str, per_prompt: int = 8
+    path: Path,
+    prompts: list[str],
+    taus: dict[str, np.ndarray],
+    learned: str,
+    per_prompt: int = 8,
+    tb: Any = None,
+    step: int = 0,
 ) -> None:
     """``taus[name]``: [N, L+1] schedules of the held-out contexts, ``prompts`` [N] their prompts."""
     names = sorted(set(prompts), key=prompts.index)
@@ -43,7 +65,7 @@ def plot_schedules(
                 label=f"{learned} (one row per noise)" if row == j == 0 else None,
             )
         for k, color in COLORS.items():
-            if k in times:
+            if k in times and k != learned:
                 ax.scatter(
                     times[k][idx[0]],
                     np.full(times[k].shape[1], row + 0.4),
@@ -60,7 +82,7 @@ def plot_schedules(
     bins = np.linspace(0, 1, 41)
     axd.hist(times[learned].ravel(), bins=bins, density=True, alpha=0.6, color="tab:blue", label=learned)
     for k, color in COLORS.items():
-        if k in times:
+        if k in times and k != learned:
             for t in times[k][0]:
                 axd.axvline(t, color=color, lw=1.5, ls="--", label=k if t == times[k][0][0] else None)
     axd.set_xlim(1, 0)
@@ -68,12 +90,10 @@ def plot_schedules(
     axd.set_ylabel("density of evaluation times")
     axd.set_title("where the steps go")
     axd.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, path, tb, "pictures/schedules", step)
 
 
-def plot_samples(path: Path, prompts: list[str], images: dict[str, np.ndarray]) -> None:
+def plot_samples(path: Path, prompts: list[str], images: dict[str, np.ndarray], tb: Any = None, step: int = 0) -> None:
     """``images[name]``: [N, H, W] (or [N, H, W, 3]) in [0, 1] or uint8, same contexts per name."""
     n = len(prompts)
     fig, axs = plt.subplots(len(images), n, figsize=(1.1 * n, 1.3 * len(images) + 0.6), squeeze=False)
@@ -94,12 +114,10 @@ def plot_samples(path: Path, prompts: list[str], images: dict[str, np.ndarray]) 
             if r == 0:
                 a.set_title(textwrap.fill(prompts[c], 14), fontsize=6)
     fig.suptitle("same prompts, same noises; rows: schedule", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, path, tb, "pictures/samples", step)
 
 
-def plot_reward_curve(path: Path, rows: list[dict]) -> None:
+def plot_reward_curve(path: Path, rows: list[dict], tb: Any = None, step: int = 0) -> None:
     train = [(m["step"], m["rollout/reward_mean"]) for m in rows if "rollout/reward_mean" in m]
     evals = {k for m in rows for k in m if k.startswith("eval/") and k.endswith("/reward") and " - " not in k}
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -117,6 +135,23 @@ def plot_reward_curve(path: Path, rows: list[dict]) -> None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, path, tb, "pictures/reward_curve", step)
+
+
+def plot_against_steps(
+    path: Path, table: dict[str, dict[int, tuple[float, float]]], measure: str, tb: Any = None, step: int = 0
+) -> None:
+    """``table[method][L] = (mean, s.e.)``: one line per method against L, with +- 1 s.e. bars
+    (the paper's Figure 4)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_l in table.items():
+        ls = sorted(by_l)
+        mean = [by_l[n][0] for n in ls]
+        se = [by_l[n][1] for n in ls]
+        ax.errorbar(ls, mean, yerr=se, marker="o", capsize=3, label=name, color=COLORS.get(name))
+    ax.set_xlabel("L (model evaluations per sample)")
+    ax.set_ylabel(measure)
+    ax.set_xticks(sorted({n for by_l in table.values() for n in by_l}))
+    ax.legend(fontsize=8)
+    ax.set_title(f"held-out {measure} against L")
+    _finish(fig, path, tb, f"pictures/{measure}_vs_L", step)

@@ -27,8 +27,7 @@ def reinforce_step(
     ``log_tau`` [C, K, L+1] is the log of each drawn point: its log-prob is that of the draw that
     produced the executed schedule, so the estimator is exactly unbiased (DESIGN.md section 1).
     """
-    policy.train()
-    alpha = policy(inputs)  # [C, L+1]
+    alpha = policy(inputs)  # [C, L+1]; the policy has no train-mode behaviour (no dropout, no batch norm)
     c, k = advantage.shape
     device = alpha.device  # the policy's: the learner's GPU if it has one (learner.device)
     logp = log_prob(alpha[:, None, :].expand(c, k, -1), torch.from_numpy(log_tau).to(device))  # [C, K] float64
@@ -40,7 +39,6 @@ def reinforce_step(
     if not torch.isfinite(grad_norm):
         raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}); the update is skipped")
     optimizer.step()
-    policy.eval()
     with torch.no_grad():
         conc = alpha.sum(-1)
         return {
@@ -50,4 +48,7 @@ def reinforce_step(
             "learner/logp_drift": float((logp.detach().cpu() - torch.from_numpy(behaviour_logp)).abs().max()),
             "policy/entropy": float(entropy(alpha).mean()),
             "policy/concentration": float(conc.mean()),
+            # of the policy before this update (after the previous one): the loop's divergence check
+            "policy/alpha_min": float(alpha.min()),
+            "policy/alpha_max": float(alpha.max()),
         }

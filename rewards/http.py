@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,18 @@ class Health(Message):
     reward: str
 
 
+def read_token(path: str) -> str:
+    """The bearer token in the file ``path`` (surrounding whitespace stripped): a ValueError naming
+    the file if it cannot be read or holds no token."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"token file {path}: {e.strerror or e}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"token file {path} holds no token (one line, no spaces)")
+    return token
+
+
 class RemoteRewardError(RuntimeError):
     """The service answered with an error, or did not answer within the retries."""
 
@@ -95,9 +108,12 @@ class HttpReward:
         retries: int = 2,
         backoff: float = 0.5,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        token_file: str | None = None,
     ):
         """
         url: the service's base URL (``http://host:port``); requests go to ``{url}/score``.
+        token_file: a file holding the bearer token the service requires (its ``--token-file``);
+        read once, here, and sent as ``Authorization: Bearer``. A 401 is not retried.
         timeout: seconds for each attempt as a whole (connect, send, the complete answer).
         retries: further attempts after the first, on connection errors, timeouts, 429/502/503/504.
         backoff: seconds before the first retry, doubling after each.
@@ -109,6 +125,9 @@ class HttpReward:
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_response_bytes = max_response_bytes
+        self._headers = {"Content-Type": CONTENT_TYPE}
+        if token_file is not None:
+            self._headers["Authorization"] = f"Bearer {read_token(token_file)}"
         self.attempts = 0  # total HTTP attempts made (for tests and logs)
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
@@ -131,7 +150,7 @@ class HttpReward:
         watchdog.daemon = True
         watchdog.start()
         try:
-            conn.request("POST", f"{u.path}/score", body=body, headers={"Content-Type": CONTENT_TYPE})
+            conn.request("POST", f"{u.path}/score", body=body, headers=self._headers)
             resp = conn.getresponse()
             data = resp.read(self.max_response_bytes + 1)
             if expired.is_set():  # the watchdog cut the answer short

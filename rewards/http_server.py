@@ -10,6 +10,11 @@ with the codec's dtype whitelist and shape checks, then pydantic), and the score
 prompt. Binds 127.0.0.1 unless told otherwise; standard library http.server, no TLS: put it
 behind a proxy to expose it beyond a trusted network.
 
+Authentication: with ``--token-file`` every request (``/health`` too) must carry
+``Authorization: Bearer <the file's token>``; others get 401 and a log line naming the client
+address (the token is never logged). Without it the server is open: keep it on loopback. TLS
+belongs to a reverse proxy in front (nginx, Envoy, a cloud load balancer), which also rate-limits.
+
 Resource limits: a client has ``--client-timeout`` seconds to send a whole request (headers and
 body: a trickling client is cut off, not waited for); at most ``--max-concurrent`` requests are
 read and decoded at a time (others wait, then get 503), so memory is bounded by that many bodies;
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import socket
 import sys
@@ -28,7 +34,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from common.codec import DecodeError, pack, unpack
-from rewards.http import CONTENT_TYPE, MAX_REQUEST_BYTES, ErrorResponse, Health, ScoreRequest, ScoreResponse
+from rewards.http import (
+    CONTENT_TYPE,
+    MAX_REQUEST_BYTES,
+    ErrorResponse,
+    Health,
+    ScoreRequest,
+    ScoreResponse,
+    read_token,
+)
 from rewards.registry import build, check_scores, shown_prompts
 
 #: Longest error message sent back.
@@ -47,13 +61,16 @@ class RewardHTTPServer(ThreadingHTTPServer):
         max_concurrent: int = 2,
         client_timeout: float = 60.0,
         queue_timeout: float = 300.0,
+        token: str | None = None,
     ):
+        """``token``: the bearer token every request must carry (None: no authentication)."""
         # the per-read socket timeout of this server's connections (StreamRequestHandler.timeout)
         super().__init__(address, type("_Handler", (_Handler,), {"timeout": client_timeout}))
         self.name, self.reward, self.max_bytes = name, reward, max_bytes
         self.lock = threading.Lock()  # one scoring at a time
         self.slots = threading.BoundedSemaphore(max_concurrent)  # requests read and decoded at a time
         self.client_timeout, self.queue_timeout = client_timeout, queue_timeout
+        self.token = token
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,13 +120,30 @@ class _Handler(BaseHTTPRequestHandler):
             msg = msg[: MAX_ERROR_CHARS - 20] + f" ... ({len(msg)} chars)"
         self._send(status, pack(ErrorResponse(error=msg)))
 
+    def _authorised(self) -> bool:
+        """True without a token; else the request must carry it (compared in constant time). A
+        refusal is answered 401 and logged with the client's address."""
+        token = self.server.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        self.log_message("refused %s %s: %s", self.command, self.path, "bad token" if given else "no token")
+        self._error(401, "unauthorised: send Authorization: Bearer <token>")
+        return False
+
     def do_GET(self) -> None:
         self._disarm()
+        if not self._authorised():
+            return None
         if self.path != "/health":
             return self._error(404, f"no such path {self.path!r}: GET /health or POST /score")
         self._send(200, pack(Health(reward=self.server.name)))
 
     def do_POST(self) -> None:
+        if not self._authorised():
+            return None
         if self.path != "/score":
             return self._error(404, f"no such path {self.path!r}: POST /score")
         if self.headers.get_content_type() != CONTENT_TYPE:
@@ -161,7 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-concurrent", type=int, default=2, help="Requests read and decoded at a time (memory bound).")
     p.add_argument("--client-timeout", type=float, default=60.0, help="Seconds a client has to send a whole request.")
     p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    p.add_argument("--token-file", help="A file holding the bearer token clients must send (default: none).")
     args = p.parse_args(argv)
+    token = None
+    if args.token_file is not None:
+        try:
+            token = read_token(args.token_file)
+        except ValueError as e:
+            p.error(str(e))
     try:
         kwargs = json.loads(args.kwargs)
     except json.JSONDecodeError as e:
@@ -179,11 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_concurrent < 1 or args.client_timeout <= 0:
         p.error("--max-concurrent must be >= 1 and --client-timeout > 0")
     server = RewardHTTPServer(
-        (args.host, args.port), args.reward, reward, args.max_bytes, args.max_concurrent, args.client_timeout
+        (args.host, args.port),
+        args.reward,
+        reward,
+        args.max_bytes,
+        args.max_concurrent,
+        args.client_timeout,
+        token=token,
     )
     host, port = server.server_address[0], server.server_address[1]
     host = host.decode() if isinstance(host, bytes) else host
     print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)
+    print("a bearer token is required" if token else "no authentication (--token-file): keep it on a trusted network")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -65,7 +65,8 @@ def stack_uint8(images: Any) -> np.ndarray:
 
 def downscale(images: np.ndarray, size: int) -> np.ndarray:
     """A batch [N, H, W, 3] uint8 (or float [N, 3, H, W] / [N, H, W, 3]) with its longest side
-    brought down to ``size`` (bicubic, antialiased, as HPS and CLIP resize), in the same layout
+    brought down to ``size`` (bicubic, antialiased: PIL's for uint8 RGB, as CLIP resizes; torch's,
+    which matches it, otherwise), in the same layout
     and dtype; smaller images and non-image batches (e.g. the toy's vectors) are returned as they
     are. The rollout workers apply it where every reward declares the side it reads
     (``input_size``), so 1024² images do not travel to a reward that reads 224²."""
@@ -80,6 +81,11 @@ def downscale(images: np.ndarray, size: int) -> np.ndarray:
     if max(h, w) <= size:
         return images
     new = [max(1, round(d * size / max(h, w))) for d in (h, w)]
+    if a.dtype == np.uint8 and last and a.shape[-1] == 3:  # the common case: PIL's SIMD resize, as CLIP's own
+        from PIL import Image
+
+        bicubic = Image.Resampling.BICUBIC
+        return np.stack([np.asarray(Image.fromarray(img).resize((new[1], new[0]), bicubic)) for img in a])
     x = torch.from_numpy(np.ascontiguousarray(a)).float()
     if last:
         x = x.permute(0, 3, 1, 2)

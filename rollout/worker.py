@@ -28,7 +28,7 @@ from common.policy import (
 )
 from common.prompt_cache import PromptCache
 from common.prompts import check_prompts
-from common.schedule import executed_tau, times_from_tau
+from common.schedule import executed_tau, times_from_tau, uniform_flow_tau
 from rewards.images import downscale
 from rollout.backends import build_sampler
 from rollout.sampler import PromptFeatures
@@ -54,6 +54,7 @@ class RolloutWorker:
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
         self.device = resolve_device(policy_device)  # 'auto': the GPU Ray gave this worker, if any
         self.policy = SchedulePolicy(**self._policy_kwargs).to(self.device).eval()
+        self._state = self.policy.state_dict()  # views of the parameters: each version is copied into them
         self.version = -1
         # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
         self._features: PromptCache[PromptFeatures] = PromptCache(self.sampler.encode, prompt_cache)
@@ -63,6 +64,19 @@ class RolloutWorker:
 
     def default_tau(self, steps: int) -> np.ndarray:
         return self.sampler.default_tau(steps)
+
+    def named_tau(self, name: str, steps: int) -> list[float] | None:
+        """A named fixed schedule at ``steps`` NFE for this backend: 'default', 'uniform' (uniform
+        in t) or 'ays' (Align Your Steps, where the backend has it; else None)."""
+        if name == "default":
+            return self.sampler.default_tau(steps).tolist()
+        if name == "uniform":
+            return uniform_flow_tau(steps).tolist()
+        if name == "ays":
+            ays = getattr(self.sampler, "ays_tau", None)
+            tau = None if ays is None else ays(steps)
+            return None if tau is None else np.asarray(tau).tolist()
+        raise ValueError(f"unknown schedule {name!r}; expected 'default', 'uniform' or 'ays'")
 
     def policy_kwargs(self) -> dict[str, Any]:
         """The policy's constructor arguments for this sampler (the learner builds the same)."""
@@ -102,7 +116,7 @@ class RolloutWorker:
         if request.mode in ("sample", "mean") and request.version != self.version:
             if weights is None:
                 raise ValueError(f"request {request.request_id} needs policy version {request.version}")
-            load_numpy_state(self.policy, weights)
+            load_numpy_state(self._state, weights)
             self.version = request.version
         if request.max_concentration is not None:  # the cap in force at this iteration (a schedule)
             self.policy.set_max_concentration(request.max_concentration)

@@ -1,5 +1,7 @@
-"""Shared fixtures. Ray runs with auth disabled (a token left by an earlier ray.init() would
-otherwise break `ray job submit`), an explicit num_cpus, and is shut down in teardown. Whatever
+"""Shared fixtures. Ray runs under token authentication, as a cluster should, with a token made
+for this session (RAY_AUTH_TOKEN, which Ray reads before any token file: one left in ~/.ray by an
+earlier ray.init() is never used); every Ray process and subprocess of the tests inherits it.
+Clusters get an explicit num_cpus and are shut down in teardown. Whatever
 the project caches (the digits models) goes to the checkout's own `.test-cache/`, never to the
 user's cache directory: `STEINSCHED_CACHE` is set before anything is imported, and Ray workers
 and subprocesses inherit it."""
@@ -7,10 +9,14 @@ and subprocesses inherit it."""
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 os.environ.setdefault("STEINSCHED_CACHE", str(Path(__file__).resolve().parents[1] / ".test-cache"))
-os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_AUTH_MODE"] = "token"
+if len(os.environ.get("RAY_AUTH_TOKEN", "")) < 32:  # given by the caller (.ci/run), or made here
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -130,11 +130,17 @@ def stack(items: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.stack([it[key] for it in items])
 
 
+#: The time maps of the families (common/schedule.py): what t means to the model.
+FLOW_TIME = "flow: sigma = t (the scheduler's own shift not applied)"
+EPSILON_TIME = "epsilon: timestep = t*T - 1, Euler in the model's sigma(timestep)"
+
+
 class DiffusersFamily(Protocol):
     """What one pipeline family supplies to ``DiffusersSampler``: its encoders, its time map and
     its denoising loop. Built on a prepared pipeline (devices, dtype, offload already set)."""
 
     backend: str  # the config's backend name
+    time_convention: str  # FLOW_TIME or EPSILON_TIME
     x_shape: tuple[int, int, int]  # one initial noise, image-shaped [C, h, w]
     token_dim: int  # width of the text tokens the denoiser cross-attends to
     pooled_dim: int  # width of the pooled text embedding
@@ -183,10 +189,17 @@ class DiffusersSampler:
             pooled_dim=f.pooled_dim,
             train_prompts=self.train_prompts,
             eval_prompts=self.eval_prompts,
+            pipeline=type(self.pipe).__name__,
+            time_convention=f.time_convention,
         )
 
     def default_tau(self, steps: int) -> np.ndarray:
         return self.family.default_tau(steps)
+
+    def ays_tau(self, steps: int) -> np.ndarray | None:
+        """Align Your Steps at ``steps`` NFE where diffusers has it for this family (SD1.5, SDXL), else None."""
+        ays = getattr(self.family, "ays_tau", None)
+        return None if ays is None else ays(steps)
 
     def encode(self, prompts: list[str]) -> list[PromptFeatures]:
         """The policy's view of each prompt: its real tokens (trimmed) and the pooled embedding."""

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from common.config import FluxConfig
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
+    FLOW_TIME,
     DiffusersSampler,
     check_flow_scheduler,
     image_size,
@@ -36,6 +37,7 @@ class FluxFamily:
     """Flux's encoders, time map and loop (``DiffusersFamily``)."""
 
     backend = "flux"
+    time_convention = FLOW_TIME
 
     def __init__(self, pipe, cfg: FluxConfig):
         """``pipe``: a diffusers FluxPipeline, prepared (devices, dtype) by ``DiffusersSampler``."""

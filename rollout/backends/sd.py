@@ -23,8 +23,8 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import SDConfig
-from common.schedule import epsilon_model_timesteps, epsilon_sigmas, epsilon_tau
-from rollout.backends.diffusers_common import DiffusersSampler, image_size, stack
+from common.schedule import ays_tau, epsilon_model_timesteps, epsilon_sigmas, epsilon_tau
+from rollout.backends.diffusers_common import EPSILON_TIME, DiffusersSampler, image_size, stack
 
 
 def sd_sampler(cfg: SDConfig) -> DiffusersSampler:
@@ -48,6 +48,7 @@ class SDFamily:
     """SD1.x/2.x and SDXL: their encoders, time map and Euler loop with CFG (``DiffusersFamily``)."""
 
     backend = "sd"
+    time_convention = EPSILON_TIME
 
     def __init__(self, pipe, cfg: SDConfig):
         """``pipe``: a StableDiffusionPipeline or StableDiffusionXLPipeline, prepared by ``DiffusersSampler``."""
@@ -78,6 +79,13 @@ class SDFamily:
             self.pooled_dim = pipe.text_encoder_2.config.projection_dim
         else:
             self.pooled_dim = pipe.text_encoder.config.hidden_size
+
+    def ays_tau(self, steps: int) -> np.ndarray:
+        """Align Your Steps (diffusers' ``AysSchedules`` for SD1.5 or SDXL) at ``steps`` NFE."""
+        from diffusers.schedulers import AysSchedules
+
+        key = "StableDiffusionXLSigmas" if self.xl else "StableDiffusionSigmas"
+        return ays_tau(np.asarray(AysSchedules[key]), steps, self.train_sigmas)
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock EulerDiscreteScheduler grid at ``steps`` (from the model's scheduler config)."""

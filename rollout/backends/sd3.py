@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from common.config import SD3Config
 from common.schedule import resolution_mu, tau_from_times
 from rollout.backends.diffusers_common import (
+    FLOW_TIME,
     DiffusersSampler,
     check_flow_scheduler,
     image_size,
@@ -37,6 +38,7 @@ class SD3Family:
     """SD3's encoders, time map and loop (``DiffusersFamily``)."""
 
     backend = "sd3"
+    time_convention = FLOW_TIME
 
     def __init__(self, pipe, cfg: SD3Config):
         """``pipe``: a StableDiffusion3Pipeline, prepared (devices, dtype) by ``DiffusersSampler``."""
@@ -56,20 +58,22 @@ class SD3Family:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", None):
-            patch = self.pipe.transformer.config.patch_size
-            seq_len = (self.x_shape[1] // patch) * (self.x_shape[2] // patch)
-            c = sched.config
-            kwargs["mu"] = resolution_mu(
-                seq_len,
-                c.get("base_image_seq_len", 256),
-                c.get("max_image_seq_len", 4096),
-                c.get("base_shift", 0.5),
-                c.get("max_shift", 1.16),  # the SD3 pipeline's fallback differs from Flux's 1.15
-            )
+        kwargs = {"mu": self._mu()} if sched.config.get("use_dynamic_shifting", None) else {}
         sched.set_timesteps(steps, **kwargs)
         return tau_from_times(sched.sigmas[:-1].double().numpy())
+
+    def _mu(self) -> float:
+        """StableDiffusion3Pipeline's resolution-dependent shift (passed only with dynamic shifting)."""
+        patch = self.pipe.transformer.config.patch_size
+        seq_len = (self.x_shape[1] // patch) * (self.x_shape[2] // patch)
+        c = self.pipe.scheduler.config
+        return resolution_mu(
+            seq_len,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.16),  # the SD3 pipeline's fallback differs from Flux's 1.15
+        )
 
     # --- the loop ------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 def _entry(*flags: str, timeout: float) -> subprocess.CompletedProcess:
     """``python -m learner.main <flags>`` as a user runs it, from the repository root."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)  # token auth, as tests/conftest.py set it
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "learner.main", *flags, "--learner.progress=false", "--ray.num_cpus=2"],

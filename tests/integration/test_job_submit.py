@@ -1,5 +1,6 @@
 """`ray job submit --working-dir . -- python -m learner.main --config configs/toy.yaml` against a
-local `ray start --head` cluster, on a tiny budget (3 iterations, 2 CPUs).
+local `ray start --head` cluster under token authentication (the session's token,
+tests/conftest.py), on a tiny budget (3 iterations, 2 CPUs); a client without the token is refused.
 
 The cluster is this test's own: its own temp dir (so `ray.init()` elsewhere never finds its
 address file), its own ports, and a teardown that kills exactly its processes. It deliberately
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -44,7 +46,7 @@ CLI_TIMEOUT_S = 60  # any other CLI call
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # every call names its cluster explicitly
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")  # token auth: tests/conftest.py
     return env
 
 
@@ -150,6 +152,32 @@ def ray_head():
         assert not left, f"Ray processes of {temp_dir} survived teardown: {sorted(left)}"
 
 
+def _authorised(url: str) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+
+
+def test_a_client_without_the_token_is_refused(ray_head: str):
+    """The cluster runs with RAY_AUTH_MODE=token (tests/conftest.py): the job API answers 401
+    without the token and 403 with another one, and the CLI with the wrong token fails."""
+    for headers, status in (({}, 401), ({"Authorization": "Bearer " + "0" * 64}, 403)):  # none; a wrong one
+        req = urllib.request.Request(f"{ray_head}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=CLI_TIMEOUT_S)
+        assert e.value.code == status
+    with urllib.request.urlopen(_authorised(f"{ray_head}/api/jobs/"), timeout=CLI_TIMEOUT_S) as r:
+        assert r.status == 200
+    env = {**_env(), "RAY_AUTH_TOKEN": "f" * 64}
+    wrong = subprocess.run(
+        ["ray", "job", "list", "--address", ray_head],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert wrong.returncode != 0 and re.search(r"(?i)unauthori[sz]ed|authentication|token", wrong.stdout), wrong.stdout
+
+
 def test_job_submit_toy(ray_head: str, tmp_path: Path):
     out_dir = tmp_path.resolve()
     job_id = f"steinsched-test-{uuid.uuid4().hex[:8]}"
@@ -173,7 +201,7 @@ def test_job_submit_toy(ray_head: str, tmp_path: Path):
     assert res.returncode == 0, f"`ray job submit` exited {res.returncode}:\n{res.stdout}"
 
     assert f"Job '{job_id}' succeeded" in res.stdout
-    with urllib.request.urlopen(f"{ray_head}/api/jobs/{job_id}", timeout=CLI_TIMEOUT_S) as r:
+    with urllib.request.urlopen(_authorised(f"{ray_head}/api/jobs/{job_id}"), timeout=CLI_TIMEOUT_S) as r:
         info = json.load(r)
     assert info["status"] == "SUCCEEDED", info
 

@@ -110,3 +110,12 @@ def test_scoring_overlap_is_measured_against_sampling_intervals():
     assert got.scoring_overlap() == pytest.approx((0.5 + 0.2) / 1.2)
     assert np.isnan(Collected(batches=[], scored=[], pending=[], seconds=0.0, faults=0).scoring_overlap())
     assert RolloutBatch  # the real batches carry started_at and seconds (common.messages)
+
+
+def test_dispatch_skew_counts_each_workers_first_request():
+    def batch(worker, start):
+        return SimpleNamespace(worker=worker, started_at=start, seconds=1.0)
+
+    queued = [batch(0, 1.0), batch(0, 5.0), batch(1, 1.25)]  # worker 0's second request waited by design
+    got = Collected(batches=queued, scored=[], pending=[], seconds=6.0, faults=0)
+    assert got.dispatch_skew() == pytest.approx(0.25)

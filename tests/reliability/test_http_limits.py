@@ -137,3 +137,33 @@ def test_concurrent_requests_queue_and_the_excess_gets_503(server):
     first.join()
     assert results == [200]
     assert status == 503 and "busy" in unpack(data, ErrorResponse).error
+
+
+def test_a_token_protected_server_refuses_and_logs_requests_without_it(server, tmp_path, capfd):
+    """--token-file: the right bearer token is served; none or a wrong one gets 401 on every path,
+    is logged with the client's address (never the token), and is not retried by the client."""
+    from rewards.http import HttpReward, RemoteRewardError, read_token
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    (tmp_path / "wrong").write_text("guess\n")
+    srv = server(_Slow(0.0), token=read_token(str(tmp_path / "token")))
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    assert HttpReward(url, token_file=str(tmp_path / "token"))(images, ["a", "b"]).tolist() == [0.0, 0.0]
+    for kwargs in ({}, {"token_file": str(tmp_path / "wrong")}):
+        client = HttpReward(url, retries=3, backoff=0.01, **kwargs)
+        with pytest.raises(RemoteRewardError, match="HTTP 401: unauthorised"):
+            client(images, ["a", "b"])
+        assert client.attempts == 1  # a refusal is final
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=5)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 401
+    conn.close()
+    err = capfd.readouterr().err
+    assert err.count("refused POST /score") == 2 and "refused GET /health: no token" in err
+    assert "s3cret" not in err and "guess" not in err
+    with pytest.raises(ValueError, match="holds no token"):
+        (tmp_path / "empty").write_text("  \n")
+        read_token(str(tmp_path / "empty"))

@@ -62,6 +62,9 @@ def test_rewards_list_from_flag():
         ({"rollout": {"policy_device": "cuda:x"}}, "rollout.policy_device"),
         ({"learner": {"broadcast_dtype": "int8"}}, "learner.broadcast_dtype"),
         ({"rollout": {"micro_batch": 0}}, "rollout.micro_batch"),
+        ({"rollout": {"num_workers": "auto"}}, "rollout.num_gpus > 0"),
+        ({"rollout": {"num_workers": "many"}}, "rollout.num_workers"),
+        ({"rollout": {"num_workers": 4, "max_workers": 2}}, "rollout.max_workers=2 is below"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, data, field):
@@ -159,3 +162,19 @@ def test_the_tests_never_write_to_the_users_cache():
 
     assert cache_root() != Path(user_cache_dir("steinsched"))
     assert os.environ["STEINSCHED_CACHE"]
+
+
+def test_auto_workers_count_the_clusters_gpus(monkeypatch):
+    """num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs (none: one line)."""
+    import ray
+
+    from learner.groups import RolloutGroup
+
+    cfg = load_config(["--rollout.num_workers=auto", "--rollout.num_gpus=0.5"])
+    group = RolloutGroup.__new__(RolloutGroup)
+    group.num_gpus = cfg.rollout.num_gpus
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert group.auto_count() == 16
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    with pytest.raises(ConfigError, match="the cluster has 0 GPUs, not one share of rollout.num_gpus=0.5"):
+        group.auto_count()

@@ -319,3 +319,25 @@ def test_check_tau_rejects_zero_last_component(tau, steps):
     last component (t_L = t_{L+1} = 0) is two coinciding times and a wasted evaluation."""
     with pytest.raises(ValueError):
         check_tau(tau, steps)
+
+
+def test_ays_at_its_own_ten_steps_is_the_published_schedule():
+    """Align Your Steps at L = 10 gives back diffusers' AysSchedules sigmas (through our time map),
+    at other L a log-linear resampling that starts at t = 1 and keeps decreasing."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.schedulers import AysSchedules
+
+    from common.schedule import ays_tau, epsilon_sigmas, loglinear_interp, times_from_tau
+
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    train = (((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5).numpy()
+    for key in ("StableDiffusionSigmas", "StableDiffusionXLSigmas"):
+        ays = np.asarray(AysSchedules[key])
+        times = times_from_tau(ays_tau(ays, 10, train))
+        # (the published 14.615 is the largest training sigma, 14.6146, rounded: it maps to t = 1)
+        np.testing.assert_allclose(epsilon_sigmas(times, train), ays[:-1], rtol=1e-4)
+        for steps in (2, 4, 7):
+            t = times_from_tau(ays_tau(ays, steps, train))
+            assert len(t) == steps and t[0] == pytest.approx(1.0) and np.all(np.diff(t) < 0)
+    np.testing.assert_allclose(loglinear_interp(np.array([4.0, 2.0, 1.0]), 3), [4.0, 2.0, 1.0])
+    np.testing.assert_allclose(loglinear_interp(np.array([4.0, 1.0]), 3), [4.0, 2.0, 1.0])

@@ -1,0 +1,64 @@
+"""The fixed cost of one iteration where sampling costs nothing: the toy (configs/toy.yaml: C = 16,
+K = 2, two workers; its sampler is about 0.4 ms of an iteration), run for ``--iterations`` with no
+global baseline, plots or progress bar, and the mean per iteration after ``--skip`` warm-up ones.
+
+    cd <repo> && python bench/fixed_cost.py                     # about 30 s on 2 cores
+    cd ../other-checkout && python ../steinsched/bench/fixed_cost.py --repo .   # another checkout's code
+
+Everything but the sampler is overhead here: the dispatch (two Ray round trips per request:
+sample, then score), the workers' policy forward and draws, the update, the weight broadcast and
+the logging. The last line is ``fixed cost per iteration: X ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(prog="python bench/fixed_cost.py", description=__doc__.split("\n")[0])
+    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--skip", type=int, default=20, help="Warm-up iterations left out of the mean.")
+    p.add_argument("--repo", type=Path, default=REPO, help="The checkout to measure (its code and configs).")
+    args = p.parse_args(argv)
+    repo = str(args.repo.resolve())
+    sys.path.insert(0, repo)  # this process and, through PYTHONPATH, the Ray workers import that checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])
+    import numpy as np
+
+    from common.config import load_config
+    from learner.loop import train
+    from learner.metrics import read_jsonl
+
+    with tempfile.TemporaryDirectory(prefix="steinsched-fixed-") as out:
+        cfg = load_config(
+            [
+                "--config",
+                str(args.repo / "configs" / "toy.yaml"),
+                f"--learner.iterations={args.iterations}",
+                f"--experiment.output_dir={out}",
+                "--learner.global_baseline=false",
+                "--learner.progress=false",
+                "--learner.plots=false",
+                "--ray.num_cpus=2",
+                f"--learner.checkpoint_every={args.iterations}",
+            ]
+        )
+        train(cfg, final_eval=False)
+        rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][args.skip :]
+    for key in ("system/step_seconds", "system/learner_seconds", "rollout/worker_seconds", "system/broadcast_seconds"):
+        if key in rows[0]:
+            print(f"{key:<28} {1000 * float(np.mean([m[key] for m in rows])):8.2f} ms")
+    step = 1000 * float(np.mean([m["system/step_seconds"] for m in rows]))
+    print(f"fixed cost per iteration: {step:.1f} ms")
+    return step
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Take a learned schedule home: keyword arguments for a stock diffusers pipeline's own ``__call__``.
+
+    from diffusers import FluxPipeline
+    from common.policy import SchedulePolicy
+    from rollout.export import PipelineSchedule
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+    policy = SchedulePolicy.from_pretrained("runs/flux/policy")
+    schedule = PipelineSchedule(policy, pipe)
+    image = pipe(prompt, **schedule(prompt, seed=0)).images[0]     # the learned schedule, per instance
+
+``schedule(prompt, seed)`` draws the initial noise of ``seed`` as the backend does (or takes a
+``torch.Generator``), reads the policy's Dirichlet mean for that (prompt, noise), and returns
+``latents=`` with ``sigmas=`` (Flux, SD3) or ``timesteps=`` (SD1.5, SDXL with an Euler scheduler),
+with ``num_inference_steps``, ``height`` and ``width``. ``schedule.global_schedule()`` is a global
+policy's one schedule as a plain list in the same form, for use with no extra model, as diffusers'
+``AysSchedules`` are.
+
+The double-shift trap (DESIGN.md section 4): a flow scheduler (FlowMatchEulerDiscreteScheduler)
+shifts the sigmas it is given, statically (SD3: 3.0) or by the image size (Flux's ``mu``). The
+policy's times are the sigmas the model must see, so the sigmas returned here are pre-images under
+the pipeline's own shift: after the scheduler shifts them, the model runs exactly the learned
+schedule, with the pipeline and its scheduler left as they are.
+
+The policy records its backbone, pipeline class, L and time convention (``SchedulePolicy``'s saved
+config); a pipeline of another class is refused with a message naming both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.policy import SchedulePolicy, collate
+from common.schedule import epsilon_timesteps, times_from_tau
+
+#: pipeline class -> the backend that trains for it
+PIPELINES = {
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sd",
+}
+
+
+def _sampler_for(pipe: Any, height: int | None, width: int | None, max_sequence_length: int | None):
+    """Our sampler around the user's pipeline: the same encoders, noise shapes and time maps the
+    policy was trained with (the pipeline is put in eval mode and left on its device)."""
+    from common.config import FluxConfig, SD3Config, SDConfig
+    from rollout.backends.diffusers_common import DiffusersSampler
+
+    name = type(pipe).__name__
+    common: dict[str, Any] = {
+        "model": name,
+        "device": str(pipe._execution_device),
+        "height": height,
+        "width": width,
+        "max_batch_size": 1,
+    }
+    if name == "FluxPipeline":
+        from rollout.backends.flux import FluxFamily
+
+        msl = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
+        return DiffusersSampler(FluxFamily, pipe, FluxConfig(**common, **msl))
+    if name == "StableDiffusion3Pipeline":
+        from rollout.backends.sd3 import SD3Family
+
+        msl = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
+        return DiffusersSampler(SD3Family, pipe, SD3Config(**common, **msl))
+    from rollout.backends.sd import SDFamily
+
+    return DiffusersSampler(SDFamily, pipe, SDConfig(**common))
+
+
+class PipelineSchedule:
+    """A trained ``SchedulePolicy`` bound to a stock diffusers pipeline of the class it was trained for.
+
+    ``height``/``width``: the image size (default: the pipeline's, as the backend used in
+    training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift.
+    ``max_sequence_length``: the T5 length of Flux and SD3 (the backend's default: 512 and 256).
+    """
+
+    def __init__(
+        self,
+        policy: SchedulePolicy,
+        pipe: Any,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
+        name = type(pipe).__name__
+        if name not in PIPELINES:
+            raise ValueError(f"rollout.export runs {sorted(PIPELINES)}; got a {name}")
+        trained = getattr(policy, "pipeline", None)
+        if trained is None:
+            raise ValueError(
+                f"this policy does not record the pipeline it was trained for (backbone {policy.backbone!r});"
+                " only a policy trained on a diffusers backend exports to a stock pipeline"
+            )
+        if trained != name:
+            raise ValueError(f"this policy was trained for a {trained} (backbone {policy.backbone!r}), not a {name}")
+        self.policy, self.pipe = policy.eval(), pipe
+        self.sampler = _sampler_for(pipe, height, width, max_sequence_length)
+        self.family = self.sampler.family
+        self.steps = policy.steps
+        self._check_scheduler()
+
+    # --- the policy's schedule for one instance ---------------------------------------------------
+
+    def noise(self, seed: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
+        """x_T [C, h, w] float32: of ``seed`` as the backend draws it in training, or from ``generator``."""
+        if (seed is None) == (generator is None):
+            raise ValueError("give exactly one of seed or generator")
+        if seed is not None:
+            return self.sampler.initial_noise([seed])[0]
+        return torch.randn(self.sampler.x_shape, generator=generator, dtype=torch.float32).numpy()
+
+    def times(self, prompt: str, noise: np.ndarray) -> np.ndarray:
+        """The L times the model is evaluated at (our time convention) for (prompt, noise): the
+        policy's Dirichlet mean."""
+        device = next(self.policy.parameters()).device
+        feats = self.sampler.encode([prompt])[0]
+        pooled = None if feats.pooled is None else feats.pooled[None]
+        with torch.no_grad():
+            alpha = self.policy(collate(noise[None], [feats.tokens], pooled, device)).double().cpu().numpy()[0]
+        return times_from_tau(alpha / alpha.sum())
+
+    def __call__(
+        self, prompt: str, seed: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments of ``pipe(prompt, **kwargs)`` that run the learned schedule from the
+        noise of ``seed`` (or ``generator``)."""
+        noise = self.noise(seed, generator)
+        times = self.times(prompt, noise)
+        return {"latents": self.latents(noise), **self.schedule_kwargs(times)}
+
+    def global_schedule(self) -> dict[str, Any]:
+        """A global policy's one schedule (its Dirichlet mean), as ``sigmas=`` or ``timesteps=``
+        (plain lists) with ``num_inference_steps``, ``height`` and ``width``: no extra model."""
+        return self.schedule_kwargs(times_from_tau(np.asarray(self.policy.global_mean_tau())))
+
+    # --- from our times to the pipeline's arguments -----------------------------------------------
+
+    def latents(self, noise: np.ndarray) -> torch.Tensor:
+        """x_T in the form the pipeline takes as ``latents`` (Flux packs 2x2 patches)."""
+        from diffusers import FluxPipeline
+
+        dtype = (getattr(self.pipe, "transformer", None) or self.pipe.unet).dtype
+        x = torch.from_numpy(noise[None]).to(self.pipe._execution_device, dtype)
+        if isinstance(self.pipe, FluxPipeline):
+            x = FluxPipeline._pack_latents(x, 1, *x.shape[1:])
+        return x
+
+    def schedule_kwargs(self, times: np.ndarray) -> dict[str, Any]:
+        times = np.asarray(times, dtype=np.float64)
+        size = {"num_inference_steps": len(times), "height": self.family.height, "width": self.family.width}
+        if hasattr(self.pipe, "transformer"):  # a flow model: sigmas the scheduler's own shift maps onto ours
+            return {"sigmas": [float(s) for s in self._unshift(times)], **size}
+        n_train = self.pipe.scheduler.config.num_train_timesteps
+        return {"timesteps": [float(t) for t in epsilon_timesteps(times, n_train)], **size}
+
+    def _mu(self) -> float | None:
+        """The ``mu`` the pipeline passes its scheduler (None where it passes none)."""
+        from diffusers import FluxPipeline
+
+        if isinstance(self.pipe, FluxPipeline):
+            return self.family._mu()
+        if self.pipe.scheduler.config.get("use_dynamic_shifting"):
+            return self.family._mu()
+        return None
+
+    def _unshift(self, times: np.ndarray) -> np.ndarray:
+        """Sigmas s with shift(s) = times, for the pipeline's FlowMatchEulerDiscreteScheduler."""
+        c = self.pipe.scheduler.config
+        if c.get("use_dynamic_shifting"):
+            mu = self._mu()
+            assert mu is not None
+            scale = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
+            return 1.0 / (1.0 + scale * (1.0 / times - 1.0))
+        shift = float(c.get("shift", 1.0))
+        return times / (shift - (shift - 1.0) * times)
+
+    def _check_scheduler(self) -> None:
+        """The pipeline's scheduler must map the returned arguments onto our times exactly."""
+        from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+        sched = self.pipe.scheduler
+        if hasattr(self.pipe, "transformer"):
+            c = sched.config
+            extra = [
+                k
+                for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                if c.get(k)
+            ]
+            if not isinstance(sched, FlowMatchEulerDiscreteScheduler) or extra or c.get("invert_sigmas"):
+                raise ValueError(
+                    f"the pipeline's scheduler ({type(sched).__name__}{', ' + ', '.join(extra) if extra else ''})"
+                    " does not take a schedule as plain shifted sigmas; use FlowMatchEulerDiscreteScheduler.from_config"
+                    "(pipe.scheduler.config) without karras/exponential/beta sigmas or a terminal shift"
+                )
+            return
+        c = sched.config
+        if not isinstance(sched, EulerDiscreteScheduler) or c.get("interpolation_type", "linear") != "linear":
+            raise ValueError(
+                f"the learned schedule runs on Euler in sigma(timestep), as in training; the pipeline has a"
+                f" {type(sched).__name__}: set"
+                " pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
+            )
+
+
+def pipeline_kwargs(
+    policy: SchedulePolicy,
+    pipe: Any,
+    prompt: str,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """One call: the keyword arguments of ``pipe(prompt, **out)`` that run ``policy``'s schedule
+    for (prompt, the noise of ``seed`` or ``generator``). ``kwargs`` go to ``PipelineSchedule``;
+    to make many images, build one ``PipelineSchedule`` and call it."""
+    return PipelineSchedule(policy, pipe, **kwargs)(prompt, seed=seed, generator=generator)

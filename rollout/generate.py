@@ -1,0 +1,165 @@
+"""Generate with a trained run's schedule: ``python -m rollout.generate --run DIR --prompt "..." --seed 0``.
+
+    python -m rollout.generate --run runs/digits --prompt "a handwritten seven" --seed 0 --out seven.png
+    python -m rollout.generate --run runs/digits --prompt "the digit 3" --prompt "a 5" --seed 0 --seed 1 --compare
+    python -m rollout.generate --run runs/digits --prompt "the digit 3" --seed 12345 --score
+
+The run's own sampler (its config.yaml, built in this process) draws x_T from each seed exactly
+as in training and evaluation; the policy (``<run>/policy``, or ``--checkpoint``) gives the
+schedule of each (prompt, noise): its Dirichlet mean, or with ``--schedule global`` the run's
+learned global schedule, or the backend's default. One prompt and seed: the image; several: a
+grid (rows: schedules, columns: prompt x seed). ``--compare`` adds the default schedule beside.
+``--score`` prints every configured reward of every image (the fidelity reward with its
+many-step reference), which for a held-out (prompt, seed) is what ``python -m learner.evaluate``
+reports for it. A backend without images (the toy) prints the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.checkpoint import load_run_policy
+from common.config import ConfigError, load_config
+from common.policy import collate
+from common.schedule import times_from_tau
+from rollout.backends import build_sampler
+
+DEFAULT_REFERENCE_STEPS = 64  # as the training loop (learner.loop) when rollout.reference_steps is unset
+
+
+def schedules_for(
+    sampler: Any, policy: Any, prompts: list[str], noise: np.ndarray, which: str, steps: int, glob: Any = None
+) -> np.ndarray:
+    """[N, L+1] schedules of (prompts[i], noise[i]): 'learned' (the policy's Dirichlet mean),
+    'global' (``glob``'s one schedule) or 'default'."""
+    if which == "default":
+        return np.tile(sampler.default_tau(steps), (len(prompts), 1))
+    if which == "global":
+        return np.tile(np.asarray(glob.global_mean_tau()), (len(prompts), 1))
+    feats = sampler.encode(prompts)
+    pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats if f.pooled is not None])
+    with torch.no_grad():
+        alpha = policy(collate(noise, [f.tokens for f in feats], pooled)).double().numpy()
+    return alpha / alpha.sum(-1, keepdims=True)
+
+
+def score(cfg: Any, sampler: Any, prompts: list[str], noise: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every configured reward of ``images``, by the reward servers' own code run here, and their
+    weighted total as 'reward'."""
+    from rewards.actors import RewardServer
+
+    out: dict[str, np.ndarray] = {}
+    total = np.zeros(len(prompts))
+    references = None
+    for spec in cfg.rewards:
+        server = RewardServer(spec.name, spec.kwargs, sampler=cfg.sampler.model_dump(mode="json"))
+        if server.needs_reference() and references is None:
+            n = cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS
+            times = np.tile(times_from_tau(sampler.default_tau(n)), (len(prompts), 1))
+            references = sampler.sample(prompts, noise, times)
+        out[spec.name] = server.score(images, prompts, references)
+        total = total + spec.weight * out[spec.name].astype(np.float64)
+    out["reward"] = total
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m rollout.generate",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", type=Path, required=True, help="A run directory.")
+    p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for several).")
+    p.add_argument("--seed", type=int, action="append", help="A noise seed (repeat for several; default 0).")
+    p.add_argument("--steps", type=int, help="L (default: the policy's; another L runs the default schedule only).")
+    p.add_argument("--schedule", choices=["learned", "global", "default"], default="learned")
+    p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
+    p.add_argument("--compare", action="store_true", help="Also the default schedule, beside.")
+    p.add_argument("--score", action="store_true", help="Print every configured reward of every image.")
+    p.add_argument("--out", type=Path, help="PNG to write (default: generated.png in the current directory).")
+    args = p.parse_args(argv)
+    try:
+        if not (args.run / "config.yaml").is_file():
+            raise ConfigError(f"{args.run} is not a run directory (no config.yaml)")
+        cfg = load_config(["--config", str(args.run / "config.yaml")])
+        policy = load_run_policy(args.run, args.checkpoint)
+        steps = args.steps or policy.steps
+        if args.schedule != "default" and steps != policy.steps:
+            raise ConfigError(
+                f"the policy of {args.run} was trained for L={policy.steps}; --steps {steps} runs only with"
+                " --schedule default (or use a run trained at that L)"
+            )
+        glob = None
+        if args.schedule == "global":
+            from common.policy import SchedulePolicy
+
+            if policy.variant == "global":
+                glob = policy
+            elif (args.run / "global" / "policy").is_dir():
+                glob = SchedulePolicy.from_pretrained(args.run / "global" / "policy")
+            else:
+                raise ConfigError(f"{args.run} has no learned global schedule (global/policy)")
+        torch.set_num_threads(cfg.learner.torch_threads)
+        sampler = build_sampler(cfg.sampler)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seeds = args.seed or [0]
+    pairs = [(prompt, seed) for prompt in args.prompt for seed in seeds]
+    prompts = [q for q, _ in pairs]
+    noise = sampler.initial_noise([s for _, s in pairs])
+    rows = {args.schedule: schedules_for(sampler, policy, prompts, noise, args.schedule, steps, glob)}
+    if args.compare and args.schedule != "default":
+        rows["default"] = schedules_for(sampler, policy, prompts, noise, "default", steps)
+    images = {name: sampler.sample(prompts, noise, times_from_tau(tau)) for name, tau in rows.items()}
+    for name, tau in rows.items():
+        for (prompt, seed), t in zip(pairs, times_from_tau(tau), strict=True):
+            print(f"{name:>8}  {prompt!r} seed {seed}: t = {np.array2string(t, precision=3)}")
+    if args.score:
+        for name, imgs in images.items():
+            got = score(cfg, sampler, prompts, noise, imgs)
+            for i, (prompt, seed) in enumerate(pairs):
+                cells = "  ".join(f"{k} {float(v[i])!r}" for k, v in got.items())
+                print(f"score {name}  {prompt!r} seed {seed}: {cells}")
+    first = next(iter(images.values()))
+    if np.asarray(first).ndim < 3:  # not images (the toy's vectors)
+        for name, imgs in images.items():
+            print(f"{name} samples:\n{np.asarray(imgs)}")
+        return 0
+    out = args.out or Path("generated.png")
+    write_images(out, images, [f"{q} (seed {s})" for q, s in pairs])
+    print(f"wrote {out}")
+    return 0
+
+
+def write_images(path: Path, images: dict[str, Any], captions: list[str]) -> None:
+    """One image as it is (a grey image dark on light, as the run's samples.png draws it);
+    several, or several schedules, as a captioned grid."""
+    if len(images) == 1 and len(captions) == 1:
+        from PIL import Image
+
+        a = np.asarray(next(iter(images.values()))[0])
+        if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 1):  # grey, e.g. the digits backend's
+            grey = a.reshape(a.shape[0], a.shape[1])
+            ink = grey / 255.0 if grey.dtype == np.uint8 else grey
+            Image.fromarray(np.clip(np.round(255 * (1 - ink)), 0, 255).astype(np.uint8), mode="L").save(path)
+            return
+        from rewards.images import as_uint8_images
+
+        Image.fromarray(as_uint8_images(a[None])[0]).save(path)
+        return
+    from learner.plots import plot_samples
+
+    plot_samples(path, captions, {k: np.asarray(v) for k, v in images.items()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

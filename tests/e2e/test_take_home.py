@@ -1,0 +1,98 @@
+"""What a user takes home from a finished run, on a tiny digits run: ``python -m learner.evaluate``
+reproduces the run's own held-out table and sweeps L with every method; ``python -m
+rollout.generate`` makes the image of one held-out (prompt, seed) and scores it exactly as the
+evaluation did; the pictures land in TensorBoard too."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from common.config import load_config
+from learner import evaluate as evaluate_cli
+from learner.main import run
+from rollout import generate as generate_cli
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def digits_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("take_home")
+    over = tiny_overrides(
+        out,
+        sampler={"backend": "digits"},
+        rollout={"steps": 3, "contexts_per_iter": 4},
+        rewards=[{"name": "fidelity", "num_cpus": 0.5}],
+        learner={
+            "iterations": 3,
+            "eval_seeds": 3,
+            "global_baseline": True,
+            "eval_metrics": [{"name": "digits_fd", "num_cpus": 0.25, "noise_resamples": 5}],
+            "plots": True,
+        },
+    )
+    cfg = load_config([], **over)
+    run(cfg)
+    return cfg.run_dir
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    code = evaluate_cli.main(["--run", str(digits_run), "--steps", "2,3", "--best-of", "2", "--out", str(out)])
+    assert code == 0
+    summary = {(int(r["L"]), r["method"], r["measure"]): float(r["mean"]) for r in _rows(out / "summary.csv")}
+    # the run's own final table (same contexts, same weights), to the last digit
+    own = json.loads((digits_run / "eval.json").read_text())
+    for method in ("default", "learned global", "learned instance-level"):
+        assert summary[(3, method, "reward")] == own[method]["mean"], method
+        assert summary[(3, method, "digits_fd")] == own[method]["digits_fd"], method
+    # baselines at every L, learned rows (and the best of 2 draws) at the run's own L only
+    for method in ("default", "uniform-in-t"):
+        assert (2, method, "reward") in summary and (3, method, "reward") in summary
+    assert (2, "learned instance-level", "reward") not in summary
+    assert (3, "best of 2 (x2 NFE)", "reward") in summary and (2, "best of 2 (x2 NFE)", "reward") not in summary
+    assert "AYS" not in {m for _, m, _ in summary}  # digits is a flow model: diffusers has no AYS for it
+    table = (out / "table.md").read_text()
+    assert "| method | L = 2 | L = 3 |" in table and "**digits_fd**" in table
+    assert (out / "reward_vs_L.png").stat().st_size > 0 and (out / "digits_fd_vs_L.png").stat().st_size > 0
+    contexts = _rows(out / "contexts.csv")
+    assert len(contexts) == 10 * 3 * (2 + 5)  # 10 prompts x 3 seeds; 2 methods at L=2, 5 at L=3
+    # the evaluation's figure and the run's pictures are in TensorBoard's Images tab
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(digits_run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["images"])
+    assert {"pictures/schedules", "pictures/samples", "pictures/reward_curve", "pictures/reward_vs_L"} <= tags
+
+
+def test_generate_scores_a_held_out_context_as_the_evaluation_did(digits_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert evaluate_cli.main(["--run", str(digits_run), "--out", str(out)]) == 0
+    rows = [r for r in _rows(out / "contexts.csv") if r["method"] == "learned instance-level"][:2]
+    capsys.readouterr()
+    for r in rows:
+        png = tmp_path / f"{r['context']}.png"
+        code = generate_cli.main(
+            ["--run", str(digits_run), "--prompt", r["prompt"], "--seed", r["seed"], "--score", "--out", str(png)]
+        )
+        assert code == 0 and png.stat().st_size > 0
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("score learned"))
+        got = float(line.rsplit("reward ", 1)[1])
+        assert got == pytest.approx(float(r["reward"]), rel=1e-5, abs=1e-9)
+    # a grid beside the default schedule, and a clear refusal of an L the policy was not trained for
+    grid = tmp_path / "grid.png"
+    args = ["--run", str(digits_run), "--prompt", "the digit 3", "--prompt", "a 5", "--seed", "0", "--seed", "1"]
+    assert generate_cli.main([*args, "--compare", "--out", str(grid)]) == 0 and grid.stat().st_size > 0
+    assert generate_cli.main([*args, "--steps", "8"]) == 2
+    assert "trained for L=3" in capsys.readouterr().err
+    assert generate_cli.main([*args, "--steps", "8", "--schedule", "default", "--out", str(grid)]) == 0

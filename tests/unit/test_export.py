@@ -1,0 +1,115 @@
+"""rollout.export: a trained policy's schedule as keyword arguments of a stock diffusers pipeline.
+
+On the tiny Flux, SD3 and SDXL pipelines (tests/fixtures/tiny_pipelines.py), float32 on the CPU:
+the image of ``pipe(prompt, **kwargs)``, the pipeline and its scheduler left as they are, equals
+to 1e-5 the image our backend makes with the same schedule and noise (the flow schedulers'
+shift is undone in the sigmas given, not switched off). A pipeline of another class, or a
+scheduler that cannot run the schedule, is refused with a message that names it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import PolicyConfig
+from common.policy import SchedulePolicy, policy_kwargs
+from rollout.export import PipelineSchedule, pipeline_kwargs
+from tests.fixtures.tiny_pipelines import SIZE, tiny_pipeline
+from tests.unit.test_backends import build
+
+PROMPT = "a photo of a cat"
+TINY = PolicyConfig(widths=[8, 8, 16, 16], groups=4, attn_heads=2, head_hidden=16, init="scratch")
+
+
+def _policy(sampler, variant: str = "conditional", steps: int = 3) -> SchedulePolicy:
+    torch.manual_seed(0)
+    cfg = TINY.model_copy(update={"variant": variant})
+    return SchedulePolicy(**policy_kwargs(cfg, sampler.spec(), steps, sampler.default_tau(steps))).eval()
+
+
+def _export_args(family: str) -> dict:
+    return {"height": SIZE, "width": SIZE, **({"max_sequence_length": 32} if family in ("flux", "sd3") else {})}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "sdxl"])
+def test_the_stock_pipeline_runs_the_learned_schedule(family):
+    case = build(family)
+    policy = _policy(case.sampler)
+    assert policy.pipeline == type(case.pipe).__name__ and policy.time_convention
+    schedule = PipelineSchedule(policy, case.pipe, **_export_args(family))
+    for seed in (3, 4):
+        kwargs = schedule(PROMPT, seed=seed)
+        stock = case.pipe(PROMPT, **{**case.stock_kwargs, **kwargs}, output_type="np").images[0]
+        noise = case.sampler.initial_noise([seed])
+        times = schedule.times(PROMPT, noise[0])
+        assert len(times) == 3 and not np.allclose(times, times_default(case.sampler, 3))
+        ours = case.sampler.generate([PROMPT], noise, times[None])[0]
+        assert np.abs(stock - ours).max() <= 1e-5, family
+    # the one-call form gives the same arguments
+    one = pipeline_kwargs(policy, case.pipe, PROMPT, seed=3, **_export_args(family))
+    again = schedule(PROMPT, seed=3)
+    assert torch.equal(one["latents"], again["latents"])
+    assert {k: v for k, v in one.items() if k != "latents"} == {k: v for k, v in again.items() if k != "latents"}
+
+
+def times_default(sampler, steps):
+    from common.schedule import times_from_tau
+
+    return times_from_tau(sampler.default_tau(steps))
+
+
+def test_a_global_policy_exports_a_plain_list():
+    case = build("flux")
+    policy = _policy(case.sampler, variant="global")
+    with torch.no_grad():
+        policy.h.copy_(torch.tensor([0.5, 2.0, 1.0, 3.0]))
+    schedule = PipelineSchedule(policy, case.pipe, **_export_args("flux"))
+    plain = schedule.global_schedule()
+    assert isinstance(plain["sigmas"], list) and len(plain["sigmas"]) == 3 and plain["num_inference_steps"] == 3
+    noise = case.sampler.initial_noise([7])
+    gen = torch.Generator("cpu").manual_seed(7)  # the pipeline draws the same x_T from this generator
+    stock = case.pipe(PROMPT, **case.stock_kwargs, **plain, generator=gen, output_type="np").images[0]
+    from common.schedule import times_from_tau
+
+    times = times_from_tau(np.asarray(policy.global_mean_tau()))
+    ours = case.sampler.generate([PROMPT], noise, times[None])[0]
+    assert np.abs(stock - ours).max() <= 1e-5
+
+
+def test_a_pipeline_it_was_not_trained_for_is_refused():
+    flux = build("flux")
+    policy = _policy(flux.sampler)
+    with pytest.raises(ValueError, match="trained for a FluxPipeline .* not a StableDiffusion3Pipeline"):
+        PipelineSchedule(policy, tiny_pipeline("sd3"))
+    bare = SchedulePolicy(steps=3, in_channels=4, token_dim=8, variant="global")
+    with pytest.raises(ValueError, match="does not record the pipeline it was trained for"):
+        PipelineSchedule(bare, flux.pipe)
+    with pytest.raises(ValueError, match="give exactly one of seed or generator"):
+        PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT)
+
+
+def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
+    sd15 = build("sd15")
+    policy = _policy(sd15.sampler)
+    pipe = tiny_pipeline("sd15")  # ships PNDM, as SD1.5 does
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler.from_config"):
+        PipelineSchedule(policy, pipe)
+
+
+def test_align_your_steps_is_offered_where_diffusers_has_it():
+    """The evaluation's AYS row: SD1.5 and SDXL have it (their AysSchedules, at any L), flows not."""
+    from common.schedule import check_tau, epsilon_sigmas, times_from_tau
+    from rollout.worker import RolloutWorker
+
+    for family, key in (("sd15", "StableDiffusionSigmas"), ("sdxl", "StableDiffusionXLSigmas")):
+        from diffusers.schedulers import AysSchedules
+
+        s = build(family).sampler
+        tau = s.ays_tau(10)
+        check_tau(tau, 10)
+        sig = epsilon_sigmas(times_from_tau(tau), s.family.train_sigmas)
+        np.testing.assert_allclose(sig[1:], AysSchedules[key][1:-1], rtol=1e-4)
+        check_tau(s.ays_tau(4), 4)
+    assert build("flux").sampler.ays_tau(4) is None
+    assert RolloutWorker.named_tau.__doc__ and "ays" in RolloutWorker.named_tau.__doc__
