@@ -124,6 +124,29 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in res.policy.parameters())
 
 
+def test_alphas_out_of_range_stop_the_run_before_the_next_checkpoint(ray_local, tmp_path, monkeypatch):
+    """Finite weights whose alphas leave (0, 1e8] (a head bias of 1e9): caught by the next
+    update's own forward pass, between checkpoints, and never saved."""
+    real = loop.reinforce_step
+    calls = []
+
+    def poisoned(policy, *args, **kwargs):
+        out = real(policy, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                policy.head[-1].bias.fill_(1e9)
+        return out
+
+    monkeypatch.setattr(loop, "reinforce_step", poisoned)
+    cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2}))
+    out_of_range = r"iteration 3: the update diverged \(alpha on the batch in \[.*outside \(0, 1e\+08\]"
+    with pytest.raises(Diverged, match=out_of_range):
+        train(cfg)
+    ck = tmp_path / "t" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "ckpt-00000002"
+
+
 def test_a_reward_whose_scale_jumps_gets_a_warning(ray_local, tmp_path, capsys):
     train(_cfg(tmp_path, {"name": f"{HANG}:ScaleJump"}, rollout={"num_workers": 1}))
     out = capsys.readouterr().out
