@@ -8,8 +8,13 @@
 ARG RAY_VERSION=2.60.0
 FROM rayproject/ray:${RAY_VERSION}-py311-cu128
 
-# the dependencies first, from the package metadata alone: a code change does not reinstall torch
+# the image's own user (ray) owns the code; root only makes its directory
+USER root
+RUN mkdir -p /app/steinsched && chown ray:users /app/steinsched
+USER ray
 WORKDIR /app/steinsched
+
+# the dependencies first, from the package metadata alone: a code change does not reinstall torch
 COPY --chown=ray:users pyproject.toml README.md ./
 RUN mkdir -p common rollout rewards learner \
     && touch common/__init__.py rollout/__init__.py rewards/__init__.py learner/__init__.py \
@@ -25,7 +30,6 @@ COPY --chown=ray:users deploy ./deploy
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import common, rollout, rewards, learner; print('steinsched installed')"
 
-USER ray
 ENV TOKENIZERS_PARALLELISM=false \
     HF_HUB_DISABLE_TELEMETRY=1
 # KubeRay and `ray up` start Ray themselves; alone, the image runs the entry point's help

@@ -146,7 +146,9 @@ def test_the_dockerfile_builds_what_the_manifests_run():
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^ARG RAY_VERSION=" + re.escape(ray.__version__) + "$", text, flags=re.M)
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-cu\d+$", text, flags=re.M)  # CUDA base
-    assert re.search(r"^USER ray$", text, flags=re.M) and "USER root" not in text
+    users = re.findall(r"^USER (\S+)$", text, flags=re.M)
+    assert users[-1] == "ray"  # the package is installed, and the image runs, as the non-root user
+    assert text.index("pip install") > text.rindex("USER ray")
     assert "pip install --no-cache-dir" in text and "COPY --chown=ray:users learner ./learner" in text
     deploy_doc = (REPO / "docs" / "deploy.md").read_text()
     assert f"docker build -t {IMAGE} ." in deploy_doc and f"docker push {IMAGE}" in deploy_doc
