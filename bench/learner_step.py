@@ -33,7 +33,6 @@ from common.config import load_config  # noqa: E402
 from common.devices import resolve_device  # noqa: E402
 from common.policy import (  # noqa: E402
     SchedulePolicy,
-    collate,
     load_numpy_state,
     policy_kwargs,
     sample_log_tau,
@@ -41,6 +40,7 @@ from common.policy import (  # noqa: E402
 )
 from learner.update import reinforce_step  # noqa: E402
 from rollout.backends.simulated import SimulatedSampler  # noqa: E402
+from rollout.sampler import policy_inputs  # noqa: E402
 
 
 def _timed(fn, repeats: int, device: torch.device) -> list[float]:
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts = sampler.train_prompts[: args.contexts]
     feats = sampler.encode(prompts)
     x = sampler.initial_noise(list(range(args.contexts)))
-    pooled = np.stack([f.pooled for f in feats]) if feats[0].pooled is not None else None
-    inputs = collate(x, [f.tokens for f in feats], pooled, device)
+    inputs = policy_inputs(x, feats, device)
     with torch.no_grad():
         alpha = policy(inputs).double().cpu().numpy()
     log_tau = np.stack([[sample_log_tau(alpha[c], (0, 0, c, j)) for j in range(args.k)] for c in range(args.contexts)])
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         peak = f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20:.2f} GiB more RSS"
 
     wb = min(args.worker_batch, args.contexts)
-    worker_inputs = collate(x[:wb], [f.tokens for f in feats[:wb]], None if pooled is None else pooled[:wb], device)
+    worker_inputs = policy_inputs(x[:wb], feats[:wb], device)
 
     def forward() -> None:
         with torch.no_grad():

@@ -65,12 +65,11 @@ if str(REPO) not in sys.path:  # run as a script (python bench/oracle_gap.py), n
     sys.path.insert(0, str(REPO))
 
 from common import digits
-from common.config import Config, load_config
+from common.config import DEFAULT_REFERENCE_STEPS, Config, load_config
 from common.messages import Context
 from common.policy import SchedulePolicy, collate
 from common.schedule import guard_tau, interior, times_from_tau
 from learner.contexts import ContextStream, eval_contexts
-from learner.loop import DEFAULT_REFERENCE_STEPS
 from learner.stats import mean_se
 
 DEFAULT, FIXED, PER_PROMPT, PER_MODE = "default", "best fixed (search)", "best per prompt", "best per (prompt, mode)"

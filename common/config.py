@@ -298,6 +298,10 @@ class PolicyConfig(Section):
 MAX_K = 1024
 
 
+#: NFE of the many-step reference sample when a reward compares with it and the config leaves
+#: rollout.reference_steps unset.
+DEFAULT_REFERENCE_STEPS = 64
+
 #: A device setting: 'auto', 'cpu', 'cuda' or 'cuda:N' (common.devices.resolve_device).
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 

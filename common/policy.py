@@ -279,6 +279,14 @@ def describe(policy: SchedulePolicy) -> str:
     return f"{policy.variant} policy, L={policy.steps}, {n:,} parameters ({n * 4 / 2**20:.2f} MiB fp32)"
 
 
+def dirichlet_mean(policy: SchedulePolicy, inputs: PolicyInputs) -> np.ndarray:
+    """The policy's deterministic schedule for each input: its Dirichlet mean ``alpha / sum(alpha)``,
+    float64 [B, L+1] on the CPU."""
+    with torch.no_grad():
+        alpha = policy(inputs).double().cpu().numpy()
+    return alpha / alpha.sum(-1, keepdims=True)
+
+
 def collate(
     x: np.ndarray, tokens: Sequence[np.ndarray], pooled: np.ndarray | None, device: torch.device | str = "cpu"
 ) -> PolicyInputs:

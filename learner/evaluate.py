@@ -230,7 +230,7 @@ def sweep(
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
     from learner.groups import RewardGroup, RolloutGroup
-    from learner.loop import _reference_steps, init_ray
+    from learner.loop import init_ray, reference_steps_for
 
     cfgs = [load_config(["--config", str(r / "config.yaml"), *(overrides or [])]) for r in runs]
     first = cfgs[0]
@@ -253,7 +253,7 @@ def sweep(
         for i, ls in served.items():  # one set of workers per run, for every L it serves
             run, cfg, policy = runs[i], cfgs[i].model_copy(deep=True), policies[i]
             cfg.rollout.steps = policy.steps  # the workers' policy copy is the run's, whatever L is evaluated
-            rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards))
+            rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards))
             try:
                 dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
                 spec = rollouts.spec()

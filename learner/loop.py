@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointStore, load_checkpoint, verify
 from common.codec import DecodeError, append_records, scan_records
-from common.config import RUN_FLAGS, Config, ConfigError, LearnerConfig, RayConfig, resume_conflicts
+from common.config import (
+    DEFAULT_REFERENCE_STEPS,
+    RUN_FLAGS,
+    Config,
+    ConfigError,
+    LearnerConfig,
+    RayConfig,
+    resume_conflicts,
+)
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import PolicyInputs, SchedulePolicy, collate, describe, state_to_numpy
@@ -37,9 +45,6 @@ from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedu
 from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, RunStopped, WorkersLost
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import reinforce_step
-
-#: Reference NFE when a reward needs a reference and the config leaves rollout.reference_steps unset.
-DEFAULT_REFERENCE_STEPS = 64
 
 
 @dataclass
@@ -64,7 +69,7 @@ def init_ray(cfg: RayConfig) -> bool:
     return True
 
 
-def _reference_steps(cfg: Config, rewards: RewardGroup) -> int:
+def reference_steps_for(cfg: Config, rewards: RewardGroup) -> int:
     """NFE of the workers' many-step reference samples: what the config says, or (None) 64 where
     a reward compares with it and 0 where none does."""
     needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference, strict=True) if need]
@@ -153,7 +158,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     try:
         rewards = RewardGroup.from_config(cfg)
-        rollouts = RolloutGroup(cfg, _reference_steps(cfg, rewards), rewards.input_size)
+        rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards), rewards.input_size)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()

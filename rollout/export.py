@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.policy import SchedulePolicy, collate
+from common.policy import SchedulePolicy, dirichlet_mean
 from common.schedule import epsilon_timesteps, times_from_tau
+from rollout.sampler import policy_inputs
 
 #: pipeline class -> the backend that trains for it
 PIPELINES = {
@@ -122,11 +123,8 @@ class PipelineSchedule:
         """The L times the model is evaluated at (our time convention) for (prompt, noise): the
         policy's Dirichlet mean."""
         device = next(self.policy.parameters()).device
-        feats = self.sampler.encode([prompt])[0]
-        pooled = None if feats.pooled is None else feats.pooled[None]
-        with torch.no_grad():
-            alpha = self.policy(collate(noise[None], [feats.tokens], pooled, device)).double().cpu().numpy()[0]
-        return times_from_tau(alpha / alpha.sum())
+        inputs = policy_inputs(noise[None], self.sampler.encode([prompt]), device)
+        return times_from_tau(dirichlet_mean(self.policy, inputs)[0])
 
     def __call__(
         self, prompt: str, seed: int | None = None, generator: torch.Generator | None = None
@@ -162,22 +160,11 @@ class PipelineSchedule:
         n_train = self.pipe.scheduler.config.num_train_timesteps
         return {"timesteps": [float(t) for t in epsilon_timesteps(times, n_train)], **size}
 
-    def _mu(self) -> float | None:
-        """The ``mu`` the pipeline passes its scheduler (None where it passes none)."""
-        from diffusers import FluxPipeline
-
-        if isinstance(self.pipe, FluxPipeline):
-            return self.family._mu()
-        if self.pipe.scheduler.config.get("use_dynamic_shifting"):
-            return self.family._mu()
-        return None
-
     def _unshift(self, times: np.ndarray) -> np.ndarray:
         """Sigmas s with shift(s) = times, for the pipeline's FlowMatchEulerDiscreteScheduler."""
         c = self.pipe.scheduler.config
         if c.get("use_dynamic_shifting"):
-            mu = self._mu()
-            assert mu is not None
+            mu = self.family._mu()  # the resolution-dependent shift the pipeline passes its scheduler
             scale = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
             return 1.0 / (1.0 + scale * (1.0 / times - 1.0))
         shift = float(c.get("shift", 1.0))

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from common.checkpoint import load_run_policy
-from common.config import ConfigError, load_config
-from common.policy import collate
+from common.config import DEFAULT_REFERENCE_STEPS, ConfigError, load_config
+from common.policy import dirichlet_mean
 from common.schedule import times_from_tau
 from rollout.backends import build_sampler
-
-DEFAULT_REFERENCE_STEPS = 64  # as the training loop (learner.loop) when rollout.reference_steps is unset
+from rollout.sampler import policy_inputs
 
 
 def schedules_for(
@@ -42,30 +41,30 @@ def schedules_for(
         return np.tile(sampler.default_tau(steps), (len(prompts), 1))
     if which == "global":
         return np.tile(np.asarray(glob.global_mean_tau()), (len(prompts), 1))
-    feats = sampler.encode(prompts)
-    pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats if f.pooled is not None])
-    with torch.no_grad():
-        alpha = policy(collate(noise, [f.tokens for f in feats], pooled)).double().numpy()
-    return alpha / alpha.sum(-1, keepdims=True)
+    return dirichlet_mean(policy, policy_inputs(noise, sampler.encode(prompts)))
 
 
-def score(cfg: Any, sampler: Any, prompts: list[str], noise: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Every configured reward of ``images``, by the reward servers' own code run here, and their
-    weighted total as 'reward'."""
+def score(
+    cfg: Any, sampler: Any, prompts: list[str], noise: np.ndarray, images: dict[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every configured reward of each schedule's ``images`` (by the reward servers' own code, each
+    reward built once), and their weighted total as 'reward'. The many-step reference, for a reward
+    that compares with it, is made once for all schedules."""
     from rewards.actors import RewardServer
 
-    out: dict[str, np.ndarray] = {}
-    total = np.zeros(len(prompts))
+    servers = [RewardServer(s.name, s.kwargs, sampler=cfg.sampler.model_dump(mode="json")) for s in cfg.rewards]
     references = None
-    for spec in cfg.rewards:
-        server = RewardServer(spec.name, spec.kwargs, sampler=cfg.sampler.model_dump(mode="json"))
-        if server.needs_reference() and references is None:
-            n = cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS
-            times = np.tile(times_from_tau(sampler.default_tau(n)), (len(prompts), 1))
-            references = sampler.sample(prompts, noise, times)
-        out[spec.name] = server.score(images, prompts, references)
-        total = total + spec.weight * out[spec.name].astype(np.float64)
-    out["reward"] = total
+    if any(server.needs_reference() for server in servers):
+        n = cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS
+        references = sampler.sample(prompts, noise, np.tile(times_from_tau(sampler.default_tau(n)), (len(prompts), 1)))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, imgs in images.items():
+        got = {
+            spec.name: server.score(imgs, prompts, references)
+            for spec, server in zip(cfg.rewards, servers, strict=True)
+        }
+        got["reward"] = sum(spec.weight * got[spec.name].astype(np.float64) for spec in cfg.rewards)
+        out[name] = got
     return out
 
 
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for (prompt, seed), t in zip(pairs, times_from_tau(tau), strict=True):
             print(f"{name:>8}  {prompt!r} seed {seed}: t = {np.array2string(t, precision=3)}")
     if args.score:
-        for name, imgs in images.items():
-            got = score(cfg, sampler, prompts, noise, imgs)
+        for name, got in score(cfg, sampler, prompts, noise, images).items():
             for i, (prompt, seed) in enumerate(pairs):
                 cells = "  ".join(f"{k} {float(v[i])!r}" for k, v in got.items())
                 print(f"score {name}  {prompt!r} seed {seed}: {cells}")

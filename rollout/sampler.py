@@ -6,11 +6,12 @@ A user's backend implements these methods; it does not subclass anything of ours
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from common.messages import SamplerSpec
+from common.policy import PolicyInputs, collate
 
 
 @dataclass
@@ -19,6 +20,17 @@ class PromptFeatures:
 
     tokens: np.ndarray  # [T, E] float32
     pooled: np.ndarray | None  # [P] float32
+
+
+def stacked_pooled(feats: list[PromptFeatures]) -> np.ndarray | None:
+    """The prompts' pooled embeddings as one [B, P] array, or None where the sampler has none."""
+    return None if feats[0].pooled is None else np.stack([f.pooled for f in feats if f.pooled is not None])
+
+
+def policy_inputs(x: np.ndarray, feats: list[PromptFeatures], device: Any = "cpu") -> PolicyInputs:
+    """The policy's batch for noises ``x`` [B, ...] and their prompts' features (padded, masked,
+    with the pooled embeddings where the sampler has them), on ``device``."""
+    return collate(x, [f.tokens for f in feats], stacked_pooled(feats), device)
 
 
 #: The methods every sampler has (``check_prompt`` is optional).

@@ -21,6 +21,7 @@ from common.policy import (
     SchedulePolicy,
     Weights,
     collate,
+    dirichlet_mean,
     load_numpy_state,
     log_prob,
     policy_kwargs,
@@ -31,7 +32,7 @@ from common.prompts import check_prompts
 from common.schedule import executed_tau, times_from_tau, uniform_flow_tau
 from rewards.images import downscale
 from rollout.backends import build_sampler
-from rollout.sampler import PromptFeatures
+from rollout.sampler import PromptFeatures, stacked_pooled
 
 
 class RolloutWorker:
@@ -124,12 +125,12 @@ class RolloutWorker:
         prompts = [c.prompt for c in ctxs]
         feats = self._encode(prompts)
         x = self.sampler.initial_noise([c.seed for c in ctxs])
-        pooled = None if feats[0].pooled is None else np.stack([f.pooled for f in feats if f.pooled is not None])
-        tokens = [f.tokens for f in feats]
+        pooled, tokens = stacked_pooled(feats), [f.tokens for f in feats]
+        inputs = collate(x, tokens, pooled, self.device)
 
         if request.mode == "sample":
             with torch.no_grad():
-                alpha = self.policy(collate(x, tokens, pooled, self.device)).double().cpu()
+                alpha = self.policy(inputs).double().cpu()
             a = alpha.numpy()
             log_tau = np.stack(
                 [
@@ -142,9 +143,7 @@ class RolloutWorker:
             tau = executed_tau(log_tau)
         else:
             if request.mode == "mean":
-                with torch.no_grad():
-                    alpha = self.policy(collate(x, tokens, pooled, self.device)).double().cpu().numpy()
-                mean = alpha / alpha.sum(-1, keepdims=True)
+                mean = dirichlet_mean(self.policy, inputs)
             else:
                 fixed = self.sampler.default_tau(steps) if request.mode == "default" else np.asarray(request.tau)
                 mean = np.tile(fixed, (len(ctxs), 1))

@@ -99,7 +99,9 @@ def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
 
 def test_align_your_steps_is_offered_where_diffusers_has_it():
     """The evaluation's AYS row: SD1.5 and SDXL have it (their AysSchedules, at any L), flows not."""
-    from common.schedule import check_tau, epsilon_sigmas, times_from_tau
+    from types import SimpleNamespace
+
+    from common.schedule import check_tau, epsilon_sigmas, times_from_tau, uniform_flow_tau
     from rollout.worker import RolloutWorker
 
     for family, key in (("sd15", "StableDiffusionSigmas"), ("sdxl", "StableDiffusionXLSigmas")):
@@ -111,5 +113,12 @@ def test_align_your_steps_is_offered_where_diffusers_has_it():
         sig = epsilon_sigmas(times_from_tau(tau), s.family.train_sigmas)
         np.testing.assert_allclose(sig[1:], AysSchedules[key][1:-1], rtol=1e-4)
         check_tau(s.ays_tau(4), 4)
-    assert build("flux").sampler.ays_tau(4) is None
-    assert RolloutWorker.named_tau.__doc__ and "ays" in RolloutWorker.named_tau.__doc__
+    flux = build("flux").sampler
+    assert flux.ays_tau(4) is None
+    # what learner.evaluate asks each worker for: AYS where there is one, None (no row) elsewhere
+    worker = SimpleNamespace(sampler=s)  # the sdxl sampler of the loop above
+    np.testing.assert_allclose(RolloutWorker.named_tau(worker, "ays", 4), s.ays_tau(4))
+    assert RolloutWorker.named_tau(SimpleNamespace(sampler=flux), "ays", 4) is None
+    assert RolloutWorker.named_tau(worker, "uniform", 4) == uniform_flow_tau(4).tolist()
+    with pytest.raises(ValueError, match="unknown schedule 'karras'"):
+        RolloutWorker.named_tau(worker, "karras", 4)
