@@ -3,11 +3,13 @@ K = 2, two workers; its sampler is about 0.4 ms of an iteration), run for ``--it
 global baseline, plots or progress bar, and the mean per iteration after ``--skip`` warm-up ones.
 
     cd <repo> && python bench/fixed_cost.py                     # about 30 s on 2 cores
+    python bench/fixed_cost.py --pipeline                       # one step off policy (learner.pipeline)
     cd ../other-checkout && python ../steinsched/bench/fixed_cost.py --repo .   # another checkout's code
 
 Everything but the sampler is overhead here: the dispatch (two Ray round trips per request:
 sample, then score), the workers' policy forward and draws, the update, the weight broadcast and
-the logging. The last line is ``fixed cost per iteration: X ms``.
+the logging; one step off policy the update and the broadcast run while the next rollouts are
+sampled and scored. The last line is ``fixed cost per iteration: X ms``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--skip", type=int, default=20, help="Warm-up iterations left out of the mean.")
     p.add_argument("--repo", type=Path, default=REPO, help="The checkout to measure (its code and configs).")
+    p.add_argument("--pipeline", action="store_true", help="One step off policy (learner.pipeline=true).")
     args = p.parse_args(argv)
     repo = str(args.repo.resolve())
     sys.path.insert(0, repo)  # this process and, through PYTHONPATH, the Ray workers import that checkout
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> float:
                 "--learner.plots=false",
                 "--ray.num_cpus=2",
                 f"--learner.checkpoint_every={args.iterations}",
+                *(["--learner.pipeline=true"] if args.pipeline else []),
             ]
         )
         train(cfg, final_eval=False)

@@ -15,8 +15,10 @@ Per worker count it prints: wall / ideal (the mean over iterations after the fir
 without the learner's update and broadcast (what the system costs around a learner that takes
 no time, as a GPU learner nearly does); the learner side as a share of the iteration; the share
 of scoring time that overlapped sampling; the broadcast's bytes and seconds; and the dispatch
-skew (the last worker's start minus the first's). It writes a PNG of both ratios. The last line
-is ``overhead ratio at 16 workers: X`` (or at the largest W if 16 is not measured).
+skew (the last worker's start minus the first's); and wall / ideal again one step off policy
+(``learner.pipeline``: the next rollouts sample while the learner updates, so its time hides
+behind sampling). It writes a PNG of the ratios. The last line is ``overhead ratio at 16
+workers: X`` (on policy; or at the largest W if 16 is not measured).
 
     python bench/overhead.py --micro-batch 0 --broadcast-dtype float32   # one request per worker, fp32
     python bench/overhead.py                                              # micro-batches of 1, bf16
@@ -57,16 +59,17 @@ class Row:
     broadcast_s: float
     dispatch_skew_s: float
     iterations: int
+    pipelined_ratio: float | None = None  # wall / ideal one step off policy (learner.pipeline)
 
 
-def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
+def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = False) -> Row:
     from learner.loop import train
 
     servers = args.reward_servers or math.ceil(workers / 16)
     actors = workers + servers
     cpus = min(0.5, (args.cpus - 0.5) / actors)  # the learner keeps half a core
     over = {
-        "experiment": {"name": f"W{workers}", "output_dir": str(out), "seed": 0},
+        "experiment": {"name": f"W{workers}{'-pipelined' if pipeline else ''}", "output_dir": str(out), "seed": 0},
         "sampler": {
             "backend": "simulated",
             "simulated": {
@@ -103,6 +106,7 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
             "progress": False,
             "rollout_log": False,
             "broadcast_dtype": args.broadcast_dtype,
+            "pipeline": pipeline,
         },
         "ray": {"num_cpus": args.cpus},
     }
@@ -133,14 +137,15 @@ def run_one(args: argparse.Namespace, workers: int, out: Path) -> Row:
 def table(rows: list[Row]) -> str:
     lines = [
         "| workers | reward servers | wall (s) | ideal (s) | wall / ideal | without the learner | learner share"
-        " | scoring overlapped | broadcast (MB, s) | dispatch skew (ms) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | scoring overlapped | broadcast (MB, s) | dispatch skew (ms) | one step off: wall / ideal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        off = "-" if r.pipelined_ratio is None else f"{r.pipelined_ratio:.3f}"
         lines.append(
             f"| {r.workers} | {r.reward_servers} | {r.wall_s:.3f} | {r.ideal_s:.3f} | {r.ratio:.3f} |"
             f" {r.outside_learner:.3f} | {r.learner_share:.1%} | {r.scoring_overlap:.0%} |"
-            f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.dispatch_skew_s:.0f} |"
+            f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.dispatch_skew_s:.0f} | {off} |"
         )
     return "\n".join(lines)
 
@@ -154,6 +159,9 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r.workers for r in rows], [r.ratio for r in rows], "o-", label="wall / ideal")
     ax.plot([r.workers for r in rows], [r.outside_learner for r in rows], "s--", label="without the learner's step")
+    off = [r for r in rows if r.pipelined_ratio is not None]
+    if off:
+        ax.plot([r.workers for r in off], [r.pipelined_ratio for r in off], "^-", label="one step off policy")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rollout workers")
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--micro-batch", type=int, default=1, help="Contexts per request (rollout.micro_batch); 0: one per worker."
     )
     p.add_argument("--broadcast-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="Skip the one-step-off-policy runs.")
     p.add_argument("--iterations", type=int, default=4, help="Iterations per worker count (the first is warm-up).")
     p.add_argument("--contexts", type=int, default=32, help="C: contexts per iteration.")
     p.add_argument("--k", type=int, default=2)
@@ -197,15 +206,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="steinsched-overhead-") as tmp:
         for w in args.workers:
             start = time.perf_counter()
-            fresh = not ray.is_initialized()  # a fresh cluster per worker count, unless one is given
-            if fresh:
-                ray.init(num_cpus=math.ceil(args.cpus), include_dashboard=False, log_to_driver=False)
-            try:
-                rows.append(run_one(args, w, Path(tmp)))
-            finally:
+            for pipeline in (False, True) if args.pipeline else (False,):
+                fresh = not ray.is_initialized()  # a fresh cluster per run, unless one is given
                 if fresh:
-                    ray.shutdown()
-            print(f"W={w}: wall/ideal {rows[-1].ratio:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                    ray.init(num_cpus=math.ceil(args.cpus), include_dashboard=False, log_to_driver=False)
+                try:
+                    row = run_one(args, w, Path(tmp), pipeline)
+                finally:
+                    if fresh:
+                        ray.shutdown()
+                if pipeline:
+                    rows[-1].pipelined_ratio = row.ratio
+                else:
+                    rows.append(row)
+            off = "" if rows[-1].pipelined_ratio is None else f", one step off {rows[-1].pipelined_ratio:.3f}"
+            print(f"W={w}: wall/ideal {rows[-1].ratio:.3f}{off} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(table(rows))
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,10 @@
 
 A checkpoint is a directory ``ckpt-<iteration>`` holding the policy (safetensors, via
 ``save_pretrained``), the optimizer state, ``state.json`` (iteration, policy version, prompt
-cursor, ...), the RNG states and a ``manifest.json`` of every file's size and sha256. It is
-written into a temporary sibling, every file fsynced, then renamed into place; the ``latest``
-marker is written last (also by rename). Loading checks the manifest: a damaged checkpoint is
+cursor, ...), the RNG states and a ``manifest.json`` of every file's size and sha256; ``extra``
+tensors (one step off policy: the behaviour weights the next rollouts are drawn under) go into
+``<name>.safetensors``. It is written into a temporary sibling, every file fsynced, then renamed
+into place; the ``latest`` marker is written last (also by rename). Loading checks the manifest: a damaged checkpoint is
 reported and skipped in favour of the previous one. The last ``keep`` checkpoints are kept.
 ``CheckpointStore`` puts the same layout on a local path or an fsspec URL (shared storage).
 """
@@ -73,8 +74,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 3,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write checkpoint ``iteration`` under ``root`` atomically; return its directory."""
+    """Write checkpoint ``iteration`` under ``root`` atomically; return its directory. ``extra``:
+    named sets of tensors written beside the policy (``load_tensors`` reads one back)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(iteration)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -84,6 +87,12 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    if extra:
+        from safetensors.torch import save_file
+
+        for name, tensors in extra.items():
+            own = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+            save_file(own, tmp / f"{name}.safetensors")
     write_manifest(tmp)
     if final.exists():  # a re-run of the same iteration after a resume replaces it whole
         shutil.rmtree(final)
@@ -144,6 +153,16 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
     return json.loads((ckpt / "state.json").read_text())
 
 
+def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The ``extra`` tensors ``name`` of checkpoint ``ckpt`` (None if it has none)."""
+    path = ckpt / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 class CheckpointStore:
     """Checkpoints under a local path or an fsspec URL (shared storage: ``s3://``, ``gs://``, ...).
 
@@ -165,12 +184,18 @@ class CheckpointStore:
         return self.root if self.local else f"{self.fs.protocol}:{self.root}"
 
     def save(
-        self, iteration: int, policy: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
+        self,
+        iteration: int,
+        policy: Any,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        keep: int,
+        extra: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> str:
         if self.local:
-            return str(save_checkpoint(Path(self.root), iteration, policy, optimizer, state, keep))
+            return str(save_checkpoint(Path(self.root), iteration, policy, optimizer, state, keep, extra))
         with tempfile.TemporaryDirectory() as tmp:
-            local = save_checkpoint(Path(tmp), iteration, policy, optimizer, state, keep=1)
+            local = save_checkpoint(Path(tmp), iteration, policy, optimizer, state, keep=1, extra=extra)
             staging = f"{self.root}/.{local.name}.tmp-{os.getpid()}"
             final = f"{self.root}/{local.name}"
             self.fs.put(str(local) + "/", staging, recursive=True)

@@ -499,6 +499,13 @@ class LearnerConfig(Section):
         " learner/logp_drift is no longer 0 (the update still scores the executed draws under the learner's"
         " weights).",
     )
+    pipeline: bool = Field(
+        False,
+        description="One step off policy: iteration t+1's rollouts are sampled under the weights before update t"
+        " while the learner computes it, so the update's time hides behind sampling. The update is importance"
+        " weighted (pi / mu, from each rollout's recorded behaviour log-prob); checkpoints keep the behaviour"
+        " weights, so a resume is exact. Off: every update uses rollouts of the weights it starts from.",
+    )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
     @field_validator("train_prompts", "eval_prompts")

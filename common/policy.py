@@ -332,6 +332,22 @@ class Weights:
     def names(self) -> set[str]:
         return {name for name, _ in self.layout} | set(self.other)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only:
+        an array from the object store is; copy before writing)."""
+        wire, bits = _WIRE[self.dtype]
+        with warnings.catch_warnings():  # torch warns about a read-only array; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(self.flat)
+        if bits is not None:
+            flat = flat.view(wire)
+        out, offset = {}, 0
+        for name, shape in self.layout:
+            n = math.prod(shape)
+            out[name] = flat[offset : offset + n].view(shape)
+            offset += n
+        return out | {name: torch.from_numpy(np.asarray(a)) for name, a in self.other.items()}
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Weights:
         """Full-precision weights from a plain dict of arrays."""
@@ -362,22 +378,12 @@ def load_numpy_state(policy: nn.Module | dict[str, torch.Tensor], state: Weights
     if set(own) != state.names:
         missing, extra = sorted(set(own) - state.names), sorted(state.names - set(own))
         raise ValueError(f"broadcast weights do not fit the policy: missing {missing[:3]}, unexpected {extra[:3]}")
-    wire, bits = _WIRE[state.dtype]
-    with warnings.catch_warnings():  # an array from the object store is read-only; it is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(state.flat)
-    if bits is not None:
-        flat = flat.view(wire)
-    offset = 0
     with torch.no_grad():
-        for name, shape in state.layout:
-            target, n = own[name], math.prod(shape)
-            if tuple(target.shape) != shape:
-                raise ValueError(f"broadcast weight {name}: shape {shape}, the policy's {tuple(target.shape)}")
-            target.copy_(flat[offset : offset + n].view(shape))
-            offset += n
-        for name, a in state.other.items():
-            own[name].copy_(torch.from_numpy(np.asarray(a)))
+        for name, t in state.tensors().items():
+            target = own[name]
+            if target.shape != t.shape:
+                raise ValueError(f"broadcast weight {name}: shape {tuple(t.shape)}, the policy's {tuple(target.shape)}")
+            target.copy_(t)
 
 
 def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau: np.ndarray) -> dict:

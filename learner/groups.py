@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -504,6 +505,58 @@ def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+class Cancelled(RuntimeError):
+    """A background run given up (``InFlight.cancel``): the learner is stopping."""
+
+
+#: How often a background run looks at its stop event (seconds).
+STOP_POLL_S = 0.2
+
+
+class InFlight:
+    """Requests a ``Dispatcher`` runs in the background (one step off policy: the next iteration's
+    rollouts while the learner updates). ``result()`` waits for them (and raises what the run
+    raised: ``WorkersLost``, ``TimedOut``, a reward's own error); ``cancel()`` gives them up.
+    Only one runs at a time: the dispatcher's state (live workers, server loads) is not shared."""
+
+    def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, background: bool):
+        self._args = (dispatcher, requests, weights)
+        self._out: Collected | BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="steinsched-dispatch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        dispatcher, requests, weights = self._args
+        try:
+            self._out = dispatcher.run(requests, weights, self._stop if self._thread is not None else None)
+        except BaseException as e:  # noqa: BLE001 - handed to the learner's thread by result()
+            self._out = e
+
+    def wait(self) -> None:
+        """Until the run is over (its result kept for ``result``)."""
+        if self._thread is None:
+            if self._out is None:
+                self._run()
+        else:
+            self._thread.join()
+
+    def result(self) -> Collected:
+        self.wait()
+        if isinstance(self._out, BaseException):
+            raise self._out
+        assert self._out is not None
+        return self._out
+
+    def cancel(self) -> None:
+        """Give the run up (the learner is stopping); its actors' calls finish or die on their own."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 @dataclass
 class _Stalled:
     """A unit past its time on one actor: ``kind`` 'worker' (``who``: its index) or 'reward'
@@ -554,7 +607,15 @@ class Dispatcher:
                 return _Stalled("reward", j, self.rewards.specs[j].score_timeout(len(p.prompts)))
         return None
 
-    def run(self, requests: list[RolloutRequest], weights: Any) -> Collected:
+    def start(self, requests: list[RolloutRequest], weights: Any, background: bool = True) -> InFlight:
+        """``run`` the requests in a thread of the learner (``background``) while it goes on with
+        other work (the update, one step off policy); or, not in the background, when the result
+        is asked for."""
+        return InFlight(self, requests, weights, background)
+
+    def run(self, requests: list[RolloutRequest], weights: Any, stop: threading.Event | None = None) -> Collected:
+        """Sample and score ``requests`` under ``weights``; every unit's results, in request order.
+        ``stop``: an event that makes the run give up (``Cancelled``) within ``STOP_POLL_S``."""
         start, faults = time.perf_counter(), 0
         live: dict[str, Pending] = {}
         for i, r in enumerate(requests):  # all at once: each worker queues its own
@@ -575,7 +636,12 @@ class Dispatcher:
             waits = [(ref, u, j, d) for u in live.values() for ref, j, d in u.waiting()]
             waiting = {ref: (u, j) for ref, u, j, _ in waits}  # ref -> (unit, -1 sampling or reward j)
             deadline = min(d for *_, d in waits)
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            wait_s = max(0.0, deadline - time.monotonic())
+            if stop is not None:
+                if stop.is_set():
+                    raise Cancelled(f"{len(live)} of {len(requests)} requests were still under way")
+                wait_s = min(wait_s, STOP_POLL_S)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=wait_s)
             if ready:  # and whatever else is ready by now, in one sweep
                 rest = [r for r in waiting if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []

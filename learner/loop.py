@@ -7,6 +7,10 @@ for it in range(start, iterations):
     baseline = baselines.compute(name, rewards[C, K]);  advantage = r - baseline
     update   = REINFORCE step on log pi(tau | inputs) recomputed here
     push the new weights (ray.put once per version), log, checkpoint, evaluate
+
+One step off policy (learner.pipeline), iteration t+1's rollouts are started, under the weights
+update t starts from, before update t: the workers sample while the learner computes, and update
+t+1 weights each rollout by pi / mu (learner.update).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointStore, load_checkpoint, verify
+from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, verify
 from common.codec import DecodeError, append_records, scan_records
 from common.config import (
     DEFAULT_REFERENCE_STEPS,
@@ -37,12 +41,20 @@ from common.config import (
 )
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
-from common.policy import PolicyInputs, SchedulePolicy, collate, describe, state_to_numpy
+from common.policy import PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
 from learner import baselines, plots
 from learner.contexts import ContextStream, eval_contexts
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
-from learner.groups import Dispatcher, MetricGroup, RewardGroup, RolloutGroup, RunStopped, WorkersLost
+from learner.groups import (
+    Dispatcher,
+    InFlight,
+    MetricGroup,
+    RewardGroup,
+    RolloutGroup,
+    RunStopped,
+    WorkersLost,
+)
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import reinforce_step
 
@@ -54,6 +66,33 @@ class RunResult:
     version: int
     policy: SchedulePolicy
     evaluation: EvalResult | None
+
+
+@dataclass
+class _Sent:
+    """One version of the weights as broadcast: its number, the arrays and their object ref."""
+
+    version: int
+    weights: Weights
+    ref: ray.ObjectRef
+
+    @classmethod
+    def put(cls, version: int, weights: Weights) -> _Sent:
+        return cls(version, weights, ray.put(weights))
+
+
+@dataclass
+class _Launch:
+    """One iteration's rollouts, started: under which weights, with which K and concentration cap,
+    and where the context stream stood before them (a checkpoint taken while they are under way
+    resumes from there and draws them again)."""
+
+    iteration: int
+    cursor: int
+    k: int
+    cap: float | None
+    sent: _Sent
+    job: InFlight
 
 
 def init_ray(cfg: RayConfig) -> bool:
@@ -156,6 +195,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     (run_dir / "config.yaml").write_text(cfg.to_yaml())  # the config is accepted: the run dir is written from here
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
+    inflight: _Launch | None = None  # one step off policy: the next iteration's rollouts, under way
     try:
         rewards = RewardGroup.from_config(cfg)
         rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards), rewards.input_size)
@@ -181,31 +221,57 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
-        weights = ray.put(state_to_numpy(policy, lc.broadcast_dtype))
+        current = _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype))
+        behaviour = current  # what the first rollouts are drawn under
+        if resume is not None and lc.pipeline:  # the weights the checkpoint's next rollouts were drawn under
+            saved = load_tensors(Path(resume[0]), "behaviour")
+            if saved is not None:
+                in_order = {k: saved[k] for k in policy.state_dict()}  # the buffer as it was broadcast
+                behaviour = _Sent.put(resume[1]["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
+
+        def launch(i: int, sent: _Sent) -> _Launch:
+            """Start iteration ``i``'s rollouts under ``sent`` (in the background one step off policy)."""
+            cursor = stream.cursor
+            if rollouts.max_workers > len(rollouts.alive):
+                rollouts.grow()  # nodes that joined: more workers (the requests, and so the rollouts, do not change)
+            contexts = stream.next(C)
+            k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
+            cap = cfg.policy.max_concentration_at(i)
+            requests = rollouts.requests(contexts, k, L, i, sent.version, max_concentration=cap)
+            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.ref, background=lc.pipeline))
+
+        def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
+            """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
+            the next rollouts are (or would be) drawn under, kept where they are not the policy's."""
+            state = _checkpoint_state(cfg, iteration, version, cursor, logged)
+            extra = None
+            if drawn_under is not None and drawn_under.version != version:
+                state["behaviour_version"] = drawn_under.version
+                extra = {"behaviour": drawn_under.weights.tensors()}
+            return store.save(iteration, policy, optimizer, state, keep=lc.keep_checkpoints, extra=extra)
+
         bar = tqdm(
             range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
         )
         for it in bar:
             t0 = time.perf_counter()
-            cursor = stream.cursor
-            if rollouts.max_workers > len(rollouts.alive):
-                rollouts.grow()  # nodes that joined: more workers (the requests, and so the rollouts, do not change)
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
-            contexts = stream.next(C)
-            K = cfg.rollout.k_at(it)  # a function of the iteration: a resumed run gets the same
-            cap = cfg.policy.max_concentration_at(it)
-            policy.set_max_concentration(cap)  # the update's log-probs use the cap the rollouts were drawn under
-
-            # SAMPLING: K schedules per context on the workers, scored by the reward servers
+            # SAMPLING: K schedules per context on the workers, scored by the reward servers; one step
+            # off policy they were started during the previous update, under the weights before it
+            now = inflight if inflight is not None else launch(it, behaviour if it == start else current)
+            inflight = None
+            K = now.k
+            policy.set_max_concentration(now.cap)  # the update's log-probs use the cap the rollouts were drawn under
             try:
-                got = dispatcher.run(rollouts.requests(contexts, K, L, it, version, max_concentration=cap), weights)
+                got = now.job.result()
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
-                state = _checkpoint_state(cfg, it, version, cursor, logged)
-                ckpt = store.save(it, policy, optimizer, state, keep=lc.keep_checkpoints)
+                ckpt = save(it, now.cursor, now.sent)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
+            if lc.pipeline and it + 1 < lc.iterations:
+                inflight = launch(it + 1, current)  # sampled while this update runs, under the weights it starts from
             batches = got.batches
             scores = rewards.combine(got.scored)
             r = scores.total.reshape(C, K)
@@ -216,7 +282,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             if lc.adv_std_norm:
                 adv = adv / (adv.std() + 1e-8)
 
-            # TRAINING: REINFORCE on log pi recomputed from the inputs the rollouts carry
+            # TRAINING: REINFORCE on log pi recomputed from the inputs the rollouts carry (importance
+            # weighted one step off policy)
             t_learn = time.perf_counter()
             log_tau = np.concatenate([bt.log_tau for bt in batches])
             inputs = collate(
@@ -225,9 +292,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 None if batches[0].pooled is None else np.concatenate([bt.pooled for bt in batches]),
                 device,
             )
-            m = reinforce_step(
-                policy, optimizer, inputs, log_tau, adv, np.concatenate([bt.logp for bt in batches]), lc.grad_clip
-            )
+            behaviour_logp = np.concatenate([bt.logp for bt in batches])
+            m = reinforce_step(policy, optimizer, inputs, log_tau, adv, behaviour_logp, lc.grad_clip, lc.pipeline)
             # the previous update's alphas on this batch (computed by the step itself), then this
             # update's weights; its alphas too where a checkpoint or an evaluation is about to use them
             problem, when = _alpha_problem(m["policy/alpha_min"], m["policy/alpha_max"]), it
@@ -244,8 +310,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 )
             version += 1
             t_put = time.perf_counter()
-            sent = state_to_numpy(policy, lc.broadcast_dtype)
-            weights = ray.put(sent)
+            before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype))
             broadcast_s = time.perf_counter() - t_put
             learner_s = time.perf_counter() - t_learn
 
@@ -264,7 +329,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     "system/faults": float(got.faults),
                     "system/learner_seconds": learner_s,  # update, checks and the weights into the object store
                     "system/broadcast_seconds": broadcast_s,
-                    "system/broadcast_bytes": float(sent.nbytes),
+                    "system/broadcast_bytes": float(current.weights.nbytes),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": got.dispatch_skew(),
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
@@ -279,16 +344,20 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
 
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                state = _checkpoint_state(cfg, it + 1, version, stream.cursor, logged)
-                store.save(it + 1, policy, optimizer, state, keep=lc.keep_checkpoints)
+                if inflight is not None:  # the next rollouts are under way: a resume draws them again, the same
+                    save(it + 1, inflight.cursor, inflight.sent)
+                else:  # one step off policy, a longer run would draw the next ones under the weights before this update
+                    save(it + 1, stream.cursor, before if lc.pipeline else None)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
+                if inflight is not None:
+                    inflight.job.wait()  # one run at a time on the dispatcher
                 res = evaluate(
                     dispatcher,
                     None,
                     held_out,
                     L,
                     version,
-                    weights,
+                    current.ref,
                     {DEFAULT: Schedule("default"), learned: Schedule("mean")},
                 )
                 loggers.log(it + 1, _eval_metrics(res))
@@ -299,7 +368,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             return RunResult(run_dir, lc.iterations, version, policy, None)
 
         schedules = {DEFAULT: Schedule("default"), **(baselines_to_beat or {}), learned: Schedule("mean")}
-        result = evaluate(dispatcher, metrics, held_out, L, version, weights, schedules)
+        result = evaluate(dispatcher, metrics, held_out, L, version, current.ref, schedules)
         n_prompts = len(lc.eval_prompts or spec.eval_prompts)
         title = (
             f"held-out evaluation after {lc.iterations} iterations: {n_prompts} prompts x {lc.eval_seeds} noises,"
@@ -311,9 +380,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
         if lc.plots:
             with TensorBoardLogger(run_dir / "tb") as tb:  # the pictures also go to TensorBoard's Images tab
-                _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, L, version, weights, tb)
+                at = (L, version, current.ref, tb)
+                _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, *at)
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
+        if inflight is not None:
+            inflight.job.cancel()
         if started_ray:
             ray.shutdown()
 

@@ -92,7 +92,10 @@ def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local,
     assert not (tmp_path / "t" / "metrics.jsonl").exists(), "no training before the check"
 
 
-def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatch, pipeline):
+    """Also one step off policy, where the next rollouts are under way when the update diverges:
+    they are given up, and the run stops at once."""
     real = loop.reinforce_step
     calls = []
 
@@ -105,7 +108,8 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(loop, "reinforce_step", poisoned)
-    cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2}))
+    over = tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2, "pipeline": pipeline})
+    cfg = load_config([], **over)
     with pytest.raises(
         Diverged, match=r"iteration 3: the update diverged \(non-finite weights in .*\); nothing of it was saved"
     ):
@@ -118,9 +122,8 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
     assert state["iteration"] == 2 and state["logged_rollouts"] == 2 * 4 * 2
     # the last good state resumes (the poison is gone)
     monkeypatch.setattr(loop, "reinforce_step", real)
-    res = train(
-        load_config(["--resume=auto"], **tiny_overrides(tmp_path, learner={"iterations": 4, "checkpoint_every": 2}))
-    )
+    over["learner"]["iterations"] = 4
+    res = train(load_config(["--resume=auto"], **over))
     assert all(torch.isfinite(p).all() for p in res.policy.parameters())
 
 
