@@ -6,7 +6,7 @@
 #   3. the real FLUX.1-dev and SD3.5 Large transformer architectures at 1024², random weights built
 #      from their configs (nothing downloaded), bf16: our batched per-sample loop against the
 #      stock pipeline called once per schedule (bench/rollout_throughput.py --arch real);
-#   4. bench/overhead.py with the learner and the workers' policy on the GPU.
+#   4. bench/overhead.py with the learner and the workers' policy on the GPU, on policy and one step off.
 # Every figure is printed; the ratios are what to compare across machines.
 #
 #     bash bench/gpu_check.sh            # from the repository root, after pip install -e '.[test]'

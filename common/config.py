@@ -492,6 +492,15 @@ class LearnerConfig(Section):
         description="Device of the learner's policy and update: 'auto' (cuda if the learner sees a GPU, else cpu),"
         " 'cpu', 'cuda' or 'cuda:N'.",
     )
+    broadcast: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="How each version of the weights reaches the workers. object_store: ray.put once, each worker"
+        " fetches it. collective: also one torch.distributed broadcast from the learner (NCCL on a GPU, gloo"
+        " otherwise) into every worker, the object store kept as the fallback (docs/performance.md).",
+    )
+    broadcast_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a collective broadcast (or forming its group) may take."
+    )
     broadcast_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description="Precision of the weights sent to the workers each iteration. float32: the workers sample from"

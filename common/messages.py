@@ -97,6 +97,7 @@ class RolloutBatch(ArrayMessage):
     logp: np.ndarray  # [C, K] float64: behaviour log-probs (0 for fixed schedules)
     seconds: float = 0.0  # time the worker spent on the request
     started_at: float = 0.0  # wall-clock time (time.time()) the worker started it: dispatch skew
+    weights_from: str = ""  # where the worker read this version: 'collective', 'object_store', 'argument'; '' had it
 
     @property
     def prompts(self) -> list[str]:

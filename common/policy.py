@@ -312,14 +312,21 @@ def collate(
 _WIRE = {"float32": (torch.float32, None), "float16": (torch.float16, None), "bfloat16": (torch.bfloat16, torch.int16)}
 
 
+def wire_storage(dtype: str) -> torch.dtype:
+    """The dtype a broadcast's flat buffer is stored in for wire dtype ``dtype`` (bfloat16: its bits)."""
+    wire, bits = _WIRE[dtype]
+    return bits or wire
+
+
 @dataclass
 class Weights:
     """One version of the policy's weights as it is broadcast (ray.put once per version): every
     floating tensor in one flat buffer of ``dtype`` (bfloat16 as its raw 16 bits), so the object
     store moves one array, not one per tensor; ``layout`` names each tensor's (name, shape) in
-    order; tensors of other dtypes travel as they are in ``other``."""
+    order; tensors of other dtypes travel as they are in ``other``. ``flat`` is a numpy array as
+    the object store carries it, or a tensor as a collective delivers it (``common.collective``)."""
 
-    flat: np.ndarray
+    flat: np.ndarray | torch.Tensor
     layout: list[tuple[str, tuple[int, ...]]]
     dtype: str = "float32"
     other: dict[str, np.ndarray] = field(default_factory=dict)
@@ -336,9 +343,12 @@ class Weights:
         """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only:
         an array from the object store is; copy before writing)."""
         wire, bits = _WIRE[self.dtype]
-        with warnings.catch_warnings():  # torch warns about a read-only array; it is only read
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.from_numpy(self.flat)
+        if isinstance(self.flat, torch.Tensor):
+            flat = self.flat
+        else:
+            with warnings.catch_warnings():  # torch warns about a read-only array; it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.from_numpy(self.flat)
         if bits is not None:
             flat = flat.view(wire)
         out, offset = {}, 0

@@ -88,7 +88,7 @@ def evaluate(
     contexts: list[Context],
     steps: int,
     version: int,
-    weights: ray.ObjectRef,
+    weights: Any,  # an object ref, or a WeightsHandle (learner.broadcast: collective)
     schedules: dict[str, Schedule],
 ) -> EvalResult:
     """Reward (and set metrics) of each schedule on ``contexts``, one sample per context (a

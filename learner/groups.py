@@ -34,6 +34,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
+from common.collective import WeightsHandle
 from common.config import Config, ConfigError, MetricSpec, RewardSpec
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.actors import MetricServer, RewardServer
@@ -164,7 +165,13 @@ class RolloutGroup:
         images are downscaled to it on the workers (evaluation images, which metrics and plots
         read too, are sent as made)."""
         r = cfg.rollout
-        self._actor = ray.remote(RolloutWorker).options(
+        # a thread beside sampling for the collective weight broadcast (learner.broadcast)
+        if cfg.learner.broadcast == "collective":
+            # concurrency_groups is a documented keyword of ray.remote that its type stubs leave out
+            actor: Any = ray.remote(concurrency_groups={"weights": 1})(RolloutWorker)  # type: ignore[call-overload]
+        else:
+            actor = ray.remote(RolloutWorker)
+        self._actor = actor.options(
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             max_restarts=r.max_restarts,
@@ -290,7 +297,7 @@ class RolloutGroup:
             for i in range(0, len(contexts), n)
         ]
 
-    def submit(self, request: RolloutRequest, weights: ray.ObjectRef | None, worker: int) -> Pending:
+    def submit(self, request: RolloutRequest, weights: ray.ObjectRef | WeightsHandle | None, worker: int) -> Pending:
         batch, images, references = self.workers[worker].sample.options(num_returns=3).remote(request, weights)
         return Pending(request, worker, batch, images, references)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, verify
 from common.codec import DecodeError, append_records, scan_records
+from common.collective import WeightsHandle
 from common.config import (
     DEFAULT_REFERENCE_STEPS,
     RUN_FLAGS,
@@ -44,6 +45,7 @@ from common.messages import Context, RolloutRecord
 from common.policy import PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
 from learner import baselines, plots
+from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
 from learner.groups import (
@@ -70,15 +72,21 @@ class RunResult:
 
 @dataclass
 class _Sent:
-    """One version of the weights as broadcast: its number, the arrays and their object ref."""
+    """One version of the weights as broadcast: its number, the arrays, and what requests carry:
+    their object ref, or with a collective broadcast a ``WeightsHandle`` (the ref as fallback)."""
 
     version: int
     weights: Weights
-    ref: ray.ObjectRef
+    arg: ray.ObjectRef | WeightsHandle
+    collective: bool = False  # the version went out over the collective
 
     @classmethod
-    def put(cls, version: int, weights: Weights) -> _Sent:
-        return cls(version, weights, ray.put(weights))
+    def put(cls, version: int, weights: Weights, collective: CollectiveBroadcast | None = None) -> _Sent:
+        ref = ray.put(weights)
+        if collective is None:
+            return cls(version, weights, ref)
+        sent = collective.send(version, weights)
+        return cls(version, weights, WeightsHandle(ref, sent), sent)
 
 
 @dataclass
@@ -196,6 +204,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     inflight: _Launch | None = None  # one step off policy: the next iteration's rollouts, under way
+    collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     try:
         rewards = RewardGroup.from_config(cfg)
         rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards), rewards.input_size)
@@ -221,7 +230,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
-        current = _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype))
+        if lc.broadcast == "collective":
+            collective = CollectiveBroadcast(rollouts, device, lc.broadcast_timeout_s)
+        current = _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
         behaviour = current  # what the first rollouts are drawn under
         if resume is not None and lc.pipeline:  # the weights the checkpoint's next rollouts were drawn under
             saved = load_tensors(Path(resume[0]), "behaviour")
@@ -238,7 +249,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
             cap = cfg.policy.max_concentration_at(i)
             requests = rollouts.requests(contexts, k, L, i, sent.version, max_concentration=cap)
-            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.ref, background=lc.pipeline))
+            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.arg, background=lc.pipeline))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -310,7 +321,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 )
             version += 1
             t_put = time.perf_counter()
-            before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype))
+            before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
             broadcast_s = time.perf_counter() - t_put
             learner_s = time.perf_counter() - t_learn
 
@@ -330,6 +341,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     "system/learner_seconds": learner_s,  # update, checks and the weights into the object store
                     "system/broadcast_seconds": broadcast_s,
                     "system/broadcast_bytes": float(current.weights.nbytes),
+                    "system/broadcast_collective": float(current.collective),  # this version went over the group
+                    # where the workers read the weights of the rollouts' version (loads, not requests)
+                    "system/weights_from_collective": float(sum(bt.weights_from == "collective" for bt in batches)),
+                    "system/weights_from_object_store": float(
+                        sum(bt.weights_from in ("object_store", "argument") for bt in batches)
+                    ),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": got.dispatch_skew(),
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
@@ -357,7 +374,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     held_out,
                     L,
                     version,
-                    current.ref,
+                    current.arg,
                     {DEFAULT: Schedule("default"), learned: Schedule("mean")},
                 )
                 loggers.log(it + 1, _eval_metrics(res))
@@ -368,7 +385,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             return RunResult(run_dir, lc.iterations, version, policy, None)
 
         schedules = {DEFAULT: Schedule("default"), **(baselines_to_beat or {}), learned: Schedule("mean")}
-        result = evaluate(dispatcher, metrics, held_out, L, version, current.ref, schedules)
+        result = evaluate(dispatcher, metrics, held_out, L, version, current.arg, schedules)
         n_prompts = len(lc.eval_prompts or spec.eval_prompts)
         title = (
             f"held-out evaluation after {lc.iterations} iterations: {n_prompts} prompts x {lc.eval_seeds} noises,"
@@ -380,12 +397,14 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
         if lc.plots:
             with TensorBoardLogger(run_dir / "tb") as tb:  # the pictures also go to TensorBoard's Images tab
-                at = (L, version, current.ref, tb)
+                at = (L, version, current.arg, tb)
                 _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, *at)
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
         if inflight is not None:
             inflight.job.cancel()
+        if collective is not None:
+            collective.close()
         if started_ray:
             ray.shutdown()
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.collective import FETCH_TIMEOUT_S, Receiver, WeightsHandle
 from common.config import PolicyConfig, SamplerConfig
 from common.devices import resolve_device
 from common.messages import RolloutBatch, RolloutRequest
@@ -57,6 +58,7 @@ class RolloutWorker:
         self.policy = SchedulePolicy(**self._policy_kwargs).to(self.device).eval()
         self._state = self.policy.state_dict()  # views of the parameters: each version is copied into them
         self.version = -1
+        self._receiver = Receiver()  # learner.broadcast: collective (methods on the 'weights' concurrency group)
         # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
         self._features: PromptCache[PromptFeatures] = PromptCache(self.sampler.encode, prompt_cache)
 
@@ -101,8 +103,42 @@ class RolloutWorker:
     def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
         return self._features.get(prompts)
 
+    # The weight broadcast over a collective (common.collective): the learner calls these on the
+    # actor's 'weights' concurrency group, a thread of their own beside sampling.
+
+    def join_weights_group(
+        self, group_id: str, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float
+    ) -> None:
+        self._receiver.join(group_id, host, port, rank, world, backend, timeout_s)
+
+    def in_weights_group(self, group_id: str) -> bool:
+        return self._receiver.group_id == group_id
+
+    def receive_weights(
+        self, group_id: str, version: int, layout: list, dtype: str, other: dict[str, np.ndarray]
+    ) -> bool:
+        return self._receiver.receive(group_id, version, layout, dtype, other)
+
+    def _load(self, request: RolloutRequest, weights: Weights | dict[str, np.ndarray] | WeightsHandle | None) -> str:
+        """Load the weights of ``request.version``; returns where they came from: 'collective',
+        'object_store' (a handle's ref, read because the version did not arrive over the group)
+        or 'argument'."""
+        if isinstance(weights, WeightsHandle):
+            staged = self._receiver.get(request.version) if weights.broadcast else None
+            if staged is not None:
+                load_numpy_state(self._state, staged)
+                return "collective"
+            import ray
+
+            load_numpy_state(self._state, ray.get(weights.ref, timeout=FETCH_TIMEOUT_S))
+            return "object_store"
+        if weights is None:
+            raise ValueError(f"request {request.request_id} needs policy version {request.version}")
+        load_numpy_state(self._state, weights)
+        return "argument"
+
     def sample(
-        self, request: RolloutRequest, weights: Weights | dict[str, np.ndarray] | None
+        self, request: RolloutRequest, weights: Weights | dict[str, np.ndarray] | WeightsHandle | None
     ) -> tuple[RolloutBatch, np.ndarray, np.ndarray | None]:
         """Rollouts for ``request`` under ``weights`` (version ``request.version``).
 
@@ -114,10 +150,9 @@ class RolloutWorker:
         Both are downscaled to ``request.image_size`` where it is set (the rewards read no more).
         """
         start, started_at = time.perf_counter(), time.time()
+        weights_from = ""  # the version was loaded already (or the request needs no policy)
         if request.mode in ("sample", "mean") and request.version != self.version:
-            if weights is None:
-                raise ValueError(f"request {request.request_id} needs policy version {request.version}")
-            load_numpy_state(self._state, weights)
+            weights_from = self._load(request, weights)
             self.version = request.version
         if request.max_concentration is not None:  # the cap in force at this iteration (a schedule)
             self.policy.set_max_concentration(request.max_concentration)
@@ -179,5 +214,6 @@ class RolloutWorker:
             logp=logp,
             seconds=time.perf_counter() - start,
             started_at=started_at,
+            weights_from=weights_from,
         )
         return batch, images, references

@@ -1,0 +1,76 @@
+"""The weight broadcast over a collective (``learner.broadcast: collective``) on a real local Ray
+cluster: gloo on the CPU, the code path NCCL takes on GPUs. The workers must read every version
+over the group (none from the object store), end with exactly the weights of an object-store
+run, and survive a killed worker (the group is formed again without it, then with its restart).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.collective import Receiver
+from common.config import load_config
+from common.policy import SchedulePolicy
+from learner.loop import train
+from learner.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+from tests.integration.test_faults import Killer
+
+pytestmark = pytest.mark.ray
+
+
+def _run(tmp_path, **learner):
+    over = tiny_overrides(tmp_path, learner={"iterations": 4, **learner}, rollout={"max_restarts": 5})
+    return train(load_config([], **over))
+
+
+def _weights(run_dir):
+    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
+
+
+def _loads(run_dir) -> tuple[float, float]:
+    rows = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
+    return (
+        sum(m["system/weights_from_collective"] for m in rows),
+        sum(m["system/weights_from_object_store"] for m in rows),
+    )
+
+
+@pytest.mark.parametrize(("pipeline", "dtype"), [(False, "float32"), (True, "bfloat16")])
+def test_collective_run_equals_the_object_store_run(ray_local, tmp_path, pipeline, dtype):
+    settings = {"pipeline": pipeline, "broadcast_dtype": dtype}
+    ref = _run(tmp_path / "store", **settings)
+    got = _run(tmp_path / "collective", broadcast="collective", **settings)
+    a, b = _weights(ref.run_dir), _weights(got.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    over_group, from_store = _loads(got.run_dir)
+    assert from_store == 0 and over_group >= 4, (over_group, from_store)  # every load came over the group
+    assert _loads(ref.run_dir)[0] == 0
+
+
+def test_a_killed_worker_changes_nothing_and_the_group_is_formed_again(ray_local, tmp_path, capsys):
+    iters = 20
+    ref = _run(tmp_path / "ref", iterations=iters, broadcast="collective")
+    log = tmp_path / "faulty" / "t" / "metrics.jsonl"
+    started = lambda: log.exists() and len(log.read_text().splitlines()) >= 3  # noqa: E731 - mid-training
+    killer = Killer("RolloutWorker", kills=1, every_s=1.0, first_after_s=0.0, when=started)
+    killer.start()
+    try:
+        got = _run(tmp_path / "faulty", iterations=iters, broadcast="collective", broadcast_timeout_s=20.0)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.done, "the fault was injected too late to matter"
+    a, b = _weights(ref.run_dir), _weights(got.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the fault changed the trained weights"
+    rows = [m for m in read_jsonl(got.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
+    assert rows[-1]["system/weights_from_collective"] > 0, "the group was not formed again after the restart"
+    # the restart costs about a worker's start, never a chain of broadcast time-outs (20 s each here)
+    assert max(m["system/step_seconds"] for m in rows) < 15, [round(m["system/step_seconds"], 2) for m in rows]
+
+
+def test_a_worker_outside_a_group_reads_nothing_from_it():
+    r = Receiver()
+    assert r.get(3, wait_s=5.0) is None  # not in a group: no wait, the caller reads the object store
+    assert r.receive("some-group", 3, [("w", (2,))], "float32", {}) is False
