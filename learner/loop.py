@@ -78,15 +78,18 @@ class _Sent:
     version: int
     weights: Weights
     arg: ray.ObjectRef | WeightsHandle
-    collective: bool = False  # the version went out over the collective
+
+    @property
+    def collective(self) -> bool:
+        """The version went out over the collective."""
+        return isinstance(self.arg, WeightsHandle) and self.arg.broadcast
 
     @classmethod
     def put(cls, version: int, weights: Weights, collective: CollectiveBroadcast | None = None) -> _Sent:
         ref = ray.put(weights)
         if collective is None:
             return cls(version, weights, ref)
-        sent = collective.send(version, weights)
-        return cls(version, weights, WeightsHandle(ref, sent), sent)
+        return cls(version, weights, WeightsHandle(ref, collective.send(version, weights)))
 
 
 @dataclass

@@ -86,3 +86,15 @@ def tiny_overrides(tmp_path: Path, **sections) -> dict:
         else:
             base[name] = values
     return base
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final policy's weights of a finished run."""
+    from common.policy import SchedulePolicy
+
+    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit for bit the same tensors under the same names."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

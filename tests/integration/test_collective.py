@@ -7,14 +7,12 @@ run, and survive a killed worker (the group is formed again without it, then wit
 from __future__ import annotations
 
 import pytest
-import torch
 
 from common.collective import Receiver
 from common.config import load_config
-from common.policy import SchedulePolicy
 from learner.loop import train
 from learner.metrics import read_jsonl
-from tests.conftest import tiny_overrides
+from tests.conftest import final_weights, same_weights, tiny_overrides
 from tests.integration.test_faults import Killer
 
 pytestmark = pytest.mark.ray
@@ -23,10 +21,6 @@ pytestmark = pytest.mark.ray
 def _run(tmp_path, **learner):
     over = tiny_overrides(tmp_path, learner={"iterations": 4, **learner}, rollout={"max_restarts": 5})
     return train(load_config([], **over))
-
-
-def _weights(run_dir):
-    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
 
 
 def _loads(run_dir) -> tuple[float, float]:
@@ -42,8 +36,8 @@ def test_collective_run_equals_the_object_store_run(ray_local, tmp_path, pipelin
     settings = {"pipeline": pipeline, "broadcast_dtype": dtype}
     ref = _run(tmp_path / "store", **settings)
     got = _run(tmp_path / "collective", broadcast="collective", **settings)
-    a, b = _weights(ref.run_dir), _weights(got.run_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = final_weights(ref.run_dir), final_weights(got.run_dir)
+    assert same_weights(a, b)
     over_group, from_store = _loads(got.run_dir)
     assert from_store == 0 and over_group >= 4, (over_group, from_store)  # every load came over the group
     assert _loads(ref.run_dir)[0] == 0
@@ -62,8 +56,8 @@ def test_a_killed_worker_changes_nothing_and_the_group_is_formed_again(ray_local
         killer.stop.set()
         killer.join()
     assert killer.done, "the fault was injected too late to matter"
-    a, b = _weights(ref.run_dir), _weights(got.run_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a), "the fault changed the trained weights"
+    a, b = final_weights(ref.run_dir), final_weights(got.run_dir)
+    assert same_weights(a, b), "the fault changed the trained weights"
     rows = [m for m in read_jsonl(got.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
     assert rows[-1]["system/weights_from_collective"] > 0, "the group was not formed again after the restart"
     # the restart costs about a worker's start, never a chain of broadcast time-outs (20 s each here)

@@ -9,16 +9,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
-from common.policy import SchedulePolicy
 from learner.groups import WorkersLost
 from learner.loop import train
 from learner.metrics import read_jsonl
-from tests.conftest import tiny_overrides
+from tests.conftest import final_weights, same_weights, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -71,10 +69,6 @@ def _run(tmp_path, name, **sections):
     return train(load_config([], **over))
 
 
-def _weights(run_dir):
-    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
-
-
 def _assert_every_rollout_once(run_dir):
     recs = list(read_records(run_dir / "rollouts.msgpack", RolloutRecord))
     ids = [(r.iteration, r.context, r.k) for r in recs]
@@ -84,7 +78,7 @@ def _assert_every_rollout_once(run_dir):
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory):
     res = _run(tmp_path_factory.mktemp("ref"), "ref")
-    return _weights(res.run_dir)
+    return final_weights(res.run_dir)
 
 
 @pytest.mark.parametrize("victim", ["RolloutWorker", "RewardServer"])
@@ -100,8 +94,8 @@ def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
     print(f"\n{victim}: injected {len(killer.done)} SIGKILLs, the learner saw {faults:.0f} failed requests")
     assert len(killer.done) >= 2, "the faults were injected too late to matter"
     _assert_every_rollout_once(res.run_dir)
-    w = _weights(res.run_dir)
-    assert all(torch.equal(reference[k], w[k]) for k in reference), "faults changed the trained weights"
+    w = final_weights(res.run_dir)
+    assert same_weights(reference, w), "faults changed the trained weights"
 
 
 def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import ray
-import torch
 
 from common.codec import read_records
 from common.config import load_config
@@ -16,7 +15,7 @@ from common.policy import SchedulePolicy
 from learner import baselines
 from learner.loop import train
 from learner.metrics import read_jsonl
-from tests.conftest import tiny_overrides
+from tests.conftest import final_weights, same_weights, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -24,11 +23,6 @@ pytestmark = pytest.mark.ray
 def _run(tmp_path, argv=(), **sections):
     cfg = load_config(list(argv), **tiny_overrides(tmp_path, **sections))
     return cfg, train(cfg)
-
-
-def _weights(run_dir):
-    pol = SchedulePolicy.from_pretrained(run_dir / "policy")
-    return {k: v.clone() for k, v in pol.state_dict().items()}
 
 
 def test_tiny_run_writes_everything(ray_local, tmp_path):
@@ -72,12 +66,12 @@ def test_resume_is_exact(ray_local, tmp_path):
     _, a = _run(tmp_path / "a", learner={"iterations": 4, "checkpoint_every": 2})
     _run(tmp_path / "c", learner={"iterations": 2, "checkpoint_every": 2})
     _, c = _run(tmp_path / "c", ["--resume", "auto"], learner={"iterations": 4, "checkpoint_every": 2})
-    wa, wc = _weights(a.run_dir), _weights(c.run_dir)
-    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    wa, wc = final_weights(a.run_dir), final_weights(c.run_dir)
+    assert same_weights(wa, wc)
     # and the weights did move: the test would notice a resume that skipped the updates
     _, z = _run(tmp_path / "z", learner={"iterations": 2, "checkpoint_every": 2})
-    wz = _weights(z.run_dir)
-    assert not all(torch.equal(wa[k], wz[k]) for k in wa)
+    wz = final_weights(z.run_dir)
+    assert not same_weights(wa, wz)
 
 
 def test_custom_reward_by_import_path_trains(ray_local, tmp_path):

@@ -22,7 +22,7 @@ from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, state_to_numpy
 from learner.loop import train
 from learner.metrics import read_jsonl
-from tests.conftest import tiny_overrides
+from tests.conftest import final_weights, same_weights, tiny_overrides
 from tests.integration.test_faults import Killer
 
 pytestmark = pytest.mark.ray
@@ -34,14 +34,6 @@ def _run(tmp_path, argv=(), **sections):
     learner = {"pipeline": True, **sections.pop("learner", {})}
     cfg = load_config(list(argv), **tiny_overrides(tmp_path, learner=learner, **sections))
     return train(cfg)
-
-
-def _weights(run_dir):
-    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _records(run_dir):
@@ -77,9 +69,9 @@ def test_resume_is_exact_mid_run_and_extending(ray_local, tmp_path):
     b = _run(tmp_path / "b", ["--resume", "auto"], learner={"iterations": 4, "checkpoint_every": 2})
     _run(tmp_path / "c", learner={"iterations": 2, "checkpoint_every": 2})
     c = _run(tmp_path / "c", ["--resume", "auto"], learner={"iterations": 4, "checkpoint_every": 2})
-    wa = _weights(a.run_dir)
+    wa = final_weights(a.run_dir)
     for other in (b, c):
-        assert _same(wa, _weights(other.run_dir))
+        assert same_weights(wa, final_weights(other.run_dir))
         got = [(r.iteration, r.context, r.k, r.version, r.logp, r.reward) for r in _records(other.run_dir)]
         assert got == [(r.iteration, r.context, r.k, r.version, r.logp, r.reward) for r in _records(a.run_dir)]
     # the behaviour weights matter: resumed without them, iteration 2 is drawn under version 2
@@ -90,7 +82,7 @@ def test_resume_is_exact_mid_run_and_extending(ray_local, tmp_path):
 
     write_manifest(tmp_path / "d" / "t" / "checkpoints" / "ckpt-00000002")
     d = _run(tmp_path / "d", ["--resume", "auto"], learner={"iterations": 4, "checkpoint_every": 2})
-    assert not _same(wa, _weights(d.run_dir))
+    assert not same_weights(wa, final_weights(d.run_dir))
 
 
 def test_killed_workers_change_nothing(ray_local, tmp_path):
@@ -106,7 +98,7 @@ def test_killed_workers_change_nothing(ray_local, tmp_path):
     assert len(killer.done) >= 1, "the faults were injected too late to matter"
     recs = _records(res.run_dir)
     assert len({(r.iteration, r.context, r.k) for r in recs}) == len(recs) == 20 * C * K
-    assert _same(_weights(ref.run_dir), _weights(res.run_dir)), "faults changed the trained weights"
+    assert same_weights(final_weights(ref.run_dir), final_weights(res.run_dir)), "faults changed the trained weights"
 
 
 def test_learns_the_toy_as_the_on_policy_loop_does(ray_local, tmp_path):

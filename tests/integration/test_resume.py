@@ -10,14 +10,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
-from common.policy import SchedulePolicy
 from learner.loop import train
-from tests.conftest import REPO
+from tests.conftest import REPO, final_weights, same_weights
 
 pytestmark = pytest.mark.ray
 
@@ -41,10 +39,6 @@ FLAGS = [
 ]
 
 
-def _weights(run_dir):
-    return SchedulePolicy.from_pretrained(run_dir / "policy").state_dict()
-
-
 def _cli(args, timeout=300):
     env = dict(os.environ)  # token auth, as tests/conftest.py set it
     env.pop("RAY_ADDRESS", None)
@@ -63,7 +57,7 @@ def _cli(args, timeout=300):
 def uninterrupted(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     res = train(load_config(FLAGS + [f"--experiment.output_dir={out}"]))
-    return _weights(res.run_dir)
+    return final_weights(res.run_dir)
 
 
 def test_learner_killed_while_writing_a_checkpoint_resumes_exactly(uninterrupted, tmp_path):
@@ -78,8 +72,8 @@ def test_learner_killed_while_writing_a_checkpoint_resumes_exactly(uninterrupted
     code, out = _cli([sys.executable, "-m", "learner.main", *flags, "--resume=auto"])
     assert code == 0, out[-3000:]
     assert "resumed from" in out and "ckpt-00000002" in out
-    w = _weights(tmp_path / "r")
-    assert all(torch.equal(uninterrupted[k], w[k]) for k in uninterrupted)
+    w = final_weights(tmp_path / "r")
+    assert same_weights(uninterrupted, w)
     recs = list(read_records(tmp_path / "r" / "rollouts.msgpack", RolloutRecord))
     ids = [(r.iteration, r.context, r.k) for r in recs]
     assert len(ids) == ITERS * 4 * 2 and len(set(ids)) == len(ids), "a rollout was lost or logged twice"
@@ -93,8 +87,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, uninter
     weights = ckdir / "ckpt-00000004" / "policy" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated
     res = train(load_config(flags + ["--resume=auto"]))
-    w = _weights(res.run_dir)
-    assert all(torch.equal(uninterrupted[k], w[k]) for k in uninterrupted)
+    w = final_weights(res.run_dir)
+    assert same_weights(uninterrupted, w)
 
 
 def test_resume_refuses_a_config_that_matters(ray_local, tmp_path):
@@ -112,5 +106,5 @@ def test_resume_from_checkpoints_on_an_fsspec_url(uninterrupted, tmp_path):
     train(load_config(flags + ["--learner.iterations=3"]))
     assert not (tmp_path / "r" / "checkpoints").exists()
     res = train(load_config(flags + ["--resume=auto"]))
-    w = _weights(res.run_dir)
-    assert all(torch.equal(uninterrupted[k], w[k]) for k in uninterrupted)
+    w = final_weights(res.run_dir)
+    assert same_weights(uninterrupted, w)
