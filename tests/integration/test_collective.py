@@ -13,7 +13,7 @@ from common.config import load_config
 from learner.loop import train
 from learner.metrics import read_jsonl
 from tests.conftest import final_weights, same_weights, tiny_overrides
-from tests.integration.test_faults import Killer
+from tests.integration.test_faults import Killer, training_started
 
 pytestmark = pytest.mark.ray
 
@@ -46,8 +46,7 @@ def test_collective_run_equals_the_object_store_run(ray_local, tmp_path, pipelin
 def test_a_killed_worker_changes_nothing_and_the_group_is_formed_again(ray_local, tmp_path, capsys):
     iters = 20
     ref = _run(tmp_path / "ref", iterations=iters, broadcast="collective")
-    log = tmp_path / "faulty" / "t" / "metrics.jsonl"
-    started = lambda: log.exists() and len(log.read_text().splitlines()) >= 3  # noqa: E731 - mid-training
+    started = training_started(tmp_path / "faulty" / "t", rows=3)
     killer = Killer("RolloutWorker", kills=1, every_s=1.0, first_after_s=0.0, when=started)
     killer.start()
     try:

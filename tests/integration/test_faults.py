@@ -62,6 +62,13 @@ class Killer(threading.Thread):
             self.stop.wait(self.every_s)
 
 
+def training_started(run_dir, rows: int = 2):
+    """A ``Killer.when`` that holds once the run in ``run_dir`` has logged ``rows`` metric rows:
+    faults then land mid-training however fast the machine runs the toy."""
+    log = run_dir / "metrics.jsonl"
+    return lambda: log.exists() and len(log.read_text().splitlines()) >= rows
+
+
 def _run(tmp_path, name, **sections):
     over = tiny_overrides(tmp_path, experiment={"name": name, "seed": 0, "output_dir": str(tmp_path)}, **sections)
     over["learner"] = {**over["learner"], "iterations": ITERS, "checkpoint_every": 10}
@@ -83,7 +90,7 @@ def reference(ray_local, tmp_path_factory):
 
 @pytest.mark.parametrize("victim", ["RolloutWorker", "RewardServer"])
 def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
-    killer = Killer(victim, kills=3, every_s=1.5)
+    killer = Killer(victim, kills=3, every_s=1.0, first_after_s=0.0, when=training_started(tmp_path / "faulty"))
     killer.start()
     try:
         res = _run(tmp_path, "faulty", rollout={"max_restarts": 5})
@@ -104,7 +111,7 @@ def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
         kills=2,
         every_s=0.2,
         first_after_s=0.0,
-        when=lambda: (tmp_path / "t" / "metrics.jsonl").exists(),
+        when=training_started(tmp_path / "t", rows=0),
     )
     killer.start()
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from common.policy import SchedulePolicy, state_to_numpy
 from learner.loop import train
 from learner.metrics import read_jsonl
 from tests.conftest import final_weights, same_weights, tiny_overrides
-from tests.integration.test_faults import Killer
+from tests.integration.test_faults import Killer, training_started
 
 pytestmark = pytest.mark.ray
 
@@ -86,9 +86,10 @@ def test_resume_is_exact_mid_run_and_extending(ray_local, tmp_path):
 
 
 def test_killed_workers_change_nothing(ray_local, tmp_path):
-    over = {"learner": {"iterations": 20, "checkpoint_every": 10}, "rollout": {"max_restarts": 5}}
+    over = {"learner": {"iterations": 30, "checkpoint_every": 10}, "rollout": {"max_restarts": 5}}
     ref = _run(tmp_path / "ref", **over)
-    killer = Killer("RolloutWorker", kills=2, every_s=1.0)
+    started = training_started(tmp_path / "faulty" / "t")
+    killer = Killer("RolloutWorker", kills=2, every_s=0.5, first_after_s=0.0, when=started)
     killer.start()
     try:
         res = _run(tmp_path / "faulty", **over)
@@ -97,7 +98,7 @@ def test_killed_workers_change_nothing(ray_local, tmp_path):
         killer.join()
     assert len(killer.done) >= 1, "the faults were injected too late to matter"
     recs = _records(res.run_dir)
-    assert len({(r.iteration, r.context, r.k) for r in recs}) == len(recs) == 20 * C * K
+    assert len({(r.iteration, r.context, r.k) for r in recs}) == len(recs) == 30 * C * K
     assert same_weights(final_weights(ref.run_dir), final_weights(res.run_dir)), "faults changed the trained weights"
 
 
