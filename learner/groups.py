@@ -521,34 +521,29 @@ STOP_POLL_S = 0.2
 
 
 class InFlight:
-    """Requests a ``Dispatcher`` runs in the background (one step off policy: the next iteration's
-    rollouts while the learner updates). ``result()`` waits for them (and raises what the run
-    raised: ``WorkersLost``, ``TimedOut``, a reward's own error); ``cancel()`` gives them up.
-    Only one runs at a time: the dispatcher's state (live workers, server loads) is not shared."""
+    """Requests a ``Dispatcher`` runs in a thread of the learner while it goes on with other work:
+    the next iteration's rollouts during this one's logging (on policy) or its update (one step
+    off policy). ``result()`` waits for them (and raises what the run raised: ``WorkersLost``,
+    ``TimedOut``, a reward's own error); ``cancel()`` gives them up. Only one runs at a time:
+    the dispatcher's state (live workers, server loads) is not shared."""
 
-    def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, background: bool):
-        self._args = (dispatcher, requests, weights)
+    def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any):
         self._out: Collected | BaseException | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self._run, name="steinsched-dispatch", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(
+            target=self._run, args=(dispatcher, requests, weights), name="steinsched-dispatch", daemon=True
+        )
+        self._thread.start()
 
-    def _run(self) -> None:
-        dispatcher, requests, weights = self._args
+    def _run(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any) -> None:
         try:
-            self._out = dispatcher.run(requests, weights, self._stop if self._thread is not None else None)
+            self._out = dispatcher.run(requests, weights, self._stop)
         except BaseException as e:  # noqa: BLE001 - handed to the learner's thread by result()
             self._out = e
 
     def wait(self) -> None:
         """Until the run is over (its result kept for ``result``)."""
-        if self._thread is None:
-            if self._out is None:
-                self._run()
-        else:
-            self._thread.join()
+        self._thread.join()
 
     def result(self) -> Collected:
         self.wait()
@@ -560,8 +555,7 @@ class InFlight:
     def cancel(self) -> None:
         """Give the run up (the learner is stopping); its actors' calls finish or die on their own."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
 
 
 @dataclass
@@ -614,11 +608,9 @@ class Dispatcher:
                 return _Stalled("reward", j, self.rewards.specs[j].score_timeout(len(p.prompts)))
         return None
 
-    def start(self, requests: list[RolloutRequest], weights: Any, background: bool = True) -> InFlight:
-        """``run`` the requests in a thread of the learner (``background``) while it goes on with
-        other work (the update, one step off policy); or, not in the background, when the result
-        is asked for."""
-        return InFlight(self, requests, weights, background)
+    def start(self, requests: list[RolloutRequest], weights: Any) -> InFlight:
+        """``run`` the requests in a thread of the learner while it goes on with other work."""
+        return InFlight(self, requests, weights)
 
     def run(self, requests: list[RolloutRequest], weights: Any, stop: threading.Event | None = None) -> Collected:
         """Sample and score ``requests`` under ``weights``; every unit's results, in request order.

@@ -206,7 +206,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     (run_dir / "config.yaml").write_text(cfg.to_yaml())  # the config is accepted: the run dir is written from here
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
-    inflight: _Launch | None = None  # one step off policy: the next iteration's rollouts, under way
+    inflight: _Launch | None = None  # the next iteration's rollouts, under way
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     try:
         rewards = RewardGroup.from_config(cfg)
@@ -244,7 +244,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 behaviour = _Sent.put(resume[1]["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
 
         def launch(i: int, sent: _Sent) -> _Launch:
-            """Start iteration ``i``'s rollouts under ``sent`` (in the background one step off policy)."""
+            """Start iteration ``i``'s rollouts under ``sent``, in a thread of the learner."""
             cursor = stream.cursor
             if rollouts.max_workers > len(rollouts.alive):
                 rollouts.grow()  # nodes that joined: more workers (the requests, and so the rollouts, do not change)
@@ -252,7 +252,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
             cap = cfg.policy.max_concentration_at(i)
             requests = rollouts.requests(contexts, k, L, i, sent.version, max_concentration=cap)
-            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.arg, background=lc.pipeline))
+            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -271,8 +271,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             t0 = time.perf_counter()
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
-            # SAMPLING: K schedules per context on the workers, scored by the reward servers; one step
-            # off policy they were started during the previous update, under the weights before it
+            # SAMPLING: K schedules per context on the workers, scored by the reward servers, started
+            # while the previous iteration logged (on policy, under its update's weights) or during
+            # its update (one step off policy, under the weights before it)
             now = inflight if inflight is not None else launch(it, behaviour if it == start else current)
             inflight = None
             K = now.k
@@ -327,6 +328,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
             broadcast_s = time.perf_counter() - t_put
             learner_s = time.perf_counter() - t_learn
+            if not lc.pipeline and it + 1 < lc.iterations:
+                inflight = launch(it + 1, current)  # on policy, under the weights just made, while this one logs
 
             # LOGGING
             step_s = time.perf_counter() - t0
