@@ -15,8 +15,9 @@ checkout would otherwise be what the Ray workers import.
 Everything but the sampler is overhead here: the dispatch (two Ray round trips per request:
 sample, then score), the workers' policy forward and draws, the update, the weight broadcast and
 the logging; one step off policy the update and the broadcast run while the next rollouts are
-sampled and scored. ``system/step_seconds`` leaves the logging out, so the wall time is taken
-here, from outside: when each training row reaches metrics.jsonl. The last line is
+sampled and scored. The wall time is taken from outside, when each training row reaches
+metrics.jsonl, so that a checkout whose ``system/step_seconds`` left the logging out is
+measured the same way. The last line is
 ``fixed cost per iteration: X ms`` (the mean).
 """
 

@@ -267,8 +267,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         bar = tqdm(
             range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
         )
+        last_put: float | None = None  # when the previous iteration's weights went out
         for it in bar:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if last_put is None else last_put
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
             # SAMPLING: K schedules per context on the workers, scored by the reward servers, started
@@ -326,13 +327,13 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             version += 1
             t_put = time.perf_counter()
             before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
-            broadcast_s = time.perf_counter() - t_put
-            learner_s = time.perf_counter() - t_learn
+            last_put = time.perf_counter()
+            broadcast_s, learner_s = last_put - t_put, last_put - t_learn
             if not lc.pipeline and it + 1 < lc.iterations:
                 inflight = launch(it + 1, current)  # on policy, under the weights just made, while this one logs
 
             # LOGGING
-            step_s = time.perf_counter() - t0
+            step_s = last_put - t0  # from one broadcast to the next: what happened in between included
             m.update(
                 {
                     "rollout/reward_mean": float(r.mean()),
