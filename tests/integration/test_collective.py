@@ -44,7 +44,7 @@ def test_collective_run_equals_the_object_store_run(ray_local, tmp_path, pipelin
 
 
 def test_a_killed_worker_changes_nothing_and_the_group_is_formed_again(ray_local, tmp_path, capsys):
-    iters = 20
+    iters = 30  # the kill lands after the third row: most of the run is still to come
     ref = _run(tmp_path / "ref", iterations=iters, broadcast="collective")
     started = training_started(tmp_path / "faulty" / "t", rows=3)
     killer = Killer("RolloutWorker", kills=1, every_s=1.0, first_after_s=0.0, when=started)
