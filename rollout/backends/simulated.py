@@ -110,7 +110,6 @@ class SimulatedSampler:
         level = 0.5 + 0.1 * noise.reshape(n, -1).mean(1) + 0.3 * (1 - times[:, 0])
         tint = np.array([(zlib.crc32(p.encode()) % 64) / 255 for p in prompts])
         base = np.clip(np.stack([level, level + tint, level - tint], axis=1), 0, 1)  # [N, 3]
-        images = np.broadcast_to(
-            (base * 255).astype(np.uint8)[:, None, None, :], (n, self.image_size, self.image_size, 3)
-        )
-        return np.ascontiguousarray(images)
+        side = self.image_size
+        row = np.tile((base * 255).astype(np.uint8), (1, side))  # [N, S*3]: one row of pixels, copied S times
+        return np.ascontiguousarray(np.broadcast_to(row[:, None, :], (n, side, side * 3))).reshape(n, side, side, 3)
