@@ -5,8 +5,9 @@ A checkpoint is a directory ``ckpt-<iteration>`` holding the policy (safetensors
 cursor, ...), the RNG states and a ``manifest.json`` of every file's size and sha256; ``extra``
 tensors (one step off policy: the behaviour weights the next rollouts are drawn under) go into
 ``<name>.safetensors``. It is written into a temporary sibling, every file fsynced, then renamed
-into place; the ``latest`` marker is written last (also by rename). Loading checks the manifest: a damaged checkpoint is
-reported and skipped in favour of the previous one. The last ``keep`` checkpoints are kept.
+into place; the ``latest`` marker is written last (also by rename). Loading checks the manifest:
+a damaged checkpoint is reported and skipped in favour of the previous one. The last ``keep``
+checkpoints are kept.
 ``CheckpointStore`` puts the same layout on a local path or an fsspec URL (shared storage).
 """
 

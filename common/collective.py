@@ -106,7 +106,7 @@ class Receiver:
         dist.broadcast(raw, src=0)  # as bytes: gloo has no 16-bit integers, the wire of bfloat16
         buf = raw.view(storage)
         with self._cond:
-            self._staged[version] = Weights(buf, [(n, tuple(s)) for n, s in layout], dtype, other)
+            self._staged[version] = Weights(buf, [(name, tuple(shape)) for name, shape in layout], dtype, other)
             for old in sorted(self._staged)[: -self.KEEP]:
                 del self._staged[old]
             self._cond.notify_all()

@@ -339,16 +339,20 @@ class Weights:
     def names(self) -> set[str]:
         return {name for name, _ in self.layout} | set(self.other)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only:
-        an array from the object store is; copy before writing)."""
-        wire, bits = _WIRE[self.dtype]
+    def flat_tensor(self) -> torch.Tensor:
+        """``flat`` as a tensor of its storage dtype (bfloat16: its bits), sharing its memory
+        (read-only: an array from the object store is; copy before writing)."""
         if isinstance(self.flat, torch.Tensor):
-            flat = self.flat
-        else:
-            with warnings.catch_warnings():  # torch warns about a read-only array; it is only read
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.from_numpy(self.flat)
+            return self.flat
+        with warnings.catch_warnings():  # torch warns about a read-only array; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.flat)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only,
+        as ``flat_tensor``)."""
+        wire, bits = _WIRE[self.dtype]
+        flat = self.flat_tensor()
         if bits is not None:
             flat = flat.view(wire)
         out, offset = {}, 0

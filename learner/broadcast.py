@@ -84,12 +84,12 @@ class CollectiveBroadcast:
         try:
             if not current:
                 self._form()
-            flat = weights.flat if isinstance(weights.flat, torch.Tensor) else torch.from_numpy(weights.flat)
             refs = [
                 self._call(w, "receive_weights", self.group_id, version, weights.layout, weights.dtype, weights.other)
                 for w in self.members
             ]
-            dist.broadcast(flat.to(self.device).view(torch.uint8), src=0)  # bytes, as the workers receive
+            raw = weights.flat_tensor().to(self.device).view(torch.uint8)  # bytes, as the workers receive
+            dist.broadcast(raw, src=0)
             ok = all(ray.get(refs, timeout=self.timeout_s))
         except Exception as e:  # noqa: BLE001 - any failure of the group falls back to the object store
             ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -98,7 +98,6 @@ class _Launch:
     and where the context stream stood before them (a checkpoint taken while they are under way
     resumes from there and draws them again)."""
 
-    iteration: int
     cursor: int
     k: int
     cap: float | None
@@ -252,7 +251,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
             cap = cfg.policy.max_concentration_at(i)
             requests = rollouts.requests(contexts, k, L, i, sent.version, max_concentration=cap)
-            return _Launch(i, cursor, k, cap, sent, dispatcher.start(requests, sent.arg))
+            return _Launch(cursor, k, cap, sent, dispatcher.start(requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -404,8 +403,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
         if lc.plots:
             with TensorBoardLogger(run_dir / "tb") as tb:  # the pictures also go to TensorBoard's Images tab
-                at = (L, version, current.arg, tb)
-                _plot(run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, *at)
+                _plot(
+                    run_dir, dispatcher, spec.x_shape, held_out, result, schedules, learned, L, version, current.arg, tb
+                )
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
         if inflight is not None:
