@@ -348,6 +348,15 @@ class Weights:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(self.flat)
 
+    def nonfinite(self) -> str | None:
+        """The first tensor holding a non-finite value, as sent (None: every value is finite): one
+        pass over ``flat``. In float16 a finite weight past 65504 is sent as inf and counts."""
+        wire, bits = _WIRE[self.dtype]
+        flat = self.flat_tensor()
+        if bool(torch.isfinite(flat.view(wire) if bits is not None else flat).all()):
+            return None
+        return next(name for name, t in self.tensors().items() if t.is_floating_point() and not torch.isfinite(t).all())
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only,
         as ``flat_tensor``)."""

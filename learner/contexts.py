@@ -23,12 +23,14 @@ class ContextStream:
         if not prompts:
             raise ValueError("the context stream needs at least one prompt")
         self.prompts, self.run_seed, self.cursor = list(prompts), run_seed, cursor
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # the last epoch's, kept
 
     def context(self, n: int) -> Context:
         # Each epoch visits every prompt once, in an order fixed by (run seed, epoch).
         epoch, pos = divmod(n, len(self.prompts))
-        order = np.random.default_rng([self.run_seed, _TRAIN, epoch]).permutation(len(self.prompts))
-        return Context(index=n, prompt=self.prompts[order[pos]], seed=_seed(self.run_seed, _TRAIN, n, 0))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.run_seed, _TRAIN, epoch]).permutation(len(self.prompts)))
+        return Context(index=n, prompt=self.prompts[self._order[1][pos]], seed=_seed(self.run_seed, _TRAIN, n, 0))
 
     def next(self, count: int) -> list[Context]:
         out = [self.context(n) for n in range(self.cursor, self.cursor + count)]

@@ -128,16 +128,17 @@ def _dead_for_good(actor: Any) -> bool:
 
 @dataclass
 class Pending:
-    """One in-flight request: its metadata ref, its image and reference refs, and, once its images
-    exist, its score refs (one per reward) with the server that scores each."""
+    """One in-flight request: its metadata ref, its image and reference refs, and its score refs
+    (one per reward) with the server that scores each: sent at launch for a reward with one live
+    server, once the images exist for the others (``RewardGroup.chain``, ``RewardGroup.score``)."""
 
     request: RolloutRequest
     worker: int
     batch: ray.ObjectRef
     images: ray.ObjectRef
     references: ray.ObjectRef
-    scores: list[ray.ObjectRef] = field(default_factory=list)
-    servers: list[int] = field(default_factory=list)  # per reward: the server that scores it
+    scores: list[ray.ObjectRef | None] = field(default_factory=list)  # per reward; None: not sent yet
+    servers: list[int] = field(default_factory=list)  # per reward: the server that scores it (-1: not chosen yet)
     launched: float = field(default_factory=time.monotonic)
     deadline: float = math.inf  # sampling must be done by then (time.monotonic())
     sampled: RolloutBatch | None = None  # the batch, once the worker is done
@@ -155,8 +156,12 @@ class Pending:
         return [
             (ref, j, d)
             for j, (ref, d, got) in enumerate(zip(self.scores, self.score_deadlines, self.got, strict=True))
-            if got is None
+            if got is None and ref is not None
         ]
+
+
+#: Requests sent: their units by request id, and when they went out (time.perf_counter()).
+Launched = tuple[dict[str, Pending], float]
 
 
 class RolloutGroup:
@@ -344,6 +349,9 @@ class RewardGroup:
                 runtime_env=spec.runtime_env,
                 max_restarts=max_restarts,
                 max_task_retries=0,
+                # calls run as their images come to exist, not in the order they were sent: a call
+                # sent at launch (``chain``) never holds back one whose worker finished first
+                allow_out_of_order_execution=True,
             )
             self.servers.append(
                 [actor.remote(spec.name, spec.kwargs, sampler=sampler) for _ in range(spec.num_servers)]
@@ -382,20 +390,33 @@ class RewardGroup:
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
             _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
 
-    def score(self, p: Pending, load: list[list[int]] | None = None) -> None:
-        """Start scoring ``p``'s images with every reward, each on its least loaded live server
-        (``load[j][i]``: calls in flight on server i of reward j; ties go round robin). Sets
-        ``p.scores`` (refs of (scores, started, finished)), ``p.servers`` and ``p.score_deadlines``:
-        a call has its time for each call queued ahead of it on its server, and its own."""
+    def chain(self, p: Pending) -> None:
+        """At ``p``'s launch: a reward with one live server is sent ``p``'s image refs at once. Ray
+        starts the call the moment the images exist (the servers run calls as their inputs become
+        ready), with no round trip through the learner between the worker and the server. A reward
+        with several servers waits for the images (``score``): which server is least loaded is
+        known only then. Sets ``p.scores`` (refs of (scores, started, finished); None: not sent
+        yet), ``p.servers`` (-1: not chosen yet), ``p.got``; deadlines start with ``score``."""
         p.scores, p.servers, p.score_deadlines, p.got = [], [], [], []
+        for j, servers in enumerate(self.servers):
+            one = self.alive[j][0] if len(self.alive[j]) == 1 else None
+            p.scores.append(None if one is None else servers[one].score_timed.remote(p.images, p.prompts, p.references))
+            p.servers.append(-1 if one is None else one)
+            p.score_deadlines.append(math.inf)
+            p.got.append(None)
+
+    def score(self, p: Pending, load: list[list[int]] | None = None) -> None:
+        """``p``'s images exist: send them to every reward not sent them at launch (``chain``), on
+        its least loaded live server (``load[j][i]``: calls in flight on server i of reward j, None:
+        none; ties go round robin), and start every call's deadline: its time for each call queued
+        ahead of it on its server, and its own."""
         now = time.monotonic()
         for j, servers in enumerate(self.servers):
-            alive, queued = self.alive[j], load[j] if load is not None else [0] * len(servers)
-            i = min(alive, key=lambda s: (queued[s], (s - self._turn) % len(servers)))
-            p.scores.append(servers[i].score_timed.remote(p.images, p.prompts, p.references))
-            p.servers.append(i)
-            p.score_deadlines.append(now + self.specs[j].score_timeout(len(p.prompts)) * (1 + queued[i]))
-            p.got.append(None)
+            queued = load[j] if load is not None else [0] * len(servers)
+            if p.scores[j] is None:
+                i = min(self.alive[j], key=lambda s: (queued[s], (s - self._turn) % len(servers)))
+                p.scores[j], p.servers[j] = servers[i].score_timed.remote(p.images, p.prompts, p.references), i
+            p.score_deadlines[j] = now + self.specs[j].score_timeout(len(p.prompts)) * (1 + queued[p.servers[j]])
         self._turn += 1
 
     def restart(self, reward: int, server: int) -> None:
@@ -527,17 +548,18 @@ class InFlight:
     ``TimedOut``, a reward's own error); ``cancel()`` gives them up. Only one runs at a time:
     the dispatcher's state (live workers, server loads) is not shared."""
 
-    def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any):
+    def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, launched: Launched):
+        """``launched``: the requests' units, already sent, and when (time.perf_counter())."""
         self._out: Collected | BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(dispatcher, requests, weights), name="steinsched-dispatch", daemon=True
+            target=self._run, args=(dispatcher, requests, weights, launched), name="steinsched-dispatch", daemon=True
         )
         self._thread.start()
 
-    def _run(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any) -> None:
+    def _run(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, launched: Launched) -> None:
         try:
-            self._out = dispatcher.run(requests, weights, self._stop)
+            self._out = dispatcher.run(requests, weights, self._stop, launched)
         except BaseException as e:  # noqa: BLE001 - handed to the learner's thread by result()
             self._out = e
 
@@ -588,14 +610,23 @@ class Dispatcher:
         queued = sum(1 for u in live.values() if u.worker == worker and u.sampled is None)
         p = self.rollouts.submit(request, weights, worker)
         p.deadline = p.launched + self.rollouts.timeout(request) * (1 + queued)
+        self.rewards.chain(p)
         return p
 
+    def _launch_all(self, requests: list[RolloutRequest], weights: Any) -> dict[str, Pending]:
+        live: dict[str, Pending] = {}
+        for i, r in enumerate(requests):  # all at once: each worker queues its own
+            live[r.request_id] = self._launch(r, weights, i, live)
+        return live
+
     def _load(self, live: dict[str, Pending]) -> list[list[int]]:
-        """Scoring calls in flight per reward server: ``[reward][server]``."""
+        """Scoring calls in flight per reward server, ``[reward][server]``: those whose images
+        exist (a call sent at launch waits for them and holds back no other)."""
         load = [[0] * len(servers) for servers in self.rewards.servers]
         for u in live.values():
-            for j, (i, got) in enumerate(zip(u.servers, u.got, strict=True)):
-                load[j][i] += got is None
+            if u.sampled is not None:
+                for j, (i, got) in enumerate(zip(u.servers, u.got, strict=True)):
+                    load[j][i] += got is None
         return load
 
     def _stalled(self, p: Pending, now: float) -> _Stalled | None:
@@ -609,16 +640,23 @@ class Dispatcher:
         return None
 
     def start(self, requests: list[RolloutRequest], weights: Any) -> InFlight:
-        """``run`` the requests in a thread of the learner while it goes on with other work."""
-        return InFlight(self, requests, weights)
+        """Send the requests now, then ``run`` them to the end in a thread of the learner while it
+        goes on with other work."""
+        start = time.perf_counter()
+        return InFlight(self, requests, weights, (self._launch_all(requests, weights), start))
 
-    def run(self, requests: list[RolloutRequest], weights: Any, stop: threading.Event | None = None) -> Collected:
+    def run(
+        self,
+        requests: list[RolloutRequest],
+        weights: Any,
+        stop: threading.Event | None = None,
+        launched: Launched | None = None,
+    ) -> Collected:
         """Sample and score ``requests`` under ``weights``; every unit's results, in request order.
-        ``stop``: an event that makes the run give up (``Cancelled``) within ``STOP_POLL_S``."""
-        start, faults = time.perf_counter(), 0
-        live: dict[str, Pending] = {}
-        for i, r in enumerate(requests):  # all at once: each worker queues its own
-            live[r.request_id] = self._launch(r, weights, i, live)
+        ``stop``: an event that makes the run give up (``Cancelled``) within ``STOP_POLL_S``.
+        ``launched``: the requests were sent already (``start``): their units and when."""
+        faults, start = 0, time.perf_counter()
+        live, start = launched or (self._launch_all(requests, weights), start)
         done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
         spans: dict[str, list[tuple[float, float]]] = {}
         attempts = {r.request_id: 1 for r in requests}

@@ -217,6 +217,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         torch.manual_seed(cfg.experiment.seed)
         device = _device(lc.device)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
+        policy_state = policy.state_dict()  # views of the parameters (updated in place): what each version sends
         optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, foreach=True)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
         rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
@@ -315,7 +316,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             if problem is None:
                 keep = (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations
                 evaluating = bool(lc.eval_every) and (it + 1) % lc.eval_every == 0
-                problem, when = _diverged(policy, inputs if keep or evaluating else None), it + 1
+                t_put = time.perf_counter()
+                weights = state_to_numpy(policy_state, lc.broadcast_dtype)
+                problem, when = _diverged(policy, weights, inputs if keep or evaluating else None), it + 1
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
                 raise Diverged(
                     f"iteration {when}: the update diverged ({problem}); nothing of it was saved, the latest"
@@ -324,8 +327,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     " --resume auto --resume_changes=true"
                 )
             version += 1
-            t_put = time.perf_counter()
-            before, current = current, _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
+            before, current = current, _Sent.put(version, weights, collective)
             last_put = time.perf_counter()
             broadcast_s, learner_s = last_put - t_put, last_put - t_learn
             if not lc.pipeline and it + 1 < lc.iterations:
@@ -481,16 +483,16 @@ def _checkpoint_state(cfg: Config, iteration: int, version: int, cursor: int, lo
 MAX_ALPHA = 1e8
 
 
-def _diverged(policy: SchedulePolicy, inputs: PolicyInputs | None) -> str | None:
-    """What is wrong with the policy after an update (None if nothing): non-finite weights, and
-    with ``inputs`` alphas on the batch that are non-finite or out of range. The weights are
-    checked after every update (one fused norm); the alphas cost a forward pass, so the loop
-    asks for them before a checkpoint or an evaluation, and otherwise reads them off the next
-    update's own forward pass (``policy/alpha_min``, ``policy/alpha_max``)."""
-    params = [p.detach() for p in policy.parameters()]
-    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
-        name = next(n for n, p in policy.named_parameters() if not torch.isfinite(p).all())
-        return f"non-finite weights in {name}"
+def _diverged(policy: SchedulePolicy, weights: Weights, inputs: PolicyInputs | None) -> str | None:
+    """What is wrong with the policy after an update (None if nothing): non-finite ``weights``
+    (the policy's, as they are about to be sent), and with ``inputs`` alphas on the batch that
+    are non-finite or out of range. The weights are checked after every update (one pass over
+    the buffer); the alphas cost a forward pass, so the loop asks for them before a checkpoint or
+    an evaluation, and otherwise reads them off the next update's own forward pass
+    (``policy/alpha_min``, ``policy/alpha_max``)."""
+    name = weights.nonfinite()
+    if name is not None:
+        return f"non-finite weights in {name}" + ("" if weights.dtype == "float32" else f" (sent as {weights.dtype})")
     if inputs is None:
         return None
     with torch.no_grad():

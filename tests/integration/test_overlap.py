@@ -4,6 +4,8 @@ guarantees kept (the same rollouts whatever the split; a resume still exact)."""
 
 from __future__ import annotations
 
+import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,18 +83,46 @@ def test_workers_send_images_at_the_side_every_reward_reads(ray_local, tmp_path)
     assert rows and all(m[f"reward/{probe}"] == 4.0 for m in rows)  # 8x8 images arrived as 4x4
 
 
+def _unit(images):
+    """What ``RewardGroup`` reads of a unit of work: its images (a ref) and prompts."""
+    return SimpleNamespace(images=images, prompts=["a"], references=None)
+
+
 def test_reward_servers_are_chosen_by_readiness(ray_local):
     group = RewardGroup([RewardSpec(name="simulated", kwargs={"seconds_per_image": 0.0}, num_servers=3, num_cpus=0.1)])
-    unit = SimpleNamespace(images=ray_local.put(np.zeros((1, 4, 4, 3), np.uint8)), prompts=["a"], references=None)
+    unit = _unit(ray_local.put(np.zeros((1, 4, 4, 3), np.uint8)))
+    group.chain(unit)  # at launch: with several servers, none is chosen before the images exist
+    assert unit.scores == [None] and unit.servers == [-1]
     group.score(unit, load=[[2, 0, 1]])
     assert unit.servers == [1]  # the idle one
     chosen = []
     for _ in range(3):  # equally loaded: round robin
+        group.chain(unit)
         group.score(unit, load=[[0, 0, 0]])
         chosen += unit.servers
     assert sorted(chosen) == [0, 1, 2]
     scores, began, ended = ray_local.get(unit.scores[0])
     assert scores.shape == (1,) and began <= ended
+
+
+def test_one_server_is_sent_the_images_at_launch_and_scores_them_as_they_come(ray_local):
+    @ray_local.remote(num_cpus=0.1)
+    def late_images(seconds: float) -> np.ndarray:  # a worker still sampling
+        time.sleep(seconds)
+        return np.zeros((1, 4, 4, 3), np.uint8)
+
+    group = RewardGroup([RewardSpec(name="simulated", kwargs={"seconds_per_image": 0.0}, num_cpus=0.1)])
+    slow, fast = _unit(late_images.remote(5.0)), _unit(ray_local.put(np.zeros((1, 4, 4, 3), np.uint8)))
+    group.chain(slow)  # sent first, at launch, with no round trip through the learner later
+    group.chain(fast)
+    assert slow.servers == fast.servers == [0] and None not in slow.scores + fast.scores
+    sent = fast.scores[0]
+    ready, _ = ray_local.wait([sent], timeout=4.0)
+    # not held back by the call sent before it, whose images do not exist yet
+    assert ready == [sent] and not ray_local.wait([slow.images], timeout=0)[0]
+    group.score(fast, load=[[0]])  # the images exist: the call's deadline starts, nothing is sent again
+    assert fast.scores[0] is sent and fast.score_deadlines[0] < math.inf
+    assert ray_local.get(slow.scores[0], timeout=30)[0].shape == (1,)
 
 
 def test_scoring_overlap_is_measured_against_sampling_intervals():

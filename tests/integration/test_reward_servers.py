@@ -33,6 +33,7 @@ def test_runtime_env_weights_and_crash(ray_local):
     x = np.array([[3.0, 4.0], [0.0, 1.0]], np.float32)
     requests = [SimpleNamespace(images=ray.put(x), prompts=["class 1", "class 2"], references=None) for _ in range(2)]
     for p in requests:  # two requests: NegativeNorm's two servers take one each
+        group.chain(p)  # at launch: the rewards with one server are sent the images
         group.score(p)
     scores = group.combine([[got[0] for got in ray.get(p.scores)] for p in requests])  # (scores, start, end)
     np.testing.assert_allclose(scores.per_reward[f"{MOD}:EnvScale"], [1.5, 1.5] * 2)  # the env var was seen
@@ -44,5 +45,5 @@ def test_runtime_env_weights_and_crash(ray_local):
         ray.exceptions.RayTaskError,
         match=r"reward '.*CrashOnClass7' failed on prompts \['class 3', 'class 7'\]: KeyError",
     ):
-        group.score(bad)
+        group.chain(bad)
         ray.get(bad.scores[2])

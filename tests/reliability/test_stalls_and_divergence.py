@@ -157,15 +157,33 @@ def test_a_reward_whose_scale_jumps_gets_a_warning(ray_local, tmp_path, capsys):
 
 
 def test_diverged_check_finds_alpha_out_of_range():
-    from common.policy import SchedulePolicy, collate
+    from common.policy import SchedulePolicy, collate, state_to_numpy
 
     policy = SchedulePolicy(steps=3, in_channels=4, token_dim=2, variant="global").eval()
     inputs = collate(np.zeros((2, 4), np.float32), [np.zeros((1, 2), np.float32)] * 2, None)
-    assert loop._diverged(policy, inputs) is None
+    assert loop._diverged(policy, state_to_numpy(policy), inputs) is None
     with torch.no_grad():
         for p in policy.parameters():
             p.fill_(1e12)
-    assert "outside (0, 1e+08]" in loop._diverged(policy, inputs)
+    assert "outside (0, 1e+08]" in loop._diverged(policy, state_to_numpy(policy), inputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_diverged_check_names_the_first_non_finite_weight_as_sent(dtype):
+    from common.policy import SchedulePolicy, state_to_numpy
+
+    policy = SchedulePolicy(steps=3, in_channels=4, token_dim=2, widths=(4, 4), head_hidden=8, input_kind="vector")
+    policy.eval()
+    assert loop._diverged(policy, state_to_numpy(policy, dtype), None) is None
+    with torch.no_grad():
+        policy.head[0].weight[1, 2] = float("inf")
+        policy.head[-1].bias[0] = float("nan")
+    sent = f" (sent as {dtype})" if dtype != "float32" else ""
+    assert loop._diverged(policy, state_to_numpy(policy, dtype), None) == f"non-finite weights in head.0.weight{sent}"
+    with torch.no_grad():
+        policy.head[0].weight[1, 2] = policy.head[-1].bias[0] = 1e5  # finite, but not in float16
+    expected = "non-finite weights in head.0.weight (sent as float16)" if dtype == "float16" else None
+    assert loop._diverged(policy, state_to_numpy(policy, dtype), None) == expected
 
 
 def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, tmp_path):

@@ -13,6 +13,10 @@ def test_stream_is_a_function_of_seed_and_index():
     resumed = ContextStream(PROMPTS, 0, cursor=7)
     assert resumed.next(5) == ContextStream(PROMPTS, 0).next(12)[7:]
     assert ContextStream(PROMPTS, 1).next(12) != ContextStream(PROMPTS, 0).next(12)
+    jumping = ContextStream(PROMPTS, 0)  # read in any order: the same contexts (an epoch's order is cached)
+    assert [jumping.context(n) for n in (11, 3, 4, 0, 9, 7, 2, 10, 1, 5, 8, 6)] == [
+        ContextStream(PROMPTS, 0).next(12)[n] for n in (11, 3, 4, 0, 9, 7, 2, 10, 1, 5, 8, 6)
+    ]
 
 
 def test_each_epoch_visits_every_prompt_once():
