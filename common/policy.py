@@ -409,6 +409,42 @@ def load_numpy_state(policy: nn.Module | dict[str, torch.Tensor], state: Weights
             target.copy_(t)
 
 
+class FlatState:
+    """A policy whose floating tensors are views of one flat buffer, in state-dict order (the order
+    ``state_to_numpy`` sends them): a broadcast version of the same layout loads with one copy, cast
+    from the wire dtype, instead of a view and a copy per tensor. Kept by a worker, which loads
+    every version; anything else (other names or shapes, non-floating tensors, mixed dtypes) loads
+    tensor by tensor through ``load_numpy_state``, with its checks."""
+
+    def __init__(self, policy: nn.Module):
+        own = policy.state_dict(keep_vars=True)  # the parameters and buffers themselves
+        floats = {k: v for k, v in own.items() if v.is_floating_point()}
+        self.flat: torch.Tensor | None = None
+        if floats and len({(v.dtype, v.device) for v in floats.values()}) == 1:
+            self.flat = torch.cat([v.detach().reshape(-1) for v in floats.values()])
+            offset = 0
+            for v in floats.values():
+                v.data = self.flat[offset : offset + v.numel()].view_as(v)
+                offset += v.numel()
+        self.layout = [(k, tuple(v.shape)) for k, v in floats.items()]
+        self.state = policy.state_dict()  # views of the same storage
+
+    def load(self, weights: Weights | dict[str, np.ndarray]) -> None:
+        """Copy broadcast weights into the policy."""
+        if (
+            self.flat is not None
+            and isinstance(weights, Weights)
+            and not weights.other
+            and [(k, tuple(shape)) for k, shape in weights.layout] == self.layout
+        ):
+            wire, bits = _WIRE[weights.dtype]
+            src = weights.flat_tensor()
+            with torch.no_grad():
+                self.flat.copy_(src.view(wire) if bits is not None else src)
+            return
+        load_numpy_state(self.state, weights)
+
+
 def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau: np.ndarray) -> dict:
     """Constructor arguments of the policy for a sampler: the learner and every worker agree."""
     return {

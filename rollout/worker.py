@@ -19,11 +19,11 @@ from common.config import PolicyConfig, SamplerConfig
 from common.devices import resolve_device
 from common.messages import RolloutBatch, RolloutRequest
 from common.policy import (
+    FlatState,
     SchedulePolicy,
     Weights,
     collate,
     dirichlet_mean,
-    load_numpy_state,
     log_prob,
     policy_kwargs,
     sample_log_tau,
@@ -56,7 +56,7 @@ class RolloutWorker:
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
         self.device = resolve_device(policy_device)  # 'auto': the GPU Ray gave this worker, if any
         self.policy = SchedulePolicy(**self._policy_kwargs).to(self.device).eval()
-        self._state = self.policy.state_dict()  # views of the parameters: each version is copied into them
+        self._weights = FlatState(self.policy)  # each version is copied into the parameters at once
         self.version = -1
         self._receiver = Receiver()  # learner.broadcast: collective (methods on the 'weights' concurrency group)
         # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
@@ -126,15 +126,15 @@ class RolloutWorker:
         if isinstance(weights, WeightsHandle):
             staged = self._receiver.get(request.version) if weights.broadcast else None
             if staged is not None:
-                load_numpy_state(self._state, staged)
+                self._weights.load(staged)
                 return "collective"
             import ray
 
-            load_numpy_state(self._state, ray.get(weights.ref, timeout=FETCH_TIMEOUT_S))
+            self._weights.load(ray.get(weights.ref, timeout=FETCH_TIMEOUT_S))
             return "object_store"
         if weights is None:
             raise ValueError(f"request {request.request_id} needs policy version {request.version}")
-        load_numpy_state(self._state, weights)
+        self._weights.load(weights)
         return "argument"
 
     def sample(

@@ -9,6 +9,7 @@ import torch
 from common.devices import resolve_device
 from common.policy import (
     ALPHA_MIN,
+    FlatState,
     PolicyInputs,
     SchedulePolicy,
     collate,
@@ -134,6 +135,28 @@ def test_numpy_state_round_trip():
     load_numpy_state(b, state_to_numpy(a))
     inp = _inputs(b=2)
     torch.testing.assert_close(a(inp), b(inp), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_flat_state_loads_a_version_in_one_copy_as_tensor_by_tensor(dtype):
+    torch.manual_seed(0)
+    a = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    by_tensor = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    flat = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    kept = FlatState(flat)
+    assert kept.flat is not None and kept.flat.numel() == flat.num_parameters()
+    sent = state_to_numpy(a, dtype)
+    load_numpy_state(by_tensor, sent)
+    kept.load(sent)
+    for k, v in by_tensor.state_dict().items():
+        torch.testing.assert_close(flat.state_dict()[k], v, rtol=0, atol=0)
+    inp = _inputs(b=2)
+    torch.testing.assert_close(flat(inp), by_tensor(inp), rtol=0, atol=0)
+    # the parameters are views of the buffer: one copy changed them all
+    assert all(p.untyped_storage().data_ptr() == kept.flat.untyped_storage().data_ptr() for p in flat.parameters())
+    other = SchedulePolicy(steps=4, in_channels=4, token_dim=6, **TINY).eval()  # another head: another layout
+    with pytest.raises(ValueError, match=r"head\.2\.weight: shape \(4, 16\), the policy's \(5, 16\)"):
+        FlatState(other).load(sent)
 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
