@@ -9,7 +9,7 @@ parameters) on Flux-shaped inputs at 1024² (x_T [16, 128, 128], 512 T5 tokens o
 768), built by the simulated backend's ``flux`` preset. Figures: seconds per learner step
 (forward, backward, AdamW) and its peak memory; seconds per worker forward of ``--worker-batch``
 contexts; for each broadcast dtype, the bytes and the seconds from the learner's state dict to
-a worker's loaded copy (``state_to_numpy`` then ``load_numpy_state``, the object store aside).
+a worker's loaded copy (``state_to_numpy`` then ``FlatState.load``, the object store aside).
 The last line is ``learner step at C=<C>, K=<K> on <device>: X s``.
 """
 
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.devices import resolve_device  # noqa: E402
 from common.policy import (  # noqa: E402
+    FlatState,
     SchedulePolicy,
-    load_numpy_state,
     policy_kwargs,
     sample_log_tau,
     state_to_numpy,
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     forward_s = _timed(forward, 1 + args.repeats, device)[1:]
     worker = SchedulePolicy(**policy_kwargs(cfg.policy, sampler.spec(), args.steps, sampler.default_tau(args.steps)))
-    worker = worker.to(device).eval()
+    kept = FlatState(worker.to(device).eval())  # as a rollout worker keeps it
     broadcast = {}
     for dtype in ("float32", "bfloat16", "float16"):
         sent = state_to_numpy(policy, dtype)
-        secs = _timed(lambda dtype=dtype: load_numpy_state(worker, state_to_numpy(policy, dtype)), args.repeats, device)
+        secs = _timed(lambda dtype=dtype: kept.load(state_to_numpy(policy, dtype)), args.repeats, device)
         broadcast[dtype] = (sent.nbytes, statistics.median(secs))
 
     step_med, fwd_med = statistics.median(step_s), statistics.median(forward_s)
