@@ -17,8 +17,10 @@ sample, then score), the workers' policy forward and draws, the update, the weig
 the logging; one step off policy the update and the broadcast run while the next rollouts are
 sampled and scored. The wall time is taken from outside, when each training row reaches
 metrics.jsonl, so that a checkout whose ``system/step_seconds`` left the logging out is
-measured the same way. The last line is
-``fixed cost per iteration: X ms`` (the mean).
+measured the same way. It also prints where the CPU went (Linux: /proc), in ms per iteration
+over the same iterations, by process (the learner, the workers, the reward server, Ray's own):
+on a machine of few cores the loop is bound by the sum of it, not by any one hop. The last line
+is ``fixed cost per iteration: X ms`` (the mean).
 """
 
 from __future__ import annotations
@@ -31,6 +33,60 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PROC = Path("/proc")
+
+
+def process_name(cmdline: list[str]) -> str:
+    """A short name for a process from its command line: a Ray actor's class
+    (``ray::RolloutWorker.sample`` -> RolloutWorker), else the script's or the program's file name."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0][5:].split(".")[0]
+    scripts = [a for a in cmdline[1:] if a.endswith(".py")] if Path(cmdline[0]).name.startswith("python") else []
+    return Path(scripts[0] if scripts else cmdline[0]).name
+
+
+def cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of ``root`` and every process below it, by pid, with
+    ``process_name``; empty where there is no /proc."""
+    if not PROC.is_dir():
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[str, float]] = {}
+    parent: dict[int, int] = {}
+    for d in PROC.glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # after the command's name
+            cmdline = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        pid = int(d.name)
+        parent[pid] = int(fields[1])
+        stats[pid] = (process_name([a for a in cmdline if a]), (int(fields[11]) + int(fields[12])) / ticks)
+
+    def below(pid: int) -> bool:
+        while pid != root and pid in parent and pid > 1:
+            pid = parent[pid]
+        return pid == root
+
+    return {pid: stat for pid, stat in stats.items() if below(pid)}
+
+
+def cpu_table(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], iterations: int) -> list[str]:
+    """Milliseconds of CPU per iteration by process name (with how many processes share it) and
+    in all, between two ``cpu_seconds`` snapshots, over the processes alive at the second; the
+    learner is this process."""
+    by_name: dict[str, list[float]] = {}
+    for pid, (name, secs) in after.items():
+        name = "learner (this process)" if pid == os.getpid() else name
+        by_name.setdefault(name, []).append(1000 * (secs - before.get(pid, (name, 0.0))[1]) / iterations)
+    lines = ["| process | CPU ms per iteration |", "| --- | --- |"]
+    for name, ms in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        if sum(ms) >= 0.05:
+            lines.append(f"| {name}{f' ({len(ms)} processes)' if len(ms) > 1 else ''} | {sum(ms):.1f} |")
+    lines.append(f"| all | {sum(sum(ms) for ms in by_name.values()):.1f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -51,12 +107,15 @@ def main(argv: list[str] | None = None) -> float:
     from learner.metrics import read_jsonl
 
     stamps: list[float] = []  # when each training row was written (any checkout's JsonlLogger)
+    cpu: list[dict[int, tuple[str, float]]] = []  # at the first measured row and the last
     write = metrics.JsonlLogger.log
 
     def stamped(self, step: int, row: dict[str, float]) -> None:
         write(self, step, row)
         if "system/step_seconds" in row:
             stamps.append(time.perf_counter())
+            if len(stamps) in (args.skip + 1, args.iterations):
+                cpu.append(cpu_seconds(os.getpid()))
 
     metrics.JsonlLogger.log = stamped  # type: ignore[method-assign]
 
@@ -75,12 +134,20 @@ def main(argv: list[str] | None = None) -> float:
                 *(["--learner.pipeline=true"] if args.pipeline else []),
             ]
         )
-        train(cfg, final_eval=False)
+        try:
+            train(cfg, final_eval=False)
+        finally:
+            metrics.JsonlLogger.log = write  # type: ignore[method-assign]
         rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][args.skip :]
     for key in ("system/step_seconds", "system/learner_seconds", "rollout/worker_seconds", "system/broadcast_seconds"):
         if key in rows[0]:
             print(f"{key:<28} {1000 * float(np.mean([m[key] for m in rows])):8.2f} ms (mean)")
     wall = 1000 * np.diff(stamps)[args.skip :]
+    if len(cpu) == 2 and cpu[1]:
+        table = cpu_table(cpu[0], cpu[1], len(wall))
+        print("\n".join(table))
+        every = float(table[-1].split("|")[2])  # the 'all' row: ms of CPU per iteration
+        print(f"CPU used: {every / float(wall.mean()):.2f} cores of {os.cpu_count()}")
     print(f"{'wall per iteration':<28} {float(np.median(wall)):8.2f} ms (median)")
     print(f"fixed cost per iteration: {float(wall.mean()):.1f} ms")
     return float(wall.mean())

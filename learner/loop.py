@@ -313,11 +313,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             # the previous update's alphas on this batch (computed by the step itself), then this
             # update's weights; its alphas too where a checkpoint or an evaluation is about to use them
             problem, when = _alpha_problem(m["policy/alpha_min"], m["policy/alpha_max"]), it
+            t_flat = time.perf_counter()
+            weights = state_to_numpy(policy_state, lc.broadcast_dtype)  # what this version sends
+            flat_s = time.perf_counter() - t_flat
             if problem is None:
                 keep = (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations
                 evaluating = bool(lc.eval_every) and (it + 1) % lc.eval_every == 0
-                t_put = time.perf_counter()
-                weights = state_to_numpy(policy_state, lc.broadcast_dtype)
                 problem, when = _diverged(policy, weights, inputs if keep or evaluating else None), it + 1
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
                 raise Diverged(
@@ -327,9 +328,10 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                     " --resume auto --resume_changes=true"
                 )
             version += 1
+            t_put = time.perf_counter()
             before, current = current, _Sent.put(version, weights, collective)
             last_put = time.perf_counter()
-            broadcast_s, learner_s = last_put - t_put, last_put - t_learn
+            broadcast_s, learner_s = flat_s + last_put - t_put, last_put - t_learn  # the check's time is the learner's
             if not lc.pipeline and it + 1 < lc.iterations:
                 inflight = launch(it + 1, current)  # on policy, under the weights just made, while this one logs
 
