@@ -73,10 +73,12 @@ def cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
     return {pid: stat for pid, stat in stats.items() if below(pid)}
 
 
-def cpu_table(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], iterations: int) -> list[str]:
+def cpu_table(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], iterations: int
+) -> tuple[list[str], float]:
     """Milliseconds of CPU per iteration by process name (with how many processes share it) and
     in all, between two ``cpu_seconds`` snapshots, over the processes alive at the second; the
-    learner is this process."""
+    learner is this process. Returns the table's lines and the total."""
     by_name: dict[str, list[float]] = {}
     for pid, (name, secs) in after.items():
         name = "learner (this process)" if pid == os.getpid() else name
@@ -85,8 +87,8 @@ def cpu_table(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for name, ms in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
         if sum(ms) >= 0.05:
             lines.append(f"| {name}{f' ({len(ms)} processes)' if len(ms) > 1 else ''} | {sum(ms):.1f} |")
-    lines.append(f"| all | {sum(sum(ms) for ms in by_name.values()):.1f} |")
-    return lines
+    total = sum(sum(ms) for ms in by_name.values())
+    return [*lines, f"| all | {total:.1f} |"], total
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -144,9 +146,8 @@ def main(argv: list[str] | None = None) -> float:
             print(f"{key:<28} {1000 * float(np.mean([m[key] for m in rows])):8.2f} ms (mean)")
     wall = 1000 * np.diff(stamps)[args.skip :]
     if len(cpu) == 2 and cpu[1]:
-        table = cpu_table(cpu[0], cpu[1], len(wall))
+        table, every = cpu_table(cpu[0], cpu[1], len(wall))
         print("\n".join(table))
-        every = float(table[-1].split("|")[2])  # the 'all' row: ms of CPU per iteration
         print(f"CPU used: {every / float(wall.mean()):.2f} cores of {os.cpu_count()}")
     print(f"{'wall per iteration':<28} {float(np.median(wall)):8.2f} ms (median)")
     print(f"fixed cost per iteration: {float(wall.mean()):.1f} ms")

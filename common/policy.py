@@ -348,23 +348,24 @@ class Weights:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(self.flat)
 
+    def wire_tensor(self) -> torch.Tensor:
+        """``flat`` as a tensor of the wire dtype (bfloat16 read from its bits), sharing its memory
+        (read-only, as ``flat_tensor``)."""
+        wire, bits = _WIRE[self.dtype]
+        flat = self.flat_tensor()
+        return flat.view(wire) if bits is not None else flat
+
     def nonfinite(self) -> str | None:
         """The first tensor holding a non-finite value, as sent (None: every value is finite): one
         pass over ``flat``. In float16 a finite weight past 65504 is sent as inf and counts."""
-        wire, bits = _WIRE[self.dtype]
-        flat = self.flat_tensor()
-        if bool(torch.isfinite(flat.view(wire) if bits is not None else flat).all()):
+        if bool(torch.isfinite(self.wire_tensor()).all()):
             return None
         return next(name for name, t in self.tensors().items() if t.is_floating_point() and not torch.isfinite(t).all())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only,
         as ``flat_tensor``)."""
-        wire, bits = _WIRE[self.dtype]
-        flat = self.flat_tensor()
-        if bits is not None:
-            flat = flat.view(wire)
-        out, offset = {}, 0
+        flat, out, offset = self.wire_tensor(), {}, 0
         for name, shape in self.layout:
             n = math.prod(shape)
             out[name] = flat[offset : offset + n].view(shape)
@@ -437,10 +438,8 @@ class FlatState:
             and not weights.other
             and [(k, tuple(shape)) for k, shape in weights.layout] == self.layout
         ):
-            wire, bits = _WIRE[weights.dtype]
-            src = weights.flat_tensor()
             with torch.no_grad():
-                self.flat.copy_(src.view(wire) if bits is not None else src)
+                self.flat.copy_(weights.wire_tensor())
             return
         load_numpy_state(self.state, weights)
 

@@ -25,13 +25,14 @@ def test_cpu_table_sums_each_name_per_iteration():
     before = {me: ("python", 1.0), 11: ("RolloutWorker", 2.0), 12: ("RolloutWorker", 2.0), 13: ("raylet", 0.5)}
     after = {me: ("python", 1.5), 11: ("RolloutWorker", 2.2), 12: ("RolloutWorker", 2.3), 13: ("raylet", 0.5)}
     after[14] = ("RewardServer", 0.1)  # started in between: all its time counts
-    table = bench.cpu_table(before, after, iterations=10)
+    table, total = bench.cpu_table(before, after, iterations=10)
     assert table[2:] == [
         "| learner (this process) | 50.0 |",
         "| RolloutWorker (2 processes) | 50.0 |",
         "| RewardServer | 10.0 |",
         "| all | 110.0 |",
     ]  # the raylet used nothing: left out of the rows, not of the sum
+    assert total == pytest.approx(110.0)
 
 
 def test_cpu_seconds_sees_this_process_and_its_children():
