@@ -164,7 +164,8 @@ class HttpReward:
                 raise ConnectionResetError(f"answer ended after {len(data)} of {declared} bytes")
             return resp.status, data
         except (OSError, http.client.HTTPException) as e:
-            if expired.is_set():
+            # the socket's own timeout and the watchdog race at the same deadline: one message
+            if expired.is_set() or isinstance(e, TimeoutError):
                 raise TimeoutError(f"no complete answer within {self.timeout:g} s") from None
             if isinstance(e, http.client.HTTPException) and not isinstance(e, ConnectionError):
                 raise ConnectionResetError(f"{type(e).__name__}: {e}") from None

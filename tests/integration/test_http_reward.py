@@ -155,7 +155,45 @@ def test_retries_are_bounded_and_timeouts_honoured():
         r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
     assert r.attempts == 3
 
-    silent = socket.socket()  # accepts connections and never answers
+    with _silent_server() as port:
+        r = HttpReward(f"http://127.0.0.1:{port}", timeout=0.3, retries=1, backoff=0.01)
+        start = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match="no answer after 2 attempts.*no complete answer within 0.3 s"):
+            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+        assert time.perf_counter() - start < 3
+        assert r.attempts == 2
+
+
+class _NeverFires:
+    """A watchdog timer that never fires, so the socket's own timeout ends the read."""
+
+    daemon = False
+
+    def __init__(self, *_args):
+        pass
+
+    def start(self):
+        pass
+
+    def cancel(self):
+        pass
+
+
+def test_the_socket_timeout_and_the_watchdog_give_the_same_message(monkeypatch):
+    # Both fire at the same deadline; whichever wins, the caller reads one message.
+    monkeypatch.setattr("rewards.http.threading.Timer", _NeverFires)
+    with _silent_server() as port:
+        r = HttpReward(f"http://127.0.0.1:{port}", timeout=0.2, retries=0)
+        with pytest.raises(
+            RemoteRewardError, match=r"no answer after 1 attempts \(TimeoutError: no complete answer within 0.2 s\)"
+        ):
+            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+
+
+@contextlib.contextmanager
+def _silent_server():
+    """A port that accepts connections and never answers."""
+    silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     held = []
@@ -170,12 +208,7 @@ def test_retries_are_bounded_and_timeouts_honoured():
     t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        r = HttpReward(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3, retries=1, backoff=0.01)
-        start = time.perf_counter()
-        with pytest.raises(RemoteRewardError, match="no answer after 2 attempts.*no complete answer within 0.3 s"):
-            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
-        assert time.perf_counter() - start < 3
-        assert r.attempts == 2
+        yield silent.getsockname()[1]
     finally:
         stop.set()
         t.join()
