@@ -27,7 +27,8 @@ from common.policy import Weights, wire_storage
 
 #: Seconds a worker waits for a version still arriving over the group before it reads the object store.
 STAGE_WAIT_S = 10.0
-#: Seconds a worker has to read a version from the object store (the unit's own deadline is shorter).
+#: Seconds to read an object that already exists from the object store: a version of the weights on a
+#: worker (the unit's own deadline is shorter), finished images on the learner.
 FETCH_TIMEOUT_S = 300.0
 
 

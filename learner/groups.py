@@ -269,9 +269,6 @@ class RolloutGroup:
     def policy_kwargs(self) -> dict[str, Any]:
         return self._ask("policy_kwargs")
 
-    def pids(self) -> list[int]:
-        return ray.get([self.workers[i].pid.remote() for i in self.alive])
-
     def requests(
         self,
         contexts: list[Context],

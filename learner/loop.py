@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, verify
 from common.codec import DecodeError, append_records, scan_records
-from common.collective import WeightsHandle
+from common.collective import FETCH_TIMEOUT_S, WeightsHandle
 from common.config import (
     DEFAULT_REFERENCE_STEPS,
     RUN_FLAGS,
@@ -463,7 +463,7 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
     images = {}
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, grid, steps, version, weights, sched)
-        images[name] = np.concatenate(ray.get([p.images for p in got.pending]))
+        images[name] = np.concatenate(ray.get([p.images for p in got.pending], timeout=FETCH_TIMEOUT_S))
     plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images, **at)
 
 
