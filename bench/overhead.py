@@ -11,14 +11,14 @@ worker's sampler time, ceil(C / W) x K x L x cost: all else (dispatch, the objec
 that does not overlap sampling, the learner's update and the weight broadcast) is overhead.
 Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction of a CPU.
 
-Per worker count it prints: wall / ideal (the mean over iterations after the first); the same
-without the learner's update and broadcast (what the system costs around a learner that takes
-no time, as a GPU learner nearly does); the learner side as a share of the iteration; the share
-of scoring time that overlapped sampling; the broadcast's bytes and seconds; and the dispatch
-skew (the last worker's start minus the first's); and wall / ideal again one step off policy
-(``learner.pipeline``: the next rollouts sample while the learner updates, so its time hides
-behind sampling). It writes a PNG of the ratios. The last line is ``overhead ratio at 16
-workers: X`` (on policy; or at the largest W if 16 is not measured).
+Per worker count it prints: wall / ideal (the mean over iterations after the first; one step off
+policy, after the second); the same without the learner's update and broadcast (what the system
+costs around a learner that takes no time, as a GPU learner nearly does); the learner side as a
+share of the iteration; the share of scoring time that overlapped sampling; the broadcast's bytes
+and seconds; and the dispatch skew (the last worker's start minus the first's); and wall / ideal
+again one step off policy (``learner.pipeline``: the next rollouts sample while the learner
+updates, so its time hides behind sampling). It writes a PNG of the ratios. The last line is
+``overhead ratio at 16 workers: X`` (on policy; or at the largest W if 16 is not measured).
 
     python bench/overhead.py --micro-batch 0 --broadcast-dtype float32   # one request per worker, fp32
     python bench/overhead.py                                              # micro-batches of 1, bf16
@@ -112,7 +112,11 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
     }
     cfg = load_config([], **over)
     train(cfg, final_eval=False)
-    rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][1:]  # warm-up off
+    # Warm-up off: the first iteration; one step off policy also the second, since a step there is
+    # S + U(n) - U(n-1) (sampling, this update, minus the last one, which it overlapped), so the
+    # mean telescopes to S + (U(last) - U(first)) / n and a slow first update would pull it down.
+    skip = 2 if pipeline else 1
+    rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][skip:]
     wall = float(np.mean([m["system/step_seconds"] for m in rows]))
     per_worker = math.ceil(args.contexts / workers)
     calls = math.ceil(per_worker / (args.micro_batch or per_worker))  # requests per worker, each with its fixed cost
@@ -184,7 +188,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     p.add_argument("--broadcast-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="Skip the one-step-off-policy runs.")
-    p.add_argument("--iterations", type=int, default=4, help="Iterations per worker count (the first is warm-up).")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=4,
+        help="Iterations per worker count (the first is warm-up; one step off policy, the first two).",
+    )
     p.add_argument("--contexts", type=int, default=32, help="C: contexts per iteration.")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="L: model evaluations per sample.")

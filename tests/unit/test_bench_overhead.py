@@ -18,7 +18,7 @@ def test_overhead_bench_runs_the_real_loop(ray_local, tmp_path, capsys):
             "1",
             "2",
             "--iterations",
-            "3",
+            "4",
             "--preset",
             "tiny",
             "--image-size",
@@ -36,7 +36,7 @@ def test_overhead_bench_runs_the_real_loop(ray_local, tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert [r.workers for r in rows] == [1, 2] and all(r.iterations == 2 for r in rows)
+    assert [r.workers for r in rows] == [1, 2] and all(r.iterations == 3 for r in rows)
     assert rows[0].ideal_s == pytest.approx(4 * 2 * 5 * 0.01) and rows[1].ideal_s == pytest.approx(2 * 2 * 5 * 0.01)
     for r in rows:
         assert r.ratio >= 0.95 and 0 < r.learner_share < 1 and r.broadcast_mb > 0 and r.dispatch_skew_s >= 0
