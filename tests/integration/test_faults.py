@@ -32,26 +32,15 @@ class Killer(threading.Thread):
         self.when = when or (lambda: True)  # start killing once this holds (e.g. training has begun)
         self.done: list[int] = []
         self.stop = threading.Event()
-
-    def _live_pids(self, seen: set[str]) -> list[int]:
-        from ray._private import state
-
-        return [
-            a["Pid"]
-            for aid, a in state.actors().items()
-            if a["ActorClassName"] == self.class_name and a["State"] == "ALIVE" and a.get("Pid") and aid in seen
-        ]
+        # only actors of the run about to start: an earlier run's may still be alive (until collected)
+        self.before = actors_now()
 
     def run(self) -> None:
-        from ray._private import state
-
-        # only actors created by this run (those that exist after it started), not earlier runs' dead ones
         time.sleep(self.first_after_s)
         while not self.when() and not self.stop.is_set():
             time.sleep(0.05)
         while len(self.done) < self.kills and not self.stop.is_set():
-            seen = set(state.actors())
-            pids = [p for p in self._live_pids(seen) if p not in self.done]
+            pids = [p for p in live_pids(self.class_name, self.before) if p not in self.done]
             if pids:
                 pid = pids[len(self.done) % len(pids)]
                 try:
@@ -60,6 +49,25 @@ class Killer(threading.Thread):
                 except ProcessLookupError:
                     pass
             self.stop.wait(self.every_s)
+
+
+def actors_now() -> set[str]:
+    """The ids of every actor the cluster knows, alive or dead."""
+    from ray._private import state
+
+    return set(state.actors())
+
+
+def live_pids(class_name: str, before: set[str]) -> list[int]:
+    """Pids of the live actors of ``class_name`` that are not in ``before`` (``actors_now()``
+    taken before the run started): an earlier run's actors are never the target."""
+    from ray._private import state
+
+    return [
+        a["Pid"]
+        for aid, a in state.actors().items()
+        if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid") and aid not in before
+    ]
 
 
 def training_started(run_dir, rows: int = 2):

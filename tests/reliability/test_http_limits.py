@@ -25,8 +25,10 @@ from rewards.http_server import MAX_ERROR_CHARS, RewardHTTPServer
 class _Slow:
     def __init__(self, seconds: float):
         self.seconds = seconds
+        self.started = threading.Event()  # set once a call is being scored (it holds a slot)
 
     def __call__(self, images, prompts):
+        self.started.set()
         time.sleep(self.seconds)
         return np.zeros(len(prompts), dtype=np.float32)
 
@@ -127,12 +129,13 @@ def test_error_bodies_do_not_echo_a_large_request(server):
 
 
 def test_concurrent_requests_queue_and_the_excess_gets_503(server):
-    srv = server(_Slow(1.5), max_concurrent=1, queue_timeout=0.3)
+    slow = _Slow(1.5)
+    srv = server(slow, max_concurrent=1, queue_timeout=0.3)
     body = pack(ScoreRequest(images=np.zeros((1, 4, 4, 3), np.uint8), prompts=["a"]))
     results = []
     first = threading.Thread(target=lambda: results.append(_post(srv.server_address[1], body)[0]))
     first.start()
-    time.sleep(0.3)  # the first holds the only slot while it is scored
+    assert slow.started.wait(10)  # the first holds the only slot while it is scored
     status, data = _post(srv.server_address[1], body)
     first.join()
     assert results == [200]

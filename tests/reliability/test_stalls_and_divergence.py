@@ -21,6 +21,7 @@ from learner.loop import Diverged, train
 from learner.main import main
 from learner.metrics import read_jsonl
 from tests.conftest import tiny_overrides
+from tests.integration.test_faults import actors_now, live_pids
 
 pytestmark = pytest.mark.ray
 
@@ -193,20 +194,14 @@ def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, t
     import signal
     import threading
 
-    from ray._private import state
-
     stopped = []
+    before = actors_now()  # an earlier run's workers may still be alive: never the target
 
     def freeze():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (tmp_path / "t" / "metrics.jsonl").exists():
             time.sleep(0.05)
-        seen = set(state.actors())
-        pids = [
-            a["Pid"]
-            for aid, a in state.actors().items()
-            if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and aid in seen
-        ]
+        pids = live_pids("RolloutWorker", before)
         if pids:
             os.kill(pids[0], signal.SIGSTOP)
             stopped.append(pids[0])
