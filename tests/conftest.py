@@ -98,3 +98,22 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Bit for bit the same tensors under the same names."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def actors_now() -> set[str]:
+    """The ids of every actor the cluster knows, alive or dead."""
+    from ray._private import state
+
+    return set(state.actors())
+
+
+def live_pids(class_name: str, before: set[str]) -> list[int]:
+    """Pids of the live actors of ``class_name`` that are not in ``before`` (``actors_now()``
+    taken before the run started): an earlier run's actors are never the target."""
+    from ray._private import state
+
+    return [
+        a["Pid"]
+        for aid, a in state.actors().items()
+        if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid") and aid not in before
+    ]

@@ -16,7 +16,7 @@ from common.messages import RolloutRecord
 from learner.groups import WorkersLost
 from learner.loop import train
 from learner.metrics import read_jsonl
-from tests.conftest import final_weights, same_weights, tiny_overrides
+from tests.conftest import actors_now, final_weights, live_pids, same_weights, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -49,25 +49,6 @@ class Killer(threading.Thread):
                 except ProcessLookupError:
                     pass
             self.stop.wait(self.every_s)
-
-
-def actors_now() -> set[str]:
-    """The ids of every actor the cluster knows, alive or dead."""
-    from ray._private import state
-
-    return set(state.actors())
-
-
-def live_pids(class_name: str, before: set[str]) -> list[int]:
-    """Pids of the live actors of ``class_name`` that are not in ``before`` (``actors_now()``
-    taken before the run started): an earlier run's actors are never the target."""
-    from ray._private import state
-
-    return [
-        a["Pid"]
-        for aid, a in state.actors().items()
-        if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid") and aid not in before
-    ]
 
 
 def training_started(run_dir, rows: int = 2):

@@ -20,8 +20,7 @@ from learner.groups import TimedOut
 from learner.loop import Diverged, train
 from learner.main import main
 from learner.metrics import read_jsonl
-from tests.conftest import tiny_overrides
-from tests.integration.test_faults import actors_now, live_pids
+from tests.conftest import actors_now, live_pids, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
