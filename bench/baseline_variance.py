@@ -45,7 +45,7 @@ from common.config import Config, load_config  # noqa: E402
 from common.policy import SchedulePolicy, collate, describe, log_dirichlet, log_prob, policy_kwargs  # noqa: E402
 from common.schedule import executed_tau, times_from_tau  # noqa: E402
 from learner import baselines  # noqa: E402
-from learner.update import reinforce_step  # noqa: E402
+from learner.update import optimizer_for, reinforce_step  # noqa: E402
 from rewards.toy import ToyReward  # noqa: E402
 from rollout.backends.toy import ToySampler  # noqa: E402
 
@@ -235,7 +235,7 @@ def measure(
 def warm_up(toy: Toy, policy: SchedulePolicy, cfg: Config, steps: int, seed: int) -> None:
     """``steps`` REINFORCE updates with the config's baseline, K, C and optimiser (as learner/loop.py)."""
     lc, k, c = cfg.learner, cfg.rollout.k, cfg.rollout.contexts_per_iter
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    optimizer = optimizer_for(policy.parameters(), lc.lr, lc.weight_decay)
     for step in range(steps):
         prompts, inputs = toy.contexts(np.random.default_rng([seed, _WARMUP, step]), c)
         with torch.no_grad():

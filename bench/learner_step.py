@@ -38,7 +38,7 @@ from common.policy import (  # noqa: E402
     sample_log_tau,
     state_to_numpy,
 )
-from learner.update import reinforce_step  # noqa: E402
+from learner.update import optimizer_for, reinforce_step  # noqa: E402
 from rollout.backends.simulated import SimulatedSampler  # noqa: E402
 from rollout.sampler import policy_inputs  # noqa: E402
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rng = np.random.default_rng(0)
     adv = rng.standard_normal((args.contexts, args.k))
     logp = np.zeros((args.contexts, args.k))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    optimizer = optimizer_for(policy.parameters(), 1e-5, 1e-4)  # the learner's
 
     def step() -> None:
         reinforce_step(policy, optimizer, inputs, log_tau, adv, logp, grad_clip=1.0)

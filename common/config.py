@@ -317,7 +317,8 @@ class RolloutConfig(Section):
         ge=1,
         le=4096,
         description="Elastic scale-out: between iterations the run starts more workers when the cluster has room"
-        " for them (nodes joined, the autoscaler asked for them), up to this many. None: the starting count only."
+        " for them (nodes joined, the autoscaler asked for them), up to this many started in all: a worker that died"
+        " for good (rollout.max_restarts spent) is not replaced. None: the starting count only."
         " Set rollout.micro_batch too, so that requests do not depend on the number of workers.",
     )
     k: int = Field(2, ge=2, le=MAX_K, description="K: rollouts (schedules) per context.")

@@ -27,6 +27,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,8 +223,11 @@ class RolloutGroup:
 
     def grow(self) -> int:
         """Elastic scale-out, between iterations: start as many more workers as the cluster has free
-        CPUs and GPUs for, up to ``rollout.max_workers``. Returns how many were started."""
-        room = self.max_workers - len(self.alive)
+        CPUs and GPUs for, up to ``rollout.max_workers`` started in all. A worker that died for good
+        keeps its place: it is not replaced, so its restarts stay what ``rollout.max_restarts``
+        allows (a worker that dies on every call would otherwise be started again forever).
+        Returns how many were started."""
+        room = self.max_workers - len(self.workers)
         if room <= 0:
             return 0
         free = ray.available_resources()
@@ -539,7 +543,7 @@ STOP_POLL_S = 0.2
 
 
 class InFlight:
-    """Requests a ``Dispatcher`` runs in a thread of the learner while it goes on with other work:
+    """Requests a ``Dispatcher`` runs on its own thread while the learner goes on with other work:
     the next iteration's rollouts during this one's logging (on policy) or its update (one step
     off policy). ``result()`` waits for them (and raises what the run raised: ``WorkersLost``,
     ``TimedOut``, a reward's own error); ``cancel()`` gives them up. Only one runs at a time:
@@ -547,34 +551,20 @@ class InFlight:
 
     def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, launched: Launched):
         """``launched``: the requests' units, already sent, and when (time.perf_counter())."""
-        self._out: Collected | BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(dispatcher, requests, weights, launched), name="steinsched-dispatch", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, launched: Launched) -> None:
-        try:
-            self._out = dispatcher.run(requests, weights, self._stop, launched)
-        except BaseException as e:  # noqa: BLE001 - handed to the learner's thread by result()
-            self._out = e
+        self._future = dispatcher.thread().submit(dispatcher.run, requests, weights, self._stop, launched)
 
     def wait(self) -> None:
         """Until the run is over (its result kept for ``result``)."""
-        self._thread.join()
+        futures.wait([self._future])
 
     def result(self) -> Collected:
-        self.wait()
-        if isinstance(self._out, BaseException):
-            raise self._out
-        assert self._out is not None
-        return self._out
+        return self._future.result()
 
     def cancel(self) -> None:
         """Give the run up (the learner is stopping); its actors' calls finish or die on their own."""
         self._stop.set()
-        self._thread.join()
+        self.wait()
 
 
 @dataclass
@@ -599,6 +589,21 @@ class Dispatcher:
     def __init__(self, rollouts: RolloutGroup, rewards: RewardGroup, max_attempts: int = 5):
         self.rollouts, self.rewards, self.max_attempts = rollouts, rewards, max_attempts
         self.faults = 0  # actor faults survived over the run
+        self._thread: futures.ThreadPoolExecutor | None = None
+
+    def thread(self) -> futures.ThreadPoolExecutor:
+        """The one thread that runs ``start``'s requests, kept for the dispatcher's life: handing
+        it a run costs a queue put, where starting a thread per iteration waits for the OS to
+        schedule it (about half a millisecond on a busy machine, every iteration of the toy)."""
+        if self._thread is None:
+            self._thread = futures.ThreadPoolExecutor(1, thread_name_prefix="steinsched-dispatch")
+        return self._thread
+
+    def close(self) -> None:
+        """End the thread (after the run on it, if one is under way)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     def _launch(self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending]) -> Pending:
         """Send ``request`` to a live worker; it has its time for each unit queued ahead of it there."""
@@ -637,8 +642,8 @@ class Dispatcher:
         return None
 
     def start(self, requests: list[RolloutRequest], weights: Any) -> InFlight:
-        """Send the requests now, then ``run`` them to the end in a thread of the learner while it
-        goes on with other work."""
+        """Send the requests now, then ``run`` them to the end on the dispatcher's thread while the
+        learner goes on with other work."""
         start = time.perf_counter()
         return InFlight(self, requests, weights, (self._launch_all(requests, weights), start))
 

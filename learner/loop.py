@@ -41,7 +41,7 @@ from common.config import (
     resume_conflicts,
 )
 from common.devices import resolve_device
-from common.messages import Context, RolloutRecord
+from common.messages import Context, RolloutRecord, RolloutRequest
 from common.policy import PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
 from learner import baselines, plots
@@ -58,7 +58,7 @@ from learner.groups import (
     WorkersLost,
 )
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
-from learner.update import reinforce_step
+from learner.update import optimizer_for, reinforce_step
 
 
 @dataclass
@@ -90,6 +90,18 @@ class _Sent:
         if collective is None:
             return cls(version, weights, ref)
         return cls(version, weights, WeightsHandle(ref, collective.send(version, weights)))
+
+
+@dataclass
+class _Plan:
+    """One iteration's requests, made but not sent: with its K, its concentration cap, and where
+    the context stream stood before them."""
+
+    cursor: int
+    k: int
+    cap: float | None
+    contexts: list[Context]
+    requests: list[RolloutRequest]
 
 
 @dataclass
@@ -207,6 +219,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     inflight: _Launch | None = None  # the next iteration's rollouts, under way
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
+    dispatcher: Dispatcher | None = None
     try:
         rewards = RewardGroup.from_config(cfg)
         rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards), rewards.input_size)
@@ -218,7 +231,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         device = _device(lc.device)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
         policy_state = policy.state_dict()  # views of the parameters (updated in place): what each version sends
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, foreach=True)
+        optimizer = optimizer_for(policy.parameters(), lc.lr, lc.weight_decay)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
         rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
         stream = ContextStream(train_prompts, cfg.experiment.seed)
@@ -243,16 +256,23 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 in_order = {k: saved[k] for k in policy.state_dict()}  # the buffer as it was broadcast
                 behaviour = _Sent.put(resume[1]["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
 
-        def launch(i: int, sent: _Sent) -> _Launch:
-            """Start iteration ``i``'s rollouts under ``sent``, in a thread of the learner."""
-            cursor = stream.cursor
-            if rollouts.max_workers > len(rollouts.alive):
-                rollouts.grow()  # nodes that joined: more workers (the requests, and so the rollouts, do not change)
-            contexts = stream.next(C)
+        def plan(i: int, version: int) -> _Plan:
+            """Iteration ``i``'s requests under weights ``version``, not sent yet."""
+            cursor, contexts = stream.cursor, stream.next(C)
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
             cap = cfg.policy.max_concentration_at(i)
-            requests = rollouts.requests(contexts, k, L, i, sent.version, max_concentration=cap)
-            return _Launch(cursor, k, cap, sent, dispatcher.start(requests, sent.arg))
+            return _Plan(cursor, k, cap, contexts, rollouts.requests(contexts, k, L, i, version, max_concentration=cap))
+
+        def launch(i: int, sent: _Sent, planned: _Plan | None = None) -> _Launch:
+            """Start iteration ``i``'s rollouts under ``sent`` (``planned`` for that version, or
+            planned now), run by the dispatcher's thread."""
+            p = planned or plan(i, sent.version)
+            assert all(r.version == sent.version for r in p.requests)
+            if rollouts.max_workers > len(rollouts.workers) and rollouts.grow():
+                # nodes that joined: more workers (the requests, and so the rollouts, do not change
+                # with rollout.micro_batch; without it they are split over the workers there are)
+                p.requests = rollouts.requests(p.contexts, p.k, L, i, sent.version, max_concentration=p.cap)
+            return _Launch(p.cursor, p.k, p.cap, sent, dispatcher.start(p.requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -288,6 +308,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 raise
             if lc.pipeline and it + 1 < lc.iterations:
                 inflight = launch(it + 1, current)  # sampled while this update runs, under the weights it starts from
+            # on policy, the next iteration's requests are made now: only sending them waits for the update
+            planned = plan(it + 1, version + 1) if not lc.pipeline and it + 1 < lc.iterations else None
             batches = got.batches
             scores = rewards.combine(got.scored)
             r = scores.total.reshape(C, K)
@@ -332,8 +354,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             before, current = current, _Sent.put(version, weights, collective)
             last_put = time.perf_counter()
             broadcast_s, learner_s = flat_s + last_put - t_put, last_put - t_learn  # the check's time is the learner's
-            if not lc.pipeline and it + 1 < lc.iterations:
-                inflight = launch(it + 1, current)  # on policy, under the weights just made, while this one logs
+            if planned is not None:
+                inflight = launch(it + 1, current, planned)  # on policy, under the new weights, while this one logs
 
             # LOGGING
             step_s = last_put - t0  # from one broadcast to the next: what happened in between included
@@ -414,6 +436,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     finally:
         if inflight is not None:
             inflight.job.cancel()
+        if dispatcher is not None:
+            dispatcher.close()
         if collective is not None:
             collective.close()
         if started_ray:

@@ -178,3 +178,21 @@ def test_auto_workers_count_the_clusters_gpus(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
     with pytest.raises(ConfigError, match="the cluster has 0 GPUs, not one share of rollout.num_gpus=0.5"):
         group.auto_count()
+
+
+def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
+    """rollout.max_workers counts every worker started: a dead one keeps its place (else a worker
+    that dies on every call would be started again forever, past rollout.max_restarts); room the
+    cluster gained beyond that gets new workers."""
+    import ray
+
+    from learner.groups import RolloutGroup
+
+    group = RolloutGroup.__new__(RolloutGroup)
+    group.num_cpus, group.num_gpus, group.max_workers = 0.5, 0, 3
+    group.workers, group.alive = ["w0", "w1"], [1]  # w0 died for good
+    started: list[int] = []
+    monkeypatch.setattr(group, "_start", lambda n: (started.append(n), group.workers.extend(["new"] * n)))
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
+    assert group.grow() == 1 and started == [1]  # one place left of three, not two
+    assert group.grow() == 0 and started == [1]
