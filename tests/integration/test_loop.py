@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -59,6 +60,7 @@ def test_tiny_run_writes_everything(ray_local, tmp_path):
     summary = json.loads((run / "eval.json").read_text())
     assert {"default", "learned instance-level", "learned instance-level - default"} <= set(summary)
     assert summary["default"]["n"] == 10 * 4  # 10 eval prompts x 4 seeds
+    assert not _dispatch_threads(), "the run left its dispatch thread behind"
 
 
 def test_resume_is_exact(ray_local, tmp_path):
@@ -81,10 +83,15 @@ def test_custom_reward_by_import_path_trains(ray_local, tmp_path):
     assert all(m["reward/tests.integration.rewards_for_tests:NegativeNorm"] < 0 for m in rows)
 
 
+def _dispatch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("steinsched-dispatch")]
+
+
 def test_non_finite_reward_stops_the_step(ray_local, tmp_path):
     spec = [{"name": "tests.integration.rewards_for_tests:NanForClass3", "num_cpus": 0.5}]
     with pytest.raises(ray.exceptions.RayTaskError, match=r"non-finite.*'class 3'"):
         _run(tmp_path, rewards=spec, rollout={"contexts_per_iter": 10})
+    assert not _dispatch_threads(), "a run that stopped left its dispatch thread behind"
     # the step stopped before any update: no metrics row, no checkpoint
     assert not (tmp_path / "t" / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "t" / "metrics.jsonl")
     assert not (tmp_path / "t" / "checkpoints").exists()
