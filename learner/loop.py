@@ -106,13 +106,11 @@ class _Plan:
 
 @dataclass
 class _Launch:
-    """One iteration's rollouts, started: under which weights, with which K and concentration cap,
-    and where the context stream stood before them (a checkpoint taken while they are under way
-    resumes from there and draws them again)."""
+    """One iteration's rollouts, started: as planned (K, the concentration cap, and where the
+    context stream stood before them: a checkpoint taken while they are under way resumes from
+    there and draws them again), under which weights."""
 
-    cursor: int
-    k: int
-    cap: float | None
+    plan: _Plan
     sent: _Sent
     job: InFlight
 
@@ -268,11 +266,11 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             planned now), run by the dispatcher's thread."""
             p = planned or plan(i, sent.version)
             assert all(r.version == sent.version for r in p.requests)
-            if rollouts.max_workers > len(rollouts.workers) and rollouts.grow():
+            if rollouts.grow():
                 # nodes that joined: more workers (the requests, and so the rollouts, do not change
                 # with rollout.micro_batch; without it they are split over the workers there are)
                 p.requests = rollouts.requests(p.contexts, p.k, L, i, sent.version, max_concentration=p.cap)
-            return _Launch(p.cursor, p.k, p.cap, sent, dispatcher.start(p.requests, sent.arg))
+            return _Launch(p, sent, dispatcher.start(p.requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -297,13 +295,13 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             # its update (one step off policy, under the weights before it)
             now = inflight if inflight is not None else launch(it, behaviour if it == start else current)
             inflight = None
-            K = now.k
-            policy.set_max_concentration(now.cap)  # the update's log-probs use the cap the rollouts were drawn under
+            K = now.plan.k
+            policy.set_max_concentration(now.plan.cap)  # the update's log-probs: the cap the rollouts were drawn under
             try:
                 got = now.job.result()
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
-                ckpt = save(it, now.cursor, now.sent)
+                ckpt = save(it, now.plan.cursor, now.sent)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
             if lc.pipeline and it + 1 < lc.iterations:
@@ -394,7 +392,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
                 if inflight is not None:  # the next rollouts are under way: a resume draws them again, the same
-                    save(it + 1, inflight.cursor, inflight.sent)
+                    save(it + 1, inflight.plan.cursor, inflight.sent)
                 else:  # one step off policy, a longer run would draw the next ones under the weights before this update
                     save(it + 1, stream.cursor, before if lc.pipeline else None)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
