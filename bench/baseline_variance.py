@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run as a script (python bench/baseline_variance
     sys.path.insert(0, str(REPO))
 
 from common.config import Config, load_config  # noqa: E402
-from common.policy import SchedulePolicy, collate, describe, log_dirichlet, log_prob, policy_kwargs  # noqa: E402
+from common.policy import FlatState, SchedulePolicy, collate, describe, log_dirichlet, log_prob, policy_kwargs  # noqa: E402
 from common.schedule import executed_tau, times_from_tau  # noqa: E402
 from learner import baselines  # noqa: E402
 from learner.update import optimizer_for, reinforce_step  # noqa: E402
@@ -235,7 +235,7 @@ def measure(
 def warm_up(toy: Toy, policy: SchedulePolicy, cfg: Config, steps: int, seed: int) -> None:
     """``steps`` REINFORCE updates with the config's baseline, K, C and optimiser (as learner/loop.py)."""
     lc, k, c = cfg.learner, cfg.rollout.k, cfg.rollout.contexts_per_iter
-    optimizer = optimizer_for(policy.parameters(), lc.lr, lc.weight_decay)
+    optimizer = optimizer_for(FlatState(policy), lc.lr, lc.weight_decay)
     for step in range(steps):
         prompts, inputs = toy.contexts(np.random.default_rng([seed, _WARMUP, step]), c)
         with torch.no_grad():

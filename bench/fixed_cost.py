@@ -7,10 +7,19 @@ and median after ``--skip`` warm-up iterations.
     cd <repo> && python bench/fixed_cost.py                     # about 30 s on 2 cores
     python bench/fixed_cost.py --pipeline                       # one step off policy (learner.pipeline)
     cd ../other-checkout && python ../steinsched/bench/fixed_cost.py --repo .   # another checkout's code
+    python bench/fixed_cost.py --against ../other-checkout --against-python ../other-venv/bin/python --rounds 5
 
 Another checkout runs in an environment where it is the installed one (``python -m venv
 --system-site-packages``, then ``pip install --no-deps -e .``): an editable install of this
 checkout would otherwise be what the Ray workers import.
+
+``--against`` compares two checkouts in one run: ``--rounds`` runs of each, in turns (this one
+first in odd rounds, the other in even ones), each in a process of its own and its own
+environment's Python; ``--pipeline`` is this checkout's mode, ``--against-pipeline`` the
+other's. On a shared machine of few cores an iteration's time drifts by a third
+within minutes, so only figures taken in turns compare; it prints each round's medians and their
+ratio, and last ``fixed cost ratio (this / against): X (rounds A to B)``, the ratio of the
+medians over the rounds.
 
 Everything but the sampler is overhead here: the dispatch (two Ray round trips per request:
 sample, then score), the workers' policy forward and draws, the update, the weight broadcast and
@@ -27,6 +36,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,13 +103,61 @@ def cpu_table(
     return [*lines, f"| all | {total:.1f} |"], total
 
 
+def run_median(python: str, repo: Path, args: list[str]) -> float:
+    """One run of this bench on ``repo`` in a process of its own under ``python``: its median
+    wall time per iteration (ms)."""
+    cmd = [python, str(Path(__file__).resolve()), "--repo", str(repo), *args]
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    found = re.search(r"^wall per iteration\s+([\d.]+) ms \(median\)$", out.stdout, re.M)
+    if out.returncode != 0 or found is None:
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{tail}")
+    return float(found.group(1))
+
+
+Side = tuple[str, Path, list[str]]  # a checkout to run: the Python of its environment, its path, the bench's arguments
+
+
+def compare(this: Side, other: Side, rounds: int, run=run_median) -> float:
+    """``rounds`` runs of each checkout, (python, repo, its arguments), in turns; prints each round
+    and returns the ratio of the medians, this one over the other."""
+    print("| round | this (ms) | against (ms) | this / against |")
+    print("| --- | --- | --- | --- |")
+    mine, theirs = [], []
+    for r in range(rounds):
+        got = [0.0, 0.0]
+        for i in (0, 1) if r % 2 == 0 else (1, 0):  # each goes first as often
+            got[i] = run(*(this, other)[i])
+        mine.append(got[0])
+        theirs.append(got[1])
+        print(f"| {r + 1} | {got[0]:.2f} | {got[1]:.2f} | {got[0] / got[1]:.2f} |", flush=True)
+    ratio = statistics.median(mine) / statistics.median(theirs)
+    each = [a / b for a, b in zip(mine, theirs, strict=True)]
+    print(f"medians: this {statistics.median(mine):.2f} ms, against {statistics.median(theirs):.2f} ms")
+    print(f"fixed cost ratio (this / against): {ratio:.2f} (rounds {min(each):.2f} to {max(each):.2f})")
+    return ratio
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(prog="python bench/fixed_cost.py", description=__doc__.split("\n")[0])
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--skip", type=int, default=20, help="Warm-up iterations left out of the mean.")
     p.add_argument("--repo", type=Path, default=REPO, help="The checkout to measure (its code and configs).")
     p.add_argument("--pipeline", action="store_true", help="One step off policy (learner.pipeline=true).")
+    p.add_argument("--against", type=Path, help="Another checkout, measured in turns with this one.")
+    p.add_argument(
+        "--against-python", default=sys.executable, help="The Python of the environment --against is installed in."
+    )
+    p.add_argument("--rounds", type=int, default=3, help="Runs of each checkout with --against.")
+    p.add_argument("--against-pipeline", action="store_true", help="--against one step off policy.")
     args = p.parse_args(argv)
+    if args.against is not None:
+        both = ["--iterations", str(args.iterations), "--skip", str(args.skip)]
+        return compare(
+            (sys.executable, args.repo.resolve(), both + ["--pipeline"] * args.pipeline),
+            (args.against_python, args.against.resolve(), both + ["--pipeline"] * args.against_pipeline),
+            args.rounds,
+        )
     repo = str(args.repo.resolve())
     sys.path.insert(0, repo)  # this process and, through PYTHONPATH, the Ray workers import that checkout
     os.environ["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -8,8 +8,9 @@ The policy is configs/flux_dev_hps.yaml's (widths 80-640, 8 heads, head 1024: ab
 parameters) on Flux-shaped inputs at 1024² (x_T [16, 128, 128], 512 T5 tokens of 4096, a pooled
 768), built by the simulated backend's ``flux`` preset. Figures: seconds per learner step
 (forward, backward, AdamW) and its peak memory; seconds per worker forward of ``--worker-batch``
-contexts; for each broadcast dtype, the bytes and the seconds from the learner's state dict to
-a worker's loaded copy (``state_to_numpy`` then ``FlatState.load``, the object store aside).
+contexts; AdamW's step alone, on the learner's flat buffer against one tensor per parameter; for
+each broadcast dtype, the bytes and the seconds from the learner's parameters to a worker's
+loaded copy (``FlatState.weights`` then ``FlatState.load``, the object store aside).
 The last line is ``learner step at C=<C>, K=<K> on <device>: X s``.
 """
 
@@ -36,7 +37,6 @@ from common.policy import (  # noqa: E402
     SchedulePolicy,
     policy_kwargs,
     sample_log_tau,
-    state_to_numpy,
 )
 from learner.update import optimizer_for, reinforce_step  # noqa: E402
 from rollout.backends.simulated import SimulatedSampler  # noqa: E402
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rng = np.random.default_rng(0)
     adv = rng.standard_normal((args.contexts, args.k))
     logp = np.zeros((args.contexts, args.k))
-    optimizer = optimizer_for(policy.parameters(), 1e-5, 1e-4)  # the learner's
+    own = FlatState(policy)  # as the learner keeps it: what it sends, what AdamW steps
+    optimizer = optimizer_for(own, 1e-5, 1e-4)  # the learner's
 
     def step() -> None:
         reinforce_step(policy, optimizer, inputs, log_tau, adv, logp, grad_clip=1.0)
@@ -103,6 +104,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         peak = f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20:.2f} GiB more RSS"
 
+    # AdamW alone, with the last step's gradients: on the flat buffer (the learner's) against a
+    # copy of the parameters, one tensor each (the same kernel: fused on a GPU, multi-tensor else)
+    copies = [p.detach().clone().requires_grad_() for p in policy.parameters()]
+    for c, p in zip(copies, policy.parameters(), strict=True):
+        c.grad = p.grad.detach().clone()
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    per_tensor = torch.optim.AdamW(copies, lr=1e-5, weight_decay=1e-4, **kernel)
+    adam_flat = statistics.median(_timed(optimizer.step, 1 + args.repeats, device)[1:])
+    adam_per = statistics.median(_timed(per_tensor.step, 1 + args.repeats, device)[1:])
+    del copies, per_tensor
+
     wb = min(args.worker_batch, args.contexts)
     worker_inputs = policy_inputs(x[:wb], feats[:wb], device)
 
@@ -115,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     kept = FlatState(worker.to(device).eval())  # as a rollout worker keeps it
     broadcast = {}
     for dtype in ("float32", "bfloat16", "float16"):
-        sent = state_to_numpy(policy, dtype)
-        secs = _timed(lambda dtype=dtype: kept.load(state_to_numpy(policy, dtype)), args.repeats, device)
+        sent = own.weights(dtype)
+        secs = _timed(lambda dtype=dtype: kept.load(own.weights(dtype)), args.repeats, device)
         broadcast[dtype] = (sent.nbytes, statistics.median(secs))
 
     step_med, fwd_med = statistics.median(step_s), statistics.median(forward_s)
@@ -124,6 +136,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("| --- | --- |")
     print(f"| learner step, C={args.contexts}, K={args.k} | {step_med:.3f} s (peak: {peak}) |")
     print(f"| worker forward, {wb} contexts | {fwd_med:.3f} s |")
+    print(
+        f"| AdamW step, one flat buffer / a tensor per parameter | {adam_flat:.4f} s / {adam_per:.4f} s"
+        f" ({adam_flat / adam_per:.2f} x) |"
+    )
     for dtype, (nbytes, secs) in broadcast.items():
         print(f"| broadcast {dtype} | {nbytes / 2**20:.1f} MiB, {secs:.3f} s |")
     f32 = broadcast["float32"]
@@ -136,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "parameters": float(n_params),
         "step_s": step_med,
         "forward_s": fwd_med,
+        "adamw_flat_s": adam_flat,
+        "adamw_per_tensor_s": adam_per,
         **{f"broadcast_{d}_bytes": float(b) for d, (b, _) in broadcast.items()},
         **{f"broadcast_{d}_s": s for d, (_, s) in broadcast.items()},
     }

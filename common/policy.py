@@ -19,12 +19,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, constants
 from torch import nn
 
 if TYPE_CHECKING:
@@ -226,6 +227,15 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The weights as ``model.safetensors`` (what the hub mixin writes), each tensor copied
+        out first: a learner's parameters are views of one flat buffer (``FlatState``), which
+        safetensors refuses to save as they are."""
+        from safetensors.torch import save_file
+
+        own = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(own, str(save_directory / constants.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+
 
 def dirichlet(alpha: torch.Tensor) -> torch.distributions.Dirichlet:
     """The action distribution, in float64 (used for its entropy)."""
@@ -282,7 +292,7 @@ def describe(policy: SchedulePolicy) -> str:
 def dirichlet_mean(policy: SchedulePolicy, inputs: PolicyInputs) -> np.ndarray:
     """The policy's deterministic schedule for each input: its Dirichlet mean ``alpha / sum(alpha)``,
     float64 [B, L+1] on the CPU."""
-    with torch.no_grad():
+    with torch.inference_mode():
         alpha = policy(inputs).double().cpu().numpy()
     return alpha / alpha.sum(-1, keepdims=True)
 
@@ -412,10 +422,14 @@ def load_numpy_state(policy: nn.Module | dict[str, torch.Tensor], state: Weights
 
 class FlatState:
     """A policy whose floating tensors are views of one flat buffer, in state-dict order (the order
-    ``state_to_numpy`` sends them): a broadcast version of the same layout loads with one copy, cast
-    from the wire dtype, instead of a view and a copy per tensor. Kept by a worker, which loads
-    every version; anything else (other names or shapes, non-floating tensors, mixed dtypes) loads
-    tensor by tensor through ``load_numpy_state``, with its checks."""
+    ``state_to_numpy`` sends them).
+
+    A worker keeps one: a broadcast version of the same layout loads with one copy, cast from the
+    wire dtype, instead of a view and a copy per tensor; anything else (other names or shapes,
+    non-floating tensors, mixed dtypes) loads tensor by tensor through ``load_numpy_state``, with
+    its checks. The learner keeps one too: each version goes out as one copy of the buffer
+    (``weights``), and where the buffer holds exactly the parameters (``holds_parameters``) the optimizer
+    steps the buffer whole (``learner.update.FlatAdamW``)."""
 
     def __init__(self, policy: nn.Module):
         own = policy.state_dict(keep_vars=True)  # the parameters and buffers themselves
@@ -429,6 +443,28 @@ class FlatState:
                 offset += v.numel()
         self.layout = [(k, tuple(v.shape)) for k, v in floats.items()]
         self.state = policy.state_dict()  # views of the same storage
+        self.module = policy
+        self.parameters = list(policy.parameters())
+        # the buffer is the parameters, in order, and nothing else (no buffers, no tied weights)
+        tensors = list(floats.values())
+        self.holds_parameters = (
+            self.flat is not None
+            and len(self.parameters) == len(tensors)
+            and all(p is t for p, t in zip(self.parameters, tensors, strict=True))
+        )
+
+    def weights(self, dtype: str = "float32") -> Weights:
+        """This version of the weights as ``state_to_numpy`` makes it, from one copy of the buffer
+        (cast to ``dtype``): the bytes are the same."""
+        if self.flat is None or len(self.layout) != len(self.state):
+            return state_to_numpy(self.state, dtype)
+        wire, bits = _WIRE[dtype]
+        flat = self.flat.detach().to(wire)  # cast where the buffer lives: on a GPU, fewer bytes to move
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        elif flat.data_ptr() == self.flat.data_ptr():
+            flat = flat.clone()  # a copy: the next update changes the buffer, not a version sent
+        return Weights((flat if bits is None else flat.view(bits)).numpy(), list(self.layout), dtype)
 
     def load(self, weights: Weights | dict[str, np.ndarray]) -> None:
         """Copy broadcast weights into the policy."""

@@ -42,7 +42,7 @@ from common.config import (
 )
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord, RolloutRequest
-from common.policy import PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
+from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
@@ -228,8 +228,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         torch.manual_seed(cfg.experiment.seed)
         device = _device(lc.device)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
-        policy_state = policy.state_dict()  # views of the parameters (updated in place): what each version sends
-        optimizer = optimizer_for(policy.parameters(), lc.lr, lc.weight_decay)
+        params = FlatState(policy)  # the parameters in one buffer: what each version sends, what AdamW steps
+        optimizer = optimizer_for(params, lc.lr, lc.weight_decay)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
         rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
         stream = ContextStream(train_prompts, cfg.experiment.seed)
@@ -246,7 +246,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
         if lc.broadcast == "collective":
             collective = CollectiveBroadcast(rollouts, device, lc.broadcast_timeout_s)
-        current = _Sent.put(version, state_to_numpy(policy, lc.broadcast_dtype), collective)
+        current = _Sent.put(version, params.weights(lc.broadcast_dtype), collective)
         behaviour = current  # what the first rollouts are drawn under
         if resume is not None and lc.pipeline:  # the weights the checkpoint's next rollouts were drawn under
             saved = load_tensors(Path(resume[0]), "behaviour")
@@ -334,7 +334,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             # update's weights; its alphas too where a checkpoint or an evaluation is about to use them
             problem, when = _alpha_problem(m["policy/alpha_min"], m["policy/alpha_max"]), it
             t_flat = time.perf_counter()
-            weights = state_to_numpy(policy_state, lc.broadcast_dtype)  # what this version sends
+            weights = params.weights(lc.broadcast_dtype)  # what this version sends
             flat_s = time.perf_counter() - t_flat
             if problem is None:
                 keep = (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations

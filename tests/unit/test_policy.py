@@ -249,3 +249,36 @@ def test_alpha_min_floors_alpha():
         steps=4, in_channels=4, token_dim=6, pooled_dim=6, init="scratch", alpha_min=1.0, **TINY
     ).eval()
     assert bool((pol(_inputs()) > 1.0).all())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_flat_states_weights_are_state_to_numpys_bytes_and_a_copy(dtype):
+    """The learner's broadcast from its flat buffer: the same bytes and layout as ``state_to_numpy``,
+    and a copy (the next update changes the buffer, not a version already sent)."""
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    kept = FlatState(pol)
+    assert kept.holds_parameters and kept.parameters == list(pol.parameters())
+    sent, expected = kept.weights(dtype), state_to_numpy(pol, dtype)
+    assert sent.dtype == dtype and sent.layout == expected.layout and not sent.other
+    assert sent.flat.tobytes() == expected.flat.tobytes()
+    with torch.no_grad():
+        next(pol.parameters()).add_(1.0)
+    assert sent.flat.tobytes() == expected.flat.tobytes()
+
+
+def test_a_policy_on_a_flat_buffer_saves_and_loads(tmp_path):
+    """safetensors refuses views of one storage as they are; the policy copies them out."""
+    torch.manual_seed(0)
+    pol = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    FlatState(pol)
+    pol.save_pretrained(tmp_path / "p")
+    again = SchedulePolicy.from_pretrained(tmp_path / "p").eval()
+    inp = _inputs(b=2)
+    torch.testing.assert_close(pol(inp), again(inp), rtol=0, atol=0)
+
+
+def test_a_flat_state_with_a_buffer_does_not_claim_to_hold_only_the_parameters():
+    model = torch.nn.BatchNorm1d(3)  # weight, bias and the float running stats, in one buffer
+    kept = FlatState(model)
+    assert kept.flat is not None and not kept.holds_parameters

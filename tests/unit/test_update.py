@@ -11,6 +11,8 @@
   behaviour is the current policy, and is unbiased where it is not: its mean over draws of the
   behaviour Dirichlet matches the on-policy gradient's mean over draws of the target, and the
   unweighted estimator on the same draws (what forgetting the ratio would do) does not.
+- AdamW on the policy's flat buffer (``FlatAdamW``) leaves the same bits as the per-tensor
+  AdamW, step after step, and its state dict is the per-tensor one's: checkpoints load either way.
 - The toy's loss and reward are pinned for 3 iterations of the real loop (as torchtune pins its
   recipes): any change to the maths, the draws or the order of work shows here.
 """
@@ -25,10 +27,10 @@ import pytest
 import torch
 from scipy.special import digamma
 
-from common.policy import SchedulePolicy, collate, log_dirichlet, log_prob
+from common.policy import FlatState, SchedulePolicy, collate, log_dirichlet, log_prob
 from common.schedule import TAU_FLOOR, executed_tau, guard_tau
 from learner import baselines
-from learner.update import is_metrics, pg_loss, reinforce_step
+from learner.update import FlatAdamW, is_metrics, optimizer_for, pg_loss, reinforce_step
 
 TINY = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16, "input_kind": "vector"}
 
@@ -256,3 +258,81 @@ def test_cosine_learning_rate_runs_from_lr_to_the_final_ratio():
     assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4) and lrs[50] == pytest.approx(1.1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert learning_rate(LearnerConfig(iterations=101, lr=2e-3), 70) == 2e-3  # constant
+
+
+def _flat_and_per_tensor(seed: int = 0) -> tuple[SchedulePolicy, SchedulePolicy, FlatAdamW, torch.optim.AdamW]:
+    """Two copies of one policy: one stepped by the learner's AdamW on its flat buffer, one by
+    the per-tensor multi-tensor AdamW (what the learner used before)."""
+    torch.manual_seed(seed)
+    flat = SchedulePolicy(steps=3, in_channels=3, token_dim=4, init="scratch", **TINY).eval()
+    per = SchedulePolicy(steps=3, in_channels=3, token_dim=4, init="scratch", **TINY).eval()
+    per.load_state_dict(flat.state_dict())
+    opt = optimizer_for(FlatState(flat), lr=1e-2, weight_decay=0.01)
+    assert isinstance(opt, FlatAdamW)
+    return flat, per, opt, torch.optim.AdamW(per.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
+
+
+def _steps(policy, opt, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    c, k = 3, 4
+    for _ in range(n):
+        inputs = collate(
+            rng.standard_normal((c, 3)).astype(np.float32), [rng.standard_normal((2, 4)).astype(np.float32)] * c, None
+        )
+        with torch.no_grad():
+            alpha = policy(inputs).double().numpy()
+        log_tau = np.stack([log_dirichlet(a, rng, size=k) for a in alpha])
+        reinforce_step(policy, opt, inputs, log_tau, rng.standard_normal((c, k)), np.zeros((c, k)), grad_clip=0.5)
+
+
+def _same(a: SchedulePolicy, b: SchedulePolicy) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_flat_adamw_leaves_the_per_tensor_adamws_bits():
+    flat, per, opt_flat, opt_per = _flat_and_per_tensor()
+    _steps(flat, opt_flat, 25)
+    _steps(per, opt_per, 25)
+    assert not _same(flat, SchedulePolicy(steps=3, in_channels=3, token_dim=4, init="scratch", **TINY))
+    assert _same(flat, per)
+    saved_flat, saved_per = opt_flat.state_dict(), opt_per.state_dict()
+    assert saved_flat["param_groups"] == saved_per["param_groups"]
+    assert saved_flat["state"].keys() == saved_per["state"].keys() == set(range(len(list(per.parameters()))))
+    for i, state in saved_per["state"].items():
+        assert state.keys() == saved_flat["state"][i].keys()
+        assert all(torch.equal(v, saved_flat["state"][i][k]) for k, v in state.items())
+
+
+def test_flat_adamw_resumes_from_a_per_tensor_checkpoint_and_back():
+    """A per-tensor AdamW's state continues in FlatAdamW (and the reverse) to the same bits."""
+    flat, per, opt_flat, opt_per = _flat_and_per_tensor()
+    _steps(per, opt_per, 5)
+    flat.load_state_dict(per.state_dict())
+    opt_flat.load_state_dict(opt_per.state_dict())
+    _steps(flat, opt_flat, 5, seed=1)
+    _steps(per, opt_per, 5, seed=1)
+    assert _same(flat, per)
+    other = SchedulePolicy(steps=3, in_channels=3, token_dim=4, init="scratch", **TINY).eval()
+    other.load_state_dict(flat.state_dict())
+    opt_other = torch.optim.AdamW(other.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
+    opt_other.load_state_dict(opt_flat.state_dict())
+    _steps(other, opt_other, 3, seed=2)
+    _steps(flat, opt_flat, 3, seed=2)
+    assert _same(flat, other)
+
+
+def test_flat_adamw_folds_back_a_gradient_set_to_none_and_refuses_replaced_parameters():
+    flat, per, opt_flat, opt_per = _flat_and_per_tensor()
+    _steps(flat, opt_flat, 2)
+    _steps(per, opt_per, 2)
+    flat.zero_grad(set_to_none=True)  # every parameter's grad None: the next backward makes new ones
+    per.zero_grad(set_to_none=True)
+    _steps(flat, opt_flat, 2, seed=1)
+    _steps(per, opt_per, 2, seed=1)
+    assert _same(flat, per)
+    with pytest.raises(ValueError, match="in 1 groups; this policy has"):
+        group = {**opt_per.state_dict()["param_groups"][0], "params": [0]}
+        opt_flat.load_state_dict({"state": {}, "param_groups": [group]})
+    flat.load_state_dict(per.state_dict(), assign=True)  # new storage: no longer the buffer
+    with pytest.raises(RuntimeError, match="no longer live in the optimizer's flat buffer"):
+        _steps(flat, opt_flat, 1)
