@@ -428,8 +428,8 @@ class FlatState:
     wire dtype, instead of a view and a copy per tensor; anything else (other names or shapes,
     non-floating tensors, mixed dtypes) loads tensor by tensor through ``load_numpy_state``, with
     its checks. The learner keeps one too: each version goes out as one copy of the buffer
-    (``weights``), and where the buffer holds exactly the parameters (``holds_parameters``) the optimizer
-    steps the buffer whole (``learner.update.FlatAdamW``)."""
+    (``weights``), and where the buffer holds exactly the parameters (``holds_parameters``) the
+    optimizer steps the buffer whole (``learner.update.FlatAdamW``)."""
 
     def __init__(self, policy: nn.Module):
         own = policy.state_dict(keep_vars=True)  # the parameters and buffers themselves
