@@ -38,7 +38,7 @@ from common.policy import (  # noqa: E402
     policy_kwargs,
     sample_log_tau,
 )
-from learner.update import optimizer_for, reinforce_step  # noqa: E402
+from learner.update import adamw_kernel, optimizer_for, reinforce_step  # noqa: E402
 from rollout.backends.simulated import SimulatedSampler  # noqa: E402
 from rollout.sampler import policy_inputs  # noqa: E402
 
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     copies = [p.detach().clone().requires_grad_() for p in policy.parameters()]
     for c, p in zip(copies, policy.parameters(), strict=True):
         c.grad = p.grad.detach().clone()
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    per_tensor = torch.optim.AdamW(copies, lr=1e-5, weight_decay=1e-4, **kernel)
+    foreach, fused = adamw_kernel(copies)
+    per_tensor = torch.optim.AdamW(copies, lr=1e-5, weight_decay=1e-4, foreach=foreach, fused=fused)
     adam_flat = statistics.median(_timed(optimizer.step, 1 + args.repeats, device)[1:])
     adam_per = statistics.median(_timed(per_tensor.step, 1 + args.repeats, device)[1:])
     del copies, per_tensor

@@ -30,12 +30,17 @@ def optimizer_for(state: FlatState, lr: float, weight_decay: float) -> torch.opt
     On a GPU the fused kernel; elsewhere the multi-tensor one. The fused step is not bit-identical
     to the multi-tensor one, and the CPU runs and their documented tables are kept to the bit. A
     checkpoint keeps the choice it was written with (``Optimizer.load_state_dict`` restores it)."""
-    params = state.parameters
-    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
-    foreach, fused = (None, True) if on_gpu else (True, None)  # one set, the other left to torch
+    foreach, fused = adamw_kernel(state.parameters)
     if state.holds_parameters:
         return FlatAdamW(state, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+    return torch.optim.AdamW(state.parameters, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> tuple[bool | None, bool | None]:
+    """AdamW's (foreach, fused) for ``params``: fused where they are all on a GPU, else the
+    multi-tensor step; the one not set is left to torch."""
+    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
+    return (None, True) if on_gpu else (True, None)
 
 
 class FlatAdamW(torch.optim.AdamW):
