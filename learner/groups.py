@@ -605,20 +605,30 @@ class Dispatcher:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    def _launch(self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending]) -> Pending:
-        """Send ``request`` to a live worker; it has its time for each unit queued ahead of it there."""
+    def _launch(
+        self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending], chain: bool = True
+    ) -> Pending:
+        """Send ``request`` to a live worker; it has its time for each unit queued ahead of it there.
+        ``chain``: its scoring calls too (``RewardGroup.chain``; else the caller sends them)."""
         alive = self.rollouts.alive
         worker = alive[turn % len(alive)]
         queued = sum(1 for u in live.values() if u.worker == worker and u.sampled is None)
         p = self.rollouts.submit(request, weights, worker)
         p.deadline = p.launched + self.rollouts.timeout(request) * (1 + queued)
-        self.rewards.chain(p)
+        if chain:
+            self.rewards.chain(p)
         return p
 
     def _launch_all(self, requests: list[RolloutRequest], weights: Any) -> dict[str, Pending]:
+        """Every request at once (each worker queues its own): all the sampling calls first, then
+        the scoring calls chained to them, so that the last worker starts as early as the first
+        plus its own call's submission (a submission costs about half a millisecond of the
+        learner's time: with the scoring calls in between, the 16th worker started 15 of them later)."""
         live: dict[str, Pending] = {}
-        for i, r in enumerate(requests):  # all at once: each worker queues its own
-            live[r.request_id] = self._launch(r, weights, i, live)
+        for i, r in enumerate(requests):
+            live[r.request_id] = self._launch(r, weights, i, live, chain=False)
+        for p in live.values():
+            self.rewards.chain(p)
         return live
 
     def _load(self, live: dict[str, Pending]) -> list[list[int]]:

@@ -102,6 +102,7 @@ class _Plan:
     cap: float | None
     contexts: list[Context]
     requests: list[RolloutRequest]
+    workers: int  # live workers when the requests were split (without rollout.micro_batch, one request each)
 
 
 @dataclass
@@ -259,17 +260,20 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             cursor, contexts = stream.cursor, stream.next(C)
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
             cap = cfg.policy.max_concentration_at(i)
-            return _Plan(cursor, k, cap, contexts, rollouts.requests(contexts, k, L, i, version, max_concentration=cap))
+            requests = rollouts.requests(contexts, k, L, i, version, max_concentration=cap)
+            return _Plan(cursor, k, cap, contexts, requests, len(rollouts.alive))
 
         def launch(i: int, sent: _Sent, planned: _Plan | None = None) -> _Launch:
             """Start iteration ``i``'s rollouts under ``sent`` (``planned`` for that version, or
             planned now), run by the dispatcher's thread."""
             p = planned or plan(i, sent.version)
             assert all(r.version == sent.version for r in p.requests)
-            if rollouts.grow():
-                # nodes that joined: more workers (the requests, and so the rollouts, do not change
-                # with rollout.micro_batch; without it they are split over the workers there are)
+            if rollouts.grow() or p.workers != len(rollouts.alive):
+                # workers started (nodes that joined) or lost for good since the plan: the requests,
+                # and so the rollouts, do not change with rollout.micro_batch; without it they are
+                # split over the workers there are
                 p.requests = rollouts.requests(p.contexts, p.k, L, i, sent.version, max_concentration=p.cap)
+                p.workers = len(rollouts.alive)
             return _Launch(p, sent, dispatcher.start(p.requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
@@ -297,6 +301,12 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             inflight = None
             K = now.plan.k
             policy.set_max_concentration(now.plan.cap)  # the update's log-probs: the cap the rollouts were drawn under
+            # the next iteration's requests, made while these rollouts are under way: on policy under
+            # the version this update makes (only sending them waits for it), one step off policy
+            # under the weights it starts from
+            planned = None
+            if it + 1 < lc.iterations:
+                planned = plan(it + 1, current.version if lc.pipeline else version + 1)
             try:
                 got = now.job.result()
             except WorkersLost:
@@ -304,10 +314,8 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 ckpt = save(it, now.plan.cursor, now.sent)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
-            if lc.pipeline and it + 1 < lc.iterations:
-                inflight = launch(it + 1, current)  # sampled while this update runs, under the weights it starts from
-            # on policy, the next iteration's requests are made now: only sending them waits for the update
-            planned = plan(it + 1, version + 1) if not lc.pipeline and it + 1 < lc.iterations else None
+            if lc.pipeline and planned is not None:
+                inflight = launch(it + 1, current, planned)  # sampled while this update runs
             batches = got.batches
             scores = rewards.combine(got.scored)
             r = scores.total.reshape(C, K)
@@ -352,7 +360,7 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             before, current = current, _Sent.put(version, weights, collective)
             last_put = time.perf_counter()
             broadcast_s, learner_s = flat_s + last_put - t_put, last_put - t_learn  # the check's time is the learner's
-            if planned is not None:
+            if planned is not None and not lc.pipeline:
                 inflight = launch(it + 1, current, planned)  # on policy, under the new weights, while this one logs
 
             # LOGGING

@@ -26,7 +26,7 @@ from common.policy import (
     dirichlet_mean,
     log_prob,
     policy_kwargs,
-    sample_log_tau,
+    sample_log_taus,
 )
 from common.prompt_cache import PromptCache
 from common.prompts import check_prompts
@@ -166,13 +166,8 @@ class RolloutWorker:
         if request.mode == "sample":
             with torch.inference_mode():  # no_grad's numbers without autograd's bookkeeping (0.5 ms less on the toy)
                 alpha = self.policy(inputs).double().cpu()
-            a = alpha.numpy()
-            log_tau = np.stack(
-                [
-                    [sample_log_tau(a[i], (self.run_seed, request.iteration, c.index, j)) for j in range(k)]
-                    for i, c in enumerate(ctxs)
-                ]
-            )
+            keys = [(self.run_seed, request.iteration, c.index, j) for c in ctxs for j in range(k)]
+            log_tau = sample_log_taus(np.repeat(alpha.numpy(), k, axis=0), keys).reshape(len(ctxs), k, -1)
             # the draw's own log-prob; the executed schedule is the draw floored (executed_tau)
             logp = log_prob(alpha[:, None, :].expand(-1, k, -1), torch.from_numpy(log_tau)).numpy()
             tau = executed_tau(log_tau)

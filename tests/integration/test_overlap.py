@@ -15,7 +15,7 @@ import torch
 from common.codec import read_records
 from common.config import RewardSpec, load_config
 from common.messages import RolloutRecord
-from learner.groups import Collected, RewardGroup
+from learner.groups import Collected, Dispatcher, Pending, RewardGroup
 from learner.loop import train
 from learner.metrics import read_jsonl
 from tests.conftest import tiny_overrides
@@ -148,3 +148,22 @@ def test_dispatch_skew_counts_each_workers_first_request():
     queued = [batch(0, 1.0), batch(0, 5.0), batch(1, 1.25)]  # worker 0's second request waited by design
     got = Collected(batches=queued, scored=[], pending=[], seconds=6.0, faults=0)
     assert got.dispatch_skew() == pytest.approx(0.25)
+
+
+def test_every_sampling_call_goes_out_before_the_scoring_calls():
+    """A dispatch sends every worker its request first and only then the scoring calls chained to
+    them: the last worker's start does not wait for the others' scoring calls to be submitted."""
+    calls: list[tuple[str, int]] = []
+
+    def submit(request, weights, worker):
+        calls.append(("sample", worker))
+        return Pending(request, worker, None, None, None)
+
+    rollouts = SimpleNamespace(alive=[0, 1, 2], submit=submit, timeout=lambda request: 10.0)
+    rewards = SimpleNamespace(chain=lambda p: calls.append(("score", p.worker)))
+    requests = [SimpleNamespace(request_id=f"r{i}") for i in range(5)]
+    live = Dispatcher(rollouts, rewards)._launch_all(requests, weights=None)
+    assert calls == [("sample", w) for w in (0, 1, 2, 0, 1)] + [("score", w) for w in (0, 1, 2, 0, 1)]
+    assert list(live) == [r.request_id for r in requests]
+    # a worker's second request has the time of the one queued ahead of it as well
+    assert live["r3"].deadline - live["r3"].launched == pytest.approx(20.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.devices import resolve_device
 from common.policy import (
@@ -12,11 +14,14 @@ from common.policy import (
     FlatState,
     PolicyInputs,
     SchedulePolicy,
+    Weights,
     collate,
     describe,
     load_numpy_state,
+    log_dirichlet,
     log_prob,
     sample_log_tau,
+    sample_log_taus,
     state_to_numpy,
 )
 from common.schedule import uniform_flow_tau
@@ -188,6 +193,55 @@ def test_sample_log_tau_is_a_pure_function_of_the_key():
     assert np.array_equal(a, sample_log_tau(alpha, (0, 3, 7, 1)))
     assert not np.array_equal(a, sample_log_tau(alpha, (0, 3, 7, 0)))
     assert a.dtype == np.float64 and abs(np.exp(a).sum() - 1) < 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 12),
+    st.integers(2, 9),
+    st.lists(st.floats(-7.0, 4.0), min_size=108, max_size=108),
+    st.lists(st.integers(0, 2**31), min_size=4, max_size=4),
+)
+def test_a_batch_of_draws_is_each_keys_own_draw_bit_for_bit(n, width, logs, base):
+    """The worker draws its C x K schedules in one call: row i is exactly the draw of
+    ``log_dirichlet`` from a generator of key i alone (the same random numbers, the same
+    arithmetic), for concentrations from 1e-3 (components far below float64's smallest normal) up."""
+    alpha = np.exp(np.asarray(logs[: n * width]).reshape(n, width))
+    keys = [(base[0], base[1], base[2] + i, base[3] + i % 3) for i in range(n)]
+    batch = sample_log_taus(alpha, keys)
+    for i, key in enumerate(keys):
+        one = log_dirichlet(alpha[i], np.random.default_rng(list(key)))
+        assert batch[i].tobytes() == one.tobytes()
+        assert sample_log_tau(alpha[i], key).tobytes() == one.tobytes()
+    with pytest.raises(ValueError, match=r"expected alpha \[N, L\+1\] and N keys"):
+        sample_log_taus(alpha, keys[:-1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["float32", "bfloat16", "float16"]),
+    st.lists(
+        st.tuples(
+            st.integers(0, 200),
+            st.sampled_from([np.inf, -np.inf, np.nan, 1e5, -7e4, 3e38, 1e-40, -0.0, 65504.0, 2.0**-24]),
+        ),
+        max_size=3,
+    ),
+)
+def test_the_finite_check_of_a_broadcast_agrees_with_torch(dtype, values):
+    """``Weights.nonfinite`` checks a numpy buffer with numpy (bfloat16 by its exponent bits): it
+    finds exactly what ``torch.isfinite`` finds in the weights as sent, values that overflow the
+    wire dtype included, and names the first tensor holding one."""
+    policy = SchedulePolicy(steps=3, in_channels=4, token_dim=2, widths=(4, 4), head_hidden=8, input_kind="vector")
+    flat = FlatState(policy.eval())
+    with torch.no_grad():
+        for at, value in values:
+            flat.flat[at] = value
+    sent = flat.weights(dtype)
+    assert isinstance(sent.flat, np.ndarray)
+    as_torch = Weights(sent.flat_tensor().clone(), sent.layout, dtype, sent.other)  # the torch path
+    found = [name for name, t in sent.tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert sent.nonfinite() == as_torch.nonfinite() == (found[0] if found else None)
 
 
 def test_log_prob_matches_the_dirichlet_density():
