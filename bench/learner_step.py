@@ -36,7 +36,7 @@ from common.policy import (  # noqa: E402
     FlatState,
     SchedulePolicy,
     policy_kwargs,
-    sample_log_tau,
+    sample_log_taus,
 )
 from learner.update import adamw_kernel, optimizer_for, reinforce_step  # noqa: E402
 from rollout.backends.simulated import SimulatedSampler  # noqa: E402
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     inputs = policy_inputs(x, feats, device)
     with torch.no_grad():
         alpha = policy(inputs).double().cpu().numpy()
-    log_tau = np.stack([[sample_log_tau(alpha[c], (0, 0, c, j)) for j in range(args.k)] for c in range(args.contexts)])
+    keys = [(0, 0, c, j) for c in range(args.contexts) for j in range(args.k)]  # as a worker draws them
+    log_tau = sample_log_taus(np.repeat(alpha, args.k, axis=0), keys).reshape(args.contexts, args.k, -1)
     rng = np.random.default_rng(0)
     adv = rng.standard_normal((args.contexts, args.k))
     logp = np.zeros((args.contexts, args.k))
