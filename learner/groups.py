@@ -621,9 +621,9 @@ class Dispatcher:
 
     def _launch_all(self, requests: list[RolloutRequest], weights: Any) -> dict[str, Pending]:
         """Every request at once (each worker queues its own): all the sampling calls first, then
-        the scoring calls chained to them, so that the last worker starts as early as the first
-        plus its own call's submission (a submission costs about half a millisecond of the
-        learner's time: with the scoring calls in between, the 16th worker started 15 of them later)."""
+        the scoring calls chained to them. A submission costs about half a millisecond of the
+        learner's time; with each scoring call sent right after its request, the last of W
+        workers also waited for W - 1 scoring calls to be submitted before it could start."""
         live: dict[str, Pending] = {}
         for i, r in enumerate(requests):
             live[r.request_id] = self._launch(r, weights, i, live, chain=False)
