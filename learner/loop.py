@@ -41,7 +41,7 @@ from common.config import (
     resume_conflicts,
 )
 from common.devices import resolve_device
-from common.messages import Context, RolloutRecord, RolloutRequest
+from common.messages import Context, RolloutRecord
 from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, claim
 from learner import baselines, plots
@@ -94,15 +94,13 @@ class _Sent:
 
 @dataclass
 class _Plan:
-    """One iteration's requests, made but not sent: with its K, its concentration cap, and where
-    the context stream stood before them."""
+    """One iteration's contexts, drawn but not sent: with its K, its concentration cap, and where
+    the context stream stood before them. ``launch`` makes its requests."""
 
     cursor: int
     k: int
     cap: float | None
     contexts: list[Context]
-    requests: list[RolloutRequest]
-    workers: int  # live workers when the requests were split (without rollout.micro_batch, one request each)
 
 
 @dataclass
@@ -255,26 +253,21 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
                 in_order = {k: saved[k] for k in policy.state_dict()}  # the buffer as it was broadcast
                 behaviour = _Sent.put(resume[1]["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
 
-        def plan(i: int, version: int) -> _Plan:
-            """Iteration ``i``'s requests under weights ``version``, not sent yet."""
+        def plan(i: int) -> _Plan:
+            """Iteration ``i``'s contexts (each a seeded draw: the costly part), K and cap."""
             cursor, contexts = stream.cursor, stream.next(C)
             k = cfg.rollout.k_at(i)  # functions of the iteration: a resumed run gets the same
-            cap = cfg.policy.max_concentration_at(i)
-            requests = rollouts.requests(contexts, k, L, i, version, max_concentration=cap)
-            return _Plan(cursor, k, cap, contexts, requests, len(rollouts.alive))
+            return _Plan(cursor, k, cfg.policy.max_concentration_at(i), contexts)
 
         def launch(i: int, sent: _Sent, planned: _Plan | None = None) -> _Launch:
-            """Start iteration ``i``'s rollouts under ``sent`` (``planned`` for that version, or
-            planned now), run by the dispatcher's thread."""
-            p = planned or plan(i, sent.version)
-            assert all(r.version == sent.version for r in p.requests)
-            if rollouts.grow() or p.workers != len(rollouts.alive):
-                # workers started (nodes that joined) or lost for good since the plan: the requests,
-                # and so the rollouts, do not change with rollout.micro_batch; without it they are
-                # split over the workers there are
-                p.requests = rollouts.requests(p.contexts, p.k, L, i, sent.version, max_concentration=p.cap)
-                p.workers = len(rollouts.alive)
-            return _Launch(p, sent, dispatcher.start(p.requests, sent.arg))
+            """Start iteration ``i``'s rollouts under ``sent`` (``planned``, or planned now), run by
+            the dispatcher's thread. Its requests are made now, over the workers there are now:
+            nodes that joined get workers first, and without rollout.micro_batch the contexts are
+            split evenly over them (the rollouts do not change with the split)."""
+            p = planned or plan(i)
+            rollouts.grow()
+            requests = rollouts.requests(p.contexts, p.k, L, i, sent.version, max_concentration=p.cap)
+            return _Launch(p, sent, dispatcher.start(requests, sent.arg))
 
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
@@ -301,12 +294,10 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
             inflight = None
             K = now.plan.k
             policy.set_max_concentration(now.plan.cap)  # the update's log-probs: the cap the rollouts were drawn under
-            # the next iteration's requests, made while these rollouts are under way: on policy under
-            # the version this update makes (only sending them waits for it), one step off policy
-            # under the weights it starts from
-            planned = None
-            if it + 1 < lc.iterations:
-                planned = plan(it + 1, current.version if lc.pipeline else version + 1)
+            # the next iteration's contexts, drawn while these rollouts are under way (the learner
+            # only waits for them here); their requests go out after the update on policy, before
+            # it one step off policy
+            planned = plan(it + 1) if it + 1 < lc.iterations else None
             try:
                 got = now.job.result()
             except WorkersLost:
