@@ -605,18 +605,14 @@ class Dispatcher:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    def _launch(
-        self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending], chain: bool = True
-    ) -> Pending:
-        """Send ``request`` to a live worker; it has its time for each unit queued ahead of it there.
-        ``chain``: its scoring calls too (``RewardGroup.chain``; else the caller sends them)."""
+    def _launch(self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending]) -> Pending:
+        """Send ``request`` to a live worker (its sampling call only: the caller chains the scoring
+        calls, ``RewardGroup.chain``); it has its time for each unit queued ahead of it there."""
         alive = self.rollouts.alive
         worker = alive[turn % len(alive)]
         queued = sum(1 for u in live.values() if u.worker == worker and u.sampled is None)
         p = self.rollouts.submit(request, weights, worker)
         p.deadline = p.launched + self.rollouts.timeout(request) * (1 + queued)
-        if chain:
-            self.rewards.chain(p)
         return p
 
     def _launch_all(self, requests: list[RolloutRequest], weights: Any) -> dict[str, Pending]:
@@ -626,7 +622,7 @@ class Dispatcher:
         workers also waited for W - 1 scoring calls to be submitted before it could start."""
         live: dict[str, Pending] = {}
         for i, r in enumerate(requests):
-            live[r.request_id] = self._launch(r, weights, i, live, chain=False)
+            live[r.request_id] = self._launch(r, weights, i, live)
         for p in live.values():
             self.rewards.chain(p)
         return live
@@ -680,6 +676,7 @@ class Dispatcher:
             del live[rid]
             spans.pop(rid, None)
             live[rid] = self._launch(p.request, weights, p.worker + attempts[rid], live)
+            self.rewards.chain(live[rid])
 
         while live:
             waits = [(ref, u, j, d) for u in live.values() for ref, j, d in u.waiting()]
