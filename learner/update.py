@@ -155,6 +155,11 @@ def reinforce_step(
     ``importance``: the rollouts come from the behaviour policy whose log-probs are
     ``behaviour_logp`` (one step off policy), and each term is weighted by pi / mu.
     """
+    if np.shape(advantage) != log_tau.shape[:2] or np.shape(behaviour_logp) != log_tau.shape[:2]:
+        raise ValueError(
+            f"advantages of shape {np.shape(advantage)} and behaviour log-probs of shape"
+            f" {np.shape(behaviour_logp)} for draws of shape {log_tau.shape}: both must be [C, K]"
+        )
     alpha = policy(inputs)  # [C, L+1]; the policy has no train-mode behaviour (no dropout, no batch norm)
     c, k = advantage.shape
     device = alpha.device  # the policy's: the learner's GPU if it has one (learner.device)

@@ -13,6 +13,7 @@
   unweighted estimator on the same draws (what forgetting the ratio would do) does not.
 - AdamW on the policy's flat buffer (``FlatAdamW``) leaves the same bits as the per-tensor
   AdamW, step after step, and its state dict is the per-tensor one's: checkpoints load either way.
+- Advantages or behaviour log-probs of another shape than the draws are refused by name.
 - The toy's loss and reward are pinned for 3 iterations of the real loop (as torchtune pins its
   recipes): any change to the maths, the draws or the order of work shows here.
 """
@@ -338,3 +339,15 @@ def test_flat_adamw_folds_back_a_gradient_set_to_none_and_refuses_replaced_param
     flat.load_state_dict(per.state_dict(), assign=True)  # new storage: no longer the buffer
     with pytest.raises(RuntimeError, match="no longer live in the optimizer's flat buffer"):
         _steps(flat, opt_flat, 1)
+
+
+def test_advantages_of_another_shape_than_the_draws_are_refused():
+    """Not broadcast against the draws' [C, K], where a wrong shape would train on the wrong terms."""
+    policy, inputs = _bandit_setup(0)
+    log_tau = log_dirichlet(np.ones(3), np.random.default_rng(0), size=4)[None]  # [1, 4, 3]
+    opt = torch.optim.Adam(policy.parameters(), lr=0.05)
+    shapes = r"advantages of shape \(1, 2\) and behaviour log-probs of shape \(1, 4\) for draws of shape \(1, 4, 3\)"
+    with pytest.raises(ValueError, match=shapes):
+        reinforce_step(policy, opt, inputs, log_tau, np.zeros((1, 2)), np.zeros((1, 4)), grad_clip=1.0)
+    with pytest.raises(ValueError, match=r"behaviour log-probs of shape \(4,\)"):
+        reinforce_step(policy, opt, inputs, log_tau, np.zeros((1, 4)), np.zeros(4), grad_clip=1.0)
