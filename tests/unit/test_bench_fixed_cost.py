@@ -66,7 +66,10 @@ def test_fixed_cost_bench_runs_the_toy_and_splits_its_cpu(ray_local, capsys, mon
     out = capsys.readouterr().out
     assert ms > 0 and out.splitlines()[-1] == f"fixed cost per iteration: {ms:.1f} ms"
     rows = dict(re.findall(r"^\| (.+?) \| ([\d.]+) \|$", out, re.M))
-    assert float(rows["learner (this process)"]) > 0 and float(rows["RolloutWorker (2 processes)"]) > 0
+    assert float(rows["learner (this process)"]) > 0
+    # the toy's two workers, and any actor of an earlier test's run still alive on the shared cluster
+    workers = [(k, float(v)) for k, v in rows.items() if re.fullmatch(r"RolloutWorker \((\d+) processes\)", k)]
+    assert len(workers) == 1 and int(re.findall(r"\d+", workers[0][0])[0]) >= 2 and workers[0][1] > 0, rows
     assert float(rows["all"]) >= float(rows["learner (this process)"])
     assert re.search(r"^CPU used: [\d.]+ cores of \d+$", out, re.M)
     assert JsonlLogger.log is log  # its timing hook is taken off again
