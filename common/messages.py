@@ -67,6 +67,12 @@ class RolloutRequest(Message):
         ge=1,
         description="Longest side of the images sent on (every reward reads no more: its input_size); None: as made.",
     )
+    reference_steps: int = Field(
+        0,
+        ge=0,
+        description="NFE of the many-step reference sample made once per context, for rewards that compare"
+        " with it (0: none).",
+    )
 
     @model_validator(mode="after")
     def _tau_iff_fixed(self) -> RolloutRequest:

@@ -166,10 +166,14 @@ Launched = tuple[dict[str, Pending], float]
 
 
 class RolloutGroup:
-    def __init__(self, cfg: Config, reference_steps: int = 0, image_size: int | None = None):
-        """``image_size``: the longest side every reward reads (``RewardGroup.input_size``): training
-        images are downscaled to it on the workers (evaluation images, which metrics and plots
-        read too, are sent as made)."""
+    def __init__(self, cfg: Config, reference_steps: int = 0, image_size: int | None = None, wait: bool = True):
+        """``reference_steps``: NFE of the many-step reference each request has made per context
+        (``RewardGroup.needs_reference``). ``image_size``: the longest side every reward reads
+        (``RewardGroup.input_size``): training images are downscaled to it on the workers
+        (evaluation images, which metrics and plots read too, are sent as made). Both go with each
+        request. ``wait=False`` starts the workers without waiting for them (``wait_started``), so
+        that they build their samplers while the reward servers build their rewards; ``serve``
+        then sets what the rewards read."""
         r = cfg.rollout
         # a thread beside sampling for the collective weight broadcast (learner.broadcast)
         if cfg.learner.broadcast == "collective":
@@ -185,22 +189,24 @@ class RolloutGroup:
             runtime_env=cfg.sampler.runtime_env,  # a plug-in sampler's own dependencies
         )
         self._args = (cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed)
-        self._kwargs = {
-            "reference_steps": reference_steps,
-            "prompt_cache": r.prompt_cache,
-            "policy_device": r.policy_device,
-        }
+        self._kwargs = {"prompt_cache": r.prompt_cache, "policy_device": r.policy_device}
         self.num_cpus, self.num_gpus, self.start_timeout_s = r.num_cpus, r.num_gpus, r.start_timeout_s
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
         self.reference_steps, self.image_size, self.micro_batch = reference_steps, image_size, r.micro_batch
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         self.workers: list[Any] = []
         self.alive: list[int] = []
+        self._starting: list[int] = []  # started, not yet waited for
         n = self.auto_count() if r.num_workers == "auto" else r.num_workers
         self.max_workers = max(r.max_workers or n, n)
         if self.max_workers > n:  # ask an autoscaler (KubeRay, ray up) for the nodes; a no-op without one
             _request_resources(self.max_workers, self.num_cpus, self.num_gpus)
-        self._start(n)
+        self._start(n, wait)
+
+    def serve(self, reference_steps: int, image_size: int | None) -> None:
+        """What the rewards read, once they are known (the constructor's ``reference_steps`` and
+        ``image_size``): sent with every request from now on."""
+        self.reference_steps, self.image_size = reference_steps, image_size
 
     def auto_count(self) -> int:
         """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
@@ -213,13 +219,20 @@ class RolloutGroup:
             )
         return n
 
-    def _start(self, n: int) -> None:
-        """Start ``n`` more workers and wait until each has built its sampler (one line if one cannot)."""
+    def _start(self, n: int, wait: bool = True) -> None:
+        """Start ``n`` more workers, and (``wait``) wait until each has built its sampler."""
         first = len(self.workers)
-        new = [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]
-        self.workers += new
-        _wait_started(new, self.start_timeout_s, [f"rollout worker {first + i}" for i in range(n)])
-        self.alive += list(range(first, first + n))
+        self.workers += [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]
+        self._starting += range(first, first + n)
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Every worker started has built its sampler, each within ``rollout.start_timeout_s`` of
+        this call (one line naming the worker if one cannot)."""
+        new, self._starting = self._starting, []
+        _wait_started([self.workers[i] for i in new], self.start_timeout_s, [f"rollout worker {i}" for i in new])
+        self.alive += new
 
     def grow(self) -> int:
         """Elastic scale-out, between iterations: start as many more workers as the cluster has free
@@ -299,6 +312,7 @@ class RolloutGroup:
                 tau=tau,
                 max_concentration=max_concentration,
                 image_size=self.image_size if mode == "sample" else None,
+                reference_steps=self.reference_steps,
             )
             for i in range(0, len(contexts), n)
         ]
@@ -336,9 +350,11 @@ class RewardGroup:
         sampler: dict[str, Any] | None = None,
         max_restarts: int = 3,
         restart_timeout_s: float = 120.0,
+        wait: bool = True,
     ):
         """``sampler``: the run's sampler section, for rewards that score against the sampler's own
-        model (``uses_sampler_config``, e.g. the toy reward)."""
+        model (``uses_sampler_config``, e.g. the toy reward). ``wait=False``: the servers are
+        started and not waited for; ``wait_started`` waits and reads what each reward declares."""
         self.specs = specs
         self.servers: list[list[Any]] = []
         self.restart_timeout_s = restart_timeout_s
@@ -358,31 +374,26 @@ class RewardGroup:
                 [actor.remote(spec.name, spec.kwargs, sampler=sampler) for _ in range(spec.num_servers)]
             )
         self.alive = [list(range(len(s))) for s in self.servers]
-        self._wait_started()
-        #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
-        self.needs_reference = [
-            ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s)
-            for spec, servers in zip(specs, self.servers, strict=True)
-        ]
         names = [s.name for s in specs]
         # metric keys: the reward's name, numbered where the same reward appears twice
         self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
-        sizes = [
-            ray.get(servers[0].input_size.remote(), timeout=spec.timeout_s)
-            for spec, servers in zip(specs, self.servers, strict=True)
-        ]
+        #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
+        self.needs_reference: list[bool] = []
         #: the longest image side every reward reads (None: one reads images as made)
-        self.input_size: int | None = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
+        self.input_size: int | None = None
         self._turn = 0
+        if wait:
+            self.wait_started()
 
     @classmethod
-    def from_config(cls, cfg: Config) -> RewardGroup:
+    def from_config(cls, cfg: Config, wait: bool = True) -> RewardGroup:
         """The run's rewards, restarted as its rollout workers are."""
         r = cfg.rollout
-        return cls(cfg.rewards, cfg.sampler.model_dump(mode="json"), r.max_restarts, r.restart_timeout_s)
+        return cls(cfg.rewards, cfg.sampler.model_dump(mode="json"), r.max_restarts, r.restart_timeout_s, wait)
 
-    def _wait_started(self) -> None:
-        """Every server has built its reward (module, class, call signature, kwargs, model load).
+    def wait_started(self) -> None:
+        """Every server has built its reward (module, class, call signature, kwargs, model load);
+        then what each reward declares: ``needs_reference`` and ``input_size``.
 
         The reward is resolved inside its server, in its own runtime_env (its module may not even
         import in the learner's environment), so a bad spec shows here, at startup, as one line
@@ -390,6 +401,10 @@ class RewardGroup:
         """
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
             _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
+        pairs = list(zip(self.specs, self.servers, strict=True))
+        self.needs_reference = [ray.get(s[0].needs_reference.remote(), timeout=spec.timeout_s) for spec, s in pairs]
+        sizes = [ray.get(s[0].input_size.remote(), timeout=spec.timeout_s) for spec, s in pairs]
+        self.input_size = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
 
     def chain(self, p: Pending) -> None:
         """At ``p``'s launch: a reward with one live server is sent ``p``'s image refs at once. Ray

@@ -218,8 +218,13 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     dispatcher: Dispatcher | None = None
     try:
-        rewards = RewardGroup.from_config(cfg)
-        rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards), rewards.input_size)
+        # the reward servers and the rollout workers start together (a sampler's weights load while
+        # the reward models load); a reward that cannot start is still the first thing reported
+        rewards = RewardGroup.from_config(cfg, wait=False)
+        rollouts = RolloutGroup(cfg, wait=False)
+        rewards.wait_started()
+        rollouts.wait_started()
+        rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()

@@ -45,12 +45,11 @@ class RolloutWorker:
         steps: int,
         run_seed: int,
         torch_threads: int = 1,
-        reference_steps: int = 0,
         prompt_cache: int = 256,
         policy_device: str = "auto",
     ):
         torch.set_num_threads(torch_threads)
-        self.worker_id, self.run_seed, self.reference_steps = worker_id, run_seed, reference_steps
+        self.worker_id, self.run_seed = worker_id, run_seed
         self.sampler = build_sampler(SamplerConfig(**sampler))
         spec = self.sampler.spec()
         self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
@@ -145,7 +144,7 @@ class RolloutWorker:
         Returns (batch, images, references); called with ``num_returns=3`` so the images and
         references stay object refs that go to the reward servers without passing through the
         learner. Images are ordered context-major: row c*K + i is rollout i of context c.
-        ``references`` (None unless ``reference_steps``) holds, row for row, the many-step sample
+        ``references`` (None unless ``request.reference_steps``) holds, row for row, the many-step sample
         of the same prompt and noise: made once per context and repeated for its K rollouts.
         Both are downscaled to ``request.image_size`` where it is set (the rewards read no more).
         """
@@ -187,8 +186,8 @@ class RolloutWorker:
         times = times_from_tau(tau.reshape(-1, steps + 1))
         images = self.sampler.sample([p for p in prompts for _ in range(k)], np.repeat(x, k, axis=0), times)
         references = None
-        if self.reference_steps:
-            ref_times = np.tile(times_from_tau(self.sampler.default_tau(self.reference_steps)), (len(ctxs), 1))
+        if request.reference_steps:
+            ref_times = np.tile(times_from_tau(self.sampler.default_tau(request.reference_steps)), (len(ctxs), 1))
             references = self.sampler.sample(prompts, x, ref_times)
             if request.image_size is not None:
                 references = downscale(references, request.image_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 
@@ -115,3 +117,17 @@ class SideProbe:
     def __call__(self, images, prompts):
         a = np.asarray(images)
         return np.full(len(prompts), max(a.shape[1:3]), dtype=np.float32)
+
+
+class SlowStart:
+    """A reward whose model takes ``seconds`` to load (slept), writing when its load began and
+    ended (time.time()) to the file ``stamp``; it prefers samples near the origin."""
+
+    def __init__(self, seconds: float, stamp: str):
+        began = time.time()
+        time.sleep(seconds)
+        with open(stamp, "a") as f:
+            f.write(f"{began} {time.time()}\n")
+
+    def __call__(self, images, prompts):
+        return (-np.linalg.norm(np.asarray(images), axis=1)).astype(np.float32)

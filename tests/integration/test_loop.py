@@ -141,3 +141,28 @@ def test_learner_and_workers_run_the_policy_on_cuda(ray_local, tmp_path):
     first = [r for r in read_records(a.run_dir / "rollouts.msgpack", RolloutRecord) if r.iteration == 0]
     again = [r for r in read_records(b.run_dir / "rollouts.msgpack", RolloutRecord) if r.iteration == 0]
     np.testing.assert_allclose([r.tau for r in first], [r.tau for r in again], rtol=1e-2, atol=1e-4)
+
+
+def test_workers_build_their_samplers_while_the_rewards_load(ray_local, tmp_path):
+    """A reward model that takes seconds to load does not hold the rollout workers back: they
+    start with the reward servers and build their samplers meanwhile, so that a run starts in the
+    longer of the two loads, not their sum (a Flux worker's weights and an HPS model each take
+    their minute on a cluster)."""
+    sampler_stamp, reward_stamp = tmp_path / "sampler", tmp_path / "reward"
+    over = tiny_overrides(
+        tmp_path,
+        sampler={"backend": "tests.integration.samplers_for_tests:StampedToy", "kwargs": {"stamp": str(sampler_stamp)}},
+        rewards=[
+            {
+                "name": "tests.integration.rewards_for_tests:SlowStart",
+                "kwargs": {"seconds": 8.0, "stamp": str(reward_stamp)},
+                "num_cpus": 0.5,
+            }
+        ],
+        learner={"iterations": 1},
+    )
+    res = train(load_config([], **over))
+    assert [m["step"] for m in read_jsonl(res.run_dir / "metrics.jsonl") if "learner/pg_loss" in m] == [1]
+    ((began, loaded),) = [tuple(map(float, line.split())) for line in reward_stamp.read_text().splitlines()]
+    built = [float(t) for t in sampler_stamp.read_text().split()]
+    assert len(built) == 2 and all(began < t < loaded for t in built), (began, built, loaded)
