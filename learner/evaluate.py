@@ -253,7 +253,8 @@ def sweep(
         for i, ls in served.items():  # one set of workers per run, for every L it serves
             run, cfg, policy = runs[i], cfgs[i].model_copy(deep=True), policies[i]
             cfg.rollout.steps = policy.steps  # the workers' policy copy is the run's, whatever L is evaluated
-            rollouts = RolloutGroup(cfg, reference_steps_for(cfg, rewards))
+            rollouts = RolloutGroup(cfg)
+            rollouts.serve(reference_steps_for(cfg, rewards))  # evaluation images go as made
             try:
                 dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
                 spec = rollouts.spec()

@@ -166,14 +166,11 @@ Launched = tuple[dict[str, Pending], float]
 
 
 class RolloutGroup:
-    def __init__(self, cfg: Config, reference_steps: int = 0, image_size: int | None = None, wait: bool = True):
-        """``reference_steps``: NFE of the many-step reference each request has made per context
-        (``RewardGroup.needs_reference``). ``image_size``: the longest side every reward reads
-        (``RewardGroup.input_size``): training images are downscaled to it on the workers
-        (evaluation images, which metrics and plots read too, are sent as made). Both go with each
-        request. ``wait=False`` starts the workers without waiting for them (``wait_started``), so
-        that they build their samplers while the reward servers build their rewards; ``serve``
-        then sets what the rewards read."""
+    def __init__(self, cfg: Config, wait: bool = True):
+        """The run's rollout workers. ``wait=False`` starts them without waiting for them
+        (``wait_started``), so that they build their samplers while the reward servers build their
+        rewards. What the rewards read is set by ``serve`` once the rewards are up; until then the
+        requests ask for no reference and send the images as made."""
         r = cfg.rollout
         # a thread beside sampling for the collective weight broadcast (learner.broadcast)
         if cfg.learner.broadcast == "collective":
@@ -192,7 +189,8 @@ class RolloutGroup:
         self._kwargs = {"prompt_cache": r.prompt_cache, "policy_device": r.policy_device}
         self.num_cpus, self.num_gpus, self.start_timeout_s = r.num_cpus, r.num_gpus, r.start_timeout_s
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
-        self.reference_steps, self.image_size, self.micro_batch = reference_steps, image_size, r.micro_batch
+        self.reference_steps, self.micro_batch = 0, r.micro_batch
+        self.image_size: int | None = None
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         self.workers: list[Any] = []
         self.alive: list[int] = []
@@ -203,9 +201,12 @@ class RolloutGroup:
             _request_resources(self.max_workers, self.num_cpus, self.num_gpus)
         self._start(n, wait)
 
-    def serve(self, reference_steps: int, image_size: int | None) -> None:
-        """What the rewards read, once they are known (the constructor's ``reference_steps`` and
-        ``image_size``): sent with every request from now on."""
+    def serve(self, reference_steps: int, image_size: int | None = None) -> None:
+        """What the rewards read, sent with every request from now on. ``reference_steps``: NFE of
+        the many-step reference each request makes per context (``RewardGroup.needs_reference``).
+        ``image_size``: the longest side every reward reads (``RewardGroup.input_size``): training
+        images are downscaled to it on the workers; evaluation images, which metrics and plots read
+        too, are sent as made."""
         self.reference_steps, self.image_size = reference_steps, image_size
 
     def auto_count(self) -> int:
@@ -399,11 +400,12 @@ class RewardGroup:
         import in the learner's environment), so a bad spec shows here, at startup, as one line
         naming the reward: not as an actor traceback at the first scoring call.
         """
+        self.needs_reference = []
+        sizes: list[int | None] = []
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
             _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
-        pairs = list(zip(self.specs, self.servers, strict=True))
-        self.needs_reference = [ray.get(s[0].needs_reference.remote(), timeout=spec.timeout_s) for spec, s in pairs]
-        sizes = [ray.get(s[0].input_size.remote(), timeout=spec.timeout_s) for spec, s in pairs]
+            self.needs_reference.append(ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s))
+            sizes.append(ray.get(servers[0].input_size.remote(), timeout=spec.timeout_s))
         self.input_size = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
 
     def chain(self, p: Pending) -> None:
