@@ -164,6 +164,19 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     return load_file(path)
 
 
+def storage(root: str | Path) -> tuple[Any, str]:
+    """(the fsspec filesystem, the path in it) of a checkpoint root, a path or a URL; a ConfigError
+    naming the root where its protocol is unknown or needs a package not installed (s3fs, gcsfs)."""
+    import fsspec
+
+    from common.config import ConfigError
+
+    try:
+        return fsspec.core.url_to_fs(str(root))
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"checkpoint storage {str(root)!r}: {e}") from None
+
+
 class CheckpointStore:
     """Checkpoints under a local path or an fsspec URL (shared storage: ``s3://``, ``gs://``, ...).
 
@@ -174,10 +187,9 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | Path):
-        import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
-        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.fs, self.root = storage(root)
         self.local = isinstance(self.fs, LocalFileSystem)
         self._scratch = tempfile.TemporaryDirectory(prefix="steinsched-ckpt-")
 
@@ -204,12 +216,13 @@ class CheckpointStore:
                 self.fs.rm(final, recursive=True)
             self.fs.mv(staging, final, recursive=True)
             self.fs.pipe(f"{self.root}/{LATEST}", (local.name + "\n").encode())
-        names = self._names()
+        names = self.names()
         for old in names[:-keep]:
             self.fs.rm(f"{self.root}/{old}", recursive=True)
         return final
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
+        """The names of the checkpoints in the store (ckpt-<iteration>), oldest first."""
         if not self.fs.exists(self.root):
             return []
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
@@ -219,7 +232,7 @@ class CheckpointStore:
         """A local, verified copy of the newest good checkpoint (damaged ones reported, skipped)."""
         if self.local:
             return find_latest(Path(self.root), log)
-        for name in reversed(self._names()):
+        for name in reversed(self.names()):
             local = self.fetch(f"{self.root}/{name}")
             problem = verify(local)
             if problem is None:
@@ -237,19 +250,37 @@ class CheckpointStore:
         return dest
 
 
+def load_run_config(run: Path, overrides: list[str] | None = None) -> Any:
+    """A run's config (``<run>/config.yaml``), ``overrides`` (command-line flags) over it; a
+    ConfigError naming the run's file where that file is the problem."""
+    from common.config import ConfigError, load_config
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+    try:
+        cfg = load_config(["--config", str(path)])
+        if not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise ConfigError("it is empty")
+    except ConfigError as e:  # a run writes every field: this one was damaged or edited
+        raise ConfigError(f"the run's config {path}: {e}") from None
+    return load_config(["--config", str(path), *overrides]) if overrides else cfg
+
+
 def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     """A run's final policy (``<run>/policy``), or the weights of one of its checkpoints
     (``checkpoint``: 'latest', a name such as 'ckpt-00000300', or a path); a ConfigError naming
-    what is missing otherwise."""
-    from common.config import ConfigError, load_config
-    from common.policy import SchedulePolicy
+    what is missing or cannot be read otherwise."""
+    from common.config import ConfigError
 
-    if checkpoint is None:
-        if not (run / "policy").is_dir():
-            raise ConfigError(f"{run} has no final policy yet (policy/): pass --checkpoint latest")
-        return SchedulePolicy.from_pretrained(run / "policy").eval()
-    cfg = load_config(["--config", str(run / "config.yaml")])
+    if checkpoint is None and (run / "policy").is_dir():
+        return _read_policy(run / "policy")
+    cfg = load_run_config(run)
     store = CheckpointStore(cfg.learner.checkpoint_dir or run / "checkpoints")
+    if checkpoint is None:
+        if store.names():
+            raise ConfigError(f"{run} has no final policy yet (policy/): pass --checkpoint latest")
+        raise ConfigError(f"{run} has no final policy (policy/) and no checkpoint in {store}")
     if checkpoint == "latest":
         ckpt = store.latest()
     else:
@@ -260,6 +291,21 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
-    policy = SchedulePolicy.from_pretrained(Path(ckpt) / "policy").eval()
-    load_checkpoint(Path(ckpt), policy, None)
+    return _read_policy(Path(ckpt) / "policy", Path(ckpt))
+
+
+def _read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
+    """The policy saved in ``directory`` (and the weights of ``checkpoint`` loaded into it), in
+    eval mode; a ConfigError naming the directory where its files cannot be read."""
+    from common.config import ConfigError
+    from common.policy import SchedulePolicy
+
+    try:
+        policy = SchedulePolicy.from_pretrained(directory).eval()
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, policy, None)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, one line naming it
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = " ".join(lines[:2])  # a state dict's mismatch names itself on its second line
+        raise ConfigError(f"the policy in {directory} cannot be loaded ({type(e).__name__}: {why[:300]})") from None
     return policy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -296,6 +297,8 @@ class PolicyConfig(Section):
 
 #: Most rollouts per context (``rollout.k`` and every ``k_schedule`` entry).
 MAX_K = 1024
+#: The most model evaluations (L) a sample may take.
+MAX_STEPS = 1000
 
 
 #: NFE of the many-step reference sample when a reward compares with it and the config leaves
@@ -328,7 +331,7 @@ class RolloutConfig(Section):
         " {3000: 8, 4000: 16}"
         " (docs/method.md: at K = 2 a context's rollouts differ by more than the noise's effect). Empty: K throughout.",
     )
-    steps: int = Field(4, ge=1, le=1000, description="L: model evaluations (NFE) per sample.")
+    steps: int = Field(4, ge=1, le=MAX_STEPS, description="L: model evaluations (NFE) per sample.")
     contexts_per_iter: int = Field(16, ge=1, le=65_536, description="C: contexts (prompt, seed) per iteration.")
     micro_batch: int | None = Field(
         None,
@@ -532,6 +535,25 @@ class RayConfig(Section):
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster started by this run.")
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of ray.init().")
 
+    @field_validator("init_kwargs")
+    @classmethod
+    def _known_to_ray(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Each key is an argument of ``ray.init`` (or one of its private ``_`` ones, which Ray
+        checks itself): a misspelt one is a config mistake here, not a RuntimeError at startup."""
+        if not kwargs:
+            return kwargs
+        import inspect
+
+        import ray
+
+        known = [n for n, a in inspect.signature(ray.init).parameters.items() if a.kind is not a.VAR_KEYWORD]
+        unknown = [k for k in kwargs if k not in known and not k.startswith("_")]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))}: not an argument of ray.init (it takes {', '.join(known)})"
+            )
+        return kwargs
+
 
 class Config(BaseSettings):
     """steinsched: learn instance-level sampling schedules with REINFORCE and a James-Stein baseline."""
@@ -540,6 +562,7 @@ class Config(BaseSettings):
         extra="forbid",
         validate_assignment=True,
         cli_prog_name="python -m learner.main",
+        cli_exit_on_error=False,  # a mistake is one line (load_config), not the usage of every field
         cli_implicit_flags=False,
         cli_avoid_json=False,
     )
@@ -751,6 +774,7 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     files: list[Path] = pre.parse_known_args(argv)[0].config
     if len(files) > 1:
         raise ConfigError(f"--config given {len(files)} times ({', '.join(map(str, files))}): give one file")
+    _check_flags(argv)
     argv, empties = _empty_list_flags(argv)
     data: dict[str, Any] = _read_yaml(files[0]) if files else {}
     _deep_merge(data, overrides)
@@ -762,7 +786,44 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
     except SettingsError as e:
-        raise ConfigError(f"invalid command line: {e}") from None
+        why = str(e).removeprefix("error parsing CLI: ")
+        raise ConfigError(f"invalid command line: {why} (--help lists every flag)") from None
+
+
+def _check_flags(argv: list[str]) -> None:
+    """Every ``--flag`` has a value (``--flag=VALUE`` or ``--flag VALUE``): a section flag given
+    alone (``--rollout``) would otherwise be taken as the section's defaults, silently."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg in ("--", "--help") or "=" in arg:
+            continue
+        if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+            raise ConfigError(f"invalid command line: {arg} needs a value ({arg}=VALUE)")
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``minimum`` to ``maximum`` (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def ints_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse ``type``: a comma-separated list of ``int_at_least`` integers, e.g. ``2,4,8``."""
+    one = int_at_least(minimum, maximum)
+
+    def parse(text: str) -> list[int]:
+        return [one(part.strip()) for part in text.split(",")]
+
+    return parse
 
 
 def _empty_list_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -190,6 +190,10 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run dir {path} is a file, not a directory")
     ckpt_dir = _local_checkpoint_dir(cfg)
+    if ckpt_dir is None and cfg.learner.checkpoint_dir is not None:  # a URL: its filesystem can be opened
+        from common.checkpoint import storage
+
+        storage(cfg.learner.checkpoint_dir)
     _check_writable(path, "run dir")
     if ckpt_dir is not None:
         _check_writable(ckpt_dir, "checkpoint dir")

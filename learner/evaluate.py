@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from common.config import ConfigError
+from common.config import MAX_STEPS, ConfigError, int_at_least, ints_at_least
 from common.messages import Context, ScheduleMode
 from common.policy import SchedulePolicy
 from learner.groups import Collected, Dispatcher, MetricGroup
@@ -225,14 +225,13 @@ def sweep(
     overrides: list[str] | None = None,
 ) -> Sweep:
     """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``."""
-    from common.checkpoint import load_run_policy
-    from common.config import load_config
+    from common.checkpoint import load_run_config, load_run_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
     from learner.groups import RewardGroup, RolloutGroup
     from learner.loop import init_ray, reference_steps_for
 
-    cfgs = [load_config(["--config", str(r / "config.yaml"), *(overrides or [])]) for r in runs]
+    cfgs = [load_run_config(r, overrides) for r in runs]
     first = cfgs[0]
     for r, c in zip(runs[1:], cfgs[1:], strict=True):
         if c.sampler != first.sampler or c.rewards != first.rewards or c.experiment.seed != first.experiment.seed:
@@ -258,9 +257,9 @@ def sweep(
             try:
                 dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
                 spec = rollouts.spec()
-                contexts = eval_contexts(
-                    prompts or lc.eval_prompts or spec.eval_prompts, seeds or lc.eval_seeds, cfg.experiment.seed
-                )
+                held_out = prompts or lc.eval_prompts or spec.eval_prompts
+                rollouts.check_prompts(held_out)  # every prompt read by the backend, before any sampling
+                contexts = eval_contexts(held_out, seeds or lc.eval_seeds, cfg.experiment.seed)
                 weights = ray.put(state_to_numpy(policy))
                 worker = rollouts.workers[rollouts.alive[0]]
                 for n in ls:
@@ -298,20 +297,24 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", type=Path, action="append", required=True, help="A run directory (repeat: one per L).")
-    p.add_argument("--steps", help="L values, e.g. 2,4,8 (default: the runs' own).")
+    p.add_argument("--steps", type=ints_at_least(1, MAX_STEPS), help="L values, e.g. 2,4,8 (default: the runs' own).")
     p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
     p.add_argument("--prompt-file", type=Path, help="Held-out prompts, one per line (default: the run's).")
-    p.add_argument("--seeds", type=int, help="Held-out seeds per prompt (default: the run's learner.eval_seeds).")
-    p.add_argument("--best-of", type=int, default=0, help="Also the best of K policy draws (K x NFE).")
+    p.add_argument(
+        "--seeds",
+        type=int_at_least(2, 1_000_000),
+        help="Held-out seeds per prompt (default: the run's learner.eval_seeds).",
+    )
+    p.add_argument("--best-of", type=int_at_least(0), default=0, help="Also the best of K policy draws (K x NFE).")
     p.add_argument("--out", type=Path, help="Output directory (default: <first run>/evaluation).")
     p.add_argument(
         "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
     )
     args = p.parse_args(argv)
+    out = args.out or args.run[0] / "evaluation"
     try:
-        steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-        if steps is not None and min(steps) < 1:
-            raise ConfigError(f"--steps must be positive integers, got {args.steps}")
+        if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
+            raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
         for r in args.run:
             if not (r / "config.yaml").is_file():
                 raise ConfigError(f"{r} is not a run directory (no config.yaml)")
@@ -320,11 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             from common.prompts import read_prompt_file
 
             prompts = read_prompt_file(args.prompt_file)
-        result = sweep(args.run, steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
+        result = sweep(args.run, args.steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or args.run[0] / "evaluation"
     result.write(out, tb_dir=args.run[0] / "tb")
     print(result.markdown())
     print(f"wrote {out}/table.md, summary.csv, contexts.csv and the plots")

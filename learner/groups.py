@@ -72,19 +72,57 @@ def actor_error_line(e: BaseException) -> str:
     return " ".join(lines[starts[-1] :])
 
 
-def _wait_started(actors: list[Any], timeout_s: float, what: list[str]) -> None:
+#: Seconds an actor may wait for room on the cluster before the wait is announced (its start
+#: timeout can be many minutes: a model's weights take that long to load).
+UNPLACED_NOTICE_S = 20.0
+
+
+def _wait_started(actors: list[Any], timeout_s: float, what: list[str], needs: list[dict[str, float]]) -> None:
     """Every actor of ``actors`` has run its constructor, within ``timeout_s``: else one line
-    naming the actor with its own message (ConfigError: exit 2)."""
+    naming the actor with its own message (ConfigError: exit 2). ``needs``: each actor's resources
+    ({'CPU': 0.5, 'GPU': 1}). An actor the cluster has no room for is never started at all: its
+    wait is announced after ``UNPLACED_NOTICE_S``, and its timeout says so, with what it asks for
+    and what the cluster has."""
     deadline = time.monotonic() + timeout_s
-    for actor, name in zip(actors, what, strict=True):
+    notice = time.monotonic() + UNPLACED_NOTICE_S
+    refs = [a.pid.remote() for a in actors]
+    for i, (actor, name, need) in enumerate(zip(actors, what, needs, strict=True)):
+        ref = refs[i]
+        while not ray.wait([ref], timeout=max(0.0, min(deadline, notice) - time.monotonic()))[0]:
+            if time.monotonic() >= deadline:
+                if _placed(actor) is False:
+                    raise ConfigError(f"{name} did not start within {timeout_s:g} s: {_no_room(need)}")
+                raise ConfigError(f"{name} did not start within {timeout_s:g} s (its constructor is still running)")
+            for a, n, nd in zip(actors[i:], what[i:], needs[i:], strict=True):
+                if _placed(a) is False:
+                    print(f"{n} is waiting: {_no_room(nd)}; it gives up after {timeout_s:g} s")
+            notice = math.inf
         try:
-            ray.get(actor.pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
-        except GetTimeoutError:
-            raise ConfigError(
-                f"{name} did not start within {timeout_s:g} s (its constructor is still running)"
-            ) from None
+            ray.get(ref)
         except RayActorError as e:
             raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
+
+
+def _placed(actor: Any) -> bool | None:
+    """Whether the cluster has given ``actor`` a process (its constructor may still be running);
+    None where the cluster's actor table cannot be read."""
+    try:
+        from ray._private import state
+
+        return bool(state.actors(actor._actor_id.hex()).get("Pid"))
+    except Exception:  # noqa: BLE001 - a private table; without it the message is only less precise
+        return None
+
+
+def _no_room(need: dict[str, float]) -> str:
+    """'the cluster has no room for it', with what it asks for and what the cluster has."""
+    asks = {k: v for k, v in need.items() if v}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    has = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k} free" for k in asks)
+    return (
+        f"the cluster has no room for it (it asks for {', '.join(f'{v:g} {k}' for k, v in asks.items())};"
+        f" the cluster has {has})"
+    )
 
 
 def _request_resources(workers: int, num_cpus: float, num_gpus: float) -> None:
@@ -232,7 +270,12 @@ class RolloutGroup:
         """Every worker started has built its sampler, each within ``rollout.start_timeout_s`` of
         this call (one line naming the worker if one cannot)."""
         new, self._starting = self._starting, []
-        _wait_started([self.workers[i] for i in new], self.start_timeout_s, [f"rollout worker {i}" for i in new])
+        _wait_started(
+            [self.workers[i] for i in new],
+            self.start_timeout_s,
+            [f"rollout worker {i}" for i in new],
+            [{"CPU": self.num_cpus, "GPU": self.num_gpus}] * len(new),
+        )
         self.alive += new
 
     def grow(self) -> int:
@@ -403,7 +446,10 @@ class RewardGroup:
         self.needs_reference = []
         sizes: list[int | None] = []
         for j, (spec, servers) in enumerate(zip(self.specs, self.servers, strict=True)):
-            _wait_started(servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers))
+            need = {"CPU": spec.num_cpus, "GPU": spec.num_gpus}
+            _wait_started(
+                servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers), [need] * len(servers)
+            )
             self.needs_reference.append(ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s))
             sizes.append(ray.get(servers[0].input_size.remote(), timeout=spec.timeout_s))
         self.input_size = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
@@ -489,6 +535,7 @@ class MetricGroup:
             self.servers,
             max(m.start_timeout_s for m in specs) if specs else 1.0,
             [f"eval metric {m.name!r}" for m in specs],
+            [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in specs],
         )
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:

@@ -61,7 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # stopped during training: what was learned is in the latest checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ray shut down and the run dir released on the way out
+        print(f"interrupted: {_what_is_kept(cfg)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _what_is_kept(cfg: Config) -> str:
+    """What an interrupted run leaves to continue from, in one line."""
+    from common.checkpoint import CheckpointStore
+
+    try:
+        names = CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints").names()
+    except Exception:  # noqa: BLE001 - storage out of reach: say what can be said without it
+        names = []
+    if names:
+        return f"the run in {cfg.run_dir} keeps its checkpoint {names[-1]}; --resume auto continues it from there"
+    return f"the run in {cfg.run_dir} had written no checkpoint yet; --overwrite starts it again"
 
 
 if __name__ == "__main__":

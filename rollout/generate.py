@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoint import load_run_policy
-from common.config import DEFAULT_REFERENCE_STEPS, ConfigError, load_config
+from common.checkpoint import load_run_config, load_run_policy
+from common.config import DEFAULT_REFERENCE_STEPS, MAX_STEPS, ConfigError, int_at_least
 from common.policy import dirichlet_mean
 from common.schedule import times_from_tau
 from rollout.backends import build_sampler
-from rollout.sampler import policy_inputs
+from rollout.sampler import policy_inputs, prompt_problem
 
 
 def schedules_for(
@@ -77,18 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run", type=Path, required=True, help="A run directory.")
     p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for several).")
-    p.add_argument("--seed", type=int, action="append", help="A noise seed (repeat for several; default 0).")
-    p.add_argument("--steps", type=int, help="L (default: the policy's; another L runs the default schedule only).")
+    p.add_argument(
+        "--seed", type=int_at_least(0), action="append", help="A noise seed (repeat for several; default 0)."
+    )
+    p.add_argument(
+        "--steps",
+        type=int_at_least(1, MAX_STEPS),
+        help="L (default: the policy's; another L runs the default schedule only).",
+    )
     p.add_argument("--schedule", choices=["learned", "global", "default"], default="learned")
     p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
     p.add_argument("--compare", action="store_true", help="Also the default schedule, beside.")
     p.add_argument("--score", action="store_true", help="Print every configured reward of every image.")
-    p.add_argument("--out", type=Path, help="PNG to write (default: generated.png in the current directory).")
+    p.add_argument("--out", type=Path, help="PNG or JPEG to write (default: generated.png in the current directory).")
     args = p.parse_args(argv)
+    out = args.out or Path("generated.png")
     try:
-        if not (args.run / "config.yaml").is_file():
-            raise ConfigError(f"{args.run} is not a run directory (no config.yaml)")
-        cfg = load_config(["--config", str(args.run / "config.yaml")])
+        check_image_path(out)
+        cfg = load_run_config(args.run)
         policy = load_run_policy(args.run, args.checkpoint)
         steps = args.steps or policy.steps
         if args.schedule != "default" and steps != policy.steps:
@@ -108,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{args.run} has no learned global schedule (global/policy)")
         torch.set_num_threads(cfg.learner.torch_threads)
         sampler = build_sampler(cfg.sampler)
+        problem = prompt_problem(sampler, args.prompt)
+        if problem is not None:
+            raise ConfigError(f"--prompt: {problem}")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,10 +141,24 @@ def main(argv: list[str] | None = None) -> int:
         for name, imgs in images.items():
             print(f"{name} samples:\n{np.asarray(imgs)}")
         return 0
-    out = args.out or Path("generated.png")
     write_images(out, images, [f"{q} (seed {s})" for q, s in pairs])
     print(f"wrote {out}")
     return 0
+
+
+#: The image files ``--out`` may name (what both PIL and matplotlib write).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def check_image_path(path: Path) -> None:
+    """``path`` is an image file that can be written: a known suffix, in a directory that exists
+    (found before anything is sampled)."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a directory; name an image file in it, e.g. {path / 'generated.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"--out {path}: name a {', '.join(IMAGE_SUFFIXES)} file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {path}: the directory {path.parent} does not exist")
 
 
 def write_images(path: Path, images: dict[str, Any], captions: list[str]) -> None:

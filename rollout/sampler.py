@@ -37,6 +37,22 @@ def policy_inputs(x: np.ndarray, feats: list[PromptFeatures], device: Any = "cpu
 REQUIRED_METHODS = ("spec", "default_tau", "encode", "initial_noise", "sample")
 
 
+def prompt_problem(sampler: Any, prompts: list[str]) -> str | None:
+    """None if ``sampler`` reads every prompt (its ``check_prompt``, where it has one: e.g. the
+    toy's 'class 3' within its classes), else the first problem, one line."""
+    from common.prompts import check_prompts
+
+    try:
+        check_prompts(prompts, "prompts")
+        check = getattr(sampler, "check_prompt", None)
+        if callable(check):
+            for p in prompts:
+                check(p)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def missing_methods(cls: type) -> list[str]:
     """The protocol's methods that ``cls`` lacks (or has as something other than a callable)."""
     return [f"{m}()" for m in REQUIRED_METHODS if not callable(getattr(cls, m, None))]

@@ -29,11 +29,10 @@ from common.policy import (
     sample_log_taus,
 )
 from common.prompt_cache import PromptCache
-from common.prompts import check_prompts
 from common.schedule import executed_tau, times_from_tau, uniform_flow_tau
 from rewards.images import downscale
 from rollout.backends import build_sampler
-from rollout.sampler import PromptFeatures, stacked_pooled
+from rollout.sampler import PromptFeatures, prompt_problem, stacked_pooled
 
 
 class RolloutWorker:
@@ -89,15 +88,7 @@ class RolloutWorker:
 
     def check_prompts(self, prompts: list[str]) -> str | None:
         """None if the backend reads every prompt, else the first problem (one line)."""
-        try:
-            check_prompts(prompts, "prompts")
-            check = getattr(self.sampler, "check_prompt", None)
-            if callable(check):
-                for p in prompts:
-                    check(p)
-        except ValueError as e:
-            return str(e)
-        return None
+        return prompt_problem(self.sampler, prompts)
 
     def _encode(self, prompts: list[str]) -> list[PromptFeatures]:
         return self._features.get(prompts)

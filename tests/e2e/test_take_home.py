@@ -96,3 +96,61 @@ def test_generate_scores_a_held_out_context_as_the_evaluation_did(digits_run, tm
     assert generate_cli.main([*args, "--steps", "8"]) == 2
     assert "trained for L=3" in capsys.readouterr().err
     assert generate_cli.main([*args, "--steps", "8", "--schedule", "default", "--out", str(grid)]) == 0
+
+
+def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, capsys):
+    """A prompt the backend cannot read, an output that cannot be written, a flag out of range:
+    one line each (exit 2), and nothing evaluated or sampled first."""
+    run = ["--run", str(digits_run)]
+
+    def err_of(code):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, err
+        return err[-1]
+
+    # generate
+    assert err_of(generate_cli.main([*run, "--prompt", "hello"])).startswith(
+        "error: --prompt: digits prompt 'hello' names no digit"
+    )
+    assert err_of(generate_cli.main([*run, "--prompt", " "])).startswith("error: --prompt: prompts: prompt 1 is empty")
+    assert err_of(generate_cli.main([*run, "--prompt", "7", "--out", str(tmp_path)])).startswith(
+        f"error: --out {tmp_path} is a directory"
+    )
+    assert err_of(generate_cli.main([*run, "--prompt", "7", "--out", str(tmp_path / "seven.txt")])) == (
+        f"error: --out {tmp_path / 'seven.txt'}: name a .png, .jpg, .jpeg file"
+    )
+    assert err_of(generate_cli.main([*run, "--prompt", "7", "--out", str(tmp_path / "no" / "seven.png")])) == (
+        f"error: --out {tmp_path / 'no' / 'seven.png'}: the directory {tmp_path / 'no'} does not exist"
+    )
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main([*run, "--prompt", "7", "--seed", "-1"])
+    assert err_of(e.value.code).endswith("error: argument --seed: must be at least 0, got -1")
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main([*run, "--prompt", "7", "--steps", "0"])
+    assert err_of(e.value.code).endswith("error: argument --steps: must be from 1 to 1000, got 0")
+    # evaluate: flags checked by argparse, the output before the evaluation, the prompts before sampling
+    for flag, value, why in [
+        ("--steps", "2,a", "expected an integer, got 'a'"),
+        ("--steps", "99999", "must be from 1 to 1000, got 99999"),
+        ("--seeds", "0", "must be from 2 to 1000000, got 0"),
+        ("--best-of", "-1", "must be at least 0, got -1"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate_cli.main([*run, flag, value])
+        assert err_of(e.value.code).endswith(f"error: argument {flag}: {why}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert err_of(evaluate_cli.main([*run, "--out", str(a_file)])) == (
+        f"error: --out {a_file} is a file; the evaluation writes a directory"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the digit 3\nhello world\n")
+    out = tmp_path / "ev"
+    assert err_of(evaluate_cli.main([*run, "--prompt-file", str(prompts), "--out", str(out)])) == (
+        "error: digits prompt 'hello world' names no digit; name one digit, e.g. 'a handwritten seven', 'the digit 7'"
+        " or '7'"
+    )
+    assert not out.exists()
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.kk=1"])) == (
+        "error: invalid command line: unrecognized arguments: --rollout.kk=1 (--help lists every flag)"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 
 import numpy as np
@@ -15,12 +16,12 @@ import torch
 from common.codec import read_records
 from common.config import ConfigError, load_config
 from common.messages import RolloutRecord
-from learner import loop
+from learner import groups, loop
 from learner.groups import TimedOut
 from learner.loop import Diverged, train
 from learner.main import main
 from learner.metrics import read_jsonl
-from tests.conftest import actors_now, live_pids, tiny_overrides
+from tests.conftest import REPO, actors_now, live_pids, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -83,6 +84,73 @@ def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, 
     assert code == 2, err
     assert err.startswith("error: rollout worker 0 could not start: ") and "no-model" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_the_cluster_has_no_room_for_is_announced_and_named(ray_local, tmp_path, capsys, monkeypatch):
+    """A worker that asks for more than the cluster has is never placed: not a silent wait, nor a
+    constructor said to be running. Its wait is announced, and its timeout names what it asks for."""
+    monkeypatch.setattr(groups, "UNPLACED_NOTICE_S", 1.0)
+    code = main(
+        [
+            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            f"--experiment.output_dir={tmp_path}",
+            "--learner.global_baseline=false",
+            "--rollout.num_workers=1",
+            "--rollout.num_cpus=64",
+            "--rollout.start_timeout_s=4",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    room = "the cluster has no room for it (it asks for 64 CPU; the cluster has "
+    assert f"rollout worker 0 is waiting: {room}" in out and "it gives up after 4 s" in out, out
+    assert err.startswith(f"error: rollout worker 0 did not start within 4 s: {room}"), err
+    assert re.search(r"the cluster has [\d.]+ of 4 CPU free\)$", err.strip()), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt in the loop) ends with exit 130 and one line naming the
+    checkpoint to continue from, and the run continues from it; before any checkpoint, it says so."""
+    real, calls = loop.reinforce_step, []
+
+    def interrupted_at_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "reinforce_step", interrupted_at_the_fourth)
+    argv = [
+        f"--config={REPO / 'configs' / 'toy.yaml'}",
+        f"--experiment.output_dir={tmp_path}",
+        "--learner.global_baseline=false",
+        "--learner.progress=false",
+        "--learner.iterations=5",
+        "--learner.checkpoint_every=2",
+        "--learner.eval_seeds=2",
+    ]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"interrupted: the run in {tmp_path / 'toy'} keeps its checkpoint ckpt-00000002; --resume auto continues"
+        " it from there"
+    ], err
+    monkeypatch.setattr(loop, "reinforce_step", real)
+    assert main([*argv, "--resume=auto"]) == 0  # the run dir was released on the way out
+    assert [m["step"] for m in read_jsonl(tmp_path / "toy" / "metrics.jsonl") if "learner/pg_loss" in m] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    calls.clear()
+    monkeypatch.setattr(loop, "reinforce_step", interrupted_at_the_fourth)
+    assert main([*argv, "--experiment.name=early", "--learner.checkpoint_every=10"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the run in {tmp_path / 'early'} had written no checkpoint yet; --overwrite starts it again"
+    )
 
 
 def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local, tmp_path):

@@ -82,7 +82,7 @@ def test_store_on_an_fsspec_url(tmp_path):
     fs = fsspec.filesystem("memory")
     root = f"/ckpt-test-{tmp_path.name}/run"
     assert fs.cat(f"{root}/latest").decode().strip() == "ckpt-00000003"
-    assert store._names() == ["ckpt-00000002", "ckpt-00000003"]
+    assert store.names() == ["ckpt-00000002", "ckpt-00000003"]
     local = store.latest()
     assert local.name == "ckpt-00000003" and verify(local) is None
     other = _policy(1)
@@ -92,3 +92,93 @@ def test_store_on_an_fsspec_url(tmp_path):
     fs.pipe(f"{root}/ckpt-00000003/state.json", b'{"iteration": 99}')
     msgs = []
     assert store.latest(log=msgs.append).name == "ckpt-00000002" and "damaged" in msgs[0]
+
+
+def _run_dir(tmp_path, checkpoints=0):
+    """A finished run's directory as the loop leaves it: config.yaml, policy/, and ``checkpoints``."""
+    from common.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config([]).to_yaml())
+    pol = _policy()
+    pol.save_pretrained(run / "policy")
+    for i in range(1, checkpoints + 1):
+        save_checkpoint(run / "checkpoints", i, pol, torch.optim.AdamW(pol.parameters()), {"iteration": i})
+    return run
+
+
+def test_a_damaged_run_is_one_line_naming_its_file(tmp_path):
+    """What evaluate and generate read of a run: every damage is a ConfigError naming the file."""
+    import pytest
+
+    from common.checkpoint import load_run_config, load_run_policy
+    from common.config import ConfigError
+
+    run = _run_dir(tmp_path, checkpoints=1)
+    assert load_run_policy(run).steps == 3 and load_run_config(run).experiment.name == "digits"
+    assert load_run_config(run, ["--experiment.seed=5"]).experiment.seed == 5
+    weights = run / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])  # truncated
+    with pytest.raises(ConfigError, match=r"the policy in .*/policy cannot be loaded \(SafetensorError: .*header"):
+        load_run_policy(run)
+    assert load_run_policy(run, "latest").steps == 3  # the checkpoint is intact
+    (run / "policy" / "config.json").write_text("{garbage")
+    with pytest.raises(ConfigError, match=r"the policy in .*/policy cannot be loaded \(JSONDecodeError: "):
+        load_run_policy(run)
+    torch.manual_seed(0)
+    SchedulePolicy(steps=3, in_channels=4, token_dim=6, **{**TINY, "widths": [8, 16]}).save_pretrained(run / "policy")
+    (run / "policy" / "config.json").write_text(
+        json.dumps({**json.loads((run / "policy" / "config.json").read_text()), "widths": [8, 8]})
+    )
+    with pytest.raises(ConfigError, match=r"cannot be loaded \(RuntimeError: .* size mismatch for blocks"):
+        load_run_policy(run)
+
+    config = run / "config.yaml"
+    config.write_text(config.read_text() + "old_section: {a: 1}\n")
+    with pytest.raises(
+        ConfigError, match=r"^the run's config .*/run/config.yaml: invalid config:\n  old_section: unknown key"
+    ):
+        load_run_config(run)
+    config.write_text("")
+    with pytest.raises(ConfigError, match=r"^the run's config .*/run/config.yaml: it is empty$"):
+        load_run_config(run)
+    config.unlink()
+    with pytest.raises(ConfigError, match=r"is not a run directory \(no config.yaml\)"):
+        load_run_config(run)
+
+
+def test_a_run_without_its_policy_says_what_it_has(tmp_path):
+    import shutil
+
+    import pytest
+
+    from common.checkpoint import load_run_policy
+    from common.config import ConfigError
+
+    run = _run_dir(tmp_path, checkpoints=1)
+    shutil.rmtree(run / "policy")
+    with pytest.raises(ConfigError, match=r"has no final policy yet \(policy/\): pass --checkpoint latest$"):
+        load_run_policy(run)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ConfigError, match=r"has no final policy \(policy/\) and no checkpoint in .*/checkpoints$"):
+        load_run_policy(run)
+
+
+def test_checkpoint_storage_that_cannot_be_opened_is_one_line(tmp_path):
+    """An unknown protocol, or one whose package is not installed: named with the URL, found by
+    the run's claim on its directory, before anything starts."""
+    import pytest
+
+    from common.checkpoint import CheckpointStore
+    from common.config import ConfigError, load_config
+    from common.rundir import claim
+
+    with pytest.raises(
+        ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run': Protocol not known: nosuchfs$"
+    ):
+        CheckpointStore("nosuchfs://bucket/run")
+    cfg = load_config([f"--experiment.output_dir={tmp_path}", "--learner.checkpoint_dir=nosuchfs://bucket/run"])
+    with pytest.raises(ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run'"):
+        claim(cfg, log=lambda _: None)
+    assert not cfg.run_dir.exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import Config, ConfigError, load_config, load_yaml_config
+from common.config import Config, ConfigError, int_at_least, ints_at_least, load_config, load_yaml_config
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -111,7 +114,40 @@ def test_cli_mistakes_exit_2_without_traceback(tmp_path: Path):
     assert "rollout.k" in res.stderr and "rollout.colour: unknown key" in res.stderr
     assert "Traceback" not in res.stderr
     res = _cli("--rollout.nope=3")
-    assert res.returncode == 2 and "--rollout.nope" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    # one line, not the usage of every field before it
+    assert res.stderr.strip().splitlines() == [
+        "error: invalid command line: unrecognized arguments: --rollout.nope=3 (--help lists every flag)"
+    ]
+
+
+@pytest.mark.parametrize("argv", [["--rollout"], ["--ray"], ["--rollout.k"], ["--rollout", "--learner.iterations=3"]])
+def test_a_flag_without_a_value_is_refused(argv):
+    """A section flag given alone would otherwise be read as the section's defaults, silently."""
+    with pytest.raises(ConfigError, match=rf"^invalid command line: {argv[0]} needs a value \({argv[0]}=VALUE\)$"):
+        load_config(argv)
+
+
+def test_ray_init_kwargs_are_arguments_of_ray_init():
+    with pytest.raises(ConfigError, match=r"ray.init_kwargs: 'bogus': not an argument of ray.init \(it takes address,"):
+        load_config(['--ray.init_kwargs={"bogus": 1}'])
+    # ray.init's own, and its private ones (checked by Ray itself)
+    kwargs = {"namespace": "x", "log_to_driver": False, "_temp_dir": "/tmp/ray-x"}
+    assert load_config([f"--ray.init_kwargs={json.dumps(kwargs)}"]).ray.init_kwargs == kwargs
+
+
+def test_integer_flags_name_their_bounds():
+    assert int_at_least(1, 1000)("7") == 7
+    assert ints_at_least(1, 1000)("2, 4,8") == [2, 4, 8]
+    for parse, text, why in [
+        (int_at_least(0), "-1", "must be at least 0, got -1"),
+        (int_at_least(1, 1000), "1001", "must be from 1 to 1000, got 1001"),
+        (int_at_least(0), "x", "expected an integer, got 'x'"),
+        (ints_at_least(1), "2,,4", "expected an integer, got ''"),
+        (ints_at_least(1), "2,0", "must be at least 1, got 0"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(why)):
+            parse(text)
 
 
 def test_cli_help_lists_every_field():
