@@ -259,9 +259,9 @@ def load_run_config(run: Path, overrides: list[str] | None = None) -> Any:
     if not path.is_file():
         raise ConfigError(f"{run} is not a run directory (no config.yaml)")
     try:
-        cfg = load_config(["--config", str(path)])
-        if not path.read_text(encoding="utf-8", errors="replace").strip():
+        if not path.read_text(encoding="utf-8", errors="replace").strip():  # else read as the defaults
             raise ConfigError("it is empty")
+        cfg = load_config(["--config", str(path)])
     except ConfigError as e:  # a run writes every field: this one was damaged or edited
         raise ConfigError(f"the run's config {path}: {e}") from None
     return load_config(["--config", str(path), *overrides]) if overrides else cfg

@@ -299,6 +299,8 @@ class PolicyConfig(Section):
 MAX_K = 1024
 #: The most model evaluations (L) a sample may take.
 MAX_STEPS = 1000
+#: The fewest and the most held-out noises per prompt (two: a standard error needs them).
+EVAL_SEEDS = (2, 1_000_000)
 
 
 #: NFE of the many-step reference sample when a reward compares with it and the config leaves
@@ -466,7 +468,7 @@ class LearnerConfig(Section):
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
-    eval_seeds: int = Field(100, ge=2, le=1_000_000, description="Held-out noises per eval prompt.")
+    eval_seeds: int = Field(100, ge=EVAL_SEEDS[0], le=EVAL_SEEDS[1], description="Held-out noises per eval prompt.")
     eval_metrics: list[MetricSpec] = Field(
         default_factory=lambda: [MetricSpec(name="digits_fd")],
         description="Set-level metrics of the held-out evaluation (not rewards), e.g. a Frechet distance.",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from common.config import MAX_STEPS, ConfigError, int_at_least, ints_at_least
+from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
 from common.messages import Context, ScheduleMode
 from common.policy import SchedulePolicy
 from learner.groups import Collected, Dispatcher, MetricGroup
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-file", type=Path, help="Held-out prompts, one per line (default: the run's).")
     p.add_argument(
         "--seeds",
-        type=int_at_least(2, 1_000_000),
+        type=int_at_least(*EVAL_SEEDS),
         help="Held-out seeds per prompt (default: the run's learner.eval_seeds).",
     )
     p.add_argument("--best-of", type=int_at_least(0), default=0, help="Also the best of K policy draws (K x NFE).")
@@ -315,9 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
             raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
-        for r in args.run:
-            if not (r / "config.yaml").is_file():
-                raise ConfigError(f"{r} is not a run directory (no config.yaml)")
         prompts = None
         if args.prompt_file is not None:
             from common.prompts import read_prompt_file

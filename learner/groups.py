@@ -115,13 +115,19 @@ def _placed(actor: Any) -> bool | None:
 
 
 def _no_room(need: dict[str, float]) -> str:
-    """'the cluster has no room for it', with what it asks for and what the cluster has."""
+    """Why an actor that asks for ``need`` has no process yet, with what it asks for and what the
+    cluster has: no room for it where it asks for more than the whole cluster has; otherwise its
+    resources are taken, or its runtime_env is still being installed (Ray places an actor before
+    it builds its environment, so the two look the same from here)."""
     asks = {k: v for k, v in need.items() if v}
     total, free = ray.cluster_resources(), ray.available_resources()
     has = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k} free" for k in asks)
+    numbers = f"it asks for {', '.join(f'{v:g} {k}' for k, v in asks.items())}; the cluster has {has}"
+    if any(v > total.get(k, 0.0) for k, v in asks.items()):
+        return f"the cluster has no room for it ({numbers})"
     return (
-        f"the cluster has no room for it (it asks for {', '.join(f'{v:g} {k}' for k, v in asks.items())};"
-        f" the cluster has {has})"
+        "it has no process yet: the cluster's free resources are taken, or its runtime_env is still being"
+        f" set up ({numbers})"
     )
 
 

@@ -107,6 +107,11 @@ def test_a_worker_the_cluster_has_no_room_for_is_announced_and_named(ray_local, 
     assert err.startswith(f"error: rollout worker 0 did not start within 4 s: {room}"), err
     assert re.search(r"the cluster has [\d.]+ of 4 CPU free\)$", err.strip()), err
     assert len(err.strip().splitlines()) == 1
+    # an actor that would fit the cluster: taken resources, or a runtime_env being installed
+    assert groups._no_room({"CPU": 0.5, "GPU": 0.0}).startswith(
+        "it has no process yet: the cluster's free resources are taken, or its runtime_env is still being set up"
+        " (it asks for 0.5 CPU; the cluster has "
+    )
 
 
 def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path, capsys, monkeypatch):
