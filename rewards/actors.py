@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.registry import build, build_metric, check_scores, shown_prompts
+from rewards.registry import build, build_metric, check_scores, limit_torch_threads, shown_prompts
 
 
 class RewardServer:
@@ -22,9 +22,7 @@ class RewardServer:
         self, name: str, kwargs: dict[str, Any], torch_threads: int = 1, sampler: dict[str, Any] | None = None
     ):
         """``sampler``: the run's sampler section, for a reward that declares ``uses_sampler_config``."""
-        import torch
-
-        torch.set_num_threads(torch_threads)
+        limit_torch_threads(torch_threads)  # torch is loaded by the rewards that use it, not for them
         self.name = name
         self.reward: Any = build(name, kwargs, sampler)  # a Reward, or one that also takes references=
 
@@ -73,9 +71,7 @@ class MetricServer:
     one distance over all of them. Images arrive as object refs, as for rewards."""
 
     def __init__(self, name: str, kwargs: dict[str, Any], torch_threads: int = 1):
-        import torch
-
-        torch.set_num_threads(torch_threads)
+        limit_torch_threads(torch_threads)
         self.name = name
         self.metric = build_metric(name, kwargs)
 

@@ -43,7 +43,7 @@ from rewards.http import (
     ScoreResponse,
     read_token,
 )
-from rewards.registry import build, check_scores, shown_prompts
+from rewards.registry import build, check_scores, limit_torch_threads, shown_prompts
 
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1000
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(kwargs, dict):
         p.error("--kwargs must be a JSON object")
     if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+        limit_torch_threads(args.torch_threads)
     try:
         reward = build(args.reward, kwargs)
     except (ValueError, ImportError, FileNotFoundError) as e:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,16 +27,19 @@ class Reward(Protocol):
 
 _REGISTRY: dict[str, type] = {}
 _METRICS: dict[str, type] = {}
+# the modules of the built-ins, those that load no model library first: a name is looked up by
+# importing them in this order until it is registered, so that the toy's or an HTTP reward's
+# server never loads torch (seconds, and hundreds of MB, per server)
 _BUILTIN_MODULES = (
     "rewards.toy",
-    "rewards.digits",
     "rewards.fidelity",
-    "rewards.hps",
-    "rewards.clip",
-    "rewards.ocr",
-    "rewards.count",
     "rewards.http",
     "rewards.simulated",
+    "rewards.count",
+    "rewards.clip",
+    "rewards.hps",
+    "rewards.ocr",
+    "rewards.digits",
 )
 
 
@@ -67,14 +72,15 @@ def registered() -> dict[str, type]:
 
 def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
     """A registered name in ``table`` or an import path 'pkg.module:Class' -> the object."""
-    registered()  # import the built-ins so that they are in the tables
-    if ":" not in name:
-        if name not in table:
-            raise ValueError(
-                f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'"
-            )
-        return table[name]
-    return import_object(name, kind)
+    if ":" in name:
+        return import_object(name, kind)
+    for mod in _BUILTIN_MODULES:
+        if name in table:
+            break
+        importlib.import_module(mod)
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path 'pkg.module:Class'")
+    return table[name]
 
 
 def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
@@ -120,6 +126,17 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"reward {name!r}: bad kwargs {sorted(kwargs)}: {e}") from None
+
+
+def limit_torch_threads(n: int) -> None:
+    """Cap torch's intra-op threads in this process at ``n`` without loading torch where nothing
+    uses it (a reward over HTTP, the toy's): at once if torch is loaded, and through
+    OMP_NUM_THREADS, which torch reads when it loads later (a reward that imports it when built or
+    at its first call). A process that loads torch only for this pays seconds and hundreds of MB."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def shown_prompts(prompts: Sequence[str], n: int = 4) -> list[str]:

@@ -4,6 +4,7 @@ and the OCR reward reading text that PIL renders."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,23 @@ def test_registry_lists_the_builtins_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_server_whose_reward_needs_no_torch_never_loads_it():
+    """The toy's and an HTTP reward's servers do not load torch (seconds and hundreds of MB per
+    server): a built-in is looked up through the modules before its own, those that load no model
+    library first. The server's thread cap still reaches torch where a reward loads it later
+    (OMP_NUM_THREADS), and at once where torch is loaded."""
+    code = (
+        "import sys; from rewards.actors import RewardServer; from rewards.registry import limit_torch_threads; "
+        "RewardServer('toy', {}, torch_threads=1, sampler={'backend': 'toy', 'toy': {'dim': 4}}); "
+        "RewardServer('http', {'url': 'http://127.0.0.1:9'}, torch_threads=1); "
+        "print('torch' in sys.modules); import torch; print(torch.get_num_threads()); "
+        "limit_torch_threads(2); print(torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    assert out.stdout.split() == ["False", "1", "2"]
 
 
 def test_missing_optional_dependency_is_a_clear_error_at_build(monkeypatch):
