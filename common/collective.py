@@ -86,9 +86,12 @@ class Receiver:
         self.group_id = group_id
 
     def leave(self) -> None:
+        """Leave the group; its versions go too (the next group's version numbers are its own)."""
         if self.group_id is not None:
             leave_group()
         self.group_id, self._store = None, None
+        with self._cond:
+            self._staged.clear()
 
     def receive(
         self,

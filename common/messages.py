@@ -73,6 +73,11 @@ class RolloutRequest(Message):
         description="NFE of the many-step reference sample made once per context, for rewards that compare"
         " with it (0: none).",
     )
+    variant: Literal["conditional", "global"] | None = Field(
+        None,
+        description="The policy variant drawn under: the workers' own (None), or the other with the same"
+        " settings (a run trains its global baseline on the workers of its conditional policy).",
+    )
 
     @model_validator(mode="after")
     def _tau_iff_fixed(self) -> RolloutRequest:

@@ -235,6 +235,8 @@ class RolloutGroup:
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
         self.reference_steps, self.micro_batch = 0, r.micro_batch
         self.image_size: int | None = None
+        self.variant: str | None = None  # the policy drawn under where it is not the workers' own (draw_under)
+        self._own_variant = cfg.policy.variant
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         self.workers: list[Any] = []
         self.alive: list[int] = []
@@ -252,6 +254,11 @@ class RolloutGroup:
         images are downscaled to it on the workers; evaluation images, which metrics and plots read
         too, are sent as made."""
         self.reference_steps, self.image_size = reference_steps, image_size
+
+    def draw_under(self, variant: str) -> None:
+        """Requests from now on are drawn under the policy ``variant`` (the workers' own, or the
+        other with the same settings: learner.main trains the global baseline on these workers)."""
+        self.variant = None if variant == self._own_variant else variant
 
     def auto_count(self) -> int:
         """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
@@ -321,11 +328,11 @@ class RolloutGroup:
         """Kill a stalled worker; Ray restarts it (its restarts permitting)."""
         ray.kill(self.workers[worker], no_restart=False)
 
-    def _ask(self, method: str) -> Any:
+    def _ask(self, method: str, *args: Any) -> Any:
         """The answer of the first worker that gives one (a worker may die during start-up)."""
         for i in list(self.alive):
             try:
-                return ray.get(getattr(self.workers[i], method).remote(), timeout=self.timeout_s)
+                return ray.get(getattr(self.workers[i], method).remote(*args), timeout=self.timeout_s)
             except RayActorError:
                 self.check(i)
         raise WorkersLost("no rollout worker answered")
@@ -334,7 +341,8 @@ class RolloutGroup:
         return self._ask("spec")
 
     def policy_kwargs(self) -> dict[str, Any]:
-        return self._ask("policy_kwargs")
+        """The constructor arguments of the policy the requests are drawn under."""
+        return self._ask("policy_kwargs", self.variant)
 
     def requests(
         self,
@@ -363,6 +371,7 @@ class RolloutGroup:
                 max_concentration=max_concentration,
                 image_size=self.image_size if mode == "sample" else None,
                 reference_steps=self.reference_steps,
+                variant=self.variant,
             )
             for i in range(0, len(contexts), n)
         ]

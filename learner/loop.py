@@ -127,6 +127,48 @@ def init_ray(cfg: RayConfig) -> bool:
     return True
 
 
+@dataclass
+class Actors:
+    """A run's reward servers and rollout workers, started and serving (``start_actors``), with
+    the settings they were built from. learner.main trains its global baseline and then its policy
+    on the same ones: a sampler's weights and a reward model load once, not once per policy."""
+
+    rewards: RewardGroup
+    rollouts: RolloutGroup
+    settings: dict
+
+    def check_fits(self, cfg: Config) -> None:
+        """A ValueError unless these actors were built for ``cfg`` (its policy variant aside)."""
+        if _actor_settings(cfg) != self.settings:
+            raise ValueError("the actors given to train() were started for another sampler, rollout, rewards or policy")
+
+
+def _actor_settings(cfg: Config) -> dict:
+    """What a run's actors are built from: all but the policy's variant, which requests carry."""
+    return {
+        "sampler": cfg.sampler.model_dump(),
+        "rollout": cfg.rollout.model_dump(),
+        "rewards": [spec.model_dump() for spec in cfg.rewards],
+        "policy": cfg.policy.model_dump(exclude={"variant"}),
+        "seed": cfg.experiment.seed,
+        "broadcast": cfg.learner.broadcast,
+    }
+
+
+def start_actors(cfg: Config) -> Actors:
+    """Start the reward servers and the rollout workers of ``cfg`` and wait until they serve.
+
+    They start together (a sampler's weights load while the reward models load); a reward that
+    cannot start is still the first thing reported. Then the workers are told what the rewards
+    read (the reference sample, the image size)."""
+    rewards = RewardGroup.from_config(cfg, wait=False)
+    rollouts = RolloutGroup(cfg, wait=False)
+    rewards.wait_started()
+    rollouts.wait_started()
+    rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
+    return Actors(rewards, rollouts, _actor_settings(cfg))
+
+
 def reference_steps_for(cfg: Config, rewards: RewardGroup) -> int:
     """NFE of the workers' many-step reference samples: what the config says, or (None) 64 where
     a reward compares with it and 0 where none does."""
@@ -157,15 +199,20 @@ def train(
     baselines_to_beat: dict[str, Schedule] | None = None,
     final_eval: bool = True,
     owner: RunDir | None = None,
+    actors: Actors | None = None,
 ) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
     ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts.
 
     The run dir is claimed first (``common.rundir``: one owner, no run started over another by
-    mistake) unless the caller holds it (``owner``)."""
+    mistake) unless the caller holds it (``owner``). The run starts its own actors, or trains on
+    ``actors`` (``start_actors``, for the same config but the policy's variant), which the caller
+    keeps."""
+    if actors is not None:
+        actors.check_fits(cfg)
     rd = owner or claim(cfg)
     try:
-        return _train(cfg, rd, baselines_to_beat, final_eval)
+        return _train(cfg, rd, baselines_to_beat, final_eval, actors)
     finally:
         if owner is None:
             rd.release()
@@ -200,7 +247,13 @@ def _resume_point(cfg: Config, store: CheckpointStore, rd: RunDir) -> tuple[str,
     return str(ckpt), state
 
 
-def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | None, final_eval: bool) -> RunResult:
+def _train(
+    cfg: Config,
+    rd: RunDir,
+    baselines_to_beat: dict[str, Schedule] | None,
+    final_eval: bool,
+    actors: Actors | None,
+) -> RunResult:
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
@@ -218,13 +271,9 @@ def _train(cfg: Config, rd: RunDir, baselines_to_beat: dict[str, Schedule] | Non
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     dispatcher: Dispatcher | None = None
     try:
-        # the reward servers and the rollout workers start together (a sampler's weights load while
-        # the reward models load); a reward that cannot start is still the first thing reported
-        rewards = RewardGroup.from_config(cfg, wait=False)
-        rollouts = RolloutGroup(cfg, wait=False)
-        rewards.wait_started()
-        rollouts.wait_started()
-        rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
+        actors = actors or start_actors(cfg)
+        rewards, rollouts = actors.rewards, actors.rollouts
+        rollouts.draw_under(cfg.policy.variant)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
         metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()

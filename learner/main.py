@@ -5,8 +5,9 @@ mistake exits with status 2 and one readable message; ``--help`` lists every fie
 
 With ``learner.global_baseline`` (on by default) the run first trains a ``global`` policy (one
 learned schedule for every context, the paper's "learned global schedule" baseline) in
-``<run dir>/global``, then the configured policy, and the final table compares the default
-schedule, the learned global schedule and the learned instance-level schedules.
+``<run dir>/global``, then the configured policy, on the same rollout workers and reward servers
+(each model loads once), and the final table compares the default schedule, the learned global
+schedule and the learned instance-level schedules.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ def run(cfg: Config) -> None:
 
     from common.rundir import claim
     from learner.evaluate import Schedule
-    from learner.loop import init_ray, train
+    from learner.loop import init_ray, start_actors, train
 
     owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
     started = False
     try:
         started = init_ray(cfg.ray)
         to_beat = {}
+        actors = None
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
+            actors = start_actors(cfg)  # both policies are trained on them: each model loads once
             g = cfg.model_copy(deep=True)
             g.policy.variant = "global"
             g.learner.lr = cfg.learner.global_lr
@@ -38,9 +41,9 @@ def run(cfg: Config) -> None:
             if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
                 g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
             print("training the learned global schedule (the baseline to beat) ...")
-            res = train(g, final_eval=False)
+            res = train(g, final_eval=False, actors=actors)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
-        train(cfg, baselines_to_beat=to_beat, owner=owner)
+        train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
     finally:
         if started:
             ray.shutdown()

@@ -50,12 +50,9 @@ class RolloutWorker:
         torch.set_num_threads(torch_threads)
         self.worker_id, self.run_seed = worker_id, run_seed
         self.sampler = build_sampler(SamplerConfig(**sampler))
-        spec = self.sampler.spec()
-        self._policy_kwargs = policy_kwargs(PolicyConfig(**policy), spec, steps, self.sampler.default_tau(steps))
+        self._policy_cfg, self._steps = PolicyConfig(**policy), steps
         self.device = resolve_device(policy_device)  # 'auto': the GPU Ray gave this worker, if any
-        self.policy = SchedulePolicy(**self._policy_kwargs).to(self.device).eval()
-        self._weights = FlatState(self.policy)  # each version is copied into the parameters at once
-        self.version = -1
+        self._use_policy(self._policy_cfg.variant)
         self._receiver = Receiver()  # learner.broadcast: collective (methods on the 'weights' concurrency group)
         # the policy's features per prompt, bounded (a run may see millions of distinct prompts)
         self._features: PromptCache[PromptFeatures] = PromptCache(self.sampler.encode, prompt_cache)
@@ -79,9 +76,19 @@ class RolloutWorker:
             return None if tau is None else np.asarray(tau).tolist()
         raise ValueError(f"unknown schedule {name!r}; expected 'default', 'uniform' or 'ays'")
 
-    def policy_kwargs(self) -> dict[str, Any]:
-        """The policy's constructor arguments for this sampler (the learner builds the same)."""
-        return dict(self._policy_kwargs)
+    def policy_kwargs(self, variant: str | None = None) -> dict[str, Any]:
+        """The policy's constructor arguments for this sampler (the learner builds the same), of
+        the worker's own policy or (``variant``) of that variant with the same settings."""
+        cfg = self._policy_cfg if variant is None else self._policy_cfg.model_copy(update={"variant": variant})
+        return policy_kwargs(cfg, self.sampler.spec(), self._steps, self.sampler.default_tau(self._steps))
+
+    def _use_policy(self, variant: str) -> None:
+        """Draw under the policy ``variant`` from now on: built here, its weights loaded by the
+        next request (a run's global baseline is trained on the same workers first)."""
+        self.variant = variant
+        self.policy = SchedulePolicy(**self.policy_kwargs(variant)).to(self.device).eval()
+        self._weights = FlatState(self.policy)  # each version is copied into the parameters at once
+        self.version = -1
 
     def pid(self) -> int:
         return os.getpid()
@@ -141,6 +148,9 @@ class RolloutWorker:
         """
         start, started_at = time.perf_counter(), time.time()
         weights_from = ""  # the version was loaded already (or the request needs no policy)
+        variant = request.variant or self._policy_cfg.variant  # carried by the request: a restarted worker knows it too
+        if request.mode in ("sample", "mean") and variant != self.variant:
+            self._use_policy(variant)
         if request.mode in ("sample", "mean") and request.version != self.version:
             weights_from = self._load(request, weights)
             self.version = request.version

@@ -103,8 +103,8 @@ def test_killed_workers_change_nothing(ray_local, tmp_path):
 
 
 def test_learns_the_toy_as_the_on_policy_loop_does(ray_local, tmp_path):
-    """configs/toy.yaml's policy and reward on a short budget (300 updates, K = 4, lr 3e-3), in
-    both modes: the same held-out gain over the default schedule, far above its noise."""
+    """configs/toy.yaml's policy and reward on a short budget (100 updates, K = 4, lr 5e-3), in
+    both modes: the same held-out gain over the default schedule, above twice its noise."""
     gains = {}
     for pipeline in (False, True):
         cfg = load_config(
@@ -113,8 +113,8 @@ def test_learns_the_toy_as_the_on_policy_loop_does(ray_local, tmp_path):
             rollout={"k": 4, "k_schedule": {}},
             policy={"concentration_schedule": {}},
             learner={
-                "iterations": 300,
-                "lr": 3e-3,
+                "iterations": 100,
+                "lr": 5e-3,
                 "pipeline": pipeline,
                 "eval_seeds": 40,
                 "global_baseline": False,
