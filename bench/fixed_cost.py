@@ -118,10 +118,11 @@ def run_median(python: str, repo: Path, args: list[str]) -> float:
 Side = tuple[str, Path, list[str]]  # a checkout to run: the Python of its environment, its path, the bench's arguments
 
 
-def compare(this: Side, other: Side, rounds: int, run=run_median) -> float:
+def compare(this: Side, other: Side, rounds: int, run=run_median, what: str = "fixed cost", unit: str = "ms") -> float:
     """``rounds`` runs of each checkout, (python, repo, its arguments), in turns; prints each round
-    and returns the ratio of the medians, this one over the other."""
-    print("| round | this (ms) | against (ms) | this / against |")
+    and returns the ratio of the medians, this one over the other (``run`` gives one run's figure
+    of ``what``, in ``unit``)."""
+    print(f"| round | this ({unit}) | against ({unit}) | this / against |")
     print("| --- | --- | --- | --- |")
     mine, theirs = [], []
     for r in range(rounds):
@@ -133,8 +134,8 @@ def compare(this: Side, other: Side, rounds: int, run=run_median) -> float:
         print(f"| {r + 1} | {got[0]:.2f} | {got[1]:.2f} | {got[0] / got[1]:.2f} |", flush=True)
     ratio = statistics.median(mine) / statistics.median(theirs)
     each = [a / b for a, b in zip(mine, theirs, strict=True)]
-    print(f"medians: this {statistics.median(mine):.2f} ms, against {statistics.median(theirs):.2f} ms")
-    print(f"fixed cost ratio (this / against): {ratio:.2f} (rounds {min(each):.2f} to {max(each):.2f})")
+    print(f"medians: this {statistics.median(mine):.2f} {unit}, against {statistics.median(theirs):.2f} {unit}")
+    print(f"{what} ratio (this / against): {ratio:.2f} (rounds {min(each):.2f} to {max(each):.2f})")
     return ratio
 
 
