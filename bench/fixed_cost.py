@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,16 +104,25 @@ def cpu_table(
     return [*lines, f"| all | {total:.1f} |"], total
 
 
-def run_median(python: str, repo: Path, args: list[str]) -> float:
-    """One run of this bench on ``repo`` in a process of its own under ``python``: its median
-    wall time per iteration (ms)."""
-    cmd = [python, str(Path(__file__).resolve()), "--repo", str(repo), *args]
-    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
-    found = re.search(r"^wall per iteration\s+([\d.]+) ms \(median\)$", out.stdout, re.M)
-    if out.returncode != 0 or found is None:
-        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{tail}")
-    return float(found.group(1))
+def run_for(script: Path, pattern: str) -> Callable[[str, Path, list[str]], float]:
+    """One run of the bench ``script`` on a checkout in a process of its own, as ``compare`` takes
+    it: (the Python of the checkout's environment, its path, the script's arguments) -> the
+    figure that ``pattern``'s group reads off its output."""
+
+    def run(python: str, repo: Path, args: list[str]) -> float:
+        cmd = [python, str(script), "--repo", str(repo), *args]
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+        found = re.search(pattern, out.stdout, re.M)
+        if out.returncode != 0 or found is None:
+            tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{tail}")
+        return float(found.group(1))
+
+    return run
+
+
+#: One run of this bench: its median wall time per iteration (ms).
+run_median = run_for(Path(__file__).resolve(), r"^wall per iteration\s+([\d.]+) ms \(median\)$")
 
 
 Side = tuple[str, Path, list[str]]  # a checkout to run: the Python of its environment, its path, the bench's arguments

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixed_cost import compare, cpu_seconds  # noqa: E402 - bench/ is a folder of scripts
+from fixed_cost import compare, cpu_seconds, run_for  # noqa: E402 - bench/ is a folder of scripts
 
 REPO = Path(__file__).resolve().parents[1]
 ACTOR_CLASSES = ("RolloutWorker", "RewardServer", "MetricServer")
@@ -87,15 +86,8 @@ def report(wall: float, by_name: dict[str, list[float]]) -> float:
     return total
 
 
-def run_cpu(python: str, repo: Path, args: list[str]) -> float:
-    """One run of this bench on ``repo`` in a process of its own under ``python``: its CPU seconds."""
-    cmd = [python, str(Path(__file__).resolve()), "--repo", str(repo), *args]
-    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
-    found = re.search(r"^startup: \d+ actors, ([\d.]+) CPU s", out.stdout, re.M)
-    if out.returncode != 0 or found is None:
-        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{tail}")
-    return float(found.group(1))
+#: One run of this bench: the CPU seconds of the whole run.
+run_cpu = run_for(Path(__file__).resolve(), r"^startup: \d+ actors, ([\d.]+) CPU s")
 
 
 def main(argv: list[str] | None = None) -> float:

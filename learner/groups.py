@@ -235,8 +235,7 @@ class RolloutGroup:
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
         self.reference_steps, self.micro_batch = 0, r.micro_batch
         self.image_size: int | None = None
-        self.variant: str | None = None  # the policy drawn under where it is not the workers' own (draw_under)
-        self._own_variant = cfg.policy.variant
+        self.variant: str = cfg.policy.variant  # the policy the requests are drawn under (draw_under)
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         self.workers: list[Any] = []
         self.alive: list[int] = []
@@ -258,7 +257,7 @@ class RolloutGroup:
     def draw_under(self, variant: str) -> None:
         """Requests from now on are drawn under the policy ``variant`` (the workers' own, or the
         other with the same settings: learner.main trains the global baseline on these workers)."""
-        self.variant = None if variant == self._own_variant else variant
+        self.variant = variant
 
     def auto_count(self) -> int:
         """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
