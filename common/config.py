@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -726,11 +727,50 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+#: The largest config file read (a config is kilobytes; prompt lists belong in a prompt file).
+MAX_CONFIG_BYTES = 16 * 2**20
+#: The most values a config may hold once its YAML aliases are expanded (a few anchors reused is
+#: nothing; ten aliases nested nine deep, the "billion laughs", is 10^9).
+MAX_CONFIG_VALUES = 1_000_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under ``node`` with every alias expanded (each node's count computed once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive node: PyYAML refuses it when it constructs it
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        sizes[id(node)] = min(1 + sum(_expanded_size(c, sizes) for c in children), MAX_CONFIG_VALUES + 1)
+    return sizes[id(node)]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory")
     try:
-        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"config file {path} is a directory")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"config file {path} is not a regular file (a device, a FIFO or a socket)")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: is it a config? (long prompt"
+                " lists belong in a prompt file)"
+            )
+        loader = _StrictLoader(raw.decode("utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_CONFIG_VALUES:
+                raise ConfigError(
+                    f"config file {path} holds more than {MAX_CONFIG_VALUES:,} values once its aliases are expanded"
+                )
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except UnicodeDecodeError as e:
@@ -739,6 +779,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests its lists or mappings too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -82,6 +82,35 @@ def test_unreadable_config_files(capsys, tmp_path):
     _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "not found")
 
 
+def test_config_files_that_would_hang_or_exhaust_memory_are_refused_at_once(capsys, tmp_path, monkeypatch):
+    """A FIFO with no writer, an endless device, a file of gigabytes, the "billion laughs" (ten
+    aliases nested nine deep: 10^9 values from 400 bytes) and nesting past the parser's stack:
+    each one line, read no further than needed. Anchors used as configs use them still load."""
+    import os
+
+    from common import config
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    _fails(capsys, ["--config", str(fifo)], f"config file {fifo} is not a regular file")
+    _fails(capsys, ["--config", "/dev/zero"], "config file /dev/zero is not a regular file")
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 2**20)
+    _fails(capsys, ["--config", _yaml(tmp_path, "#" * 2**20 + "\n")], "is larger than 1 MiB: is it a config?")
+    monkeypatch.undo()
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = _yaml(tmp_path, "rewards:\n  - name: toy\n    kwargs:\n" + "".join(f"      {x}\n" for x in laughs))
+    _fails(capsys, ["--config", bomb], "holds more than 1,000,000 values once its aliases are expanded")
+    deep = _yaml(tmp_path, "learner:\n  lr: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    _fails(capsys, ["--config", deep], "nests its lists or mappings too deeply")
+    shared = _yaml(
+        tmp_path,
+        "rewards:\n  - {name: toy, kwargs: &k {floor: -3.0}}\n  - {name: toy, weight: 0.5, kwargs: *k}\n",
+    )
+    cfg = load_config(["--config", shared])
+    assert [r.kwargs for r in cfg.rewards] == [{"floor": -3.0}, {"floor": -3.0}]
+
+
 def _prompt_file(tmp_path, data: bytes | None, name: str = "p.txt"):
     p = tmp_path / name
     if data is None:
