@@ -228,7 +228,7 @@ def sweep(
     from common.checkpoint import load_run_config, load_run_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
-    from learner.groups import RewardGroup, RolloutGroup
+    from learner.groups import RewardGroup, RolloutGroup, actor_asks, check_room
     from learner.loop import init_ray, reference_steps_for
 
     cfgs = [load_run_config(r, overrides) for r in runs]
@@ -243,6 +243,7 @@ def sweep(
     all_l = sorted(set(steps or []) | set(by_l))
     started = init_ray(first.ray)
     try:
+        check_room(actor_asks(first))  # one run's workers at a time, with the rewards and metrics
         rewards = RewardGroup.from_config(first)
         metrics = MetricGroup(first.learner.eval_metrics) if first.learner.eval_metrics else None
         lc = first.learner

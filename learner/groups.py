@@ -83,6 +83,11 @@ def _wait_started(actors: list[Any], timeout_s: float, what: list[str], needs: l
     ({'CPU': 0.5, 'GPU': 1}). An actor the cluster has no room for is never started at all: its
     wait is announced after ``UNPLACED_NOTICE_S``, and its timeout says so, with what it asks for
     and what the cluster has."""
+    if actors and own_cluster():  # its resources are all it will ever have: no waiting for room
+        total = ray.cluster_resources()
+        for name, need in zip(what, needs, strict=True):
+            if any(v > total.get(k, 0.0) for k, v in need.items()):
+                raise ConfigError(f"{name} cannot start: {_no_room(need)}; {_OWN_CLUSTER}")
     deadline = time.monotonic() + timeout_s
     notice = time.monotonic() + UNPLACED_NOTICE_S
     refs = [a.pid.remote() for a in actors]
@@ -101,6 +106,78 @@ def _wait_started(actors: list[Any], timeout_s: float, what: list[str], needs: l
             ray.get(ref)
         except RayActorError as e:
             raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
+
+
+_OWN_CLUSTER = (
+    "this run started its own Ray cluster (this machine alone): set ray.num_cpus and ray.num_gpus to what the"
+    " machine has, ask for less, or join a cluster (RAY_ADDRESS)"
+)
+
+
+def own_cluster() -> bool:
+    """Whether this process started the Ray cluster it is connected to (``ray.init`` with no
+    cluster to join): this machine alone, with no autoscaler and no node joining it, so the
+    resources it started with are all it will ever have. A joined cluster (``RAY_ADDRESS``,
+    ``ray start``, ``ray job submit``, KubeRay) may grow: there an actor waits for room."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return bool(node is not None and node.head)
+    except Exception:  # noqa: BLE001 - a private attribute; without it, every cluster is one that may grow
+        return False
+
+
+def check_room(asks: list[tuple[str, int, dict[str, float]]]) -> None:
+    """On a cluster this process started (``own_cluster``), the actors of ``asks`` (what they are,
+    how many, what each one asks for: {'CPU': 0.5, 'GPU': 1}) must fit in it together, else a
+    ConfigError at once naming what they ask for and what the cluster has: otherwise the actors
+    that do not fit wait their whole start timeout for room that never comes. On a joined cluster
+    nothing is checked. Fitting in the sum is necessary, not sufficient (fractional GPUs are packed
+    per GPU); an actor still unplaced is then announced as on any cluster."""
+    if not asks or not own_cluster():
+        return
+    total = ray.cluster_resources()
+    sums: dict[str, float] = {}
+    for _, n, need in asks:
+        for k, v in need.items():
+            sums[k] = sums.get(k, 0.0) + n * v
+    short = [k for k, v in sums.items() if v > total.get(k, 0.0) + 1e-9]
+    if short:
+        each = ", ".join(
+            f"{n} x {' + '.join(f'{need[k]:g} {k}' for k in short if need.get(k))} ({what})"
+            for what, n, need in asks
+            if n and any(need.get(k) for k in short)
+        )
+        has = ", ".join(f"{sums[k]:g} {k} of the {total.get(k, 0.0):g} it has" for k in short)
+        why = f"they ask for {has} ({each})"
+        raise ConfigError(f"the run's actors do not fit in the Ray cluster: {why}; {_OWN_CLUSTER}")
+
+
+def auto_workers(num_gpus: float) -> int:
+    """rollout.num_workers='auto': one worker per ``num_gpus`` share of the cluster's GPUs."""
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    n = int(gpus // num_gpus + 1e-9)
+    if n < 1:
+        raise ConfigError(
+            f"rollout.num_workers='auto': the cluster has {gpus:g} GPUs, not one share of rollout.num_gpus={num_gpus:g}"
+        )
+    return n
+
+
+def actor_asks(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
+    """What the actors of a run of ``cfg`` ask for together, as ``check_room`` takes it: its rollout
+    workers (as many as it starts with: an elastic run grows only into free room), its reward
+    servers and its eval metrics' servers."""
+    r = cfg.rollout
+    n = auto_workers(r.num_gpus) if r.num_workers == "auto" else r.num_workers
+    asks = [("rollout workers", n, {"CPU": r.num_cpus, "GPU": r.num_gpus})]
+    asks += [
+        (f"rewards[{j}] ({s.name!r})", s.num_servers, {"CPU": s.num_cpus, "GPU": s.num_gpus})
+        for j, s in enumerate(cfg.rewards)
+    ]
+    asks += [(f"eval metric {m.name!r}", 1, {"CPU": m.num_cpus, "GPU": m.num_gpus}) for m in cfg.learner.eval_metrics]
+    return asks
 
 
 def _placed(actor: Any) -> bool | None:
@@ -261,14 +338,7 @@ class RolloutGroup:
 
     def auto_count(self) -> int:
         """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        n = int(gpus // self.num_gpus + 1e-9)
-        if n < 1:
-            raise ConfigError(
-                f"rollout.num_workers='auto': the cluster has {gpus:g} GPUs, not one share of rollout.num_gpus="
-                f"{self.num_gpus:g}"
-            )
-        return n
+        return auto_workers(self.num_gpus)
 
     def _start(self, n: int, wait: bool = True) -> None:
         """Start ``n`` more workers, and (``wait``) wait until each has built its sampler."""

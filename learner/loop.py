@@ -56,6 +56,8 @@ from learner.groups import (
     RolloutGroup,
     RunStopped,
     WorkersLost,
+    actor_asks,
+    check_room,
 )
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import optimizer_for, reinforce_step
@@ -160,7 +162,9 @@ def start_actors(cfg: Config) -> Actors:
 
     They start together (a sampler's weights load while the reward models load); a reward that
     cannot start is still the first thing reported. Then the workers are told what the rewards
-    read (the reference sample, the image size)."""
+    read (the reference sample, the image size). On a cluster this run started, they must fit in
+    it together, or nothing starts (``check_room``)."""
+    check_room(actor_asks(cfg))
     rewards = RewardGroup.from_config(cfg, wait=False)
     rollouts = RolloutGroup(cfg, wait=False)
     rewards.wait_started()

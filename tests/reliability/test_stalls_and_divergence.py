@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.codec import read_records
-from common.config import ConfigError, load_config
+from common.config import ConfigError, MetricSpec, load_config
 from common.messages import RolloutRecord
 from learner import groups, loop
 from learner.groups import TimedOut
@@ -86,10 +86,12 @@ def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, 
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_worker_the_cluster_has_no_room_for_is_announced_and_named(ray_local, tmp_path, capsys, monkeypatch):
-    """A worker that asks for more than the cluster has is never placed: not a silent wait, nor a
-    constructor said to be running. Its wait is announced, and its timeout names what it asks for."""
+def test_a_worker_a_joined_cluster_has_no_room_for_is_announced_and_named(ray_local, tmp_path, capsys, monkeypatch):
+    """On a cluster the run joined (it may grow: an autoscaler, a node joining), a worker that
+    asks for more than the cluster has waits for room: not silently, nor a constructor said to
+    be running. Its wait is announced, and its timeout names what it asks for."""
     monkeypatch.setattr(groups, "UNPLACED_NOTICE_S", 1.0)
+    monkeypatch.setattr(groups, "own_cluster", lambda: False)
     code = main(
         [
             f"--config={REPO / 'configs' / 'toy.yaml'}",
@@ -112,6 +114,60 @@ def test_a_worker_the_cluster_has_no_room_for_is_announced_and_named(ray_local, 
         "it has no process yet: the cluster's free resources are taken, or its runtime_env is still being set up"
         " (it asks for 0.5 CPU; the cluster has "
     )
+
+
+def test_actors_that_cannot_fit_in_the_runs_own_cluster_stop_it_at_once(ray_local, tmp_path, capsys):
+    """A cluster the run started itself (this machine alone) never grows: an actor asking for more
+    than it has, or actors that do not fit in it together, stop the run at once, before any actor
+    starts, where they would wait their whole start timeout (600 s by default)."""
+    assert groups.own_cluster(), "the tests' cluster is this process's own"
+    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    t0, before = time.perf_counter(), actors_now()
+    code = main([*flags, "--rollout.num_workers=1", "--rollout.num_gpus=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() == (
+        "error: the run's actors do not fit in the Ray cluster: they ask for 1 GPU of the 0 it has (1 x 1 GPU (rollout"
+        " workers)); this run started its own Ray cluster (this machine alone): set ray.num_cpus and ray.num_gpus to"
+        " what the machine has, ask for less, or join a cluster (RAY_ADDRESS)"
+    ), err
+    # each alone fits in 4 CPUs, not all together: 3 x 1.25 + 2 x 0.5 + 0.25
+    code = main(
+        [
+            *flags,
+            "--rollout.num_workers=3",
+            "--rollout.num_cpus=1.25",
+            '--rewards=[{"name": "toy", "num_servers": 2, "num_cpus": 0.5}]',
+            '--learner.eval_metrics=[{"name": "digits_fd", "num_cpus": 0.25}]',
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(
+        "error: the run's actors do not fit in the Ray cluster: they ask for 5 CPU of the 4 it has (3 x 1.25 CPU"
+        " (rollout workers), 2 x 0.5 CPU (rewards[0] ('toy')), 1 x 0.25 CPU (eval metric 'digits_fd')); "
+    ), err
+    assert time.perf_counter() - t0 < 30
+    assert actors_now() == before, "nothing was started"
+    # an actor started on its own (a metric's server) is checked as it starts
+    room = r"the cluster has no room for it \(it asks for 8 CPU; the cluster has [\d.]+ of 4 CPU free\)"
+    with pytest.raises(ConfigError, match=rf"^eval metric 'digits_fd' cannot start: {room}; this run started its own"):
+        groups.MetricGroup([MetricSpec(name="digits_fd", num_cpus=8)])
+
+
+def test_a_driver_that_joins_a_cluster_does_not_call_it_its_own(ray_local):
+    """``own_cluster`` reads Ray's private node of this process: True where it started the
+    cluster (the tests'), False for a driver that joined it, as ``ray job submit`` does."""
+    import subprocess
+    import sys
+
+    address = ray_local.get_runtime_context().gcs_address
+    code = (
+        "import ray; from learner.groups import own_cluster; "
+        f"ray.init(address={address!r}, log_to_driver=False); print(own_cluster()); ray.shutdown()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
 
 
 def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path, capsys, monkeypatch):
