@@ -65,6 +65,8 @@ class EvalResult:
             "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
             " a set metric's +- is its bootstrap noise)"
         )
+        if self.prompts is not None and len(set(self.prompts)) < 2:
+            rows.append("(no standard error: it is clustered by prompt and needs two held-out prompts or more)")
         return "\n".join(rows)
 
 

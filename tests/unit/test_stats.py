@@ -44,3 +44,13 @@ def test_correlated_noises_widen_the_error_bar():
 
 def test_one_cluster_has_no_standard_error():
     assert math.isnan(mean_se(np.arange(5.0), clusters=["a"] * 5)["se"])
+
+
+def test_the_table_says_why_one_held_out_prompt_has_no_standard_error():
+    from learner.evaluate import DEFAULT, EvalResult
+
+    one = EvalResult({DEFAULT: np.arange(4.0), "x": np.arange(4.0) + 1}, prompts=["a cat"] * 4)
+    table = one.table("held out")
+    assert "+- nan" in table and table.endswith("needs two held-out prompts or more)")
+    two = EvalResult({DEFAULT: np.arange(4.0), "x": np.arange(4.0) + 1}, prompts=["a cat", "a dog"] * 2)
+    assert "nan" not in two.table("held out") and "needs two" not in two.table("held out")
