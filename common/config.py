@@ -747,6 +747,26 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where, what, and what it was reading (``line 3, column 1:
+    expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 2, column
+    7)``), without its quoted snippet of the text."""
+    if not isinstance(e, yaml.MarkedYAMLError) or not e.problem:
+        return " ".join(str(e).split())
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    out = f"{at(e.problem_mark)}: {e.problem}" if e.problem_mark else e.problem
+    if e.context:
+        same = e.context_mark is None or (
+            e.problem_mark is not None
+            and (e.context_mark.line, e.context_mark.column) == (e.problem_mark.line, e.problem_mark.column)
+        )
+        out += f" ({e.context}{'' if same else ' at ' + at(e.context_mark)})"
+    return out
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         mode = path.stat().st_mode
@@ -778,7 +798,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"config file {path} nests its lists or mappings too deeply") from None
     if data is None:

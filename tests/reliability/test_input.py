@@ -74,6 +74,41 @@ def test_duplicate_yaml_keys_and_a_second_config_are_errors(capsys, tmp_path):
     _fails(capsys, ["--config", "configs/toy.yaml", "--config", "configs/digits.yaml"], "--config given 2 times")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "learner:\n  lr: [1, 2\n",
+            "line 3, column 1: expected ',' or ']', but got '<stream end>'"
+            " (while parsing a flow sequence at line 2, column 7)",
+        ),
+        (
+            "learner:\n  lr: 0.1\n lr2: 3\n",
+            "line 3, column 2: expected <block end>, but found '<block mapping start>'"
+            " (while parsing a block mapping at line 1, column 1)",
+        ),
+        ("learner:\n  lr: 0.1\n  lr: 0.2\n", "line 3, column 3: duplicate key 'lr' (first at line 2)"),
+        ("learner: *nope\n", "line 1, column 10: found undefined alias 'nope'"),
+        (
+            "learner:\tx\n",
+            "line 1, column 9: found character '\\t' that cannot start any token (while scanning for the next token)",
+        ),
+        (
+            "a: !!python/object/apply:os.system [ls]\n",
+            "line 1, column 4: could not determine a constructor for the tag"
+            " 'tag:yaml.org,2002:python/object/apply:os.system'",
+        ),
+        ("rewards:\n  - &r {name: toy, kwargs: {x: *r}}\n", "line 2, column 5: found unconstructable recursive node"),
+    ],
+)
+def test_malformed_yaml_is_one_line_naming_line_and_column(capsys, tmp_path, text, message):
+    """PyYAML's messages quote the text over several lines as "<unicode string>"; each is one line
+    here, naming the file, where, and what the parser was reading. No tag runs code."""
+    path = _yaml(tmp_path, text)
+    err = _fails(capsys, ["--config", path])
+    assert err == f"error: config file {path} is not valid YAML: {message}\n", err
+
+
 def test_unreadable_config_files(capsys, tmp_path):
     binary = tmp_path / "b.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage\x80")
