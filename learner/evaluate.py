@@ -244,10 +244,13 @@ def sweep(
         raise ConfigError("two runs share one L; give one run per L")
     all_l = sorted(set(steps or []) | set(by_l))
     started = init_ray(first.ray)
+    rewards: RewardGroup | None = None
+    metrics: MetricGroup | None = None
     try:
         check_room(actor_asks(first))  # one run's workers at a time, with the rewards and metrics
         rewards = RewardGroup.from_config(first)
-        metrics = MetricGroup(first.learner.eval_metrics) if first.learner.eval_metrics else None
+        if first.learner.eval_metrics:
+            metrics = MetricGroup(first.learner.eval_metrics)
         lc = first.learner
         out: dict[int, EvalResult] = {}
         contexts: list[Context] = []
@@ -281,10 +284,12 @@ def sweep(
                             schedules[f"best of {best_of} (x{best_of} NFE)"] = Schedule("sample", k=best_of)
                     out[n] = evaluate(dispatcher, metrics, contexts, n, 0, weights, schedules)
             finally:
-                for w in rollouts.workers:
-                    ray.kill(w)
+                rollouts.stop()
         return Sweep(dict(sorted(out.items())), contexts)
     finally:
+        for group in (rewards, metrics):
+            if group is not None:
+                group.stop()
         if started:
             ray.shutdown()
 

@@ -22,6 +22,7 @@ time-out of the same unit stops the run with a message naming the actor and the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from common.collective import WeightsHandle
 from common.config import Config, ConfigError, MetricSpec, RewardSpec
@@ -43,7 +44,8 @@ from rewards.registry import shown_prompts
 from rollout.worker import RolloutWorker
 
 #: What a dead or restarting actor looks like to its caller. A RayTaskError (an exception raised
-#: by our own code in the actor, e.g. a non-finite reward) is not among them: it stops the step.
+#: by our own code in the actor, e.g. a non-finite reward) is not among them: it stops the step
+#: (``StepFailed``).
 ACTOR_FAULTS = (RayActorError, ObjectLostError)
 
 
@@ -57,6 +59,12 @@ class WorkersLost(RunStopped):
 
 class TimedOut(RunStopped):
     """A unit of work stalled twice on an actor: the message names the actor and the prompts."""
+
+
+class StepFailed(RunStopped):
+    """An actor's own code raised during a step (a reward that failed or scored non-finite, a
+    sampler's error): re-sending would raise again, so the step stops before its update. The
+    message names the actor and gives its exception in one line."""
 
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(:|$)")
@@ -248,6 +256,15 @@ def _dead_for_good(actor: Any) -> bool:
         return False
 
 
+def stop_actors(actors: list[Any]) -> None:
+    """Kill ``actors`` for good (no restart): what a run started is released when it ends, not
+    when Python gets round to collecting its handles (on a shared cluster, the GPUs a finished
+    run's workers hold; in one process, the CPUs the next run needs)."""
+    for a in actors:
+        with contextlib.suppress(Exception):  # already dead, or Ray going down: nothing left to release
+            ray.kill(a, no_restart=True)
+
+
 @dataclass
 class Pending:
     """One in-flight request: its metadata ref, its image and reference refs, and its score refs
@@ -396,6 +413,10 @@ class RolloutGroup:
     def restart(self, worker: int) -> None:
         """Kill a stalled worker; Ray restarts it (its restarts permitting)."""
         ray.kill(self.workers[worker], no_restart=False)
+
+    def stop(self) -> None:
+        """Kill every worker for good (the run is over)."""
+        stop_actors(self.workers)
 
     def _ask(self, method: str, *args: Any) -> Any:
         """The answer of the first worker that gives one (a worker may die during start-up)."""
@@ -571,6 +592,10 @@ class RewardGroup:
         """Kill a stalled reward server; Ray restarts it (its restarts permitting)."""
         ray.kill(self.servers[reward][server], no_restart=False)
 
+    def stop(self) -> None:
+        """Kill every server for good (the run is over)."""
+        stop_actors([server for servers in self.servers for server in servers])
+
     def check(self) -> None:
         """After a scoring fault: drop servers that stay dead; stop if a reward has none left."""
         for j, servers in enumerate(self.servers):
@@ -606,7 +631,8 @@ class MetricGroup:
     """One MetricServer per evaluation metric: features per request (from the image refs), then
     one distance over the whole set, computed on the server."""
 
-    def __init__(self, specs: list[MetricSpec]):
+    def __init__(self, specs: list[MetricSpec], wait: bool = True):
+        self.specs = specs
         self.names = [m.name for m in specs]
         self.resamples = [m.noise_resamples for m in specs]
         self.timeouts = [m.timeout_s for m in specs]
@@ -614,12 +640,21 @@ class MetricGroup:
             ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
             for m in specs
         ]
-        # built at startup, not first met at the final evaluation after the whole training
+        if wait:
+            self.wait_started()
+
+    def stop(self) -> None:
+        """Kill every server for good (the run is over)."""
+        stop_actors(self.servers)
+
+    def wait_started(self) -> None:
+        """Every server has built its metric: at startup, not first met at the final evaluation
+        after the whole training (one line naming the metric if one cannot)."""
         _wait_started(
             self.servers,
-            max(m.start_timeout_s for m in specs) if specs else 1.0,
-            [f"eval metric {m.name!r}" for m in specs],
-            [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in specs],
+            max(m.start_timeout_s for m in self.specs) if self.specs else 1.0,
+            [f"eval metric {m.name!r}" for m in self.specs],
+            [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in self.specs],
         )
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:
@@ -856,6 +891,9 @@ class Dispatcher:
                         self.rewards.check()
                     resend(p)
                     continue
+                except RayTaskError as e:  # our own code raised in the actor: the same unit would again
+                    who = f"rollout worker {p.worker}" if j < 0 else f"reward {self.rewards.specs[j].name!r}"
+                    raise StepFailed(f"{who} raised {actor_error_line(e)}; the step stopped, nothing of it used") from e
                 if j < 0:  # the worker is done: its images go to the least loaded reward servers
                     p.sampled = got
                     self.rewards.score(p, self._load(live))

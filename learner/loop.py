@@ -131,18 +131,29 @@ def init_ray(cfg: RayConfig) -> bool:
 
 @dataclass
 class Actors:
-    """A run's reward servers and rollout workers, started and serving (``start_actors``), with
-    the settings they were built from. learner.main trains its global baseline and then its policy
-    on the same ones: a sampler's weights and a reward model load once, not once per policy."""
+    """A run's reward servers, rollout workers and eval metrics' servers, started and serving
+    (``start_actors``), with the settings they were built from. learner.main trains its global
+    baseline and then its policy on the same ones: a sampler's weights and a reward model load
+    once, not once per policy, and a metric that cannot start stops the run before either trains."""
 
     rewards: RewardGroup
     rollouts: RolloutGroup
     settings: dict
+    metrics: MetricGroup | None = None  # None: the config has none, or they were not asked for
+
+    def stop(self) -> None:
+        """Kill every actor for good: the caller that started them calls it when it is done."""
+        self.rollouts.stop()
+        self.rewards.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def check_fits(self, cfg: Config) -> None:
         """A ValueError unless these actors were built for ``cfg`` (its policy variant aside)."""
         if _actor_settings(cfg) != self.settings:
-            raise ValueError("the actors given to train() were started for another sampler, rollout, rewards or policy")
+            raise ValueError(
+                "the actors given to train() were started for another sampler, rollout, rewards, eval metrics or policy"
+            )
 
 
 def _actor_settings(cfg: Config) -> dict:
@@ -154,23 +165,38 @@ def _actor_settings(cfg: Config) -> dict:
         "policy": cfg.policy.model_dump(exclude={"variant"}),
         "seed": cfg.experiment.seed,
         "broadcast": cfg.learner.broadcast,
+        "eval_metrics": [m.model_dump() for m in cfg.learner.eval_metrics],
     }
 
 
-def start_actors(cfg: Config) -> Actors:
-    """Start the reward servers and the rollout workers of ``cfg`` and wait until they serve.
+def start_actors(cfg: Config, metrics: bool = True) -> Actors:
+    """Start the reward servers, the rollout workers and (``metrics``) the eval metrics' servers of
+    ``cfg``, and wait until they serve.
 
-    They start together (a sampler's weights load while the reward models load); a reward that
-    cannot start is still the first thing reported. Then the workers are told what the rewards
-    read (the reference sample, the image size). On a cluster this run started, they must fit in
-    it together, or nothing starts (``check_room``)."""
+    They start together (a sampler's weights load while the reward and metric models load); a
+    reward that cannot start is still the first thing reported, then a metric. Then the workers
+    are told what the rewards read (the reference sample, the image size). On a cluster this run
+    started, they must fit in it together, or nothing starts (``check_room``)."""
     check_room(actor_asks(cfg))
-    rewards = RewardGroup.from_config(cfg, wait=False)
-    rollouts = RolloutGroup(cfg, wait=False)
-    rewards.wait_started()
-    rollouts.wait_started()
-    rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
-    return Actors(rewards, rollouts, _actor_settings(cfg))
+    started: list[RewardGroup | MetricGroup | RolloutGroup] = []
+    try:
+        rewards = RewardGroup.from_config(cfg, wait=False)
+        started.append(rewards)
+        want = metrics and cfg.learner.eval_metrics
+        measures = MetricGroup(cfg.learner.eval_metrics, wait=False) if want else None
+        started += [measures] if measures is not None else []
+        rollouts = RolloutGroup(cfg, wait=False)
+        started.append(rollouts)
+        rewards.wait_started()
+        if measures is not None:
+            measures.wait_started()
+        rollouts.wait_started()
+        rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
+    except BaseException:  # nothing of a start that failed is left holding the cluster's resources
+        for group in started:
+            group.stop()
+        raise
+    return Actors(rewards, rollouts, _actor_settings(cfg), measures)
 
 
 def reference_steps_for(cfg: Config, rewards: RewardGroup) -> int:
@@ -274,12 +300,16 @@ def _train(
     inflight: _Launch | None = None  # the next iteration's rollouts, under way
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     dispatcher: Dispatcher | None = None
+    own_actors: Actors | None = None  # started here (not the caller's): stopped here
     try:
-        actors = actors or start_actors(cfg)
+        if actors is None:
+            actors = own_actors = start_actors(cfg, metrics=final_eval)
         rewards, rollouts = actors.rewards, actors.rollouts
         rollouts.draw_under(cfg.policy.variant)
         dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
-        metrics = MetricGroup(lc.eval_metrics) if final_eval and lc.eval_metrics else None
+        if final_eval and lc.eval_metrics and actors.metrics is None:  # theirs: stopped with them
+            actors.metrics = MetricGroup(lc.eval_metrics)
+        metrics = actors.metrics if final_eval and lc.eval_metrics else None
         spec = rollouts.spec()
         torch.set_num_threads(lc.torch_threads)
         torch.manual_seed(cfg.experiment.seed)
@@ -495,6 +525,8 @@ def _train(
             dispatcher.close()
         if collective is not None:
             collective.close()
+        if own_actors is not None:
+            own_actors.stop()
         if started_ray:
             ray.shutdown()
 

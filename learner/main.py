@@ -27,10 +27,10 @@ def run(cfg: Config) -> None:
 
     owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
     started = False
+    actors = None
     try:
         started = init_ray(cfg.ray)
         to_beat = {}
-        actors = None
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
             actors = start_actors(cfg)  # both policies are trained on them: each model loads once
             g = cfg.model_copy(deep=True)
@@ -45,6 +45,8 @@ def run(cfg: Config) -> None:
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
         train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
     finally:
+        if actors is not None:
+            actors.stop()
         if started:
             ray.shutdown()
         owner.release()

@@ -161,22 +161,19 @@ def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
         kind = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "O": "objects"}.get(
             raw.dtype.kind, str(raw.dtype)
         )
-        raise ValueError(
-            f"reward {name!r} returned {kind}, not real numbers, for prompts {shown_prompts(prompts)};"
-            " the step is stopped"
-        )
+        raise ValueError(f"reward {name!r} returned {kind}, not real numbers, for prompts {shown_prompts(prompts)}")
     with np.errstate(over="ignore"):  # beyond float32's range is inf: refused below
         arr = raw.astype(np.float32)
     if arr.shape != (len(prompts),):
         raise ValueError(
             f"reward {name!r} returned shape {arr.shape} for {len(prompts)} images (prompts {shown_prompts(prompts)}); "
-            "expected [N]; the step is stopped"
+            "expected [N]"
         )
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         i = int(bad[0])
         raise ValueError(
             f"reward {name!r} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r} "
-            f"({bad.size} of {len(prompts)} non-finite); the step is stopped"
+            f"({bad.size} of {len(prompts)} non-finite)"
         )
     return arr

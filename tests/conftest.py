@@ -117,3 +117,22 @@ def live_pids(class_name: str, before: set[str]) -> list[int]:
         for aid, a in state.actors().items()
         if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid") and aid not in before
     ]
+
+
+def left_alive(before: set[str], within_s: float = 10.0) -> list[str]:
+    """The classes of the actors started since ``before`` (``actors_now()``) that are still alive
+    ``within_s`` seconds on (a kill takes a moment to reach the actor table); [] once all are gone."""
+    import time
+
+    from ray._private import state
+
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = sorted(
+            a["ActorClassName"]
+            for aid, a in state.actors().items()
+            if aid not in before and a["State"] not in ("DEAD",)
+        )
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -14,10 +14,11 @@ from common.config import load_config
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy
 from learner import baselines
+from learner.groups import StepFailed
 from learner.loop import train
 from learner.main import run
 from learner.metrics import read_jsonl
-from tests.conftest import actors_now, final_weights, same_weights, tiny_overrides
+from tests.conftest import actors_now, final_weights, left_alive, same_weights, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -86,6 +87,7 @@ def test_the_global_baseline_and_the_policy_train_on_the_same_actors(ray_local, 
     run(cfg)
     started = sorted(a["ActorClassName"] for aid, a in state.actors().items() if aid not in before)
     assert started == ["RewardServer", "RolloutWorker", "RolloutWorker"]
+    assert left_alive(before) == [], "the run stops the actors it started when it ends"
     for run_dir in (cfg.run_dir / "global", cfg.run_dir):
         rows = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
         assert len(rows) == 3 and max(m["learner/logp_drift"] for m in rows) < 1e-4, run_dir
@@ -108,9 +110,13 @@ def _dispatch_threads() -> list[threading.Thread]:
 
 def test_non_finite_reward_stops_the_step(ray_local, tmp_path):
     spec = [{"name": "tests.integration.rewards_for_tests:NanForClass3", "num_cpus": 0.5}]
-    with pytest.raises(ray.exceptions.RayTaskError, match=r"non-finite.*'class 3'"):
+    before = actors_now()
+    with pytest.raises(StepFailed, match=r"^reward '.*NanForClass3' raised ValueError: .*non-finite.*'class 3'") as e:
         _run(tmp_path, rewards=spec, rollout={"contexts_per_iter": 10})
+    assert isinstance(e.value.__cause__, ray.exceptions.RayTaskError)
+    assert "\n" not in str(e.value) and str(e.value).endswith("; the step stopped, nothing of it used")
     assert not _dispatch_threads(), "a run that stopped left its dispatch thread behind"
+    assert left_alive(before) == [], "a run that stopped left its actors holding the cluster"
     # the step stopped before any update: no metrics row, no checkpoint
     assert not (tmp_path / "t" / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "t" / "metrics.jsonl")
     assert not (tmp_path / "t" / "checkpoints").exists()

@@ -21,7 +21,7 @@ from learner.groups import TimedOut
 from learner.loop import Diverged, train
 from learner.main import main
 from learner.metrics import read_jsonl
-from tests.conftest import REPO, actors_now, live_pids, tiny_overrides
+from tests.conftest import REPO, actors_now, left_alive, live_pids, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -59,12 +59,13 @@ def test_a_stalled_scoring_call_is_restarted_and_resent_exactly_once(ray_local, 
 
 def test_a_reward_that_always_stalls_stops_the_run_naming_reward_and_prompts(ray_local, tmp_path):
     cfg = _cfg(tmp_path, {"name": f"{HANG}:AlwaysHang", "timeout_s": 2, "timeout_per_image_s": 0.0})
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), actors_now()
     with pytest.raises(
         TimedOut, match=r"reward '.*AlwaysHang' did not finish scoring prompts \['class .*within 2 s, twice"
     ):
         train(cfg)
     assert time.perf_counter() - t0 < 120
+    assert left_alive(before) == [], "the stalled server and the workers are stopped with the run"
 
 
 def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, tmp_path, capsys):
@@ -84,6 +85,48 @@ def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, 
     assert code == 2, err
     assert err.startswith("error: rollout worker 0 could not start: ") and "no-model" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_eval_metric_that_cannot_start_stops_the_run_before_the_global_baseline_trains(ray_local, tmp_path, capsys):
+    """The eval metrics' servers start with the workers and rewards: a metric that cannot be built
+    is one line at startup, not after the whole global baseline has trained; what did start is
+    stopped."""
+    before = actors_now()
+    code = main(
+        [
+            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            f"--experiment.output_dir={tmp_path}",
+            "--learner.iterations=2",
+            '--learner.eval_metrics=[{"name": "no_such_metric"}]',
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.startswith("error: eval metric 'no_such_metric' could not start: ValueError: unknown metric"), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "training the learned global schedule" not in out, out
+    assert not (tmp_path / "toy" / "global" / "metrics.jsonl").exists(), "the global baseline did not train"
+    assert left_alive(before) == [], "the reward server and the workers that started are stopped"
+
+
+def test_a_reward_that_raises_is_one_line_and_exit_1_not_a_ray_traceback(ray_local, tmp_path, capsys):
+    """A reward's own error (here a kwarg of the wrong type, met at the first scoring call) stops
+    the step: one line naming the reward, its exception and the prompts, exit status 1, not the
+    RayTaskError traceback of the dispatcher's thread."""
+    code = main(
+        [
+            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            f"--experiment.output_dir={tmp_path}",
+            "--learner.global_baseline=false",
+            '--rewards=[{"name": "toy", "kwargs": {"floor": "x"}}]',
+        ]
+    )
+    everything = capsys.readouterr().err
+    err = everything.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in everything, everything
+    assert err.startswith("error: reward 'toy' raised RuntimeError: reward 'toy' failed on prompts ['class "), err
+    assert "UFuncTypeError" in err and err.endswith("; the step stopped, nothing of it used"), err
+    assert not (tmp_path / "toy" / "checkpoints").exists()
 
 
 def test_a_worker_a_joined_cluster_has_no_room_for_is_announced_and_named(ray_local, tmp_path, capsys, monkeypatch):
