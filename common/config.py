@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from common.prompts import check_prompts, read_prompt_file
+from common.prompts import check_prompts, read_capped, read_prompt_file
 
 BaselineName = Literal["none", "mean", "rloo", "xctx", "js", "js_loco"]
 
@@ -768,20 +767,19 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    hint = ": is it a config? (long prompt lists belong in a prompt file)"
     try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(f"config file {path} is a directory")
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"config file {path} is not a regular file (a device, a FIFO or a socket)")
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: is it a config? (long prompt"
-                " lists belong in a prompt file)"
-            )
-        loader = _StrictLoader(raw.decode("utf-8"))
+        text = read_capped(path, "config file", MAX_CONFIG_BYTES, hint).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # not a regular file, or too large
+        raise ConfigError(str(e)) from None
+    try:
+        loader = _StrictLoader(text)  # it checks the characters: a ReaderError here
         try:
             node = loader.get_single_node()
             if node is not None and _expanded_size(node, {}) > MAX_CONFIG_VALUES:
@@ -791,12 +789,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:

@@ -8,6 +8,7 @@ at startup and never a failure in an actor after training has begun.
 
 from __future__ import annotations
 
+import stat
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,17 +42,28 @@ def check_prompts(prompts: Sequence[object], source: str = "", what: str = "prom
     return out
 
 
+def read_capped(path: Path, what: str, limit: int, hint: str = "") -> bytes:
+    """The bytes of a file a user names (a ``what``: 'config file', 'prompt file'), or a
+    ValueError naming it where it cannot be one: not a regular file (a directory; a FIFO would
+    block the read, a device never end it), or over ``limit`` bytes (``hint`` added; nothing
+    beyond the limit is read). A missing file raises FileNotFoundError, for the caller to word."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "it is a directory" if stat.S_ISDIR(mode) else "a device, a FIFO or a socket"
+        raise ValueError(f"{what} {path} is not a regular file ({kind})")
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} {path} is larger than {limit // 2**20} MiB{hint}")
+    return data
+
+
 def read_prompt_file(path: Path | str) -> list[str]:
     """The prompts of a UTF-8 text file, one per line, blank lines skipped; checked as above."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"prompt file {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_PROMPT_FILE_BYTES:
-        raise ValueError(f"prompt file {path} has {size} bytes; the limit is {MAX_PROMPT_FILE_BYTES}")
-    data = path.read_bytes()
+    data = read_capped(path, "prompt file", MAX_PROMPT_FILE_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -178,25 +178,19 @@ def start_actors(cfg: Config, metrics: bool = True) -> Actors:
     are told what the rewards read (the reference sample, the image size). On a cluster this run
     started, they must fit in it together, or nothing starts (``check_room``)."""
     check_room(actor_asks(cfg))
-    started: list[RewardGroup | MetricGroup | RolloutGroup] = []
+    rewards = RewardGroup.from_config(cfg, wait=False)
+    measures = MetricGroup(cfg.learner.eval_metrics, wait=False) if metrics and cfg.learner.eval_metrics else None
+    actors = Actors(rewards, RolloutGroup(cfg, wait=False), _actor_settings(cfg), measures)
     try:
-        rewards = RewardGroup.from_config(cfg, wait=False)
-        started.append(rewards)
-        want = metrics and cfg.learner.eval_metrics
-        measures = MetricGroup(cfg.learner.eval_metrics, wait=False) if want else None
-        started += [measures] if measures is not None else []
-        rollouts = RolloutGroup(cfg, wait=False)
-        started.append(rollouts)
         rewards.wait_started()
         if measures is not None:
             measures.wait_started()
-        rollouts.wait_started()
-        rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
+        actors.rollouts.wait_started()
+        actors.rollouts.serve(reference_steps_for(cfg, rewards), rewards.input_size)
     except BaseException:  # nothing of a start that failed is left holding the cluster's resources
-        for group in started:
-            group.stop()
+        actors.stop()
         raise
-    return Actors(rewards, rollouts, _actor_settings(cfg), measures)
+    return actors
 
 
 def reference_steps_for(cfg: Config, rewards: RewardGroup) -> int:

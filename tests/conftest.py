@@ -129,9 +129,7 @@ def left_alive(before: set[str], within_s: float = 10.0) -> list[str]:
     deadline = time.monotonic() + within_s
     while True:
         alive = sorted(
-            a["ActorClassName"]
-            for aid, a in state.actors().items()
-            if aid not in before and a["State"] not in ("DEAD",)
+            a["ActorClassName"] for aid, a in state.actors().items() if aid not in before and a["State"] != "DEAD"
         )
         if not alive or time.monotonic() > deadline:
             return alive
