@@ -8,11 +8,14 @@ Unknown keys, wrong types and impossible values are errors that name the field.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -586,7 +589,7 @@ class Config(BaseSettings):
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="fidelity")],
         min_length=1,
-        description="Rewards and their weights, as a JSON list on the command line.",
+        description="Rewards and their weights; on the command line a list as in the file: --rewards='[{name: hps}]'.",
     )
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Optimisation and evaluation.")
     ray: RayConfig = Field(default_factory=RayConfig, description="ray.init() settings.")
@@ -766,6 +769,24 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return out
 
 
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` as YAML (strict keys, aliases expanded to at most MAX_CONFIG_VALUES values), or a
+    ConfigError in one line that starts with ``what``."""
+    try:
+        loader = _StrictLoader(text)  # it checks the characters: a ReaderError here
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{what} holds more than {MAX_CONFIG_VALUES:,} values once its aliases are expanded")
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests its lists or mappings too deeply") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     hint = ": is it a config? (long prompt lists belong in a prompt file)"
     try:
@@ -778,21 +799,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except ValueError as e:  # not a regular file, or too large
         raise ConfigError(str(e)) from None
-    try:
-        loader = _StrictLoader(text)  # it checks the characters: a ReaderError here
-        try:
-            node = loader.get_single_node()
-            if node is not None and _expanded_size(node, {}) > MAX_CONFIG_VALUES:
-                raise ConfigError(
-                    f"config file {path} holds more than {MAX_CONFIG_VALUES:,} values once its aliases are expanded"
-                )
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
-    except RecursionError:
-        raise ConfigError(f"config file {path} nests its lists or mappings too deeply") from None
+    data = _parse_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -821,8 +828,9 @@ def format_validation_error(e: ValidationError) -> str:
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """Build the config from ``argv`` (defaults < YAML from --config < flags) and ``overrides``.
 
-    ``overrides`` are nested dicts merged over the YAML (used by tests and benches); flags still
-    win over them. Raises ConfigError with a readable message; argparse exits on unknown flags.
+    ``overrides`` are nested dicts set over the YAML as flags are, a section key by key and a
+    field's value (a list or a mapping too) whole (used by tests and benches); flags still win
+    over them. Raises ConfigError with a readable message; argparse exits on unknown flags.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -831,10 +839,12 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     if len(files) > 1:
         raise ConfigError(f"--config given {len(files)} times ({', '.join(map(str, files))}): give one file")
     _check_flags(argv)
-    argv, empties = _empty_list_flags(argv)
+    argv, flagged = _structured_flags(argv)
     data: dict[str, Any] = _read_yaml(files[0]) if files else {}
-    _deep_merge(data, overrides)
-    _deep_merge(data, empties)
+    for path, value, _ in _fields([], overrides):
+        _set_at(data, path, value)
+    for path, value in flagged:
+        _set_at(data, path, value)
     if files:
         data["config"] = files[0]
     try:
@@ -882,32 +892,92 @@ def ints_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], l
     return parse
 
 
-def _empty_list_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Take ``--a.b=[]`` out of ``argv`` as an override {a: {b: []}}: pydantic-settings would
-    read the empty list as a list of one empty string."""
+def _joined(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--flag VALUE`` written ``--flag=VALUE`` (``_check_flags`` has seen
+    that every flag has its value)."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            return [*out, arg, *args]
+        out.append(f"{arg}={next(args)}" if arg.startswith("--") and arg != "--help" and "=" not in arg else arg)
+    return out
+
+
+def _field_kind(path: list[str]) -> str | None:
+    """What the field at ``path`` is: "section" (a model, which a flag's mapping merges into, as
+    its dotted flags would), "value" (anything else, which a flag's value replaces) or None (no
+    such field: pydantic-settings names it)."""
+    model: Any = Config
+    if not path:
+        return "section"
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        args = typing.get_args(field.annotation) if typing.get_origin(field.annotation) in (Union, UnionType) else ()
+        models = [t for t in (args or (field.annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if i == len(path) - 1:
+            return "section" if models else "value"
+        if not models:
+            return None
+        model = models[0]
+    return None
+
+
+def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str], Any]]]:
+    """Take the flags that give a list or a mapping (``--rollout.k_schedule={5000: 32}``,
+    ``--rewards=[{name: hps}]``, ``--rollout.k_schedule={}``) out of ``argv``, each value read as
+    the config file is read: YAML, so flow style or JSON. Each replaces what the file gives there,
+    as a number given as a flag does; pydantic-settings would merge a mapping key by key into the
+    file's (``{}`` would change nothing), read ``[]`` as a list of one empty string and refuse
+    YAML. A mapping given for a section (``--rollout={k: 4}``) sets what it names, as the
+    section's dotted flags would."""
     rest: list[str] = []
-    found: dict[str, Any] = {}
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if eq and name.startswith("--") and value.strip() == "[]":
-            *path, last = name[2:].split(".")
-            node = found
-            for part in path:
-                node = node.setdefault(part, {})
-            node[last] = []
-        else:
+    found: list[tuple[list[str], Any]] = []
+    for arg in _joined(argv):
+        name, eq, text = arg.partition("=")
+        path = name[2:].split(".")
+        kind = _field_kind(path) if eq and name.startswith("--") else None
+        if kind is None or not text.lstrip().startswith(("[", "{")):
             rest.append(arg)
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = _parse_yaml(text, f"invalid command line: the value of {name}")
+        for at, sub, known in _fields(path, value):
+            if known:
+                found.append((at, sub))
+            else:  # for pydantic-settings to name
+                rest.append(f"--{'.'.join(map(str, at))}={json.dumps(sub, default=str)}")
     return rest, found
+
+
+def _fields(path: list[Any], value: Any) -> Iterator[tuple[list[Any], Any, bool]]:
+    """``value`` given for ``path``, as (path, value, whether it is a field) for each field it
+    sets: a section's mapping (the whole config's, ``path=[]``) is taken key by key, as its
+    dotted flags would be; a field's value, a list or a mapping included, is one value that
+    replaces what was there."""
+    kind = _field_kind(path)
+    if kind == "section" and isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _fields([*path, key], sub)
+    else:
+        yield path, value, kind is not None
+
+
+def _set_at(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """``data[path[0]]...[path[-1]] = value``, making the sections on the way (one the file gave as
+    something else is left for validation to name)."""
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return
+    node[path[-1]] = value
 
 
 def load_yaml_config(path: Path | str) -> Config:
     """Load and validate a YAML config file alone (no command line)."""
     return load_config(["--config", str(path)])
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value

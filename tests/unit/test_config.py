@@ -47,6 +47,52 @@ def test_rewards_list_from_flag():
     assert cfg.rewards[0].weight == 2.0 and cfg.rewards[0].kwargs == {"floor": -5}
 
 
+def test_a_list_or_mapping_flag_replaces_the_files_written_as_in_the_file_or_as_json():
+    """A flag's mapping used to be merged key by key into the file's: ``--rollout.k_schedule={}``
+    changed nothing and ``{5000: 32}`` kept the file's 3000 and 4000 too; YAML's flow style, as
+    the config file is written, was refused as "error parsing value for field"."""
+    toy = ["--config", str(REPO / "configs/toy.yaml")]
+    assert load_yaml_config(REPO / "configs/toy.yaml").rollout.k_schedule == {3000: 8, 4000: 16}
+    assert load_config([*toy, "--rollout.k_schedule={}"]).rollout.k_schedule == {}
+    for argv, k in (
+        (["--rollout.k_schedule={5000: 32}"], 2),
+        (['--rollout.k_schedule={"5000": 32}'], 2),
+        (["--rollout.k_schedule", "{5000: 32}"], 2),
+        (["--rollout={k_schedule: {5000: 32}, k: 3}"], 3),
+        (["--rollout.k_schedule={5000: 32}", "--rollout.k", "3"], 3),
+    ):
+        cfg = load_config([*toy, *argv])
+        assert (cfg.rollout.k_schedule, cfg.rollout.k) == ({5000: 32}, k), argv
+        assert (cfg.rollout.num_workers, cfg.rollout.contexts_per_iter) == (2, 16), "the rest of the section stays"
+    cfg = load_config([*toy, "--rewards=[{name: toy, kwargs: {floor: -3}}, {name: toy, weight: 0.5}]"])
+    assert [(r.name, r.weight, r.kwargs) for r in cfg.rewards] == [("toy", 1.0, {"floor": -3}), ("toy", 0.5, {})]
+    cfg = load_config([*toy, "--policy.widths=[8, 8, 16, 16]", "--learner.eval_metrics=[]", "--ray.init_kwargs={}"])
+    assert (cfg.policy.widths, cfg.learner.eval_metrics, cfg.ray.init_kwargs) == ([8, 8, 16, 16], [], {})
+    assert load_config([*toy, "--ray.init_kwargs={namespace: x}"]).ray.init_kwargs == {"namespace": "x"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (
+            "--policy.widths=[8, 8",
+            "the value of --policy.widths is not valid YAML: line 1, column 6: expected ',' or ']', but got "
+            "'<stream end>' (while parsing a flow sequence at line 1, column 1)",
+        ),
+        (
+            "--rewards=[{name: toy, name: hps}]",
+            "the value of --rewards is not valid YAML: line 1, column 14: duplicate key 'name' (first at line 1)",
+        ),
+        ("--rollout={k: 4, colour: 5}", "unrecognized arguments: --rollout.colour=5 (--help lists every flag)"),
+        ("--rollout.colour={a: 1}", "unrecognized arguments: --rollout.colour={a: 1} (--help lists every flag)"),
+    ],
+)
+def test_a_malformed_list_or_mapping_flag_is_one_line_naming_it(flag, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([flag])
+    assert str(e.value) == f"invalid command line: {message}"
+
+
 @pytest.mark.parametrize(
     "data, field",
     [

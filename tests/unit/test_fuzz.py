@@ -111,6 +111,24 @@ def test_config_loader_gives_a_config_or_a_config_error(data):
 
 
 @FAST
+@given(
+    st.sampled_from(["--rollout.k_schedule", "--rewards", "--rollout", "--policy.widths", "--ray.init_kwargs"]),
+    st.sampled_from(["[", "{", ""]),
+    st.text(max_size=60),
+)
+def test_any_list_or_mapping_flag_gives_a_config_or_one_line(flag, opening, text):
+    """A flag's list or mapping is read as YAML (or JSON): whatever follows the bracket is a
+    config, or a ConfigError of one line, never PyYAML's or pydantic-settings' own exception."""
+    try:
+        load_config([f"{flag}={opening}{text}"])
+    except ConfigError as e:
+        message = str(e)
+        assert message.startswith(("invalid config", "invalid command line"))
+        if message.startswith("invalid command line"):
+            assert "\n" not in message
+
+
+@FAST
 @given(st.text(max_size=200))
 def test_arbitrary_yaml_files(tmp_path_factory, text):
     p = tmp_path_factory.mktemp("y") / "c.yaml"
