@@ -112,7 +112,8 @@ def _wait_started(actors: list[Any], timeout_s: float, what: list[str], needs: l
             notice = math.inf
         try:
             ray.get(ref)
-        except RayActorError as e:
+        except (RayActorError, RayTaskError) as e:  # its constructor raised (common.actors)
+            ray.kill(actor, no_restart=True)
             raise ConfigError(f"{name} could not start: {actor_error_line(e)}") from None
 
 

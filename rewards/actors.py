@@ -7,17 +7,18 @@ that made them: the learner never holds them.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from common.actors import Actor, started
 from rewards.registry import build, build_metric, check_scores, limit_torch_threads, shown_prompts
 
 
-class RewardServer:
+class RewardServer(Actor):
+    @started
     def __init__(
         self, name: str, kwargs: dict[str, Any], torch_threads: int = 1, sampler: dict[str, Any] | None = None
     ):
@@ -62,21 +63,16 @@ class RewardServer:
             ) from e
         return check_scores(self.name, raw, prompts)
 
-    def pid(self) -> int:
-        return os.getpid()
 
-
-class MetricServer:
+class MetricServer(Actor):
     """Hosts one set-level evaluation metric (e.g. a Frechet distance): per-request features, then
     one distance over all of them. Images arrive as object refs, as for rewards."""
 
+    @started
     def __init__(self, name: str, kwargs: dict[str, Any], torch_threads: int = 1):
         limit_torch_threads(torch_threads)
         self.name = name
         self.metric = build_metric(name, kwargs)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def features(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.metric.features(images, list(prompts)))

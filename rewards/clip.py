@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.hub import fetched
 from common.prompt_cache import PromptCache
 from rewards.images import as_uint8_images
 from rewards.registry import register
@@ -52,10 +53,12 @@ class ClipEmbedder:
         except ImportError as e:  # pragma: no cover - transformers is a core dependency
             raise ImportError(f"CLIP rewards need transformers: {e}") from None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        clip: Any = CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype))  # transformers types .to() loosely
+        with fetched(f"CLIP model {model!r}", "give a local directory as the reward's kwargs model"):
+            # transformers types .to() loosely
+            clip: Any = CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype))
+            self.processor = AutoProcessor.from_pretrained(processor or model)
         self.model = clip.to(self.device).eval()
         self.model.requires_grad_(False)
-        self.processor = AutoProcessor.from_pretrained(processor or model)
         self.batch_size = batch_size
         self.text_features: PromptCache[torch.Tensor] = PromptCache(self._encode_text, cache_prompts)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from common.hub import fetched
 from rewards.images import as_uint8_images
 from rewards.registry import register
 
@@ -116,9 +117,10 @@ class CountReward:
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        detector: Any = Owlv2ForObjectDetection.from_pretrained(model)  # transformers types .to() loosely
+        with fetched(f"count: the OWLv2 model {model!r}", "give a local directory as the reward's kwargs model"):
+            detector: Any = Owlv2ForObjectDetection.from_pretrained(model)  # transformers types .to() loosely
+            self.processor = Owlv2Processor.from_pretrained(model)
         self.model = detector.to(self.device).eval().requires_grad_(False)
-        self.processor = Owlv2Processor.from_pretrained(model)
         self.threshold, self.iou, self.template, self.batch_size = threshold, iou, template, batch_size
 
     def detect(self, images: list[np.ndarray], queries: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

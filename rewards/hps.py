@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from common.hub import fetched
 from common.prompt_cache import PromptCache
 from rewards.images import as_uint8_images
 from rewards.registry import register
@@ -118,17 +119,22 @@ class HPSReward:
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.batch_size = batch_size
         self.scale = scale
-        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
-        if not random_weights:
+        if not random_weights:  # found before the model is built: a missing file is said at once
             if checkpoint is None:
                 from huggingface_hub import hf_hub_download
 
-                checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version])
+                with fetched(
+                    f"hps: the HPS {version} checkpoint ({CHECKPOINTS[version]} of {HUB_REPO})",
+                    "give the path of a copy as the reward's kwargs checkpoint",
+                ):
+                    checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version])
             if not Path(checkpoint).is_file():
                 raise FileNotFoundError(
                     f"hps: no checkpoint at {checkpoint} (HPS {version} is {CHECKPOINTS[version]} of the hub"
                     f" repo {HUB_REPO})"
                 )
+        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
+        if checkpoint is not None and not random_weights:
             model.load_state_dict(load_hps_state(checkpoint), strict=True)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.image_size = int(np.atleast_1d(self.model.visual.image_size)[0])

@@ -118,6 +118,7 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
     (it scores against the sampler's own model, as the toy reward does) also gets ``sampler``,
     the run's sampler section."""
     cls = resolve(name)
+    given = kwargs
     if getattr(cls, "uses_sampler_config", False):
         if sampler is None:
             raise ValueError(f"reward {name!r} scores against the sampler's own model: it needs the sampler's config")
@@ -125,7 +126,7 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"reward {name!r}: bad kwargs {sorted(kwargs)}: {e}") from None
+        raise ValueError(f"reward {name!r}: bad kwargs {sorted(given)}: {e}") from None
 
 
 def limit_torch_threads(n: int) -> None:

@@ -7,13 +7,13 @@ only the learner logs and writes checkpoints.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.actors import Actor, started
 from common.collective import FETCH_TIMEOUT_S, Receiver, WeightsHandle
 from common.config import PolicyConfig, SamplerConfig
 from common.devices import resolve_device
@@ -35,7 +35,8 @@ from rollout.backends import build_sampler
 from rollout.sampler import PromptFeatures, prompt_problem, stacked_pooled
 
 
-class RolloutWorker:
+class RolloutWorker(Actor):
+    @started
     def __init__(
         self,
         worker_id: int,
@@ -89,9 +90,6 @@ class RolloutWorker:
         self.policy = SchedulePolicy(**self.policy_kwargs(variant)).to(self.device).eval()
         self._weights = FlatState(self.policy)  # each version is copied into the parameters at once
         self.version = -1
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def check_prompts(self, prompts: list[str]) -> str | None:
         """None if the backend reads every prompt, else the first problem (one line)."""

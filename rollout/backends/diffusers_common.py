@@ -10,6 +10,7 @@ scalar step index) but reuse the pipelines' own encoders, helpers and VAE.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ import torch
 
 from common.config import DiffusersSection
 from common.devices import resolve_device
+from common.hub import fetched
 from common.messages import SamplerSpec
 from common.prompt_cache import PromptCache
 from common.prompts import read_prompt_file
@@ -35,12 +37,21 @@ def load_pipeline(cls: Any, cfg: DiffusersSection, **extra: Any) -> Any:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    return cls.from_pretrained(
-        cfg.model,
-        torch_dtype=DTYPES[cfg.dtype],
-        revision=cfg.revision,
-        local_files_only=cfg.local_files_only,
-        **extra,
+    with fetched_pipeline(cfg):
+        return cls.from_pretrained(
+            cfg.model,
+            torch_dtype=DTYPES[cfg.dtype],
+            revision=cfg.revision,
+            local_files_only=cfg.local_files_only,
+            **extra,
+        )
+
+
+def fetched_pipeline(cfg: DiffusersSection) -> AbstractContextManager[None]:
+    """A hub load of the section's model: one line when the hub gives no copy (common.hub)."""
+    return fetched(
+        f"sampler model {cfg.model!r}",
+        "give a local directory laid out as a diffusers pipeline (README: Real models and local weights)",
     )
 
 

@@ -24,14 +24,15 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from common.config import SDConfig
 from common.schedule import ays_tau, epsilon_model_timesteps, epsilon_sigmas, epsilon_tau
-from rollout.backends.diffusers_common import EPSILON_TIME, DiffusersSampler, image_size, stack
+from rollout.backends.diffusers_common import EPSILON_TIME, DiffusersSampler, fetched_pipeline, image_size, stack
 
 
 def sd_sampler(cfg: SDConfig) -> DiffusersSampler:
     """The sd backend's sampler: the family (SD1.x/2.x or SDXL) is read from model_index.json."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
+    with fetched_pipeline(cfg):
+        index = DiffusionPipeline.load_config(cfg.model, revision=cfg.revision, local_files_only=cfg.local_files_only)
     name = index.get("_class_name")
     if name == "StableDiffusionXLPipeline":
         return DiffusersSampler.from_pretrained(SDFamily, StableDiffusionXLPipeline, cfg, add_watermarker=False)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -85,6 +87,38 @@ def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, 
     assert code == 2, err
     assert err.startswith("error: rollout worker 0 could not start: ") and "no-model" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebacks(tmp_path):
+    """Ray prints an error raised in an actor's constructor, with its whole traceback, on the
+    driver's terminal (log_to_driver, on by default, unlike the tests' own cluster): the run's one
+    line came after 20 lines here, and after a hundred for a model that cannot be downloaded. The
+    run's actors keep that error for their first call (common.actors), and only the line is left.
+    Here the worker (no such model) and the reward server (the toy reward beside another backend)
+    both fail."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learner.main",
+            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            f"--experiment.output_dir={tmp_path}",
+            "--sampler.backend=sd",
+            f"--sampler.sd.model={tmp_path / 'no-model'}",
+            "--sampler.sd.local_files_only=true",
+            "--ray.num_cpus=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Started a local Ray instance" not in ln]
+    assert lines == [
+        "error: rewards[0] ('toy') could not start: ValueError: the toy reward scores the toy backend's samples;"
+        " sampler.backend is 'sd'"
+    ], res.stderr
 
 
 def test_an_eval_metric_that_cannot_start_stops_the_run_before_the_global_baseline_trains(ray_local, tmp_path, capsys):

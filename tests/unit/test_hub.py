@@ -1,0 +1,67 @@
+"""A model named by a hub id that this machine has no copy of, and the hub cannot give: one line
+naming what was asked for, why the hub gave nothing, and the setting that takes a local copy.
+diffusers said ``X does not appear to have a file named model_index.json`` with the network down."""
+
+from __future__ import annotations
+
+import socket
+
+import huggingface_hub
+import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from common.config import FluxConfig, SDConfig
+from common.hub import fetched, hub_problem
+from rewards.hps import HPSReward
+from rollout.backends.diffusers_common import load_pipeline
+from rollout.backends.sd import sd_sampler
+from tests.unit.test_hps import FIXTURE
+
+PIPELINE = "give a local directory laid out as a diffusers pipeline (README: Real models and local weights)"
+OFF = "downloads are off (local_files_only, or HF_HUB_OFFLINE=1)"
+
+
+def test_a_pipeline_neither_here_nor_fetchable_is_one_line_naming_it_and_the_way_out():
+    from diffusers import FluxPipeline
+
+    with pytest.raises(OSError) as e:  # the sd backend reads model_index.json first
+        sd_sampler(SDConfig(model="steinsched-tests/no-such-model", local_files_only=True))
+    assert str(e.value) == (
+        f"sampler model 'steinsched-tests/no-such-model' is neither a local path nor in the hub cache, and {OFF}:"
+        f" {PIPELINE}"
+    )
+    with pytest.raises(OSError) as e:
+        load_pipeline(FluxPipeline, FluxConfig(model="steinsched-tests/flux", local_files_only=True))
+    assert str(e.value).startswith("sampler model 'steinsched-tests/flux' is neither") and OFF in str(e.value)
+
+
+def _unreachable(*args, **kwargs):
+    try:
+        raise socket.gaierror(-2, "Name or service not known")
+    except socket.gaierror as e:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
+
+
+def test_the_hub_out_of_reach_is_named_with_its_network_error_before_the_model_is_built(monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _unreachable)
+    with pytest.raises(OSError) as e:
+        HPSReward(arch=str(FIXTURE / "tiny-hps.json"))
+    assert str(e.value) == (
+        "hps: the HPS v2.1 checkpoint (HPS_v2.1_compressed.pt of xswu/HPSv2) is neither a local path nor in the hub"
+        " cache, and the hub cannot be reached (gaierror: [Errno -2] Name or service not known): give the path of a"
+        " copy as the reward's kwargs checkpoint"
+    )
+
+
+def test_other_errors_pass_as_they_are():
+    with pytest.raises(ValueError, match="^not the hub$"), fetched("x", "y"):
+        raise ValueError("not the hub")
+    with pytest.raises(FileNotFoundError, match="^no such file$"), fetched("x", "y"):
+        raise FileNotFoundError("no such file")
+    assert hub_problem(OSError("X does not appear to have a file named model_index.json.")) is None
+    try:
+        _unreachable()
+    except LocalEntryNotFoundError as e:
+        wrapped = OSError("X does not appear to have a file named model_index.json.")
+        wrapped.__cause__ = e
+        assert hub_problem(wrapped) == "the hub cannot be reached (gaierror: [Errno -2] Name or service not known)"
