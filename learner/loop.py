@@ -125,8 +125,44 @@ def init_ray(cfg: RayConfig) -> bool:
     if "RAY_ADDRESS" not in os.environ and "address" not in kwargs:
         # resources only describe a cluster this call starts; a joined cluster has its own
         kwargs.update({k: v for k, v in (("num_cpus", cfg.num_cpus), ("num_gpus", cfg.num_gpus)) if v is not None})
-    ray.init(**kwargs)
+    source = "ray.init_kwargs.address" if kwargs.get("address") else "RAY_ADDRESS"
+    address = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_answers(str(address), source)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:  # e.g. it answered, but is not a Ray cluster's GCS
+        raise ConfigError(f"cannot join the Ray cluster at {address} ({source}): {e}") from None
     return True
+
+
+#: Seconds a cluster's address has to accept a connection before joining it is given up.
+JOIN_TIMEOUT_S = 10.0
+
+
+def _check_answers(address: str, source: str) -> None:
+    """Something accepts connections at ``address`` (host:port, or a URL with one), within
+    ``JOIN_TIMEOUT_S``: Ray itself waits on an address where nothing listens forever, logging a
+    retry every 30 s, and gives an unreachable one 25 s and a traceback. 'auto', 'local' and an
+    address without a port are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=JOIN_TIMEOUT_S).close()
+    except OSError as e:
+        why = f"no answer within {JOIN_TIMEOUT_S:g} s" if isinstance(e, TimeoutError) else e.strerror or e
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({source}): {why}; start one there (ray start --head), or unset"
+            f" {source} to start one on this machine"
+        ) from None
 
 
 @dataclass

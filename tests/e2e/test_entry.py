@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,3 +71,32 @@ def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
     assert (run / "global" / "policy" / "model.safetensors").is_file()
     glob = SchedulePolicy.from_pretrained(run / "global" / "policy")
     assert glob.variant == "global" and len(glob.global_mean_tau()) == 5
+
+
+def test_a_cluster_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
+    """Ray waits forever on an address where nothing listens (a retry logged every 30 s) and gives
+    an unreachable one 25 s and a traceback: the run checks that the address answers first."""
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for flags, env, source in (
+        ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"}, "RAY_ADDRESS"),
+        ([f"--ray.init_kwargs={{address: 'ray://127.0.0.1:{port}'}}"], {}, "ray.init_kwargs.address"),
+    ):
+        address = env.get("RAY_ADDRESS") or f"ray://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            [sys.executable, "-m", "learner.main", "--config=configs/toy.yaml", f"--experiment.output_dir={tmp_path}"]
+            + flags,
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"error: no Ray cluster answers at {address} ({source}): Connection refused; start one there (ray start"
+            f" --head), or unset {source} to start one on this machine"
+        ]
+        assert time.perf_counter() - t0 < 60
