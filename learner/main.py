@@ -12,10 +12,41 @@ schedule and the learned instance-level schedules.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from common.config import Config, ConfigError, load_config
 from learner.groups import RunStopped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a job stopped (``ray job stop``), a pod evicted or preempted. The run ends as on
+    Ctrl-C: its actors stopped, Ray shut down if it started it, the run dir released, and one line
+    saying what is kept to resume from."""
+
+
+@contextmanager
+def _sigterm_ends_the_run() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in the main thread while the run is under way. Installed
+    after ``ray.init``, whose own handlers (a stack dump and an abort from its C++ core, exit
+    134; on a cluster it started, its processes killed under the run) it replaces; a second
+    SIGTERM during the clean-up is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(cfg: Config) -> None:
@@ -30,20 +61,21 @@ def run(cfg: Config) -> None:
     actors = None
     try:
         started = init_ray(cfg.ray)
-        to_beat = {}
-        if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
-            actors = start_actors(cfg)  # both policies are trained on them: each model loads once
-            g = cfg.model_copy(deep=True)
-            g.policy.variant = "global"
-            g.learner.lr = cfg.learner.global_lr
-            g.experiment.name = f"{cfg.experiment.name}/global"
-            g.overwrite = False  # the claim above already cleared the run dir when asked to
-            if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
-                g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
-            print("training the learned global schedule (the baseline to beat) ...")
-            res = train(g, final_eval=False, actors=actors)
-            to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
-        train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
+        with _sigterm_ends_the_run():
+            to_beat = {}
+            if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
+                actors = start_actors(cfg)  # both policies are trained on them: each model loads once
+                g = cfg.model_copy(deep=True)
+                g.policy.variant = "global"
+                g.learner.lr = cfg.learner.global_lr
+                g.experiment.name = f"{cfg.experiment.name}/global"
+                g.overwrite = False  # the claim above already cleared the run dir when asked to
+                if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
+                    g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
+                print("training the learned global schedule (the baseline to beat) ...")
+                res = train(g, final_eval=False, actors=actors)
+                to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
+            train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
     finally:
         if actors is not None:
             actors.stop()
@@ -66,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # stopped during training: what was learned is in the latest checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ray shut down and the run dir released on the way out
-        print(f"interrupted: {_what_is_kept(cfg)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ray shut down and the run dir released on the way out
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: {_what_is_kept(cfg)}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

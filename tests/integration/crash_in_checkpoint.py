@@ -1,5 +1,7 @@
-"""Run the learner and SIGKILL it while it writes checkpoint number ``argv[1]`` (the process dies
-for real, half-way through writing that checkpoint's manifest). Used by test_resume.py."""
+"""Run the learner and signal it while it writes checkpoint number ``argv[1]``: ``KILL`` (the
+process dies for real, half-way through writing that checkpoint's manifest) or ``TERM`` (a job
+stopped or a pod preempted: the run ends as it ends on Ctrl-C, before that manifest is written).
+Used by test_resume.py: ``python -m tests.integration.crash_in_checkpoint N KILL|TERM <flags>``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 
 import common.checkpoint as ckpt
 
-target = int(sys.argv[1])
+target, how = int(sys.argv[1]), getattr(signal, f"SIG{sys.argv[2]}")
 real = ckpt.write_manifest
 calls = {"n": 0}
 
@@ -17,8 +19,9 @@ calls = {"n": 0}
 def dying_write_manifest(directory):
     calls["n"] += 1
     if calls["n"] == target:
-        (directory / "manifest.json").write_text('{"policy/model.safet')  # torn write
-        os.kill(os.getpid(), signal.SIGKILL)
+        if how == signal.SIGKILL:
+            (directory / "manifest.json").write_text('{"policy/model.safet')  # torn write
+        os.kill(os.getpid(), how)
     real(directory)
 
 
@@ -26,4 +29,4 @@ ckpt.write_manifest = dying_write_manifest
 
 from learner.main import main  # noqa: E402
 
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))

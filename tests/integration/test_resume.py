@@ -62,7 +62,7 @@ def uninterrupted(ray_local, tmp_path_factory):
 
 def test_learner_killed_while_writing_a_checkpoint_resumes_exactly(uninterrupted, tmp_path):
     flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
-    code, out = _cli([sys.executable, "-m", "tests.integration.crash_in_checkpoint", "2", *flags])
+    code, out = _cli([sys.executable, "-m", "tests.integration.crash_in_checkpoint", "2", "KILL", *flags])
     assert code == -signal.SIGKILL, out[-2000:]
     ckdir = tmp_path / "r" / "checkpoints"
     assert (ckdir / "latest").read_text().strip() == "ckpt-00000002"
@@ -77,6 +77,26 @@ def test_learner_killed_while_writing_a_checkpoint_resumes_exactly(uninterrupted
     recs = list(read_records(tmp_path / "r" / "rollouts.msgpack", RolloutRecord))
     ids = [(r.iteration, r.context, r.k) for r in recs]
     assert len(ids) == ITERS * 4 * 2 and len(set(ids)) == len(ids), "a rollout was lost or logged twice"
+
+
+def test_a_run_sent_sigterm_ends_in_one_line_releases_its_dir_and_resumes_exactly(uninterrupted, tmp_path):
+    """SIGTERM (``ray job stop``, a pod evicted or preempted) used to meet Ray's handlers: a stack
+    dump from its C++ core and exit 134. Now the run ends as on Ctrl-C, here half-way through its
+    second checkpoint: its actors and Ray stopped, the lock released, one line saying what is kept,
+    exit 143; ``--resume auto`` then ends with the uninterrupted run's weights."""
+    flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
+    code, out = _cli([sys.executable, "-m", "tests.integration.crash_in_checkpoint", "2", "TERM", *flags])
+    run = tmp_path / "r"
+    assert code == 143, out[-2000:]
+    assert out.strip().splitlines()[-1] == (
+        f"terminated: the run in {run} keeps its checkpoint ckpt-00000002; --resume auto continues it from there"
+    )
+    assert "SIGTERM received" not in out and "Traceback" not in out, out[-2000:]
+    assert not (run / ".lock").exists(), "the run dir is released"
+    code, out = _cli([sys.executable, "-m", "learner.main", *flags, "--resume=auto"])
+    assert code == 0, out[-3000:]
+    assert "warning: taking over" not in out and "resumed from" in out and "ckpt-00000002" in out
+    assert same_weights(uninterrupted, final_weights(run))
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, uninterrupted, tmp_path):
