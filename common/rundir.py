@@ -3,9 +3,12 @@
 ``claim(cfg)`` is called before anything is written for a run. It
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
-- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically; a lock whose
-  process is gone (same host, pid not running) is stale and taken over with a warning, any other
-  is a refusal that names its owner;
+- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically, and renews it
+  (its mtime) every ``LEASE_RENEW_S`` while the run lives. A lock whose process is gone is stale
+  and taken over with a warning: on this host, a pid not running; from another host (a pod that was
+  preempted or a node lost: its pid cannot be asked), a lock not renewed for ``LEASE_S``, judged by
+  the filesystem's clock, not this host's. A lock from another host that has missed its renewals
+  but not yet its lease is waited for. Any other lock is a refusal that names its owner;
 - refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
   says what to do with it: ``--resume auto`` to continue it, ``--overwrite`` to replace it, or a
   new ``experiment.name``;
@@ -18,10 +21,12 @@ leaves a stale lock that the next claim takes over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +35,11 @@ from typing import Any
 from common.config import Config, ConfigError
 
 LOCK = ".lock"
+#: Seconds between an owner's renewals of its lock.
+LEASE_RENEW_S = 15.0
+#: Seconds without a renewal after which a lock from another host is its run's end (a shared
+#: filesystem may show an mtime a minute late: NFS caches attributes).
+LEASE_S = 120.0
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
 
@@ -83,6 +93,7 @@ class RunDir:
     def __init__(self, path: Path, checkpoint_dir: Path | None, log: Callable[[str], None] = print):
         self.path, self.checkpoint_dir, self.log = path, checkpoint_dir, log
         self._held = False
+        self._renewing = threading.Event()  # set: stop renewing
 
     # -- the lock -------------------------------------------------------------------------------
 
@@ -116,6 +127,14 @@ class RunDir:
                     )
                     lock.unlink(missing_ok=True)
                     continue
+                if owner.get("host") != me["host"] and self._lease_ran_out(owner):
+                    self.log(
+                        f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
+                        f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is"
+                        " gone"
+                    )
+                    lock.unlink(missing_ok=True)
+                    continue
                 raise RunDirInUse(
                     f"run dir {self.path} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
                     f" (since {owner.get('started')}); use another experiment.name, or delete {lock}"
@@ -124,10 +143,51 @@ class RunDir:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._held = True
+            threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
             return
         raise RunDirInUse(f"could not take the lock {lock}")
 
+    def _age(self) -> float:
+        """Seconds since the lock was last written or renewed, on the filesystem's clock (the
+        mtime of a file written now), which other hosts' renewals are stamped with too."""
+        probe = self.path / f".lease-probe-{socket.gethostname()}-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            now = probe.stat().st_mtime
+        finally:
+            probe.unlink(missing_ok=True)
+        return now - (self.path / LOCK).stat().st_mtime
+
+    def _lease_ran_out(self, owner: dict[str, Any]) -> bool:
+        """Whether another host's lock has gone ``LEASE_S`` without a renewal. One renewed lately
+        is its live run's (False at once); one that has missed two renewals is waited for, until it
+        is renewed (False) or its lease runs out (True)."""
+        said = False
+        while True:
+            try:
+                age = self._age()
+            except FileNotFoundError:  # released while we looked: the next attempt takes it
+                return False
+            if age > LEASE_S:
+                return True
+            if age < 2 * LEASE_RENEW_S:
+                return False
+            if not said:
+                self.log(
+                    f"the run dir's lock, of pid {owner.get('pid')} on host {owner.get('host')}, has not been renewed"
+                    f" for {age:.0f} s: waiting until {LEASE_S:g} s to take it over"
+                )
+                said = True
+            time.sleep(min(LEASE_RENEW_S, LEASE_S - age) / 2)
+
+    def _renew(self) -> None:
+        """The owner's lease: the lock's mtime set every LEASE_RENEW_S until the release."""
+        while not self._renewing.wait(LEASE_RENEW_S):
+            with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next one tries again
+                os.utime(self.path / LOCK)
+
     def release(self) -> None:
+        self._renewing.set()
         if self._held:
             owner = self._owner()
             if owner is None or owner.get("pid") == os.getpid():

@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from common import rundir
 from common.codec import append_records, pack, read_records
 from common.config import ConfigError, load_config
 from common.messages import RolloutRecord
@@ -98,6 +101,69 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
             claim(load_config(_flags(tmp_path)))
     assert any("stale lock" in s for s in said)
     assert not (tmp_path / "r" / LOCK).exists()
+
+
+def _foreign_lock(run: Path, age_s: float) -> Path:
+    """A lock another host's run wrote and last renewed ``age_s`` ago."""
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / LOCK
+    lock.write_text(json.dumps({"host": "a-preempted-pod", "pid": 4242, "started": "t"}))
+    stamp = lock.stat().st_mtime - age_s
+    os.utime(lock, (stamp, stamp))
+    return lock
+
+
+def test_a_lock_from_another_host_is_taken_over_once_its_lease_runs_out(tmp_path):
+    """A driver on a pod that was preempted or on a node that was lost leaves its lock, and its
+    pid cannot be asked from here: its lease (the lock's mtime, renewed by a live run) says."""
+    _foreign_lock(tmp_path / "r", rundir.LEASE_S + 30)
+    said: list[str] = []
+    t0 = time.monotonic()
+    with claim(load_config(_flags(tmp_path)), log=said.append) as rd:
+        assert json.loads((rd.path / LOCK).read_text())["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 5
+    assert said == [
+        f"warning: taking over the lock of pid 4242 on host a-preempted-pod (started t): not renewed for more than"
+        f" {rundir.LEASE_S:g} s, its run is gone"
+    ]
+
+
+def test_a_lock_renewed_lately_by_another_host_is_refused_at_once(tmp_path):
+    lock = _foreign_lock(tmp_path / "r", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RunDirInUse, match="in use by pid 4242 on host a-preempted-pod"):
+        claim(load_config(_flags(tmp_path)))
+    assert time.monotonic() - t0 < 5
+    assert json.loads(lock.read_text())["pid"] == 4242, "the owner's lock stays"
+
+
+def test_a_lock_that_missed_its_renewals_is_waited_for_then_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.2)
+    monkeypatch.setattr(rundir, "LEASE_S", 1.5)
+    _foreign_lock(tmp_path / "r", 0.5)
+    said: list[str] = []
+    t0 = time.monotonic()
+    with claim(load_config(_flags(tmp_path)), log=said.append):
+        waited = time.monotonic() - t0
+    assert 0.8 < waited < 5, waited
+    assert said[0].startswith("the run dir's lock, of pid 4242 on host a-preempted-pod, has not been renewed for ")
+    assert said[0].endswith("s: waiting until 1.5 s to take it over") and "taking over" in said[1]
+
+
+def test_a_live_owner_renews_its_lease_until_it_releases_the_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.1)
+    with claim(load_config(_flags(tmp_path))) as rd:
+        lock = rd.path / LOCK
+        old = lock.stat().st_mtime - 600
+        os.utime(lock, (old, old))
+        time.sleep(0.5)
+        assert lock.stat().st_mtime > old + 590, "renewed"
+        assert rd._age() < 1
+    assert not lock.exists()
+    threads = [t for t in threading.enumerate() if t.name == "run-dir-lease"]
+    for t in threads:
+        t.join(timeout=2)
+    assert not any(t.is_alive() for t in threads), "the renewals stop with the release"
 
 
 @pytest.mark.parametrize("what", ["run dir is a file", "output dir is a file", "output dir cannot be written"])
