@@ -13,6 +13,7 @@ checkpoints are kept.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -64,6 +65,14 @@ def write_manifest(directory: Path) -> None:
         _fsync(d)
 
 
+def _out_of_space(root: Path) -> bool:
+    """Whether the filesystem of ``root`` is full (less than a MiB free)."""
+    try:
+        return shutil.disk_usage(root).free < 2**20
+    except OSError:
+        return False
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"ckpt-{iteration:08d}"
 
@@ -84,17 +93,24 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    policy.save_pretrained(tmp / "policy")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    if extra:
-        from safetensors.torch import save_file
+    try:
+        policy.save_pretrained(tmp / "policy")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        if extra:
+            from safetensors.torch import save_file
 
-        for name, tensors in extra.items():
-            own = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
-            save_file(own, tmp / f"{name}.safetensors")
-    write_manifest(tmp)
+            for name, tensors in extra.items():
+                own = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+                save_file(own, tmp / f"{name}.safetensors")
+        write_manifest(tmp)
+    except Exception as e:
+        full = not isinstance(e, OSError) and _out_of_space(root)  # torch says "unexpected pos" when it is
+        shutil.rmtree(tmp, ignore_errors=True)  # what it wrote, freed: the checkpoints before it stay whole
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from e
+        raise
     if final.exists():  # a re-run of the same iteration after a resume replaces it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -12,6 +12,7 @@ schedule and the learned instance-level schedules.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -20,6 +21,10 @@ from contextlib import contextmanager
 
 from common.config import Config, ConfigError, load_config
 from learner.groups import RunStopped
+
+#: What storage says when a run cannot go on writing (a full disk, a quota, a mount that became
+#: read-only or failed): one line and what is kept, not a traceback.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 class Terminated(KeyboardInterrupt):
@@ -97,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as e:  # stopped during training: what was learned is in the latest checkpoint
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        where = f"cannot write {e.filename}" if e.filename else "storage failed"
+        print(f"error: {where}: {e.strerror}; the run stopped: {_what_is_kept(cfg)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ray shut down and the run dir released on the way out
         terminated = isinstance(e, Terminated)

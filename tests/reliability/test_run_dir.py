@@ -3,6 +3,7 @@ mistake: the lock, refusals that leave every file as it was, --overwrite, damage
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from common.messages import RolloutRecord
 from common.rundir import LOCK, RunDirInUse, claim
 from learner.loop import train
 from learner.main import main
+from tests.conftest import actors_now, left_alive
 
 
 def _snapshot(d: Path) -> dict[str, str]:
@@ -329,3 +331,30 @@ def test_resume_rebuilds_tensorboard_without_duplicate_steps(finished, tmp_path)
 def test_claim_refuses_resume_and_overwrite_together(tmp_path):
     with pytest.raises(ConfigError, match="exclude each other"):
         load_config(_flags(tmp_path, "--resume=auto", "--overwrite=true"))
+
+
+@ray_needed
+def test_a_full_disk_stops_the_run_in_one_line_saying_what_is_kept(ray_local, tmp_path, capsys, monkeypatch):
+    """Storage that stops taking writes (a full disk, a quota, a mount gone read-only) is one line
+    naming the file, exit 1, and what --resume auto continues from: the actors stopped, the lock
+    released; before, a traceback."""
+    import common.checkpoint as ckpt
+
+    real, calls = ckpt.write_manifest, []
+
+    def full_at_the_second(directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "manifest.json"))
+        real(directory)
+
+    monkeypatch.setattr(ckpt, "write_manifest", full_at_the_second)
+    before = actors_now()
+    assert main(_flags(tmp_path)) == 1
+    run = tmp_path / "r"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {calls[1] / 'manifest.json'}: No space left on device; the run stopped: the run in"
+        f" {run} keeps its checkpoint ckpt-00000002; --resume auto continues it from there"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002", "latest"], "freed"
+    assert not (run / LOCK).exists() and left_alive(before) == []

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 
+import pytest
 import torch
 
 from common.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint, verify
@@ -182,3 +186,29 @@ def test_checkpoint_storage_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run'"):
         claim(cfg, log=lambda _: None)
     assert not cfg.run_dir.exists()
+
+
+def test_a_checkpoint_that_runs_out_of_space_frees_what_it_wrote_and_says_so(tmp_path, monkeypatch):
+    """A full disk met half-way through a checkpoint: torch says only "unexpected pos 287936 vs
+    287828". It is ENOSPC naming the file, the half-written checkpoint is removed (its space
+    freed), and the checkpoints before it stay whole and latest."""
+    pol = _policy()
+    opt = torch.optim.AdamW(pol.parameters())
+    save_checkpoint(tmp_path, 1, pol, opt, {"iteration": 1})
+
+    def torch_on_a_full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 287936 vs 287828")
+
+    monkeypatch.setattr(torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path, 2, pol, opt, {"iteration": 2})
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / f".ckpt-00000002.tmp-{os.getpid()}"))
+    assert isinstance(e.value.__cause__, RuntimeError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "latest"]
+    assert find_latest(tmp_path).name == "ckpt-00000001" and verify(tmp_path / "ckpt-00000001") is None
+    # with room left, torch's error is torch's own (not a full disk), and nothing is left behind either
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint(tmp_path, 2, pol, opt, {"iteration": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "latest"]
