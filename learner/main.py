@@ -16,8 +16,7 @@ import errno
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from common.config import Config, ConfigError, load_config
 from learner.groups import RunStopped
@@ -33,25 +32,24 @@ class Terminated(KeyboardInterrupt):
     saying what is kept to resume from."""
 
 
-@contextmanager
-def _sigterm_ends_the_run() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` in the main thread while the run is under way. Installed
-    after ``ray.init``, whose own handlers (a stack dump and an abort from its C++ core, exit
-    134; on a cluster it started, its processes killed under the run) it replaces; a second
-    SIGTERM during the clean-up is ignored."""
+def _end_on_sigterm() -> Callable[[], None]:
+    """From now on SIGTERM raises ``Terminated`` in the main thread, and a second one, during the
+    clean-up, is ignored; returns what puts the handler before back. Called after ``ray.init``,
+    whose own handlers it replaces (a stack dump and an abort from Ray's C++ core, exit 134; on a
+    cluster the run started, its processes killed under the run)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return lambda: None
 
     def terminate(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def run(cfg: Config) -> None:
@@ -64,29 +62,32 @@ def run(cfg: Config) -> None:
     owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
     started = False
     actors = None
+    restore_sigterm = None
     try:
         started = init_ray(cfg.ray)
-        with _sigterm_ends_the_run():
-            to_beat = {}
-            if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
-                actors = start_actors(cfg)  # both policies are trained on them: each model loads once
-                g = cfg.model_copy(deep=True)
-                g.policy.variant = "global"
-                g.learner.lr = cfg.learner.global_lr
-                g.experiment.name = f"{cfg.experiment.name}/global"
-                g.overwrite = False  # the claim above already cleared the run dir when asked to
-                if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
-                    g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
-                print("training the learned global schedule (the baseline to beat) ...")
-                res = train(g, final_eval=False, actors=actors)
-                to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
-            train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
+        restore_sigterm = _end_on_sigterm()
+        to_beat = {}
+        if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
+            actors = start_actors(cfg)  # both policies are trained on them: each model loads once
+            g = cfg.model_copy(deep=True)
+            g.policy.variant = "global"
+            g.learner.lr = cfg.learner.global_lr
+            g.experiment.name = f"{cfg.experiment.name}/global"
+            g.overwrite = False  # the claim above already cleared the run dir when asked to
+            if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
+                g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
+            print("training the learned global schedule (the baseline to beat) ...")
+            res = train(g, final_eval=False, actors=actors)
+            to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
+        train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
     finally:
         if actors is not None:
             actors.stop()
         if started:
             ray.shutdown()
         owner.release()
+        if restore_sigterm is not None:
+            restore_sigterm()
 
 
 def main(argv: list[str] | None = None) -> int:
