@@ -16,11 +16,12 @@ Saved and loaded with safetensors through huggingface_hub's PyTorchModelHubMixin
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -173,6 +174,18 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
                 last_bias.copy_(torch.from_numpy(inverse_softplus(alpha - alpha_min)).float())
                 if variant == "conditional":
                     head_out.weight.zero_()
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = False, **kwargs: Any):
+        """A local directory is read here, as the mixin reads it but without its print of "Loading
+        weights from local directory" on every command's output; a hub id goes to the mixin."""
+        if not os.path.isdir(model_id):
+            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+        hub = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+        model = cls(**{k: v for k, v in kwargs.items() if k not in hub})
+        return cls._load_as_safetensor(
+            model, os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE), map_location, strict
+        )
 
     def set_max_concentration(self, cap: float | None) -> None:
         """Change the cap on sum(alpha) (a schedule of it over training); ``save_pretrained``

@@ -20,7 +20,7 @@ import ray
 from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
 from common.messages import Context, ScheduleMode
 from common.policy import SchedulePolicy
-from learner.groups import Collected, Dispatcher, MetricGroup
+from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
 from learner.stats import mean_se
 
 DEFAULT = "default"
@@ -332,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a reward or sampler that raised, an actor that stalled twice
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing of the evaluation was written", file=sys.stderr)
+        return 130
     result.write(out, tb_dir=args.run[0] / "tb")
     print(result.markdown())
     print(f"wrote {out}/table.md, summary.csv, contexts.csv and the plots")

@@ -154,3 +154,10 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.kk=1"])) == (
         "error: invalid command line: unrecognized arguments: --rollout.kk=1 (--help lists every flag)"
     )
+    # a reward that raises during the evaluation: one line, exit 1 (it was StepFailed's traceback)
+    bad = "--rewards=[{name: 'tests.integration.rewards_for_tests:RaisesOnCall'}]"
+    code = evaluate_cli.main([*run, "--seeds", "2", "--out", str(out), "--", bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not out.exists(), err
+    assert err[-1].startswith("error: reward 'tests.integration.rewards_for_tests:RaisesOnCall' raised ")
+    assert err[-1].endswith("; the step stopped, nothing of it used") and "Traceback" not in "".join(err)

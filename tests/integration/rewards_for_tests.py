@@ -131,3 +131,10 @@ class SlowStart:
 
     def __call__(self, images, prompts):
         return (-np.linalg.norm(np.asarray(images), axis=1)).astype(np.float32)
+
+
+class RaisesOnCall:
+    """Raises on every call: a reward's own error met during a step or an evaluation."""
+
+    def __call__(self, images, prompts):
+        raise RuntimeError("deliberate failure")

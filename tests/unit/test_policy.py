@@ -120,12 +120,13 @@ def test_conditional_output_depends_on_inputs_global_does_not():
     assert glob.num_parameters() == 4
 
 
-def test_save_and_load_restore_an_identical_policy(tmp_path):
+def test_save_and_load_restore_an_identical_policy(tmp_path, capsys):
     torch.manual_seed(0)
     pol = SchedulePolicy(steps=4, in_channels=4, token_dim=6, pooled_dim=6, **TINY).eval()
     pol.save_pretrained(tmp_path / "p")
     assert (tmp_path / "p" / "model.safetensors").is_file()
     again = SchedulePolicy.from_pretrained(tmp_path / "p").eval()
+    assert capsys.readouterr().out == "", "nothing on the output of the commands that load one"
     assert again.steps == 4 and again.num_parameters() == pol.num_parameters()
     inp = _inputs()
     torch.testing.assert_close(pol(inp), again(inp), rtol=0, atol=0)
