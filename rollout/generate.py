@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = prompt_problem(sampler, args.prompt)
         if problem is not None:
             raise ConfigError(f"--prompt: {problem}")
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: a model the hub cannot give (common.hub), a file
         print(f"error: {e}", file=sys.stderr)
         return 2
     seeds = args.seed or [0]
@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         for (prompt, seed), t in zip(pairs, times_from_tau(tau), strict=True):
             print(f"{name:>8}  {prompt!r} seed {seed}: t = {np.array2string(t, precision=3)}")
     if args.score:
-        for name, got in score(cfg, sampler, prompts, noise, images).items():
+        try:
+            scored = score(cfg, sampler, prompts, noise, images)
+        except (ConfigError, ValueError, OSError) as e:  # a reward that cannot be built or fails
+            print(f"error: --score: {e}", file=sys.stderr)
+            return 2
+        for name, got in scored.items():
             for i, (prompt, seed) in enumerate(pairs):
                 cells = "  ".join(f"{k} {float(v[i])!r}" for k, v in got.items())
                 print(f"score {name}  {prompt!r} seed {seed}: {cells}")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
+import yaml
 
 from common.config import load_config
 from learner import evaluate as evaluate_cli
@@ -121,6 +123,17 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     )
     assert err_of(generate_cli.main([*run, "--prompt", "7", "--out", str(tmp_path / "no" / "seven.png")])) == (
         f"error: --out {tmp_path / 'no' / 'seven.png'}: the directory {tmp_path / 'no'} does not exist"
+    )
+    # a run whose model is neither here nor fetchable (its config.yaml edited: a copy of the run)
+    moved = tmp_path / "moved"
+    shutil.copytree(digits_run, moved)
+    cfg = yaml.safe_load((moved / "config.yaml").read_text())
+    cfg["sampler"].update(backend="sd", sd={"model": "steinsched-tests/no-such-model", "local_files_only": True})
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert err_of(generate_cli.main(["--run", str(moved), "--prompt", "7"])) == (
+        "error: sampler model 'steinsched-tests/no-such-model' is neither a local path nor in the hub cache, and"
+        " downloads are off (local_files_only, or HF_HUB_OFFLINE=1): give a local directory laid out as a diffusers"
+        " pipeline (README: Real models and local weights)"
     )
     with pytest.raises(SystemExit) as e:
         generate_cli.main([*run, "--prompt", "7", "--seed", "-1"])
