@@ -22,7 +22,9 @@ scores with hpsv2's own code; ``tests/unit/test_hps.py`` checks them to 1e-5.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,6 +40,27 @@ if TYPE_CHECKING:  # torch is imported where a model is built, not at import
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HUB_REPO = "xswu/HPSv2"
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_random_init_warning(checkpoint_follows: bool) -> Iterator[None]:
+    """open_clip warns that a model built without its pretrained weights is "initialized
+    randomly": where the HPS checkpoint is loaded into it right after, that warning, on every run's
+    terminal, would be wrong (with ``random_weights`` it is true, and stays)."""
+    if not checkpoint_follows:
+        yield
+        return
+    drop = _RandomInitWarning()
+    logging.getLogger().addFilter(drop)  # open_clip warns through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def _open_clip():
@@ -133,7 +156,8 @@ class HPSReward:
                     f"hps: no checkpoint at {checkpoint} (HPS {version} is {CHECKPOINTS[version]} of the hub"
                     f" repo {HUB_REPO})"
                 )
-        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
+        with _no_random_init_warning(not random_weights):
+            model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
         if checkpoint is not None and not random_weights:
             model.load_state_dict(load_hps_state(checkpoint), strict=True)
         self.model = model.to(self.device).eval().requires_grad_(False)

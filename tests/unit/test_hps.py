@@ -8,6 +8,7 @@ random weights saved in the HPS checkpoint layout.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,17 @@ def test_missing_checkpoint_and_bad_checkpoint_are_clear(tmp_path):
     torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match="Missing key"):
         HPSReward(checkpoint=str(tmp_path / "bad.pt"), arch=arch)
+
+
+def test_no_random_init_warning_where_the_checkpoint_is_loaded(caplog):
+    """open_clip warns "Model initialized randomly" for a model built without its weights: on every
+    HPS run's terminal that was wrong, as the checkpoint is loaded right after; with
+    ``random_weights`` it is true and stays."""
+    arch = str(FIXTURE / "tiny-hps.json")
+    with caplog.at_level(logging.WARNING):
+        HPSReward(checkpoint=str(FIXTURE / "tiny-hps.pt"), arch=arch)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        HPSReward(arch=arch, random_weights=True)
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    assert not [f for f in logging.getLogger().filters if "RandomInit" in type(f).__name__], "the filter is removed"
