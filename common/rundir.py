@@ -3,7 +3,9 @@
 ``claim(cfg)`` is called before anything is written for a run. It
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
-- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically, and renews it
+- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically (and the same in
+  a local ``learner.checkpoint_dir`` outside the run dir: two runs sharing one would write each
+  other's checkpoints), and renews it
   (its mtime) every ``LEASE_RENEW_S`` while the run lives. A lock whose process is gone is stale
   and taken over with a warning: on this host, a pid not running; from another host (a pod that was
   preempted or a node lost: its pid cannot be asked), a lock not renewed for ``LEASE_S``, judged by
@@ -87,30 +89,29 @@ def _check_writable(d: Path, what: str) -> None:
         raise ConfigError(f"{what} {d} cannot be written: {e.strerror or e}") from None
 
 
-class RunDir:
-    """The claim on one run directory (a context manager: the lock goes on exit)."""
+class _Lease:
+    """The lock ``<directory>/.lock`` of one directory a run writes (``what``: "run dir",
+    "checkpoint dir"), taken atomically, renewed while held (see the module docstring)."""
 
-    def __init__(self, path: Path, checkpoint_dir: Path | None, log: Callable[[str], None] = print):
-        self.path, self.checkpoint_dir, self.log = path, checkpoint_dir, log
-        self._held = False
-        self._renewing = threading.Event()  # set: stop renewing
+    def __init__(self, directory: Path, what: str, instead: str, log: Callable[[str], None]):
+        self.directory, self.what, self.instead, self.log = directory, what, instead, log
+        self.lock = directory / LOCK
+        self.held = False
 
-    # -- the lock -------------------------------------------------------------------------------
-
-    def _owner(self) -> dict[str, Any] | None:
+    def owner(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.path / LOCK).read_text())
+            return json.loads(self.lock.read_text())
         except (OSError, ValueError):
             return None
 
-    def _acquire(self) -> None:
+    def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        lock = self.path / LOCK
+        lock = self.lock
         for _ in range(3):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
+                owner = self.owner()
                 if owner is None:
                     # written by a process that died between create and write, or not ours at all
                     age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
@@ -123,11 +124,11 @@ class RunDir:
                 if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
                     self.log(
                         f"warning: taking over the stale lock of pid {owner.get('pid')}"
-                        f" (started {owner.get('started')}, no longer running) on the run dir"
+                        f" (started {owner.get('started')}, no longer running) on the {self.what}"
                     )
                     lock.unlink(missing_ok=True)
                     continue
-                if owner.get("host") != me["host"] and self._lease_ran_out(owner):
+                if owner.get("host") != me["host"] and self._ran_out(owner):
                     self.log(
                         f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
                         f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is"
@@ -136,36 +137,35 @@ class RunDir:
                     lock.unlink(missing_ok=True)
                     continue
                 raise RunDirInUse(
-                    f"run dir {self.path} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
-                    f" (since {owner.get('started')}); use another experiment.name, or delete {lock}"
-                    " if that run is gone"
+                    f"{self.what} {self.directory} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
+                    f" (since {owner.get('started')}); use another {self.instead}, or delete {lock} if that run is"
+                    " gone"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self._held = True
-            threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
+            self.held = True
             return
         raise RunDirInUse(f"could not take the lock {lock}")
 
-    def _age(self) -> float:
+    def age(self) -> float:
         """Seconds since the lock was last written or renewed, on the filesystem's clock (the
         mtime of a file written now), which other hosts' renewals are stamped with too."""
-        probe = self.path / f".lease-probe-{socket.gethostname()}-{os.getpid()}"
+        probe = self.directory / f".lease-probe-{socket.gethostname()}-{os.getpid()}"
         try:
             probe.write_bytes(b"")
             now = probe.stat().st_mtime
         finally:
             probe.unlink(missing_ok=True)
-        return now - (self.path / LOCK).stat().st_mtime
+        return now - self.lock.stat().st_mtime
 
-    def _lease_ran_out(self, owner: dict[str, Any]) -> bool:
+    def _ran_out(self, owner: dict[str, Any]) -> bool:
         """Whether another host's lock has gone ``LEASE_S`` without a renewal. One renewed lately
         is its live run's (False at once); one that has missed two renewals is waited for, until it
         is renewed (False) or its lease runs out (True)."""
         said = False
         while True:
             try:
-                age = self._age()
+                age = self.age()
             except FileNotFoundError:  # released while we looked: the next attempt takes it
                 return False
             if age > LEASE_S:
@@ -174,25 +174,64 @@ class RunDir:
                 return False
             if not said:
                 self.log(
-                    f"the run dir's lock, of pid {owner.get('pid')} on host {owner.get('host')}, has not been renewed"
-                    f" for {age:.0f} s: waiting until {LEASE_S:g} s to take it over"
+                    f"the {self.what}'s lock, of pid {owner.get('pid')} on host {owner.get('host')}, has not been"
+                    f" renewed for {age:.0f} s: waiting until {LEASE_S:g} s to take it over"
                 )
                 said = True
             time.sleep(min(LEASE_RENEW_S, LEASE_S - age) / 2)
 
+    def renew(self) -> None:
+        with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
+            os.utime(self.lock)
+
+    def release(self) -> None:
+        if self.held:
+            owner = self.owner()
+            if owner is None or owner.get("pid") == os.getpid():
+                self.lock.unlink(missing_ok=True)
+            self.held = False
+
+
+class RunDir:
+    """The claim on one run directory, and on its checkpoint directory where that is a local one
+    of its own (a context manager: the locks go on exit)."""
+
+    def __init__(self, path: Path, checkpoint_dir: Path | None, log: Callable[[str], None] = print):
+        self.path, self.checkpoint_dir, self.log = path, checkpoint_dir, log
+        self.leases: list[_Lease] = []
+        self._renewing = threading.Event()  # set: stop renewing
+
+    # -- the locks ------------------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        """The run dir's lock, then the checkpoint dir's where it is outside the run dir: two runs
+        that share a ``learner.checkpoint_dir`` would write each other's ckpt-* (an --overwrite
+        would delete the other's)."""
+        dirs = [(self.path, "run dir", "experiment.name")]
+        ckpt = self.checkpoint_dir
+        if ckpt is not None and not ckpt.resolve().is_relative_to(self.path.resolve()):
+            dirs.append((ckpt, "checkpoint dir", "learner.checkpoint_dir"))
+        try:
+            for directory, what, instead in dirs:
+                lease = _Lease(directory, what, instead, self.log)
+                lease.acquire()
+                self.leases.append(lease)
+        except BaseException:
+            self.release()
+            raise
+        threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
+
     def _renew(self) -> None:
-        """The owner's lease: the lock's mtime set every LEASE_RENEW_S until the release."""
+        """The owner's leases: each lock's mtime set every LEASE_RENEW_S until the release."""
         while not self._renewing.wait(LEASE_RENEW_S):
-            with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next one tries again
-                os.utime(self.path / LOCK)
+            for lease in self.leases:
+                lease.renew()
 
     def release(self) -> None:
         self._renewing.set()
-        if self._held:
-            owner = self._owner()
-            if owner is None or owner.get("pid") == os.getpid():
-                (self.path / LOCK).unlink(missing_ok=True)
-            self._held = False
+        for lease in self.leases:
+            lease.release()
+        self.leases = []
 
     def __enter__(self) -> RunDir:
         return self

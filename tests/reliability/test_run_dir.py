@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -160,12 +161,36 @@ def test_a_live_owner_renews_its_lease_until_it_releases_the_dir(tmp_path, monke
         os.utime(lock, (old, old))
         time.sleep(0.5)
         assert lock.stat().st_mtime > old + 590, "renewed"
-        assert rd._age() < 1
+        assert rd.leases[0].age() < 1
     assert not lock.exists()
     threads = [t for t in threading.enumerate() if t.name == "run-dir-lease"]
     for t in threads:
         t.join(timeout=2)
     assert not any(t.is_alive() for t in threads), "the renewals stop with the release"
+
+
+def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
+    """A learner.checkpoint_dir outside the run dir has a lock of its own: a second run given the
+    same one would write its ckpt-* among the first's, and its --overwrite would delete them."""
+    shared = tmp_path / "shared-checkpoints"
+    first = load_config(_flags(tmp_path, f"--learner.checkpoint_dir={shared}"))
+    second = load_config(_flags(tmp_path, "--experiment.name=other", f"--learner.checkpoint_dir={shared}"))
+    with claim(first) as rd:
+        assert [lease.lock for lease in rd.leases] == [first.run_dir / LOCK, shared / LOCK]
+        with pytest.raises(RunDirInUse) as e:
+            claim(second)
+        assert str(e.value) == (
+            f"checkpoint dir {shared} is in use by pid {os.getpid()} on host {socket.gethostname()} (since"
+            f" {json.loads((shared / LOCK).read_text())['started']}); use another learner.checkpoint_dir, or delete"
+            f" {shared / LOCK} if that run is gone"
+        )
+        assert not (second.run_dir / LOCK).exists(), "the second run's own lock is given back"
+    assert not (shared / LOCK).exists() and not (first.run_dir / LOCK).exists()
+    with claim(second) as rd:  # free once the first is done
+        assert len(rd.leases) == 2
+    inside = load_config(_flags(tmp_path, f"--learner.checkpoint_dir={tmp_path / 'r' / 'ck'}"))
+    with claim(inside) as rd:  # one inside the run dir is the run dir's: one lock
+        assert len(rd.leases) == 1
 
 
 @pytest.mark.parametrize("what", ["run dir is a file", "output dir is a file", "output dir cannot be written"])
