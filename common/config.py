@@ -832,13 +832,12 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     field's value (a list or a mapping too) whole (used by tests and benches); flags still win
     over them. Raises ConfigError with a readable message; argparse exits on unknown flags.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _with_values(list(sys.argv[1:] if argv is None else argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, action="append", default=[])
     files: list[Path] = pre.parse_known_args(argv)[0].config
     if len(files) > 1:
         raise ConfigError(f"--config given {len(files)} times ({', '.join(map(str, files))}): give one file")
-    _check_flags(argv)
     argv, flagged = _structured_flags(argv)
     data: dict[str, Any] = _read_yaml(files[0]) if files else {}
     for path, value, _ in _fields([], overrides):
@@ -856,14 +855,23 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
         raise ConfigError(f"invalid command line: {why} (--help lists every flag)") from None
 
 
-def _check_flags(argv: list[str]) -> None:
-    """Every ``--flag`` has a value (``--flag=VALUE`` or ``--flag VALUE``): a section flag given
-    alone (``--rollout``) would otherwise be taken as the section's defaults, silently."""
+def _with_values(argv: list[str]) -> list[str]:
+    """``argv`` where every ``--flag`` has a value (``--flag=VALUE`` or ``--flag VALUE``): a yes/no
+    field's flag given alone (``--overwrite``, ``--learner.progress``) is ``--flag=true``, as a
+    command line's switch reads; any other flag alone is an error that names it (a section given
+    alone, ``--rollout``, would otherwise be taken as the section's defaults, silently)."""
+    out = list(argv)
     for i, arg in enumerate(argv):
-        if not arg.startswith("--") or arg in ("--", "--help") or "=" in arg:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or arg == "--help" or "=" in arg:
             continue
-        if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            continue
+        if _field_annotation(arg[2:].split(".")) is not bool:
             raise ConfigError(f"invalid command line: {arg} needs a value ({arg}=VALUE)")
+        out[i] = f"{arg}=true"
+    return out
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -893,7 +901,7 @@ def ints_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], l
 
 
 def _joined(argv: list[str]) -> list[str]:
-    """``argv`` with each ``--flag VALUE`` written ``--flag=VALUE`` (``_check_flags`` has seen
+    """``argv`` with each ``--flag VALUE`` written ``--flag=VALUE`` (``_with_values`` has seen
     that every flag has its value)."""
     out: list[str] = []
     args = iter(argv)
@@ -904,25 +912,31 @@ def _joined(argv: list[str]) -> list[str]:
     return out
 
 
+def _field_annotation(path: list[str]) -> Any:
+    """The type of the field at ``path`` of the config (a section's model for a section; the
+    config itself for ``[]``), or None where there is no such field (pydantic-settings names it).
+    An optional field's type is its type without None: an optional section is a section."""
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+        if typing.get_origin(model) in (Union, UnionType):
+            args = [t for t in typing.get_args(model) if t is not type(None)]
+            models = [t for t in args if isinstance(t, type) and issubclass(t, BaseModel)]
+            model = models[0] if models else args[0] if len(args) == 1 else model
+    return model
+
+
 def _field_kind(path: list[str]) -> str | None:
     """What the field at ``path`` is: "section" (a model, which a flag's mapping merges into, as
     its dotted flags would), "value" (anything else, which a flag's value replaces) or None (no
     such field: pydantic-settings names it)."""
-    model: Any = Config
-    if not path:
-        return "section"
-    for i, part in enumerate(path):
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        args = typing.get_args(field.annotation) if typing.get_origin(field.annotation) in (Union, UnionType) else ()
-        models = [t for t in (args or (field.annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)]
-        if i == len(path) - 1:
-            return "section" if models else "value"
-        if not models:
-            return None
-        model = models[0]
-    return None
+    kind = _field_annotation(path)
+    if kind is None:
+        return None
+    return "section" if isinstance(kind, type) and issubclass(kind, BaseModel) else "value"
 
 
 def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str], Any]]]:

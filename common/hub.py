@@ -3,11 +3,16 @@
 diffusers, transformers and huggingface_hub each say it their own way, and diffusers' way is
 wrong (``X does not appear to have a file named model_index.json`` when the network is down). A
 loader wraps its hub call in ``fetched``, which says it in one line: what was asked for, why the
-hub did not give it, and the setting that gives a local copy instead.
+hub did not give it, and the setting that gives a local copy instead. Meanwhile the hub client's
+retries (two lines each, five per file, from every actor that loads a model) are counted, not
+printed, and the line says how many there were and how long they waited.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,14 +38,50 @@ def hub_problem(e: BaseException) -> str | None:
     return "downloads are off (local_files_only, or HF_HUB_OFFLINE=1)"
 
 
+#: the loggers of huggingface_hub's retry loops (``http_backoff`` and the Xet/LFS upload's)
+_RETRY_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.hf_api")
+_WAIT = re.compile(r"(?:Retrying in|Rate limited\. Waiting) ([0-9.]+)s")
+
+
+class _Retries(logging.Filter):
+    """Drops huggingface_hub's retry lines ("'<error>' thrown while requesting ...", "Retrying in
+    4s [Retry 3/5]."), counting the retries and the seconds waited for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.waited = 0, 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        wait = _WAIT.match(text)
+        if wait:
+            self.count += 1
+            self.waited += float(wait.group(1))
+            return False
+        return "thrown while requesting" not in text
+
+
 @contextmanager
 def fetched(what: str, instead: str) -> Iterator[None]:
     """Run a hub load: an error that is the hub giving no copy becomes one OSError, ``{what} is
-    neither a local path nor in the hub cache, and {why}: {instead}``; any other passes as it is."""
+    neither a local path nor in the hub cache, and {why}: {instead}``; any other passes as it is.
+    The hub client's retry lines are not printed (the error counts them), nor diffusers' warning
+    that it passes an argument the hub client no longer reads, on every load from the hub."""
+    retries = _Retries()
+    loggers = [logging.getLogger(name) for name in _RETRY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(retries)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated")
+            yield
     except Exception as e:
         why = hub_problem(e)
         if why is None:
             raise
+        if retries.count:
+            why += f" after {retries.count} retries over {retries.waited:.0f} s"
         raise OSError(f"{what} is neither a local path nor in the hub cache, and {why}: {instead}") from e
+    finally:
+        for logger in loggers:
+            logger.removeFilter(retries)

@@ -4,7 +4,7 @@
     from common.policy import SchedulePolicy
     from rollout.export import PipelineSchedule
 
-    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16).to("cuda")
     policy = SchedulePolicy.from_pretrained("runs/flux/policy")
     schedule = PipelineSchedule(policy, pipe)
     image = pipe(prompt, **schedule(prompt, seed=0)).images[0]     # the learned schedule, per instance

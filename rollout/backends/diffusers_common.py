@@ -29,6 +29,16 @@ from rollout.sampler import PromptFeatures
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_kwarg() -> str:
+    """The name under which this diffusers' ``from_pretrained`` takes the dtype: ``dtype`` from
+    0.40 (``torch_dtype`` still works there, with a FutureWarning on every load, from every
+    rollout worker), ``torch_dtype`` before (where ``dtype`` would be ignored: a float32 Flux)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
 def load_pipeline(cls: Any, cfg: DiffusersSection, **extra: Any) -> Any:
     """``cls.from_pretrained`` with the section's model, revision and dtype (``prepare_pipeline``
     is the backend's job)."""
@@ -40,7 +50,7 @@ def load_pipeline(cls: Any, cfg: DiffusersSection, **extra: Any) -> Any:
     with fetched_pipeline(cfg):
         return cls.from_pretrained(
             cfg.model,
-            torch_dtype=DTYPES[cfg.dtype],
+            **{dtype_kwarg(): DTYPES[cfg.dtype]},
             revision=cfg.revision,
             local_files_only=cfg.local_files_only,
             **extra,

@@ -229,3 +229,21 @@ def test_sizes_that_do_not_fit_are_refused():
 
     with pytest.raises(ConfigError, match="sampler.flux.bogus"):
         load_config([], sampler={"backend": "flux", "flux": {"bogus": 1}})
+
+
+def test_a_saved_pipeline_loads_in_its_dtype_without_diffusers_deprecation_warnings(tmp_path):
+    """diffusers 0.40 takes the dtype as ``dtype``; ``torch_dtype`` still worked but warned
+    (a FutureWarning from every rollout worker, on every run)."""
+    import warnings
+
+    from diffusers import FluxPipeline
+
+    from rollout.backends.diffusers_common import load_pipeline
+    from tests.fixtures.tiny_pipelines import save_tiny
+
+    path = save_tiny("flux", tmp_path / "flux")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(FluxPipeline, FluxConfig(model=str(path), dtype="bfloat16", local_files_only=True))
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]

@@ -174,6 +174,28 @@ def test_a_flag_without_a_value_is_refused(argv):
         load_config(argv)
 
 
+@pytest.mark.parametrize("argv", [["--config"], ["--resume"], ["--learner.iterations", "--overwrite"]])
+def test_a_flag_without_a_value_is_refused_before_anything_reads_it(argv):
+    """--config alone was argparse's usage of a parser named main.py and exit 2, not one line."""
+    with pytest.raises(ConfigError, match=rf"^invalid command line: {argv[0]} needs a value \({argv[0]}=VALUE\)$"):
+        load_config(argv)
+
+
+def test_a_yes_no_flag_alone_is_true():
+    """The README's own `--overwrite`, and the refusals' 'add --overwrite', were refused: "needs a
+    value"; only `--overwrite=true` worked."""
+    assert load_config(["--overwrite"]).overwrite is True
+    cfg = load_config(["--overwrite", "--learner.progress", "--rollout.k=3", "--resume_changes"])
+    assert (cfg.overwrite, cfg.learner.progress, cfg.rollout.k, cfg.resume_changes) == (True, True, 3, True)
+    # with a value it is that value, after = or as the next word
+    assert load_config(["--learner.progress=false"]).learner.progress is False
+    assert load_config(["--learner.progress", "false", "--overwrite"]).learner.progress is False
+    with pytest.raises(ConfigError, match=r"overwrite: Input should be a valid boolean.*\(got 'maybe'\)"):
+        load_config(["--overwrite", "maybe"])
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(["--overwrite", "--resume=auto"])
+
+
 def test_ray_init_kwargs_are_arguments_of_ray_init():
     with pytest.raises(ConfigError, match=r"ray.init_kwargs: 'bogus': not an argument of ray.init \(it takes address,"):
         load_config(['--ray.init_kwargs={"bogus": 1}'])

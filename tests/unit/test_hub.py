@@ -4,6 +4,7 @@ diffusers said ``X does not appear to have a file named model_index.json`` with 
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import huggingface_hub
@@ -65,3 +66,31 @@ def test_other_errors_pass_as_they_are():
         wrapped = OSError("X does not appear to have a file named model_index.json.")
         wrapped.__cause__ = e
         assert hub_problem(wrapped) == "the hub cannot be reached (gaierror: [Errno -2] Name or service not known)"
+
+
+def test_the_hub_clients_retries_are_counted_in_the_line_not_printed(monkeypatch, tmp_path, capfd):
+    """Each actor that loaded a model from an unreachable hub printed two lines per retry, five
+    retries per file, over 23 s, before the one line; and diffusers' warning about an argument the
+    hub client no longer reads came with every load."""
+    import time
+    import types
+    import warnings
+
+    from huggingface_hub.utils import _http
+
+    waited: list[float] = []
+    clock = types.SimpleNamespace(sleep=waited.append, time=time.time, monotonic=time.monotonic)
+    monkeypatch.setattr(_http, "time", clock)  # the backoff's waits, without waiting
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OSError) as e, fetched("model 'a/b'", "give a local copy"):
+        warnings.warn("The `local_dir_use_symlinks` argument is deprecated and ignored", UserWarning, stacklevel=1)
+        huggingface_hub.hf_hub_download("a/b", "f.bin", endpoint=f"http://127.0.0.1:{port}", cache_dir=tmp_path)
+    assert waited == [1, 2, 4, 8, 8]
+    assert str(e.value).startswith("model 'a/b' is neither a local path nor in the hub cache, and the hub cannot be")
+    assert str(e.value).endswith(" after 5 retries over 23 s: give a local copy")
+    out, err = capfd.readouterr()
+    assert "Retry" not in out + err and "thrown while requesting" not in out + err and "symlinks" not in out + err
+    # outside a load, the hub client's lines are its own again
+    assert not logging.getLogger("huggingface_hub.utils._http").filters
