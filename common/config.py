@@ -946,9 +946,15 @@ def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str],
     as a number given as a flag does; pydantic-settings would merge a mapping key by key into the
     file's (``{}`` would change nothing), read ``[]`` as a list of one empty string and refuse
     YAML. A mapping given for a section (``--rollout={k: 4}``) sets what it names, as the
-    section's dotted flags would."""
+    section's dotted flags would. The last flag that sets a field is the one that counts, as
+    with any other flag: a dotted flag before a list or mapping that sets the same field is
+    dropped (pydantic-settings' flags would otherwise win over it wherever they stood)."""
     rest: list[str] = []
     found: list[tuple[list[str], Any]] = []
+
+    def sets(arg: str, at: list[Any]) -> bool:
+        return arg.startswith("--") and arg.partition("=")[0][2:].split(".")[: len(at)] == list(map(str, at))
+
     for arg in _joined(argv):
         name, eq, text = arg.partition("=")
         path = name[2:].split(".")
@@ -962,6 +968,7 @@ def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str],
             value = _parse_yaml(text, f"invalid command line: the value of {name}")
         for at, sub, known in _fields(path, value):
             if known:
+                rest = [a for a in rest if not sets(a, at)]
                 found.append((at, sub))
             else:  # for pydantic-settings to name
                 rest.append(f"--{'.'.join(map(str, at))}={json.dumps(sub, default=str)}")

@@ -72,6 +72,22 @@ def test_a_list_or_mapping_flag_replaces_the_files_written_as_in_the_file_or_as_
 
 
 @pytest.mark.parametrize(
+    ("argv", "k", "steps"),
+    [
+        (["--rollout.k=3", "--rollout={k: 4}"], 4, 4),
+        (["--rollout={k: 4}", "--rollout.k=3"], 3, 4),
+        (["--rollout.k=3", "--rollout={steps: 5}"], 3, 5),
+        (["--rollout.k", "3", "--rollout={k: 5, steps: 6}", "--rollout.steps=7"], 5, 7),
+        (["--rollout.k=3", "--rollout.k=5"], 5, 4),
+    ],
+)
+def test_the_last_flag_that_sets_a_field_counts(argv, k, steps):
+    """A dotted flag won over a section's mapping wherever the two stood on the line."""
+    cfg = load_config(argv)
+    assert (cfg.rollout.k, cfg.rollout.steps) == (k, steps)
+
+
+@pytest.mark.parametrize(
     ("flag", "message"),
     [
         (
