@@ -21,6 +21,7 @@ from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints
 from common.messages import Context, ScheduleMode
 from common.policy import SchedulePolicy
 from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
+from learner.signals import Terminated, end_on_sigterm
 from learner.stats import mean_se
 
 DEFAULT = "default"
@@ -244,6 +245,7 @@ def sweep(
         raise ConfigError("two runs share one L; give one run per L")
     all_l = sorted(set(steps or []) | set(by_l))
     started = init_ray(first.ray)
+    restore_sigterm = end_on_sigterm()
     rewards: RewardGroup | None = None
     metrics: MetricGroup | None = None
     try:
@@ -292,6 +294,7 @@ def sweep(
                 group.stop()
         if started:
             ray.shutdown()
+        restore_sigterm()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,9 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # a reward or sampler that raised, an actor that stalled twice
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing of the evaluation was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a job stopped): its actors stopped on the way out
+        terminated = isinstance(e, Terminated)
+        print(
+            f"{'terminated' if terminated else 'interrupted'}: nothing of the evaluation was written", file=sys.stderr
+        )
+        return 143 if terminated else 130
     result.write(out, tb_dir=args.run[0] / "tb")
     print(result.markdown())
     print(f"wrote {out}/table.md, summary.csv, contexts.csv and the plots")

@@ -13,43 +13,15 @@ schedule and the learned instance-level schedules.
 from __future__ import annotations
 
 import errno
-import signal
 import sys
-import threading
-from collections.abc import Callable
 
 from common.config import Config, ConfigError, load_config
 from learner.groups import RunStopped
+from learner.signals import Terminated, end_on_sigterm
 
 #: What storage says when a run cannot go on writing (a full disk, a quota, a mount that became
 #: read-only or failed): one line and what is kept, not a traceback.
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: a job stopped (``ray job stop``), a pod evicted or preempted. The run ends as on
-    Ctrl-C: its actors stopped, Ray shut down if it started it, the run dir released, and one line
-    saying what is kept to resume from."""
-
-
-def _end_on_sigterm() -> Callable[[], None]:
-    """From now on SIGTERM raises ``Terminated`` in the main thread, and a second one, during the
-    clean-up, is ignored; returns what puts the handler before back. Called after ``ray.init``,
-    whose own handlers it replaces (a stack dump and an abort from Ray's C++ core, exit 134; on a
-    cluster the run started, its processes killed under the run)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def terminate(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
 
 
 def run(cfg: Config) -> None:
@@ -65,7 +37,7 @@ def run(cfg: Config) -> None:
     restore_sigterm = None
     try:
         started = init_ray(cfg.ray)
-        restore_sigterm = _end_on_sigterm()
+        restore_sigterm = end_on_sigterm()
         to_beat = {}
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
             actors = start_actors(cfg)  # both policies are trained on them: each model loads once

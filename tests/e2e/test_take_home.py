@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -16,7 +19,7 @@ from common.config import load_config
 from learner import evaluate as evaluate_cli
 from learner.main import run
 from rollout import generate as generate_cli
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -174,3 +177,19 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert code == 1 and not out.exists(), err
     assert err[-1].startswith("error: reward 'tests.integration.rewards_for_tests:RaisesOnCall' raised ")
     assert err[-1].endswith("; the step stopped, nothing of it used") and "Traceback" not in "".join(err)
+
+
+def test_an_evaluation_sent_sigterm_ends_in_one_line(digits_run, tmp_path):
+    """SIGTERM (an evaluation job stopped) met Ray's handler: a stack dump from its C++ core and
+    exit 134. Now it ends as on Ctrl-C: its actors and the Ray cluster it started stopped, one
+    line, exit 143, nothing written."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    out = tmp_path / "ev"
+    argv = ["--run", str(digits_run), "--out", str(out), "--", "--ray.num_cpus=2"]
+    cmd = [sys.executable, "-m", "tests.integration.term_in_evaluate", *argv]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode == 143, text[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == "terminated: nothing of the evaluation was written"
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
+    assert not out.exists()
