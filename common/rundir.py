@@ -273,6 +273,62 @@ class RunDir:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def _a_run(d: Path) -> bool:
+    """Whether ``d`` is a run's directory: its config.yaml, and its lock or something it wrote;
+    a run of this process (the training run whose global baseline is a run inside it) is not."""
+    if not (d / "config.yaml").is_file() or not (artefacts(d) or (d / LOCK).exists()):
+        return False
+    owner = _Lease(d, "run dir", "", print).owner()
+    return not (owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname())
+
+
+def _inside_a_run(d: Path, mine: Path) -> Path | None:
+    """The directory of another run that ``d`` is (or lies inside), other than ``mine``."""
+    d = d.absolute()
+    for above in (d, *d.parents):
+        if above == mine.absolute():
+            return None
+        if _a_run(above):
+            return above
+    return None
+
+
+def _whose_checkpoints(ckpt_dir: Path) -> Path | None:
+    """The run dir that wrote the latest checkpoint in ``ckpt_dir`` (its state.json's config),
+    or None where there is none or it cannot be read."""
+    names = sorted(p.name for p in ckpt_dir.glob("ckpt-*") if (p / "state.json").is_file()) if ckpt_dir.is_dir() else []
+    if not names:
+        return None
+    try:
+        experiment = json.loads((ckpt_dir / names[-1] / "state.json").read_text())["config"]["experiment"]
+        return Path(experiment["output_dir"]) / experiment["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
+    """Refuse a run dir inside another run's directory (its checkpoints, its policy), and a
+    checkpoint dir that is another run's (inside its run dir, or holding its checkpoints):
+    --overwrite would delete or overwrite that run's files."""
+    path = cfg.run_dir
+    other = _inside_a_run(path.parent, path)
+    if other is not None:
+        raise ConfigError(
+            f"run dir {path} is inside the run dir {other} of another run; choose an experiment.name outside it"
+        )
+    if ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute()):
+        return
+    other = _inside_a_run(ckpt_dir, path)
+    if other is None and cfg.resume is None:
+        writer = _whose_checkpoints(ckpt_dir)
+        other = writer if writer is not None and writer.absolute() != path.absolute() else None
+    if other is not None:
+        raise ConfigError(
+            f"learner.checkpoint_dir {ckpt_dir} holds the checkpoints of another run ({other}); give this run a"
+            " checkpoint dir of its own (--overwrite would delete that run's checkpoints)"
+        )
+
+
 def _local_checkpoint_dir(cfg: Config) -> Path | None:
     d = cfg.learner.checkpoint_dir
     if d is None:
@@ -293,6 +349,7 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
         from common.checkpoint import storage
 
         storage(cfg.learner.checkpoint_dir)
+    _check_not_anothers(cfg, ckpt_dir)
     _check_writable(path, "run dir")
     if ckpt_dir is not None:
         _check_writable(ckpt_dir, "checkpoint dir")

@@ -193,6 +193,59 @@ def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
         assert len(rd.leases) == 1
 
 
+def _fake_checkpointed_run(out: Path, name: str, ckpt_dir: Path | None = None) -> Path:
+    """A finished run's files, its checkpoint's state.json naming the run that wrote it."""
+    run = out / name
+    _fake_run(run)
+    ckpt = (ckpt_dir or run / "checkpoints") / "ckpt-00000002"
+    ckpt.mkdir(parents=True)
+    state = {"iteration": 2, "config": {"experiment": {"output_dir": str(out), "name": name}}}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    return run
+
+
+def test_another_runs_files_are_never_this_runs_to_overwrite(tmp_path):
+    """A checkpoint dir inside a finished run, or holding its checkpoints, was refused with the
+    advice to pass --overwrite, which then deleted that run's checkpoints; a run named inside
+    another run's directory (its checkpoints, a checkpoint) was written in among its files."""
+    t1 = _fake_checkpointed_run(tmp_path, "t1")
+    shared = tmp_path / "shared"
+    a = _fake_checkpointed_run(tmp_path, "a", ckpt_dir=shared)
+    before = _snapshot(tmp_path)
+    for flags, message in [
+        (
+            ["--experiment.name=x", f"--learner.checkpoint_dir={t1 / 'checkpoints'}"],
+            f"learner.checkpoint_dir {t1 / 'checkpoints'} holds the checkpoints of another run ({t1}); give this run"
+            " a checkpoint dir of its own (--overwrite would delete that run's checkpoints)",
+        ),
+        (
+            ["--experiment.name=b", f"--learner.checkpoint_dir={shared}"],
+            f"learner.checkpoint_dir {shared} holds the checkpoints of another run ({a})",
+        ),
+        (
+            ["--experiment.name=t1/checkpoints"],
+            f"run dir {t1 / 'checkpoints'} is inside the run dir {t1} of another run; choose an experiment.name"
+            " outside it",
+        ),
+        (["--experiment.name=t1/checkpoints/ckpt-00000002"], f"is inside the run dir {t1} of another run"),
+    ]:
+        for overwrite in ([], ["--overwrite"]):
+            with pytest.raises(ConfigError) as e:
+                claim(load_config(_flags(tmp_path, *flags, *overwrite)))
+            assert message in str(e.value), (flags, str(e.value))
+    assert _snapshot(tmp_path) == before, "nothing of the other runs changed"
+    with claim(
+        load_config(_flags(tmp_path, "--experiment.name=a", f"--learner.checkpoint_dir={shared}", "--overwrite"))
+    ):
+        pass  # its own checkpoints, elsewhere: replaced as asked
+    assert not list(shared.glob("ckpt-*"))
+    # the run dir of this process's own run holds its global baseline's run
+    with claim(load_config(_flags(tmp_path, "--experiment.name=mine"))):
+        (tmp_path / "mine" / "config.yaml").write_text("experiment: {name: mine}\n")
+        with claim(load_config(_flags(tmp_path, "--experiment.name=mine/global"))) as rd:
+            assert rd.leases[0].lock == tmp_path / "mine" / "global" / LOCK
+
+
 @pytest.mark.parametrize("what", ["run dir is a file", "output dir is a file", "output dir cannot be written"])
 def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
     if what == "run dir is a file":
