@@ -143,17 +143,28 @@ JOIN_TIMEOUT_S = 10.0
 def _check_answers(address: str, source: str) -> None:
     """Something accepts connections at ``address`` (host:port, or a URL with one), within
     ``JOIN_TIMEOUT_S``: Ray itself waits on an address where nothing listens forever, logging a
-    retry every 30 s, and gives an unreachable one 25 s and a traceback. 'auto', 'local' and an
-    address without a port are left to Ray."""
+    retry every 30 s, and gives an unreachable one 25 s and a traceback. 'auto' and 'local' are
+    left to Ray, as is a URL without a port; an address that is not one (``junk``, a port that is
+    not a number or above 65535, on which Ray waited forever) is refused."""
     import socket
     from urllib.parse import urlsplit
 
+    if address in ("auto", "local"):
+        return
     parts = urlsplit(address if "://" in address else f"//{address}")
     try:
         host, port = parts.hostname, parts.port
-    except ValueError:  # a port that is not a number
-        host, port = None, None
-    if not host or port is None:
+    except ValueError as e:  # a port that is not a number, or out of range
+        raise ConfigError(
+            f"{source} {address!r} is not a Ray cluster address ({e}): give host:port (a head node's GCS, e.g."
+            " 10.0.0.1:6379), ray://host:port, 'auto' or 'local'"
+        ) from None
+    if not host or (port is None and "://" not in address):
+        raise ConfigError(
+            f"{source} {address!r} is not a Ray cluster address (no {'port' if host else 'host'}): give host:port"
+            " (a head node's GCS, e.g. 10.0.0.1:6379), ray://host:port, 'auto' or 'local'"
+        )
+    if port is None:
         return
     try:
         socket.create_connection((host, port), timeout=JOIN_TIMEOUT_S).close()

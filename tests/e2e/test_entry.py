@@ -11,7 +11,9 @@ import time
 
 import pytest
 
+from common.config import ConfigError
 from common.policy import SchedulePolicy
+from learner.loop import _check_answers
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.ray
@@ -100,3 +102,22 @@ def test_a_cluster_address_where_no_cluster_answers_is_one_line_at_once(tmp_path
             f" --head), or unset {source} to start one on this machine"
         ]
         assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("junk", "no port"),
+        ("127.0.0.1:notaport", "Port could not be cast to integer value as 'notaport'"),
+        ("127.0.0.1:99999", "Port out of range 0-65535"),  # Ray waited on it forever
+        ("http://", "no host"),
+    ],
+)
+def test_an_address_that_is_not_one_is_one_line(address, why):
+    """`RAY_ADDRESS=junk` was Ray's 23-line ValueError traceback; a port above 65535 hung."""
+    with pytest.raises(ConfigError) as e:
+        _check_answers(address, "RAY_ADDRESS")
+    assert str(e.value) == (
+        f"RAY_ADDRESS {address!r} is not a Ray cluster address ({why}): give host:port (a head node's GCS, e.g."
+        " 10.0.0.1:6379), ray://host:port, 'auto' or 'local'"
+    )
