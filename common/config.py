@@ -46,6 +46,10 @@ class ExperimentConfig(Section):
         parts = Path(name).parts
         if Path(name).is_absolute() or any(p in ("..", ".") for p in parts) or "\x00" in name or not parts:
             raise ValueError(f"must be a relative path below output_dir without '.' or '..' parts, got {name!r}")
+        if any(not p.strip() or any(c < " " for c in p) for p in parts):
+            raise ValueError(f"each part must be a name, not blank or with a control character, got {name!r}")
+        if any(len(p.encode()) > 255 for p in parts):  # NAME_MAX of every common filesystem
+            raise ValueError(f"each part must be at most 255 bytes (a directory name), got {name[:40]!r}...")
         return name
 
 

@@ -297,6 +297,25 @@ def sweep(
         restore_sigterm()
 
 
+def check_out_dir(out: Path) -> None:
+    """``out`` is a directory the evaluation can write, or one it can make: nothing on its way is
+    a file, and a directory can be made in the nearest one that exists (a read-only place, /sys
+    and /proc cannot)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
+    above = out
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"--out {out}: {above} is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".evaluate-probe-", dir=above)).rmdir()
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be written: {above}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -316,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int_at_least(*EVAL_SEEDS),
         help="Held-out seeds per prompt (default: the run's learner.eval_seeds).",
     )
-    p.add_argument("--best-of", type=int_at_least(0), default=0, help="Also the best of K policy draws (K x NFE).")
+    p.add_argument(
+        "--best-of", type=int_at_least(0, 1000), default=0, help="Also the best of K policy draws (K x NFE)."
+    )
     p.add_argument("--out", type=Path, help="Output directory (default: <first run>/evaluation).")
     p.add_argument(
         "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
@@ -324,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or args.run[0] / "evaluation"
     try:
-        if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
-            raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
+        check_out_dir(out)  # found now, not after the whole evaluation
         prompts = None
         if args.prompt_file is not None:
             from common.prompts import read_prompt_file

@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score", action="store_true", help="Print every configured reward of every image.")
     p.add_argument("--out", type=Path, help="PNG or JPEG to write (default: generated.png in the current directory).")
     args = p.parse_args(argv)
+    try:
+        return _generate(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _generate(args: argparse.Namespace) -> int:
     out = args.out or Path("generated.png")
     try:
         check_image_path(out)
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if np.asarray(first).ndim < 3:  # not images (the toy's vectors)
         for name, imgs in images.items():
             print(f"{name} samples:\n{np.asarray(imgs)}")
+        if args.out is not None:
+            print(f"no image written to {args.out}: this backend's samples are vectors, printed above")
         return 0
     write_images(out, images, [f"{q} (seed {s})" for q, s in pairs])
     print(f"wrote {out}")
@@ -156,14 +166,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def check_image_path(path: Path) -> None:
-    """``path`` is an image file that can be written: a known suffix, in a directory that exists
-    (found before anything is sampled)."""
+    """``path`` is an image file that can be written: a known suffix, in a directory that exists,
+    a file this process can write there (found before anything is sampled)."""
     if path.is_dir():
         raise ConfigError(f"--out {path} is a directory; name an image file in it, e.g. {path / 'generated.png'}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ConfigError(f"--out {path}: name a {', '.join(IMAGE_SUFFIXES)} file")
     if not path.parent.is_dir():
         raise ConfigError(f"--out {path}: the directory {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):  # what writing it will need, tried now (a read-only place, /sys, /proc)
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {path} cannot be written: {e.strerror or e}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def write_images(path: Path, images: dict[str, Any], captions: list[str]) -> None:

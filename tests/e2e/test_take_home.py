@@ -149,7 +149,8 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         ("--steps", "2,a", "expected an integer, got 'a'"),
         ("--steps", "99999", "must be from 1 to 1000, got 99999"),
         ("--seeds", "0", "must be from 2 to 1000000, got 0"),
-        ("--best-of", "-1", "must be at least 0, got -1"),
+        ("--best-of", "-1", "must be from 0 to 1000, got -1"),
+        ("--best-of", "100000000", "must be from 0 to 1000, got 100000000"),  # ran, silent, 10^8 draws a context
     ]:
         with pytest.raises(SystemExit) as e:
             evaluate_cli.main([*run, flag, value])
@@ -159,6 +160,15 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file)])) == (
         f"error: --out {a_file} is a file; the evaluation writes a directory"
     )
+    assert err_of(evaluate_cli.main([*run, "--out", str(a_file / "sub")])) == (
+        f"error: --out {a_file / 'sub'}: {a_file} is a file, not a directory"
+    )  # was NotADirectoryError's traceback, after the whole evaluation
+    assert err_of(evaluate_cli.main([*run, "--out", "/proc/steinsched/ev"])).startswith(
+        "error: --out /proc/steinsched/ev cannot be written: /proc: "
+    )
+    assert err_of(generate_cli.main([*run, "--prompt", "7", "--out", "/proc/self/seven.png"])) == (
+        "error: --out /proc/self/seven.png cannot be written: No such file or directory"
+    )  # was a traceback after sampling
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the digit 3\nhello world\n")
     out = tmp_path / "ev"
@@ -192,4 +202,16 @@ def test_an_evaluation_sent_sigterm_ends_in_one_line(digits_run, tmp_path):
     assert res.returncode == 143, text[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "terminated: nothing of the evaluation was written"
     assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
+    assert not out.exists()
+
+
+def test_generate_on_a_backend_of_vectors_says_no_image_was_written(ray_local, tmp_path, capsys):
+    """The toy's samples are vectors: an --out was silently not written."""
+    cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 1, "checkpoint_every": 1}))
+    run(cfg)
+    capsys.readouterr()
+    out = tmp_path / "toy.png"
+    assert generate_cli.main(["--run", str(cfg.run_dir), "--prompt", "class 1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"no image written to {out}: this backend's samples are vectors, printed above"
     assert not out.exists()

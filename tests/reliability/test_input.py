@@ -57,6 +57,21 @@ def test_run_name_stays_under_output_dir(capsys, tmp_path, name):
     _fails(capsys, [f"--experiment.output_dir={tmp_path}", f"--experiment.name={name}"], "experiment.name")
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("x" * 300, "each part must be at most 255 bytes"),  # was OSError: File name too long, a traceback
+        ("runs/" + "y" * 256, "each part must be at most 255 bytes"),
+        (" ", "not blank"),  # made a directory named ' '
+        ("a\nb", "with a control character"),  # a directory with a newline in its name
+    ],
+)
+def test_a_run_name_is_a_directory_name_the_filesystem_takes(tmp_path, name, why):
+    with pytest.raises(ConfigError, match=f"experiment.name: .*{why}"):
+        load_config([], experiment={"name": name, "output_dir": str(tmp_path)})
+    assert not any(tmp_path.iterdir())
+
+
 def test_empty_prompt_lists_are_errors_not_a_silent_fallback(capsys, tmp_path):
     cfg = _yaml(tmp_path, "learner:\n  train_prompts: []\n")
     _fails(capsys, ["--config", cfg], "learner.train_prompts: the list holds no prompt")
