@@ -894,6 +894,21 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
+def positive_float(maximum: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number above 0 and at most ``maximum`` (nan and inf refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not 0 < value <= maximum:  # nan fails every comparison
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {maximum:g}, got {text}")
+        return value
+
+    return parse
+
+
 def ints_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], list[int]]:
     """An argparse ``type``: a comma-separated list of ``int_at_least`` integers, e.g. ``2,4,8``."""
     one = int_at_least(minimum, maximum)

@@ -31,9 +31,10 @@ import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 
 from common.codec import DecodeError, pack, unpack
+from common.config import int_at_least, positive_float
 from rewards.http import (
     CONTENT_TYPE,
     MAX_REQUEST_BYTES,
@@ -185,47 +186,75 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, pack(ScoreResponse(scores=scores)))
 
 
+def _host(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give an address (127.0.0.1, or 0.0.0.0 for every interface)")
+    return text
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m rewards.http_server", description=__doc__.split("\n")[0])
     p.add_argument("--reward", required=True, help="A registered reward name or an import path 'pkg.module:Class'.")
     p.add_argument("--kwargs", default="{}", help="JSON object of the reward's keyword arguments.")
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: loopback only).")
-    p.add_argument("--port", type=int, default=8000, help="Port (0: any free port; the chosen one is printed).")
-    p.add_argument("--max-bytes", type=int, default=MAX_REQUEST_BYTES, help="Largest request body accepted.")
-    p.add_argument("--max-concurrent", type=int, default=2, help="Requests read and decoded at a time (memory bound).")
-    p.add_argument("--client-timeout", type=float, default=60.0, help="Seconds a client has to send a whole request.")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    p.add_argument("--host", type=_host, default="127.0.0.1", help="Address to bind (default: loopback only).")
+    p.add_argument(
+        "--port", type=int_at_least(0, 65535), default=8000, help="Port (0: any free port; the chosen one is printed)."
+    )
+    p.add_argument(
+        "--max-bytes", type=int_at_least(1), default=MAX_REQUEST_BYTES, help="Largest request body accepted."
+    )
+    p.add_argument(
+        "--max-concurrent", type=int_at_least(1), default=2, help="Requests read and decoded at a time (memory bound)."
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=positive_float(86400),
+        default=60.0,
+        help="Seconds a client has to send a whole request.",
+    )
+    p.add_argument(
+        "--torch-threads", type=int_at_least(0, 4096), default=0, help="torch CPU threads (0: torch's default)."
+    )
     p.add_argument("--token-file", help="A file holding the bearer token clients must send (default: none).")
     args = p.parse_args(argv)
+
+    def fail(why: str) -> NoReturn:  # not a usage mistake: one line, without the usage
+        p.exit(2, f"{p.prog}: error: {why}\n")
+
     token = None
     if args.token_file is not None:
         try:
             token = read_token(args.token_file)
         except ValueError as e:
-            p.error(str(e))
+            fail(str(e))
     try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as e:
-        p.error(f"--kwargs is not JSON: {e}")
+        kwargs = json.loads(args.kwargs, parse_constant=_no_constant)
+    except ValueError as e:
+        fail(f"--kwargs is not JSON: {e}")
     if not isinstance(kwargs, dict):
-        p.error("--kwargs must be a JSON object")
+        fail("--kwargs must be a JSON object")
     if args.torch_threads:
         limit_torch_threads(args.torch_threads)
     try:
         reward = build(args.reward, kwargs)
     except (ValueError, ImportError, FileNotFoundError) as e:
-        p.error(str(e))
-    if args.max_concurrent < 1 or args.client_timeout <= 0:
-        p.error("--max-concurrent must be >= 1 and --client-timeout > 0")
-    server = RewardHTTPServer(
-        (args.host, args.port),
-        args.reward,
-        reward,
-        args.max_bytes,
-        args.max_concurrent,
-        args.client_timeout,
-        token=token,
-    )
+        fail(str(e))
+    try:
+        server = RewardHTTPServer(
+            (args.host, args.port),
+            args.reward,
+            reward,
+            args.max_bytes,
+            args.max_concurrent,
+            args.client_timeout,
+            token=token,
+        )
+    except OSError as e:  # taken, an address not of this machine, a name that does not resolve
+        fail(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}")
     host, port = server.server_address[0], server.server_address[1]
     host = host.decode() if isinstance(host, bytes) else host
     print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)

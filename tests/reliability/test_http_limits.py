@@ -170,3 +170,48 @@ def test_a_token_protected_server_refuses_and_logs_requests_without_it(server, t
     with pytest.raises(ValueError, match="holds no token"):
         (tmp_path / "empty").write_text("  \n")
         read_token(str(tmp_path / "empty"))
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--port", "99999"], "argument --port: must be from 0 to 65535, got 99999"),  # was OverflowError's traceback
+        (["--host", ""], "argument --host: empty: give an address"),  # bound every interface, unauthenticated
+        (["--client-timeout", "nan"], "argument --client-timeout: must be above 0 and at most 86400, got nan"),
+        (["--client-timeout", "inf"], "argument --client-timeout: must be above 0"),  # every request dropped
+        (["--max-bytes", "-5"], "argument --max-bytes: must be at least 1, got -5"),  # every request a 413
+        (["--torch-threads", "-3"], "argument --torch-threads: must be from 0 to 4096, got -3"),
+        (["--kwargs", '{"seconds_per_image": NaN}'], "--kwargs is not JSON: NaN is not a number JSON allows"),
+        (["--host", "nonexistent.invalid"], "cannot serve on nonexistent.invalid:0: "),  # was socket.gaierror's
+        (["--host", "192.0.2.1"], "cannot serve on 192.0.2.1:0: Cannot assign requested address"),
+        (["--token-file", "/nonexistent/token"], "token file /nonexistent/token: No such file or directory"),
+    ],
+)
+def test_a_server_that_cannot_serve_says_so_in_one_line(capsys, flags, why):
+    from rewards.http_server import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--reward", "simulated", "--port", "0", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and why in err[-1], err
+    if not why.startswith("argument"):  # not a usage mistake: no usage before it
+        assert err == [err[-1]] and err[-1].startswith("python -m rewards.http_server: error: ")
+
+
+def test_a_port_in_use_is_one_line(capsys, taken_port):
+    from rewards.http_server import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--reward", "simulated", "--port", str(taken_port)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"python -m rewards.http_server: error: cannot serve on 127.0.0.1:{taken_port}: Address already in use"
+    ]
