@@ -289,9 +289,9 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     what is missing or cannot be read otherwise."""
     from common.config import ConfigError
 
-    if checkpoint is None and (run / "policy").is_dir():
-        return _read_policy(run / "policy")
     cfg = load_run_config(run)
+    if checkpoint is None and (run / "policy").is_dir():
+        return _for_backend(_read_policy(run / "policy"), run / "policy", cfg.sampler.backend)
     store = CheckpointStore(cfg.learner.checkpoint_dir or run / "checkpoints")
     if checkpoint is None:
         if store.names():
@@ -307,7 +307,21 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
-    return _read_policy(Path(ckpt) / "policy", Path(ckpt))
+    return _for_backend(_read_policy(Path(ckpt) / "policy", Path(ckpt)), Path(ckpt), cfg.sampler.backend)
+
+
+def _for_backend(policy: Any, where: Path, backend: str) -> Any:
+    """``policy``, or a ConfigError where it was trained for another built-in backend than the
+    run's (a checkpoint of another run: its noise has another shape, and the sampler would fail
+    on it after the workers started)."""
+    from common.config import BUILTIN_BACKENDS, ConfigError
+
+    trained = getattr(policy, "backbone", None)
+    if trained in BUILTIN_BACKENDS and backend in BUILTIN_BACKENDS and trained != backend:
+        raise ConfigError(
+            f"the policy in {where} was trained for the {trained} backend; this run samples with {backend}"
+        )
+    return policy
 
 
 def _read_policy(directory: Path, checkpoint: Path | None = None) -> Any:

@@ -99,6 +99,10 @@ def _what_is_kept(cfg: Config) -> str:
         names = []
     if names:
         return f"the run in {cfg.run_dir} keeps its checkpoint {names[-1]}; --resume auto continues it from there"
+    from common.rundir import artefacts
+
+    if not artefacts(cfg.run_dir):  # stopped while starting: the same command starts it, no --overwrite needed
+        return f"the run in {cfg.run_dir} had not begun; the same command starts it"
     return f"the run in {cfg.run_dir} had written no checkpoint yet; --overwrite starts it again"
 
 

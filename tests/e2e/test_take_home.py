@@ -205,8 +205,10 @@ def test_an_evaluation_sent_sigterm_ends_in_one_line(digits_run, tmp_path):
     assert not out.exists()
 
 
-def test_generate_on_a_backend_of_vectors_says_no_image_was_written(ray_local, tmp_path, capsys):
-    """The toy's samples are vectors: an --out was silently not written."""
+def test_generate_on_a_backend_of_vectors_says_no_image_was_written(ray_local, digits_run, tmp_path, capsys):
+    """The toy's samples are vectors: an --out was silently not written. A policy of another
+    backend's run was a 27-line traceback from the sampler (generate), or the workers' failure
+    after Ray started (evaluate)."""
     cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 1, "checkpoint_every": 1}))
     run(cfg)
     capsys.readouterr()
@@ -215,3 +217,12 @@ def test_generate_on_a_backend_of_vectors_says_no_image_was_written(ray_local, t
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == f"no image written to {out}: this backend's samples are vectors, printed above"
     assert not out.exists()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cfg.run_dir, mixed)
+    shutil.rmtree(mixed / "policy")
+    shutil.copytree(digits_run / "policy", mixed / "policy")
+    why = f"error: the policy in {mixed / 'policy'} was trained for the digits backend; this run samples with toy"
+    assert generate_cli.main(["--run", str(mixed), "--prompt", "class 1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [why]
+    assert evaluate_cli.main(["--run", str(mixed), "--out", str(tmp_path / "ev")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [why]

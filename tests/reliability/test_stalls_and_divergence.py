@@ -279,6 +279,11 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
     ], err
     assert not (tmp_path / "toy" / LOCK).exists()  # released on the way out: --resume auto can take it
     early = load_config([*argv, "--experiment.name=early"])
+    assert _what_is_kept(early) == f"the run in {tmp_path / 'early'} had not begun; the same command starts it"
+    (tmp_path / "early").mkdir()  # stopped while starting: an empty run dir, or its config.yaml alone
+    (tmp_path / "early" / "config.yaml").write_text("x: 1\n")
+    assert _what_is_kept(early) == f"the run in {tmp_path / 'early'} had not begun; the same command starts it"
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 0}\n')  # begun, no checkpoint yet
     assert _what_is_kept(early) == (
         f"the run in {tmp_path / 'early'} had written no checkpoint yet; --overwrite starts it again"
     )
