@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from common.prompts import shown
+
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 2024
 HELD_OUT = 0.2
@@ -42,7 +44,7 @@ def parse_digit(prompt: str) -> int:
     if len(found) != 1:
         what = "names no digit" if not found else f"names several digits {sorted(found)}"
         raise ValueError(
-            f"digits prompt {prompt!r} {what}; name one digit, e.g. 'a handwritten seven', 'the digit 7' or '7'"
+            f"digits prompt {shown(prompt)} {what}; name one digit, e.g. 'a handwritten seven', 'the digit 7' or '7'"
         )
     return found.pop()
 

@@ -21,6 +21,19 @@ MAX_PROMPT_FILE_BYTES = 256 * 2**20
 _INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}
 
 
+def shown(prompt: str, limit: int = 60) -> str:
+    """``prompt`` quoted for a message, cut to ``limit`` characters: a message is one readable
+    line, and a file read by mistake (an environment, a key) is not echoed whole."""
+    return repr(prompt) if len(prompt) <= limit else f"{prompt[:limit]!r}... ({len(prompt)} characters)"
+
+
+def _control(prompt: str) -> str | None:
+    """What is wrong with a prompt that holds a control character (a NUL-separated file read as
+    one prompt, a terminal's escape codes), or None; a tab is a space."""
+    at = next((i for i, ch in enumerate(prompt) if unicodedata.category(ch) == "Cc" and ch != "\t"), None)
+    return None if at is None else f"holds a control character ({prompt[at]!r} at {at + 1}): {shown(prompt)}"
+
+
 def _visible(prompt: str) -> bool:
     return any(unicodedata.category(ch) not in _INVISIBLE for ch in prompt)
 
@@ -35,7 +48,9 @@ def check_prompts(prompts: Sequence[object], source: str = "", what: str = "prom
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
         if not _visible(p):
-            raise ValueError(f"{where} is empty or holds only invisible characters ({p!r})")
+            raise ValueError(f"{where} is empty or holds only invisible characters ({shown(p)})")
+        if _control(p):
+            raise ValueError(f"{where} {_control(p)}")
         out.append(p)
     if not out:
         raise ValueError(f"{source or 'the list'} holds no {what}")
@@ -73,8 +88,10 @@ def read_prompt_file(path: Path | str) -> list[str]:
     kept = [(n, p) for n, p in lines if p and _visible(p)]
     for n, p in lines:
         if p and not _visible(p):
-            raise ValueError(f"prompt file {path}: line {n} holds only invisible characters ({p!r})")
+            raise ValueError(f"prompt file {path}: line {n} holds only invisible characters ({shown(p)})")
     for n, p in kept:
+        if _control(p):
+            raise ValueError(f"prompt file {path}: line {n} {_control(p)}")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt file {path}: line {n} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
     if not kept:

@@ -13,6 +13,8 @@ import math
 import numpy as np
 from scipy.special import softmax
 
+from common.prompts import shown
+
 
 def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     """``log(sum(exp(a)))`` along ``axis`` as ``scipy.special.logsumexp`` computes it (since scipy
@@ -58,10 +60,12 @@ class ToyMixture:
         """'class 3' -> 3, with a clear error for anything else."""
         head, _, num = prompt.strip().partition(" ")
         if head != "class" or not num.strip().isdigit():
-            raise ValueError(f"toy prompts look like 'class 3'; got {prompt!r}")
+            raise ValueError(f"toy prompts look like 'class 3'; got {shown(prompt)}")
         cls = int(num)
         if not 0 <= cls < self.num_classes:
-            raise ValueError(f"prompt {prompt!r} names class {cls}, but the toy has classes 0..{self.num_classes - 1}")
+            raise ValueError(
+                f"prompt {shown(prompt)} names class {cls}, but the toy has classes 0..{self.num_classes - 1}"
+            )
         return cls
 
     def log_density(self, x: np.ndarray, cls: np.ndarray) -> np.ndarray:

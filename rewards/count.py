@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from common.hub import fetched
+from common.prompts import shown
 from rewards.images import as_uint8_images
 from rewards.registry import register
 
@@ -151,7 +152,7 @@ class CountReward:
         for prompt in dict.fromkeys(prompts):  # the K rollouts of a context share their queries
             wanted = parse_counts(prompt)
             if not wanted:
-                raise ValueError(f"count: prompt {prompt!r} names no count of objects ('three apples')")
+                raise ValueError(f"count: prompt {shown(prompt)} names no count of objects ('three apples')")
             idx = [i for i, p in enumerate(prompts) if p == prompt]
             queries = [self.template.format(obj) for obj, _ in wanted]
             for i, (s, lab, b) in zip(idx, self.detect([arrs[i] for i in idx], queries), strict=True):

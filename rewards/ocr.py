@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from common.prompts import shown
 from rewards.images import as_uint8_images
 from rewards.registry import register
 
@@ -96,7 +97,7 @@ class OCRReward:
             targets = quoted_text(prompt)
             if not targets:
                 if self.require_quotes:
-                    raise ValueError(f"ocr: prompt {prompt!r} quotes no text to render (put it in double quotes)")
+                    raise ValueError(f"ocr: prompt {shown(prompt)} quotes no text to render (put it in double quotes)")
                 scores.append(0.0)
                 continue
             scores.append(text_recall(targets, self.read(img)))

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from common.plugins import import_object
+from common.prompts import shown
 
 
 @runtime_checkable
@@ -174,7 +175,7 @@ def check_scores(name: str, scores: Any, prompts: Sequence[str]) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"reward {name!r} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r} "
+            f"reward {name!r} returned a non-finite score ({arr[i]}) for prompt {shown(prompts[i])} "
             f"({bad.size} of {len(prompts)} non-finite)"
         )
     return arr

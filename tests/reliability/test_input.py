@@ -179,6 +179,9 @@ def _prompt_file(tmp_path, data: bytes | None, name: str = "p.txt"):
         (None, "is not a regular file"),
         (b"x" * 1_300_000, "line 1 has 1300000 characters; the limit is"),
         ("a cat\n\u200b\u200b\n".encode(), "line 2 holds only invisible characters"),
+        # a NUL-separated file (/proc/self/environ) was one prompt, echoed whole in the next error
+        (b"A=1\x00TOKEN=secret\x00" * 30, "line 1 holds a control character ('\\x00' at 4): 'A=1\\x00TOKEN="),
+        (b"a \x1b[31mred\x1b[0m cat\n", "line 1 holds a control character ('\\x1b' at 3)"),
     ],
 )
 def test_bad_prompt_files_fail_at_startup(capsys, tmp_path, data, needle):
@@ -242,3 +245,14 @@ def test_any_bytes_as_a_config_file_give_a_config_or_a_config_error(tmp_path, da
         load_config(["--config", str(p)])
     except ConfigError as e:
         assert str(e)
+
+
+def test_a_prompt_in_a_message_is_cut_short():
+    """Every message quoting a prompt quoted it whole: 4096 characters on one line."""
+    from common.prompts import check_prompts, shown
+
+    assert shown("a cat") == "'a cat'"
+    assert shown("x" * 5000) == f"{'x' * 60!r}... (5000 characters)"
+    with pytest.raises(ValueError) as e:
+        check_prompts(["ok", "\x00" + "z" * 4000])
+    assert len(str(e.value)) < 160 and "(4001 characters)" in str(e.value)
