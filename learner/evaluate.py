@@ -234,6 +234,11 @@ def sweep(
     from learner.groups import RewardGroup, RolloutGroup, actor_asks, check_room
     from learner.loop import init_ray, reference_steps_for
 
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise ConfigError("a run is given twice (--run): give each run once")
+    for flag in overrides or []:
+        if flag.split("=")[0] in ("--rollout.steps", "--rollout"):  # the policy's L is its run's
+            raise ConfigError(f"{flag}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag")
     cfgs = [load_run_config(r, overrides) for r in runs]
     first = cfgs[0]
     for r, c in zip(runs[1:], cfgs[1:], strict=True):

@@ -133,6 +133,8 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     cfg = yaml.safe_load((moved / "config.yaml").read_text())
     cfg["sampler"].update(backend="sd", sd={"model": "steinsched-tests/no-such-model", "local_files_only": True})
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    saved = json.loads((moved / "policy" / "config.json").read_text())
+    (moved / "policy" / "config.json").write_text(json.dumps({**saved, "backbone": "sd"}))  # a policy for it
     assert err_of(generate_cli.main(["--run", str(moved), "--prompt", "7"])) == (
         "error: sampler model 'steinsched-tests/no-such-model' is neither a local path nor in the hub cache, and"
         " downloads are off (local_files_only, or HF_HUB_OFFLINE=1): give a local directory laid out as a diffusers"
@@ -177,6 +179,12 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         " or '7'"
     )
     assert not out.exists()
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.steps=8"])) == (
+        "error: --rollout.steps=8: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag"
+    )  # was ignored: the table at the run's own L, exit 0
+    assert err_of(evaluate_cli.main([*run, *run, "--out", str(out)])) == (
+        "error: a run is given twice (--run): give each run once"
+    )
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.kk=1"])) == (
         "error: invalid command line: unrecognized arguments: --rollout.kk=1 (--help lists every flag)"
     )
