@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 #: modules whose exceptions are the network failing (the hub's HTTP clients and the socket layer)
@@ -43,45 +43,50 @@ _RETRY_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.hf_api")
 _WAIT = re.compile(r"(?:Retrying in|Rate limited\. Waiting) ([0-9.]+)s")
 
 
-class _Retries(logging.Filter):
-    """Drops huggingface_hub's retry lines ("'<error>' thrown while requesting ...", "Retrying in
-    4s [Retry 3/5]."), counting the retries and the seconds waited for them."""
+@contextmanager
+def dropping(loggers: Sequence[str], drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """While in the block, the records of ``loggers`` (names; "" is the root logger) for which
+    ``drop`` is true are not printed: a library's lines that would be wrong or noise on every
+    run's terminal (a model "initialized randomly" that is loaded right after)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.count, self.waited = 0, 0.0
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not drop(record)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        wait = _WAIT.match(text)
-        if wait:
-            self.count += 1
-            self.waited += float(wait.group(1))
-            return False
-        return "thrown while requesting" not in text
+    f, named = Drop(), [logging.getLogger(name) for name in loggers]
+    for logger in named:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger in named:
+            logger.removeFilter(f)
 
 
 @contextmanager
 def fetched(what: str, instead: str) -> Iterator[None]:
     """Run a hub load: an error that is the hub giving no copy becomes one OSError, ``{what} is
     neither a local path nor in the hub cache, and {why}: {instead}``; any other passes as it is.
-    The hub client's retry lines are not printed (the error counts them), nor diffusers' warning
+    The hub client's retry lines ("'<error>' thrown while requesting ...", "Retrying in 4s [Retry
+    3/5].") are not printed (the error counts them and the seconds waited), nor diffusers' warning
     that it passes an argument the hub client no longer reads, on every load from the hub."""
-    retries = _Retries()
-    loggers = [logging.getLogger(name) for name in _RETRY_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(retries)
+    waits: list[float] = []
+
+    def retry_line(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        wait = _WAIT.match(text)
+        if wait:
+            waits.append(float(wait.group(1)))
+        return wait is not None or "thrown while requesting" in text
+
     try:
-        with warnings.catch_warnings():
+        with dropping(_RETRY_LOGGERS, retry_line), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated")
             yield
     except Exception as e:
         why = hub_problem(e)
         if why is None:
             raise
-        if retries.count:
-            why += f" after {retries.count} retries over {retries.waited:.0f} s"
+        if waits:
+            why += f" after {len(waits)} retries over {sum(waits):.0f} s"
         raise OSError(f"{what} is neither a local path nor in the hub cache, and {why}: {instead}") from e
-    finally:
-        for logger in loggers:
-            logger.removeFilter(retries)

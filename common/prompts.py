@@ -49,8 +49,8 @@ def check_prompts(prompts: Sequence[object], source: str = "", what: str = "prom
             raise ValueError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
         if not _visible(p):
             raise ValueError(f"{where} is empty or holds only invisible characters ({shown(p)})")
-        if _control(p):
-            raise ValueError(f"{where} {_control(p)}")
+        if control := _control(p):
+            raise ValueError(f"{where} {control}")
         out.append(p)
     if not out:
         raise ValueError(f"{source or 'the list'} holds no {what}")
@@ -90,8 +90,8 @@ def read_prompt_file(path: Path | str) -> list[str]:
         if p and not _visible(p):
             raise ValueError(f"prompt file {path}: line {n} holds only invisible characters ({shown(p)})")
     for n, p in kept:
-        if _control(p):
-            raise ValueError(f"prompt file {path}: line {n} {_control(p)}")
+        if control := _control(p):
+            raise ValueError(f"prompt file {path}: line {n} {control}")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt file {path}: line {n} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
     if not kept:

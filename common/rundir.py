@@ -89,6 +89,14 @@ def _check_writable(d: Path, what: str) -> None:
         raise ConfigError(f"{what} {d} cannot be written: {e.strerror or e}") from None
 
 
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    """What a lock file says of its owner (host, pid, started), or None where it cannot be read."""
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class _Lease:
     """The lock ``<directory>/.lock`` of one directory a run writes (``what``: "run dir",
     "checkpoint dir"), taken atomically, renewed while held (see the module docstring)."""
@@ -99,10 +107,7 @@ class _Lease:
         self.held = False
 
     def owner(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.lock.read_text())
-        except (OSError, ValueError):
-            return None
+        return _lock_owner(self.lock)
 
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -278,7 +283,7 @@ def _a_run(d: Path) -> bool:
     a run of this process (the training run whose global baseline is a run inside it) is not."""
     if not (d / "config.yaml").is_file() or not (artefacts(d) or (d / LOCK).exists()):
         return False
-    owner = _Lease(d, "run dir", "", print).owner()
+    owner = _lock_owner(d / LOCK)
     return not (owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname())
 
 
@@ -296,11 +301,13 @@ def _inside_a_run(d: Path, mine: Path) -> Path | None:
 def _whose_checkpoints(ckpt_dir: Path) -> Path | None:
     """The run dir that wrote the latest checkpoint in ``ckpt_dir`` (its state.json's config),
     or None where there is none or it cannot be read."""
-    names = sorted(p.name for p in ckpt_dir.glob("ckpt-*") if (p / "state.json").is_file()) if ckpt_dir.is_dir() else []
-    if not names:
+    from common.checkpoint import list_checkpoints
+
+    written = [c for c in list_checkpoints(ckpt_dir) if (c / "state.json").is_file()]
+    if not written:
         return None
     try:
-        experiment = json.loads((ckpt_dir / names[-1] / "state.json").read_text())["config"]["experiment"]
+        experiment = json.loads((written[-1] / "state.json").read_text())["config"]["experiment"]
         return Path(experiment["output_dir"]) / experiment["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

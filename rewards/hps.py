@@ -22,15 +22,13 @@ scores with hpsv2's own code; ``tests/unit/test_hps.py`` checks them to 1e-5.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from common.hub import fetched
+from common.hub import dropping, fetched
 from common.prompt_cache import PromptCache
 from rewards.images import as_uint8_images
 from rewards.registry import register
@@ -40,27 +38,6 @@ if TYPE_CHECKING:  # torch is imported where a model is built, not at import
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HUB_REPO = "xswu/HPSv2"
-
-
-class _RandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _no_random_init_warning(checkpoint_follows: bool) -> Iterator[None]:
-    """open_clip warns that a model built without its pretrained weights is "initialized
-    randomly": where the HPS checkpoint is loaded into it right after, that warning, on every run's
-    terminal, would be wrong (with ``random_weights`` it is true, and stays)."""
-    if not checkpoint_follows:
-        yield
-        return
-    drop = _RandomInitWarning()
-    logging.getLogger().addFilter(drop)  # open_clip warns through the root logger
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(drop)
 
 
 def _open_clip():
@@ -156,7 +133,10 @@ class HPSReward:
                     f"hps: no checkpoint at {checkpoint} (HPS {version} is {CHECKPOINTS[version]} of the hub"
                     f" repo {HUB_REPO})"
                 )
-        with _no_random_init_warning(not random_weights):
+        # open_clip warns (through the root logger) that a model built without its pretrained
+        # weights is "initialized randomly": wrong on every run's terminal where the checkpoint
+        # is loaded right after; with random_weights it is true, and stays
+        with dropping([] if random_weights else [""], lambda r: "initialized randomly" in r.getMessage()):
             model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
         if checkpoint is not None and not random_weights:
             model.load_state_dict(load_hps_state(checkpoint), strict=True)
