@@ -256,6 +256,20 @@ class CheckpointStore:
             log(f"checkpoint {self}/{name} is damaged ({problem}); trying the previous one")
         return None
 
+    def holds(self, path: str) -> bool:
+        """Whether the checkpoint ``path`` (a path or a URL) is one of this store's."""
+        fs, where = storage(path)
+        parent = where.rstrip("/").rsplit("/", 1)[0]
+        if type(fs) is not type(self.fs):
+            return False
+        return Path(parent).resolve() == Path(self.root).resolve() if self.local else parent == self.root.rstrip("/")
+
+    @classmethod
+    def containing(cls, path: str) -> CheckpointStore:
+        """The store the checkpoint ``path`` (a path or a URL) lies in."""
+        fs, where = storage(path)
+        return cls(fs.unstrip_protocol(where.rstrip("/").rsplit("/", 1)[0]))
+
     def fetch(self, path: str) -> Path:
         """A local copy of the checkpoint directory ``path`` (itself when the store is local)."""
         if self.local:

@@ -578,7 +578,9 @@ class Config(BaseSettings):
 
     config: Path | None = Field(None, description="YAML file with any of the sections below; flags override it.")
     resume: str | None = Field(
-        None, description="'auto': continue from the latest complete checkpoint in the run dir, or a checkpoint path."
+        None,
+        description="'auto': continue from the latest complete checkpoint in the run dir; or a checkpoint path: one"
+        " of this run's continues from it, another run's starts this run from it (its logs up to there copied).",
     )
     resume_changes: bool = Field(
         False, description="Allow --resume with a config that differs from the checkpoint's in a field that matters."

@@ -89,6 +89,20 @@ def _check_writable(d: Path, what: str) -> None:
         raise ConfigError(f"{what} {d} cannot be written: {e.strerror or e}") from None
 
 
+def _missing(d: Path) -> list[Path]:
+    """``d`` and those of its parents that do not exist, deepest first."""
+    d = d.absolute()
+    return [p for p in (d, *d.parents) if not p.exists()]
+
+
+def _remove_if_empty(dirs: list[Path]) -> None:
+    """Remove the directories of ``dirs`` (deepest first) that are empty: a claim refused, or a run
+    stopped before it wrote anything, leaves no empty run dir behind."""
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _lock_owner(lock: Path) -> dict[str, Any] | None:
     """What a lock file says of its owner (host, pid, started), or None where it cannot be read."""
     try:
@@ -101,8 +115,8 @@ class _Lease:
     """The lock ``<directory>/.lock`` of one directory a run writes (``what``: "run dir",
     "checkpoint dir"), taken atomically, renewed while held (see the module docstring)."""
 
-    def __init__(self, directory: Path, what: str, instead: str, log: Callable[[str], None]):
-        self.directory, self.what, self.instead, self.log = directory, what, instead, log
+    def __init__(self, directory: Path, what: str, instead: str, log: Callable[[str], None], holder: str = "run"):
+        self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
         self.lock = directory / LOCK
         self.held = False
 
@@ -143,8 +157,8 @@ class _Lease:
                     continue
                 raise RunDirInUse(
                     f"{self.what} {self.directory} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
-                    f" (since {owner.get('started')}); use another {self.instead}, or delete {lock} if that run is"
-                    " gone"
+                    f" (since {owner.get('started')}); use another {self.instead}, or delete {lock} if that"
+                    f" {self.holder} is gone"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -197,28 +211,24 @@ class _Lease:
             self.held = False
 
 
-class RunDir:
-    """The claim on one run directory, and on its checkpoint directory where that is a local one
-    of its own (a context manager: the locks go on exit)."""
+class Held:
+    """Directories held under their locks (``<dir>/.lock``), each renewed by one thread until the
+    release; the directories the claim made are removed then if they are still empty (a context
+    manager: the locks go on exit). ``dirs``: (directory, what it is, the setting that chooses
+    another, who holds such a lock)."""
 
-    def __init__(self, path: Path, checkpoint_dir: Path | None, log: Callable[[str], None] = print):
-        self.path, self.checkpoint_dir, self.log = path, checkpoint_dir, log
+    def __init__(
+        self, dirs: list[tuple[Path, str, str, str]], log: Callable[[str], None] = print, made: list[Path] | None = None
+    ):
+        self.dirs, self.log = dirs, log
+        self.made = made or []
         self.leases: list[_Lease] = []
         self._renewing = threading.Event()  # set: stop renewing
 
-    # -- the locks ------------------------------------------------------------------------------
-
     def _acquire(self) -> None:
-        """The run dir's lock, then the checkpoint dir's where it is outside the run dir: two runs
-        that share a ``learner.checkpoint_dir`` would write each other's ckpt-* (an --overwrite
-        would delete the other's)."""
-        dirs = [(self.path, "run dir", "experiment.name")]
-        ckpt = self.checkpoint_dir
-        if ckpt is not None and not ckpt.resolve().is_relative_to(self.path.resolve()):
-            dirs.append((ckpt, "checkpoint dir", "learner.checkpoint_dir"))
         try:
-            for directory, what, instead in dirs:
-                lease = _Lease(directory, what, instead, self.log)
+            for directory, what, instead, holder in self.dirs:
+                lease = _Lease(directory, what, instead, self.log, holder)
                 lease.acquire()
                 self.leases.append(lease)
         except BaseException:
@@ -237,12 +247,46 @@ class RunDir:
         for lease in self.leases:
             lease.release()
         self.leases = []
+        _remove_if_empty(self.made)
 
-    def __enter__(self) -> RunDir:
+    def __enter__(self) -> Held:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def hold(directory: Path, what: str, instead: str, holder: str) -> Held:
+    """``directory`` (made where missing) held by this process: a directory that is not a run's
+    but that one process at a time writes (an evaluation's ``--out``); a ConfigError names its
+    live owner."""
+    made = _missing(directory)
+    _check_writable(directory, what)
+    held = Held([(directory, what, instead, holder)], made=made)
+    held._acquire()
+    return held
+
+
+class RunDir(Held):
+    """The claim on one run directory, and on its checkpoint directory where that is a local one
+    of its own: two runs that share a ``learner.checkpoint_dir`` would write each other's ckpt-*
+    (an --overwrite would delete the other's)."""
+
+    def __init__(
+        self,
+        path: Path,
+        checkpoint_dir: Path | None,
+        log: Callable[[str], None] = print,
+        made: list[Path] | None = None,
+    ):
+        dirs = [(path, "run dir", "experiment.name", "run")]
+        if checkpoint_dir is not None and not checkpoint_dir.resolve().is_relative_to(path.resolve()):
+            dirs.append((checkpoint_dir, "checkpoint dir", "learner.checkpoint_dir", "run"))
+        super().__init__(dirs, log, made)
+        self.path, self.checkpoint_dir = path, checkpoint_dir
+
+    def __enter__(self) -> RunDir:
+        return self
 
     # -- what is there ----------------------------------------------------------------------------
 
@@ -336,7 +380,7 @@ def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
         )
 
 
-def _local_checkpoint_dir(cfg: Config) -> Path | None:
+def local_checkpoint_dir(cfg: Config) -> Path | None:
     d = cfg.learner.checkpoint_dir
     if d is None:
         return None
@@ -351,16 +395,21 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
         raise ConfigError(f"experiment.output_dir {out} is a file, not a directory")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run dir {path} is a file, not a directory")
-    ckpt_dir = _local_checkpoint_dir(cfg)
+    ckpt_dir = local_checkpoint_dir(cfg)
     if ckpt_dir is None and cfg.learner.checkpoint_dir is not None:  # a URL: its filesystem can be opened
         from common.checkpoint import storage
 
         storage(cfg.learner.checkpoint_dir)
     _check_not_anothers(cfg, ckpt_dir)
-    _check_writable(path, "run dir")
-    if ckpt_dir is not None:
-        _check_writable(ckpt_dir, "checkpoint dir")
-    rd = RunDir(path, ckpt_dir, log)
+    made = _missing(path) + (_missing(ckpt_dir) if ckpt_dir is not None else [])
+    try:
+        _check_writable(path, "run dir")
+        if ckpt_dir is not None:
+            _check_writable(ckpt_dir, "checkpoint dir")
+    except ConfigError:
+        _remove_if_empty(made)
+        raise
+    rd = RunDir(path, ckpt_dir, log, made)
     rd._acquire()
     try:
         found = rd.artefacts()

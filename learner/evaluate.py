@@ -20,6 +20,7 @@ import ray
 from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
 from common.messages import Context, ScheduleMode
 from common.policy import SchedulePolicy
+from common.rundir import hold
 from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
 from learner.signals import Terminated, end_on_sigterm
 from learner.stats import mean_se
@@ -349,27 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     out = args.out or args.run[0] / "evaluation"
+    held = None
     try:
-        check_out_dir(out)  # found now, not after the whole evaluation
-        prompts = None
-        if args.prompt_file is not None:
-            from common.prompts import read_prompt_file
+        try:
+            check_out_dir(out)  # found now, not after the whole evaluation
+            held = hold(out, "evaluation dir", "--out", "evaluation")  # one evaluation writes it at a time
+            prompts = None
+            if args.prompt_file is not None:
+                from common.prompts import read_prompt_file
 
-            prompts = read_prompt_file(args.prompt_file)
-        result = sweep(args.run, args.steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunStopped as e:  # a reward or sampler that raised, an actor that stalled twice
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a job stopped): its actors stopped on the way out
-        terminated = isinstance(e, Terminated)
-        print(
-            f"{'terminated' if terminated else 'interrupted'}: nothing of the evaluation was written", file=sys.stderr
-        )
-        return 143 if terminated else 130
-    result.write(out, tb_dir=args.run[0] / "tb")
+                prompts = read_prompt_file(args.prompt_file)
+            result = sweep(args.run, args.steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except RunStopped as e:  # a reward or sampler that raised, an actor that stalled twice
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a job stopped): its actors stopped on the way out
+            terminated = isinstance(e, Terminated)
+            print(
+                f"{'terminated' if terminated else 'interrupted'}: nothing of the evaluation was written",
+                file=sys.stderr,
+            )
+            return 143 if terminated else 130
+        result.write(out, tb_dir=args.run[0] / "tb")
+    finally:
+        if held is not None:
+            held.release()
     print(result.markdown())
     print(f"wrote {out}/table.md, summary.csv, contexts.csv and the plots")
     return 0

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import ray
@@ -43,7 +44,7 @@ from common.config import (
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
-from common.rundir import RunDir, claim
+from common.rundir import RunDir, artefacts, claim, local_checkpoint_dir
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
@@ -271,6 +272,7 @@ def train(
     final_eval: bool = True,
     owner: RunDir | None = None,
     actors: Actors | None = None,
+    resume: Resume | None | Literal["find"] = "find",
 ) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
     ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts.
@@ -278,49 +280,101 @@ def train(
     The run dir is claimed first (``common.rundir``: one owner, no run started over another by
     mistake) unless the caller holds it (``owner``). The run starts its own actors, or trains on
     ``actors`` (``start_actors``, for the same config but the policy's variant), which the caller
-    keeps."""
+    keeps. It resumes where ``cfg.resume`` says (``find_resume``), or from ``resume`` where the
+    caller has found it already."""
     if actors is not None:
         actors.check_fits(cfg)
     rd = owner or claim(cfg)
     try:
-        return _train(cfg, rd, baselines_to_beat, final_eval, actors)
+        return _train(cfg, find_resume(cfg) if resume == "find" else resume, baselines_to_beat, final_eval, actors)
     finally:
         if owner is None:
             rd.release()
 
 
-def _resume_point(cfg: Config, store: CheckpointStore, rd: RunDir) -> tuple[str, dict] | None:
-    """The checkpoint to resume from and its state, checked before anything starts: None for a
-    fresh start. Refusals (a config that differs where it matters, a damaged checkpoint, no
-    checkpoint where a run was) are ConfigErrors."""
+@dataclass
+class Resume:
+    """Where a run continues from: a verified local copy of a checkpoint and its state. A
+    checkpoint of another run (``fork``: given by path, outside this run's checkpoint dir) starts
+    a new run from it: the logs of ``source``, that run's directory, up to the checkpoint become
+    this run's (None where it cannot be found: this run's logs begin at the checkpoint)."""
+
+    checkpoint: Path
+    state: dict
+    fork: bool = False
+    source: Path | None = None
+    store: CheckpointStore | None = None  # keeps a downloaded copy for as long as it is read
+
+    @property
+    def global_checkpoints(self) -> str | None:
+        """A fork's: where its run kept the learned global schedule's checkpoints."""
+        saved = self.state["config"]["learner"].get("checkpoint_dir")
+        if saved:
+            return saved.rstrip("/") + "/global"
+        return None if self.source is None else str(self.source / "global" / "checkpoints")
+
+
+def find_resume(cfg: Config) -> Resume | None:
+    """The checkpoint ``cfg`` resumes from, checked before anything starts: None for a fresh
+    start. Refusals (a config that differs where it matters, a damaged checkpoint, no checkpoint
+    where a run was, a fork into a directory that holds a run) are ConfigErrors."""
     if not cfg.resume:
         return None
-    ckpt = store.latest() if cfg.resume == "auto" else store.fetch(cfg.resume)
-    if ckpt is None:
-        found = rd.artefacts()
-        if found:
-            raise ConfigError(
-                f"--resume auto: no usable checkpoint in {store}, but {rd.path} holds a run ({', '.join(found)});"
-                " pass --overwrite to start it again, or choose a new experiment.name"
-            )
-        print(f"--resume auto: no checkpoint in {store}; starting fresh")
-        return None
+    store = CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints")
+    found = artefacts(cfg.run_dir, local_checkpoint_dir(cfg))
+    if cfg.resume == "auto":
+        origin, ckpt, fork = store, store.latest(), False
+        if ckpt is None:
+            if found:
+                raise ConfigError(
+                    f"--resume auto: no usable checkpoint in {store}, but {cfg.run_dir} holds a run"
+                    f" ({', '.join(found)}); pass --overwrite to start it again, or choose a new experiment.name"
+                )
+            print(f"--resume auto: no checkpoint in {store}; starting fresh")
+            return None
+    else:
+        fork = not store.holds(cfg.resume)
+        origin = CheckpointStore.containing(cfg.resume) if fork else store
+        ckpt = origin.fetch(cfg.resume)
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"--resume {cfg.resume}: checkpoint {ckpt} is damaged ({problem})")
     state = json.loads((Path(ckpt) / "state.json").read_text())
-    conflicts = resume_conflicts(state["config"], cfg)
+    saved = state["config"]
+    if saved["policy"]["variant"] == "global" and cfg.policy.variant != "global":
+        raise ConfigError(
+            f"--resume {cfg.resume} is a checkpoint of the learned global schedule (the baseline trained"
+            f" first), not of the run's {cfg.policy.variant} policy: give a checkpoint in {store},"
+            " or --resume auto"
+        )
+    if fork and found:
+        raise ConfigError(
+            f"--resume {cfg.resume}: that checkpoint is another run's, so resuming from it starts a new run from its"
+            f" iteration {state['iteration']}, but {cfg.run_dir} already holds a run ({', '.join(found)}):"
+            " choose a new experiment.name, or --resume auto to continue the run there"
+        )
+    conflicts = [c for c in resume_conflicts(saved, cfg) if not (fork and c == "experiment.name")]
     if conflicts and not cfg.resume_changes:
         raise ConfigError(
             f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
             " (pass --resume_changes=true to resume anyway)"
         )
-    return str(ckpt), state
+    return Resume(Path(ckpt), state, fork, _source_run(cfg.resume, saved) if fork else None, origin)
+
+
+def _source_run(checkpoint: str, saved: dict) -> Path | None:
+    """The directory of the run that wrote ``checkpoint`` (its config ``saved``): the checkpoint's
+    grandparent where it is in that run's own checkpoints/, else the run dir it recorded; None
+    where neither holds a run's config (the checkpoint was copied, or its run moved)."""
+    candidates = [] if "://" in checkpoint else [Path(checkpoint).absolute().parent.parent]
+    experiment = saved["experiment"]
+    candidates.append(Path(experiment["output_dir"]) / experiment["name"])
+    return next((c for c in candidates if (c / "config.yaml").is_file()), None)
 
 
 def _train(
     cfg: Config,
-    rd: RunDir,
+    resume: Resume | None,
     baselines_to_beat: dict[str, Schedule] | None,
     final_eval: bool,
     actors: Actors | None,
@@ -328,10 +382,9 @@ def _train(
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
-    resume = _resume_point(cfg, store, rd)
     logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
-    if resume is not None:
-        logged = _trim_logs(run_dir, resume[1])
+    if resume is not None and not (resume.fork and resume.source is None):
+        logged = _trim_logs(run_dir, resume.state, resume.source)
     else:
         for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
@@ -365,9 +418,16 @@ def _train(
         _warn_prompt_overlap(stream.prompts, [c.prompt for c in held_out])
         start, version = 0, 0
         if resume is not None:
-            state = load_checkpoint(Path(resume[0]), policy, optimizer)
+            state = load_checkpoint(resume.checkpoint, policy, optimizer)
             start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
-            print(f"resumed from {resume[0]} at iteration {start}")
+            print(f"resumed from {resume.checkpoint} at iteration {start}")
+            if resume.fork:
+                logs = (
+                    f"its logs up to there copied from {resume.source}"
+                    if resume.source
+                    else "that run's logs not found"
+                )
+                print(f"a new run from another run's checkpoint: {run_dir} starts at iteration {start}, {logs}")
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
@@ -377,10 +437,10 @@ def _train(
         current = _Sent.put(version, params.weights(lc.broadcast_dtype), collective)
         behaviour = current  # what the first rollouts are drawn under
         if resume is not None and lc.pipeline:  # the weights the checkpoint's next rollouts were drawn under
-            saved = load_tensors(Path(resume[0]), "behaviour")
+            saved = load_tensors(resume.checkpoint, "behaviour")
             if saved is not None:
                 in_order = {k: saved[k] for k in policy.state_dict()}  # the buffer as it was broadcast
-                behaviour = _Sent.put(resume[1]["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
+                behaviour = _Sent.put(resume.state["behaviour_version"], state_to_numpy(in_order, lc.broadcast_dtype))
 
         def plan(i: int) -> _Plan:
             """Iteration ``i``'s contexts (each a seeded draw: the costly part), K and cap."""
@@ -407,6 +467,9 @@ def _train(
                 state["behaviour_version"] = drawn_under.version
                 extra = {"behaviour": drawn_under.weights.tensors()}
             return store.save(iteration, policy, optimizer, state, keep=lc.keep_checkpoints, extra=extra)
+
+        if resume is not None and resume.fork:  # the new run's own first checkpoint: --resume auto continues it
+            save(start, stream.cursor, behaviour)
 
         bar = tqdm(
             range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
@@ -662,22 +725,25 @@ def _alpha_problem(lo: float, hi: float) -> str | None:
     return None
 
 
-def _trim_logs(run_dir: Path, state: dict) -> int:
+def _trim_logs(run_dir: Path, state: dict, source: Path | None = None) -> int:
     """On resume: keep the logged rollouts and metrics of the iterations the checkpoint holds,
-    so that each appears once, and rebuild tb/ from the kept metrics. A torn last record (a
-    crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts than the
-    checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Both logs are
-    read and checked before either is rewritten (atomically), so a refusal changes nothing.
-    Returns the number of rollouts kept."""
+    so that each appears once, and rebuild tb/ from the kept metrics. A run resumed from another
+    run's checkpoint takes them from that run's logs (``source``), which are only read. A torn
+    last record (a crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts
+    than the checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Both
+    logs are read and checked before either is written (atomically), so a refusal changes
+    nothing. Returns the number of rollouts kept."""
     iteration = state["iteration"]
-    log, metrics = run_dir / "rollouts.msgpack", run_dir / "metrics.jsonl"
+    read_from = source or run_dir
+    log, metrics = read_from / "rollouts.msgpack", read_from / "metrics.jsonl"
+    again = "--overwrite starts the run again" if source is None else "resume from an earlier checkpoint of that run"
     keep: list[RolloutRecord] = []
     rows: list[dict] = []
     try:
         scan = scan_records(log, RolloutRecord) if log.exists() else None
         found = scan_jsonl(metrics) if metrics.exists() else None
     except (DecodeError, ValueError) as e:
-        raise ConfigError(f"cannot resume: a log is damaged ({e}); --overwrite starts the run again") from None
+        raise ConfigError(f"cannot resume: a log is damaged ({e}); {again}") from None
     if scan is not None:
         if scan.torn_bytes:
             print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
@@ -686,7 +752,7 @@ def _trim_logs(run_dir: Path, state: dict) -> int:
     if expected is not None and len(keep) < expected:
         raise ConfigError(
             f"cannot resume: {log} holds {len(keep)} rollouts of the first {iteration} iterations, but the"
-            f" checkpoint recorded {expected} (the log was truncated or replaced); --overwrite starts the run again"
+            f" checkpoint recorded {expected} (the log was truncated or replaced); {again}"
         )
     if found is not None:
         all_rows, _, torn = found
@@ -694,17 +760,17 @@ def _trim_logs(run_dir: Path, state: dict) -> int:
             print(f"warning: {metrics}: dropped a torn last line ({torn} bytes, a write cut short)")
         rows = [row for row in all_rows if row["step"] <= iteration]
     if scan is not None:
-        tmp = log.with_suffix(".tmp")
+        tmp = run_dir / "rollouts.tmp"
         tmp.unlink(missing_ok=True)
         append_records(tmp, keep)
-        os.replace(tmp, log)
+        os.replace(tmp, run_dir / "rollouts.msgpack")
     if found is not None:
-        tmp = metrics.with_suffix(".tmp")
+        tmp = run_dir / "metrics.tmp"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, metrics)
+        os.replace(tmp, run_dir / "metrics.jsonl")
     tb = run_dir / "tb"
-    if tb.exists():  # event files cannot be cut at a step: rebuild them from the kept metrics
-        shutil.rmtree(tb)
+    if tb.exists() or (source is not None and rows):  # event files cannot be cut at a step: rebuilt from the metrics
+        shutil.rmtree(tb, ignore_errors=True)
         writer = TensorBoardLogger(tb)
         for row in rows:
             writer.log(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})

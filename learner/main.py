@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import errno
 import sys
+from typing import TYPE_CHECKING
 
 from common.config import Config, ConfigError, load_config
 from learner.groups import RunStopped
 from learner.signals import Terminated, end_on_sigterm
+
+if TYPE_CHECKING:
+    from learner.loop import Resume
 
 #: What storage says when a run cannot go on writing (a full disk, a quota, a mount that became
 #: read-only or failed): one line and what is kept, not a traceback.
@@ -29,29 +33,34 @@ def run(cfg: Config) -> None:
 
     from common.rundir import claim
     from learner.evaluate import Schedule
-    from learner.loop import init_ray, start_actors, train
+    from learner.loop import find_resume, init_ray, start_actors, train
 
     owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
     started = False
     actors = None
     restore_sigterm = None
     try:
-        started = init_ray(cfg.ray)
-        restore_sigterm = end_on_sigterm()
-        to_beat = {}
+        resume = find_resume(cfg)  # a refusal comes before Ray starts
+        g = None
         if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
-            actors = start_actors(cfg)  # both policies are trained on them: each model loads once
             g = cfg.model_copy(deep=True)
             g.policy.variant = "global"
             g.learner.lr = cfg.learner.global_lr
             g.experiment.name = f"{cfg.experiment.name}/global"
             g.overwrite = False  # the claim above already cleared the run dir when asked to
+            g.resume = _global_resume(cfg, resume)
             if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
                 g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
+            g_resume = find_resume(g)
+        started = init_ray(cfg.ray)
+        restore_sigterm = end_on_sigterm()
+        to_beat = {}
+        if g is not None:
+            actors = start_actors(cfg)  # both policies are trained on them: each model loads once
             print("training the learned global schedule (the baseline to beat) ...")
-            res = train(g, final_eval=False, actors=actors)
+            res = train(g, final_eval=False, actors=actors, resume=g_resume)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
-        train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors)
+        train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors, resume=resume)
     finally:
         if actors is not None:
             actors.stop()
@@ -60,6 +69,21 @@ def run(cfg: Config) -> None:
         owner.release()
         if restore_sigterm is not None:
             restore_sigterm()
+
+
+def _global_resume(cfg: Config, resume: Resume | None) -> str | None:
+    """What the global baseline of a resumed run resumes from: its own latest checkpoint (it was
+    trained before the run's policy), or, where the run starts from another run's checkpoint, the
+    latest of that run's global baseline (None where there is none: it is trained afresh)."""
+    if cfg.resume is None:
+        return None
+    if resume is None or not resume.fork:
+        return "auto"
+    from common.checkpoint import CheckpointStore
+
+    where = resume.global_checkpoints
+    names = CheckpointStore(where).names() if where is not None else []
+    return f"{where}/{names[-1]}" if names else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,7 @@ def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "| method | L = 2 | L = 3 |" in table and "**digits_fd**" in table
     assert (out / "reward_vs_L.png").stat().st_size > 0 and (out / "digits_fd_vs_L.png").stat().st_size > 0
+    assert not (out / ".lock").exists(), "the evaluation dir is released"
     contexts = _rows(out / "contexts.csv")
     assert len(contexts) == 10 * 3 * (2 + 5)  # 10 prompts x 3 seeds; 2 methods at L=2, 5 at L=3
     # the evaluation's figure and the run's pictures are in TensorBoard's Images tab
@@ -188,6 +190,21 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.kk=1"])) == (
         "error: invalid command line: unrecognized arguments: --rollout.kk=1 (--help lists every flag)"
     )
+    # an --out another evaluation is writing (two people evaluating one run: both into runs/x/evaluation)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        host = socket.gethostname()
+        (out / ".lock").write_text(json.dumps({"host": host, "pid": holder.pid, "started": "t"}))
+        assert err_of(evaluate_cli.main([*run, "--out", str(out)])) == (
+            f"error: evaluation dir {out} is in use by pid {holder.pid} on host {host} (since t); use another --out,"
+            f" or delete {out / '.lock'} if that evaluation is gone"
+        )  # both wrote table.md, the CSVs and the plots: the last writer's files, or a mix of the two
+        assert json.loads((out / ".lock").read_text())["pid"] == holder.pid, "its owner's lock stays"
+    finally:
+        holder.kill()
+        holder.wait()
+    shutil.rmtree(out)
     # a reward that raises during the evaluation: one line, exit 1 (it was StepFailed's traceback)
     bad = "--rewards=[{name: 'tests.integration.rewards_for_tests:RaisesOnCall'}]"
     code = evaluate_cli.main([*run, "--seeds", "2", "--out", str(out), "--", bad])

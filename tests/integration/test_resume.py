@@ -15,7 +15,9 @@ from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
 from learner.loop import train
-from tests.conftest import REPO, final_weights, same_weights
+from learner.main import main
+from learner.metrics import read_jsonl
+from tests.conftest import REPO, actors_now, final_weights, same_weights
 
 pytestmark = pytest.mark.ray
 
@@ -128,3 +130,58 @@ def test_resume_from_checkpoints_on_an_fsspec_url(uninterrupted, tmp_path):
     res = train(load_config(flags + ["--resume=auto"]))
     w = final_weights(res.run_dir)
     assert same_weights(uninterrupted, w)
+
+
+def _logged(run):
+    """A run's rollout log and its metrics rows, less the timings."""
+    rows = [
+        {k: v for k, v in row.items() if k.startswith(("learner/", "policy/", "rollout/reward"))}
+        for row in read_jsonl(run / "metrics.jsonl")
+    ]
+    return list(read_records(run / "rollouts.msgpack", RolloutRecord)), rows
+
+
+def test_a_named_checkpoint_resumes_its_run_or_starts_a_new_run_from_it(ray_local, tmp_path, capsys):
+    """``--resume <checkpoint>`` with the global baseline on (the default) was refused, after Ray
+    and the actors had started, as differing in experiment.name, learner.lr and policy.variant:
+    the global baseline was sent the run's checkpoint (with --resume_changes it would have resumed
+    the global schedule from it). Another run's checkpoint could not be resumed at all: the advised
+    --resume_changes then failed on the rollout log, and refused runs left empty run dirs.
+
+    Now a checkpoint of the run continues it (its global baseline from its own latest checkpoint),
+    and another run's starts a new run from it: that run's logs up to the checkpoint copied, its
+    global baseline too, the new run's first checkpoint written at once; both end with the
+    uninterrupted run's weights and logs, bit for bit. Mistakes are one line before anything
+    starts, and leave no directory behind."""
+    flags = [*FLAGS, f"--experiment.output_dir={tmp_path}", "--learner.global_baseline=true", "--learner.iterations=4"]
+    run, new = tmp_path / "r", tmp_path / "new"
+    assert main(flags) == 0
+    weights, global_weights, logged = final_weights(run), final_weights(run / "global"), _logged(run)
+    ckpt = run / "checkpoints" / "ckpt-00000002"
+    capsys.readouterr()
+
+    assert main([*flags, f"--resume={ckpt}"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'global' / 'checkpoints' / 'ckpt-00000004'} at iteration 4" in out
+    assert f"resumed from {ckpt} at iteration 2" in out
+    assert same_weights(weights, final_weights(run)) and _logged(run) == logged
+
+    assert main([*flags, "--experiment.name=new", f"--resume={ckpt}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{new} starts at iteration 2, its logs up to there copied from {run}" in out
+    assert same_weights(weights, final_weights(new)) and same_weights(global_weights, final_weights(new / "global"))
+    assert _logged(new) == logged and (new / "tb").is_dir()
+    assert sorted(p.name for p in (new / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
+    assert same_weights(weights, final_weights(run)) and _logged(run) == logged, "the other run is only read"
+
+    actors = actors_now()
+    for extra, needle in [
+        (["--experiment.name=new", f"--resume={ckpt}"], f"but {new} already holds a run"),
+        ([f"--resume={run / 'global' / 'checkpoints' / 'ckpt-00000004'}"], "a checkpoint of the learned global"),
+        (["--experiment.name=other", "--experiment.seed=3", f"--resume={ckpt}"], "differs in experiment.seed"),
+    ]:
+        assert main([*flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert actors_now() == actors, "refused before any actor started"
+    assert not (tmp_path / "other").exists(), "a refused run leaves no run dir"
