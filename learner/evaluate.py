@@ -14,16 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
+from common.signals import Terminated, end_on_sigterm, loading
 
-from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
-from common.messages import Context, ScheduleMode
-from common.policy import SchedulePolicy
-from common.rundir import hold
-from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
-from learner.signals import Terminated, end_on_sigterm
-from learner.stats import mean_se
+with loading(__name__):
+    import numpy as np
+    import ray
+
+    from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
+    from common.messages import Context, ScheduleMode
+    from common.policy import SchedulePolicy
+    from common.rundir import hold
+    from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
+    from learner.stats import mean_se
 
 DEFAULT = "default"
 

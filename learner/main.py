@@ -16,9 +16,11 @@ import errno
 import sys
 from typing import TYPE_CHECKING
 
-from common.config import Config, ConfigError, load_config
-from learner.groups import RunStopped
-from learner.signals import Terminated, end_on_sigterm
+from common.signals import Terminated, end_on_sigterm, loading
+
+with loading(__name__):
+    from common.config import Config, ConfigError, load_config
+    from learner.groups import RunStopped
 
 if TYPE_CHECKING:
     from learner.loop import Resume

@@ -21,15 +21,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from common.signals import loading
 
-from common.checkpoint import load_run_config, load_run_policy
-from common.config import DEFAULT_REFERENCE_STEPS, MAX_STEPS, ConfigError, int_at_least
-from common.policy import dirichlet_mean
-from common.schedule import times_from_tau
-from rollout.backends import build_sampler
-from rollout.sampler import policy_inputs, prompt_problem
+with loading(__name__):
+    import numpy as np
+    import torch
+
+    from common.checkpoint import load_run_config, load_run_policy
+    from common.config import DEFAULT_REFERENCE_STEPS, MAX_STEPS, ConfigError, int_at_least
+    from common.policy import dirichlet_mean
+    from common.schedule import times_from_tau
+    from rollout.backends import build_sampler
+    from rollout.sampler import policy_inputs, prompt_problem
 
 
 def schedules_for(

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,6 +289,25 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
     assert _what_is_kept(early) == (
         f"the run in {tmp_path / 'early'} had written no checkpoint yet; --overwrite starts it again"
     )
+
+
+@pytest.mark.parametrize("program", ["learner.main", "learner.evaluate", "rollout.generate"])
+def test_ctrl_c_while_a_program_loads_its_libraries_is_one_line(program):
+    """Ctrl-C in the second or more a program spends importing torch, Ray and diffusers, before
+    its main runs, was a KeyboardInterrupt traceback from inside whichever library was loading."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", program, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+        while "libtorch_cpu" not in maps.read_text():  # torch is loading: most of a second of imports is left
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted: nothing was started"], err
 
 
 def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local, tmp_path):

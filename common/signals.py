@@ -1,12 +1,31 @@
-"""SIGTERM as an interrupt: a job stopped (``ray job stop``), a pod evicted or preempted ends a
-program that started or joined Ray as Ctrl-C does, cleaning up on its way out, not as Ray's own
-handler ends it (a stack dump and an abort from its C++ core, exit 134)."""
+"""The programs' signals. SIGTERM as an interrupt: a job stopped (``ray job stop``), a pod evicted
+or preempted ends a program that started or joined Ray as Ctrl-C does, cleaning up on its way
+out, not as Ray's own handler ends it (a stack dump and an abort from its C++ core, exit 134).
+Ctrl-C while a program still loads its libraries (torch, Ray, diffusers: two seconds or more)
+is one line, not the traceback of whichever library was loading."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def loading(module: str) -> Iterator[None]:
+    """Around a program's imports: Ctrl-C while they load ends it with ``interrupted: nothing was
+    started`` and exit 130. Only where ``module`` (the caller's ``__name__``) is ``__main__``: a
+    module imported by another program leaves Ctrl-C to that program."""
+    if module != "__main__":
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted: nothing was started", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 class Terminated(KeyboardInterrupt):
