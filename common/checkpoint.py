@@ -318,6 +318,11 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
         ckpt = store.fetch(where) if store.fs.isdir(where) else None
     if ckpt is None:
         raise ConfigError(f"no checkpoint {checkpoint!r} in {store}")
+    if not (Path(ckpt) / MANIFEST).exists() and not (Path(ckpt) / "state.json").exists():
+        raise ConfigError(
+            f"{ckpt} is not a checkpoint (it has no {MANIFEST} or state.json): --checkpoint takes 'latest', a"
+            " checkpoint's name (ckpt-00000300) or its directory"
+        )
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
@@ -344,6 +349,8 @@ def _read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
     from common.config import ConfigError
     from common.policy import SchedulePolicy
 
+    if not (directory / "config.json").is_file():  # the hub mixin would say so, then fail on the missing arguments
+        raise ConfigError(f"the policy in {directory} cannot be loaded: its config.json is missing")
     try:
         policy = SchedulePolicy.from_pretrained(directory).eval()
         if checkpoint is not None:

@@ -80,6 +80,8 @@ def artefacts(run_dir: Path, checkpoint_dir: Path | None = None) -> list[str]:
 
 
 def _check_writable(d: Path, what: str) -> None:
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{what} {d} is not a directory")
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".write-test-{os.getpid()}"
@@ -130,6 +132,10 @@ class _Lease:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                if lock.is_symlink():  # never one this program wrote; O_EXCL will not follow it
+                    raise RunDirInUse(
+                        f"{lock} is a symbolic link, not a lock; delete it if no run uses the {self.what}"
+                    ) from None
                 owner = self.owner()
                 if owner is None:
                     # written by a process that died between create and write, or not ours at all
@@ -164,7 +170,7 @@ class _Lease:
                 json.dump(me, f)
             self.held = True
             return
-        raise RunDirInUse(f"could not take the lock {lock}")
+        raise RunDirInUse(f"could not take the lock {lock}: others took and released it meanwhile; try again")
 
     def age(self) -> float:
         """Seconds since the lock was last written or renewed, on the filesystem's clock (the

@@ -246,18 +246,35 @@ def test_another_runs_files_are_never_this_runs_to_overwrite(tmp_path):
             assert rd.leases[0].lock == tmp_path / "mine" / "global" / LOCK
 
 
-@pytest.mark.parametrize("what", ["run dir is a file", "output dir is a file", "output dir cannot be written"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "run dir is a file",
+        "output dir is a file",
+        "output dir cannot be written",
+        "checkpoint dir is a device",
+        "the lock is a symbolic link",
+    ],
+)
 def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
+    out, extra = tmp_path, []
     if what == "run dir is a file":
         (tmp_path / "r").write_text("x")
-        out, needle = tmp_path, "is a file, not a directory"
+        needle = "is a file, not a directory"
     elif what == "output dir is a file":
         (tmp_path / "o").write_text("x")
         out, needle = tmp_path / "o", "experiment.output_dir"
-    else:
+    elif what == "output dir cannot be written":
         out, needle = Path("/proc/steinsched-no-such-dir"), "cannot be written"
-    assert main([*_flags(tmp_path), f"--experiment.output_dir={out}"]) == 2
-    assert needle in capsys.readouterr().err
+    elif what == "checkpoint dir is a device":  # was 'cannot be written: File exists'
+        extra, needle = ["--learner.checkpoint_dir=/dev/null"], "error: checkpoint dir /dev/null is not a directory"
+    else:  # a dangling link: was 'could not take the lock' after three seconds
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / LOCK).symlink_to(tmp_path / "nowhere")
+        needle = f"error: {tmp_path / 'r' / LOCK} is a symbolic link, not a lock; delete it if no run uses the run dir"
+    assert main([*_flags(tmp_path), f"--experiment.output_dir={out}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_resume_auto_on_a_new_run_dir_starts_fresh(tmp_path):

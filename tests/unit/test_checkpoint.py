@@ -137,6 +137,11 @@ def test_a_damaged_run_is_one_line_naming_its_file(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"cannot be loaded \(RuntimeError: .* size mismatch for blocks"):
         load_run_policy(run)
+    (run / "policy" / "config.json").unlink()  # was the hub mixin's line, then a TypeError of missing arguments
+    with pytest.raises(ConfigError, match=r"^the policy in .*/policy cannot be loaded: its config.json is missing$"):
+        load_run_policy(run)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a checkpoint \(it has no manifest.json or state"):
+        load_run_policy(run, str(tmp_path))  # was 'checkpoint ... is damaged (unreadable manifest (...))'
 
     config = run / "config.yaml"
     config.write_text(config.read_text() + "old_section: {a: 1}\n")
