@@ -40,6 +40,11 @@ class ExperimentConfig(Section):
     )
     output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
 
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_given(cls, value: Any) -> Any:
+        return _not_blank(value, "give a directory, '.' for the current one")
+
     @field_validator("name")
     @classmethod
     def _name_stays_under_output_dir(cls, name: str) -> str:
@@ -51,6 +56,14 @@ class ExperimentConfig(Section):
         if any(len(p.encode()) > 255 for p in parts):  # NAME_MAX of every common filesystem
             raise ValueError(f"each part must be at most 255 bytes (a directory name), got {name[:40]!r}...")
         return name
+
+
+def _not_blank(value: Any, instead: str) -> Any:
+    """``value``, unless it is a blank string: the expansion of an unset variable
+    (``--experiment.output_dir=$OUT``) is read as the current directory, silently."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"is blank (an unset variable in the command?): {instead}")
+    return value
 
 
 def _in_force(schedule: dict[int, Any], iteration: int, first: Any) -> Any:
@@ -473,6 +486,11 @@ class LearnerConfig(Section):
         description="Where checkpoints go: a path or an fsspec URL such as s3://bucket/run (None:"
         " <run dir>/checkpoints).",
     )
+
+    @field_validator("checkpoint_dir", mode="before")
+    @classmethod
+    def _checkpoint_dir_given(cls, value: Any) -> Any:
+        return _not_blank(value, "give a path or a URL, or leave it out for <run dir>/checkpoints")
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
     eval_seeds: int = Field(100, ge=EVAL_SEEDS[0], le=EVAL_SEEDS[1], description="Held-out noises per eval prompt.")
@@ -806,8 +824,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except ValueError as e:  # not a regular file, or too large
         raise ConfigError(str(e)) from None
     data = _parse_yaml(text, f"config file {path}")
-    if data is None:
-        return {}
+    if data is None:  # a run of the defaults (the digits demo), where the user meant a config
+        raise ConfigError(f"config file {path} holds no settings (it is empty, or comments only)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]

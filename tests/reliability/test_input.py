@@ -130,6 +130,15 @@ def test_unreadable_config_files(capsys, tmp_path):
     _fails(capsys, ["--config", str(binary)], "is not UTF-8 text")
     _fails(capsys, ["--config", str(tmp_path)], "is a directory")
     _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "not found")
+    for text in ("", "\n\n", "# the settings were never saved\n"):  # were a run of the defaults: the digits demo
+        _fails(capsys, ["--config", _yaml(tmp_path, text)], "holds no settings (it is empty, or comments only)")
+
+
+@pytest.mark.parametrize("flag", ["--experiment.output_dir=", "--experiment.output_dir= ", "--learner.checkpoint_dir="])
+def test_a_blank_directory_is_refused_not_read_as_this_one(capsys, flag):
+    """``--experiment.output_dir=$OUT`` with OUT unset ran in the current directory; a blank
+    checkpoint dir was the run dir's own, silently."""
+    _fails(capsys, [flag], f"{flag.split('=')[0][2:]}: is blank (an unset variable in the command?)")
 
 
 def test_config_files_that_would_hang_or_exhaust_memory_are_refused_at_once(capsys, tmp_path, monkeypatch):
