@@ -243,6 +243,8 @@ def sweep(
         if flag.split("=")[0] in ("--rollout.steps", "--rollout"):  # the policy's L is its run's
             raise ConfigError(f"{flag}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag")
     cfgs = [load_run_config(r, overrides) for r in runs]
+    if overrides:
+        _check_read(load_run_config(runs[0]), cfgs[0])
     first = cfgs[0]
     for r, c in zip(runs[1:], cfgs[1:], strict=True):
         if c.sampler != first.sampler or c.rewards != first.rewards or c.experiment.seed != first.experiment.seed:
@@ -303,6 +305,32 @@ def sweep(
         if started:
             ray.shutdown()
         restore_sigterm()
+
+
+#: What an evaluation reads of a run's config (its policy is the run's own): the fields a
+#: config flag after ``--`` may change. The rest (the policy's shape, K, C, the optimisation,
+#: the run's name) is how the run trained: an override of it would change nothing.
+EVALUATION_READS = ("experiment.seed", "sampler", "rewards", "ray", "rollout", "learner.eval_")
+TRAINING_ONLY = ("rollout.k", "rollout.k_schedule", "rollout.contexts_per_iter")
+
+
+def _check_read(run: Any, evaluated: Any) -> None:
+    """Refuse the overrides that made ``evaluated`` differ from ``run`` where an evaluation does
+    not read the config (``learner.lr``, ``policy.widths``): they were ignored, silently."""
+    a, b = run.model_dump(mode="json"), evaluated.model_dump(mode="json")
+    changed = []
+    for section in a:
+        x, y = a[section], b[section]
+        if isinstance(x, dict) and isinstance(y, dict):
+            changed += [f"{section}.{k}" for k in x if x[k] != y.get(k)]
+        elif x != y:
+            changed.append(section)
+    unread = [n for n in changed if not n.startswith(EVALUATION_READS) or n in TRAINING_ONLY]
+    if unread:
+        raise ConfigError(
+            f"{', '.join(unread)}: an evaluation does not read {'it' if len(unread) == 1 else 'them'} (how the run"
+            " trained); it reads the sampler, the rewards, ray, the rollout workers, experiment.seed and learner.eval_*"
+        )
 
 
 def check_out_dir(out: Path) -> None:

@@ -184,6 +184,10 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.steps=8"])) == (
         "error: --rollout.steps=8: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag"
     )  # was ignored: the table at the run's own L, exit 0
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--learner.lr=0.5", "--policy.groups=2"])) == (
+        "error: policy.groups, learner.lr: an evaluation does not read them (how the run trained); it reads the"
+        " sampler, the rewards, ray, the rollout workers, experiment.seed and learner.eval_*"
+    )  # were ignored, silently
     assert err_of(evaluate_cli.main([*run, *run, "--out", str(out)])) == (
         "error: a run is given twice (--run): give each run once"
     )
