@@ -491,6 +491,7 @@ class LearnerConfig(Section):
     @classmethod
     def _checkpoint_dir_given(cls, value: Any) -> Any:
         return _not_blank(value, "give a path or a URL, or leave it out for <run dir>/checkpoints")
+
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
     eval_seeds: int = Field(100, ge=EVAL_SEEDS[0], le=EVAL_SEEDS[1], description="Held-out noises per eval prompt.")

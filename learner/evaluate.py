@@ -10,6 +10,7 @@ one prompt are not independent draws of what the table generalises over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,16 @@ def _metric_cell(s: dict[str, float], m: str) -> str:
 
 
 def run_schedule(
-    dispatcher: Dispatcher, contexts: list[Context], steps: int, version: int, weights: Any, s: Schedule
+    dispatcher: Dispatcher,
+    contexts: list[Context],
+    steps: int,
+    version: int,
+    weights: Any,
+    s: Schedule,
+    progress: Callable[[int], None] | None = None,
 ) -> Collected:
     requests = dispatcher.rollouts.requests(contexts, s.k, steps, iteration=0, version=version, mode=s.mode, tau=s.tau)
-    return dispatcher.run(requests, weights)
+    return dispatcher.run(requests, weights, progress=progress)
 
 
 def evaluate(
@@ -96,12 +103,14 @@ def evaluate(
     version: int,
     weights: Any,  # an object ref, or a WeightsHandle (learner.broadcast: collective)
     schedules: dict[str, Schedule],
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Reward (and set metrics) of each schedule on ``contexts``, one sample per context (a
-    best-of-k schedule: the best of its k samples by the total reward; no set metrics)."""
+    best-of-k schedule: the best of its k samples by the total reward; no set metrics).
+    ``progress``: told the number of samples of each unit as it is done."""
     result = EvalResult({}, prompts=[c.prompt for c in contexts])
     for name, sched in schedules.items():
-        got = run_schedule(dispatcher, contexts, steps, version, weights, sched)
+        got = run_schedule(dispatcher, contexts, steps, version, weights, sched, progress)
         scores = dispatcher.rewards.combine(got.scored)
         tau = np.concatenate([b.tau for b in got.batches])  # [N, k, L+1]
         best = scores.total.reshape(-1, sched.k).argmax(axis=1)
@@ -231,6 +240,8 @@ def sweep(
     overrides: list[str] | None = None,
 ) -> Sweep:
     """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``."""
+    from tqdm.auto import tqdm
+
     from common.checkpoint import load_run_config, load_run_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
@@ -258,6 +269,7 @@ def sweep(
     restore_sigterm = end_on_sigterm()
     rewards: RewardGroup | None = None
     metrics: MetricGroup | None = None
+    bar = tqdm(total=0, unit="sample", desc="evaluate", disable=None)  # on a terminal: samples done of those known
     try:
         check_room(actor_asks(first))  # one run's workers at a time, with the rewards and metrics
         rewards = RewardGroup.from_config(first)
@@ -294,11 +306,14 @@ def sweep(
                         schedules[learned] = Schedule("mean")
                         if best_of > 1:
                             schedules[f"best of {best_of} (x{best_of} NFE)"] = Schedule("sample", k=best_of)
-                    out[n] = evaluate(dispatcher, metrics, contexts, n, 0, weights, schedules)
+                    bar.total += len(contexts) * sum(s.k for s in schedules.values())
+                    bar.set_description(f"evaluate L={n}")
+                    out[n] = evaluate(dispatcher, metrics, contexts, n, 0, weights, schedules, bar.update)
             finally:
                 rollouts.stop()
         return Sweep(dict(sorted(out.items())), contexts)
     finally:
+        bar.close()
         for group in (rewards, metrics):
             if group is not None:
                 group.stop()

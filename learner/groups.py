@@ -28,6 +28,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -843,10 +844,12 @@ class Dispatcher:
         weights: Any,
         stop: threading.Event | None = None,
         launched: Launched | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Collected:
         """Sample and score ``requests`` under ``weights``; every unit's results, in request order.
         ``stop``: an event that makes the run give up (``Cancelled``) within ``STOP_POLL_S``.
-        ``launched``: the requests were sent already (``start``): their units and when."""
+        ``launched``: the requests were sent already (``start``): their units and when.
+        ``progress``: told the number of samples of each unit as it is done (sampled and scored)."""
         faults, start = 0, time.perf_counter()
         live, start = launched or (self._launch_all(requests, weights), start)
         done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
@@ -906,6 +909,8 @@ class Dispatcher:
                     del live[rid]
                     if rid not in done:  # a request's results are used once, whatever Ray reported
                         done[rid] = (p.sampled, [g for g in p.got if g is not None], p)
+                        if progress is not None:
+                            progress(len(p.request.contexts) * p.request.k)
             now = time.monotonic()
             for p in list(live.values()):
                 stalled = self._stalled(p, now)

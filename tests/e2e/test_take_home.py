@@ -51,10 +51,34 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys):
+class _Bar:
+    """tqdm's part that the evaluation uses, recorded."""
+
+    made: list[_Bar] = []
+
+    def __init__(self, total, **kwargs):
+        self.total, self.n, self.kwargs, self.descriptions, self.closed = total, 0, kwargs, [], False
+        _Bar.made.append(self)
+
+    def update(self, n):
+        self.n += n
+
+    def set_description(self, text):
+        self.descriptions.append(text)
+
+    def close(self):
+        self.closed = True
+
+
+def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ev"
+    monkeypatch.setattr("tqdm.auto.tqdm", _Bar)
     code = evaluate_cli.main(["--run", str(digits_run), "--steps", "2,3", "--best-of", "2", "--out", str(out)])
     assert code == 0
+    # its progress (on a terminal): every sample counted as its unit is scored, 30 contexts x (2 at L=2, 6 at L=3)
+    (bar,) = _Bar.made
+    assert bar.n == bar.total == 30 * 8 and bar.closed and bar.descriptions == ["evaluate L=2", "evaluate L=3"]
+    assert bar.kwargs["disable"] is None, "shown on a terminal only: a job's log is not filled with bars"
     summary = {(int(r["L"]), r["method"], r["measure"]): float(r["mean"]) for r in _rows(out / "summary.csv")}
     # the run's own final table (same contexts, same weights), to the last digit
     own = json.loads((digits_run / "eval.json").read_text())
