@@ -359,7 +359,10 @@ def find_resume(cfg: Config) -> Resume | None:
             f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
             " (pass --resume_changes=true to resume anyway)"
         )
-    return Resume(Path(ckpt), state, fork, _source_run(cfg.resume, saved) if fork else None, origin)
+    resume = Resume(Path(ckpt), state, fork, _source_run(cfg.resume, saved) if fork else None, origin)
+    if not (fork and resume.source is None):
+        _trim_logs(cfg.run_dir, state, resume.source, write=False)  # damaged logs refused now, not after Ray started
+    return resume
 
 
 def _source_run(checkpoint: str, saved: dict) -> Path | None:
@@ -725,14 +728,14 @@ def _alpha_problem(lo: float, hi: float) -> str | None:
     return None
 
 
-def _trim_logs(run_dir: Path, state: dict, source: Path | None = None) -> int:
+def _trim_logs(run_dir: Path, state: dict, source: Path | None = None, write: bool = True) -> int:
     """On resume: keep the logged rollouts and metrics of the iterations the checkpoint holds,
     so that each appears once, and rebuild tb/ from the kept metrics. A run resumed from another
     run's checkpoint takes them from that run's logs (``source``), which are only read. A torn
     last record (a crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts
     than the checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Both
     logs are read and checked before either is written (atomically), so a refusal changes
-    nothing. Returns the number of rollouts kept."""
+    nothing; ``write=False`` only checks. Returns the number of rollouts kept."""
     iteration = state["iteration"]
     read_from = source or run_dir
     log, metrics = read_from / "rollouts.msgpack", read_from / "metrics.jsonl"
@@ -745,7 +748,7 @@ def _trim_logs(run_dir: Path, state: dict, source: Path | None = None) -> int:
     except (DecodeError, ValueError) as e:
         raise ConfigError(f"cannot resume: a log is damaged ({e}); {again}") from None
     if scan is not None:
-        if scan.torn_bytes:
+        if scan.torn_bytes and write:
             print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
         keep = [r for r in scan.records if r.iteration < iteration]
     expected = state.get("logged_rollouts")
@@ -756,9 +759,11 @@ def _trim_logs(run_dir: Path, state: dict, source: Path | None = None) -> int:
         )
     if found is not None:
         all_rows, _, torn = found
-        if torn:
+        if torn and write:
             print(f"warning: {metrics}: dropped a torn last line ({torn} bytes, a write cut short)")
         rows = [row for row in all_rows if row["step"] <= iteration]
+    if not write:
+        return len(keep)
     if scan is not None:
         tmp = run_dir / "rollouts.tmp"
         tmp.unlink(missing_ok=True)

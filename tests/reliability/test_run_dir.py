@@ -398,11 +398,13 @@ def test_a_damaged_or_truncated_log_blocks_resume_with_a_message(finished, tmp_p
         log.unlink()
         append_records(log, recs[:-5])  # complete records, but five missing
         needle = f"holds {len(recs) - 5} rollouts of the first 4 iterations, but the checkpoint recorded {len(recs)}"
-    before = _snapshot(out / "r")
-    assert main(_flags(out, "--resume=auto", "--learner.iterations=6")) == 2
+    before, actors = _snapshot(out / "r"), actors_now()
+    # with the global baseline on, the damage was found after the actors started and the baseline trained
+    assert main(_flags(out, "--resume=auto", "--learner.iterations=6", "--learner.global_baseline=true")) == 2
     err = capsys.readouterr().err
     assert needle in err and "--overwrite" in err, err
     assert _snapshot(out / "r") == before, "a refused resume rewrites nothing"
+    assert actors_now() == actors, "refused before any actor started"
 
 
 @ray_needed
