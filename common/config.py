@@ -649,6 +649,12 @@ class Config(BaseSettings):
     def run_dir(self) -> Path:
         return self.experiment.output_dir / self.experiment.name
 
+    @property
+    def trains_global_first(self) -> bool:
+        """Whether ``python -m learner.main`` trains the learned global schedule (the baseline to
+        beat) before this run's policy, in ``<run dir>/global``."""
+        return self.learner.global_baseline and self.policy.variant == "conditional"
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude=RUN_FLAGS)
         return yaml.safe_dump(data, sort_keys=False)

@@ -322,6 +322,8 @@ def find_resume(cfg: Config) -> Resume | None:
         return None
     store = CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints")
     found = artefacts(cfg.run_dir, local_checkpoint_dir(cfg))
+    if cfg.trains_global_first:  # its global baseline's run, trained first by the same command, resumes itself
+        found = [f for f in found if f != "global"]
     if cfg.resume == "auto":
         origin, ckpt, fork = store, store.latest(), False
         if ckpt is None:

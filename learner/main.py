@@ -23,6 +23,7 @@ with loading(__name__):
     from learner.groups import RunStopped
 
 if TYPE_CHECKING:
+    from common.checkpoint import CheckpointStore
     from learner.loop import Resume
 
 #: What storage says when a run cannot go on writing (a full disk, a quota, a mount that became
@@ -43,16 +44,9 @@ def run(cfg: Config) -> None:
     restore_sigterm = None
     try:
         resume = find_resume(cfg)  # a refusal comes before Ray starts
-        g = None
-        if cfg.learner.global_baseline and cfg.policy.variant == "conditional":
-            g = cfg.model_copy(deep=True)
-            g.policy.variant = "global"
-            g.learner.lr = cfg.learner.global_lr
-            g.experiment.name = f"{cfg.experiment.name}/global"
-            g.overwrite = False  # the claim above already cleared the run dir when asked to
-            g.resume = _global_resume(cfg, resume)
-            if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
-                g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
+        g = global_run(cfg)
+        if g is not None:
+            g.resume = _global_resume(cfg, g, resume)
             g_resume = find_resume(g)
         started = init_ray(cfg.ray)
         restore_sigterm = end_on_sigterm()
@@ -73,17 +67,41 @@ def run(cfg: Config) -> None:
             restore_sigterm()
 
 
-def _global_resume(cfg: Config, resume: Resume | None) -> str | None:
-    """What the global baseline of a resumed run resumes from: its own latest checkpoint (it was
-    trained before the run's policy), or, where the run starts from another run's checkpoint, the
-    latest of that run's global baseline (None where there is none: it is trained afresh)."""
-    if cfg.resume is None:
+def global_run(cfg: Config) -> Config | None:
+    """The run of the learned global schedule that ``cfg`` trains first, in ``<run dir>/global``
+    (None where it trains none): the same config but the policy's variant and learning rate."""
+    if not cfg.trains_global_first:
         return None
-    if resume is None or not resume.fork:
-        return "auto"
+    g = cfg.model_copy(deep=True)
+    g.policy.variant = "global"
+    g.learner.lr = cfg.learner.global_lr
+    g.experiment.name = f"{cfg.experiment.name}/global"
+    g.resume = None  # set by the caller: the global run resumes from its own checkpoints
+    g.overwrite = False  # the run's claim cleared its run dir, the global one's too, where asked to
+    if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
+        g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
+    return g
+
+
+def _store(cfg: Config) -> CheckpointStore:
+    """The store of ``cfg``'s own checkpoints."""
     from common.checkpoint import CheckpointStore
 
+    return CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints")
+
+
+def _global_resume(cfg: Config, g: Config, resume: Resume | None) -> str | None:
+    """What the global baseline ``g`` of a resumed run resumes from: its own latest checkpoint (it
+    is trained before the run's policy: a run stopped while it trained has only its checkpoints),
+    or, where the run starts from another run's checkpoint, the latest of that run's global
+    baseline (None where there is none: it is trained afresh)."""
+    if cfg.resume is None:
+        return None
+    if resume is None or not resume.fork or _store(g).names():
+        return "auto"
     where = resume.global_checkpoints
+    from common.checkpoint import CheckpointStore
+
     names = CheckpointStore(where).names() if where is not None else []
     return f"{where}/{names[-1]}" if names else None
 
@@ -117,14 +135,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _what_is_kept(cfg: Config) -> str:
     """What an interrupted run leaves to continue from, in one line."""
-    from common.checkpoint import CheckpointStore
-
     try:
-        names = CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints").names()
+        names = _store(cfg).names()
+        g = global_run(cfg)
+        global_names = _store(g).names() if g is not None and not names else []
+        forked = cfg.resume not in (None, "auto") and not _store(cfg).holds(str(cfg.resume))
     except Exception:  # noqa: BLE001 - storage out of reach: say what can be said without it
-        names = []
+        names, global_names, forked = [], [], False
     if names:
         return f"the run in {cfg.run_dir} keeps its checkpoint {names[-1]}; --resume auto continues it from there"
+    if forked:  # its first checkpoint, the other run's copied, was not written yet
+        return f"the run in {cfg.run_dir} had not reached its first checkpoint; the same command starts it again"
+    if global_names:  # stopped while the global baseline trained: it continues from its checkpoint
+        return (
+            f"the run in {cfg.run_dir} keeps its global baseline's checkpoint {global_names[-1]}; --resume auto"
+            " continues it from there"
+        )
     from common.rundir import artefacts
 
     if not artefacts(cfg.run_dir):  # stopped while starting: the same command starts it, no --overwrite needed

@@ -14,6 +14,7 @@ import pytest
 from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
+from learner import loop
 from learner.loop import train
 from learner.main import main
 from learner.metrics import read_jsonl
@@ -185,3 +186,34 @@ def test_a_named_checkpoint_resumes_its_run_or_starts_a_new_run_from_it(ray_loca
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert actors_now() == actors, "refused before any actor started"
     assert not (tmp_path / "other").exists(), "a refused run leaves no run dir"
+
+
+def test_a_run_stopped_while_its_global_baseline_trains_continues_with_resume_auto(
+    uninterrupted, tmp_path, capsys, monkeypatch
+):
+    """A job preempted while the learned global schedule trained (the first phase of every run
+    with the global baseline, the default) left only ``global/`` in its run dir; the re-submitted
+    job's ``--resume auto`` was refused ('no usable checkpoint ... holds a run (global); pass
+    --overwrite'), and the interruption said '--overwrite starts it again'. Now both continue
+    it: the global baseline from its checkpoint, then the run's policy, which ends with the
+    weights of a run never stopped."""
+    flags, run = [*FLAGS, f"--experiment.output_dir={tmp_path}", "--learner.global_baseline=true"], tmp_path / "r"
+    real, calls = loop.reinforce_step, []
+
+    def stopped_in_the_third_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "reinforce_step", stopped_in_the_third_update)
+    assert main(flags) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted: the run in {run} keeps its global baseline's checkpoint ckpt-00000002; --resume auto continues"
+        " it from there"
+    ]
+    monkeypatch.undo()
+    assert main([*flags, "--resume=auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'global' / 'checkpoints' / 'ckpt-00000002'} at iteration 2" in out
+    assert same_weights(uninterrupted, final_weights(run))
