@@ -273,7 +273,7 @@ class CheckpointStore:
     def fetch(self, path: str) -> Path:
         """A local copy of the checkpoint directory ``path`` (itself when the store is local)."""
         if self.local:
-            return Path(path)
+            return Path(storage(path)[1])  # a file:// URL too
         dest = Path(self._scratch.name) / path.rstrip("/").rsplit("/", 1)[-1]
         shutil.rmtree(dest, ignore_errors=True)
         self.fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)

@@ -33,10 +33,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+#: The largest seed (a run's, a noise's): torch's generators take a signed 64-bit seed, and the
+#: derived keys add to it, so 2^63 and beyond failed once the workers drew.
+MAX_SEED = 2**62
+
+
 class ExperimentConfig(Section):
     name: str = Field("digits", min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     seed: int = Field(
-        0, ge=0, description="Run seed: every random draw (policy init, noises, schedules) derives from it."
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Run seed: every random draw (policy init, noises, schedules) derives from it.",
     )
     output_dir: Path = Field(Path("runs"), description="Directory that holds run directories.")
 
@@ -831,7 +839,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except ValueError as e:  # not a regular file, or too large
         raise ConfigError(str(e)) from None
     data = _parse_yaml(text, f"config file {path}")
-    if data is None:  # a run of the defaults (the digits demo), where the user meant a config
+    if data is None or data == {}:  # a run of the defaults (the digits demo), where the user meant a config
         raise ConfigError(f"config file {path} holds no settings (it is empty, or comments only)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")

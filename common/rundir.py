@@ -338,13 +338,25 @@ def _a_run(d: Path) -> bool:
 
 
 def _inside_a_run(d: Path, mine: Path) -> Path | None:
-    """The directory of another run that ``d`` is (or lies inside), other than ``mine``."""
-    d = d.absolute()
+    """The directory of another run that ``d`` is (or lies inside), other than ``mine``; links
+    followed (a name that is a link into another run's checkpoints/ is inside that run)."""
+    d, mine = d.resolve(), mine.resolve()
     for above in (d, *d.parents):
-        if above == mine.absolute():
+        if above == mine:
             return None
         if _a_run(above):
             return above
+    return None
+
+
+def _a_run_inside(path: Path) -> Path | None:
+    """The directory of another run below ``path`` (its own global baseline's run aside), or None."""
+    if not path.is_dir():
+        return None
+    for config in sorted(path.rglob("config.yaml")):
+        d = config.parent
+        if d not in (path, path / "global") and _a_run(d):
+            return d
     return None
 
 
@@ -368,10 +380,15 @@ def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
     checkpoint dir that is another run's (inside its run dir, or holding its checkpoints):
     --overwrite would delete or overwrite that run's files."""
     path = cfg.run_dir
-    other = _inside_a_run(path.parent, path)
+    other = _inside_a_run(path.resolve().parent, path)
     if other is not None:
         raise ConfigError(
             f"run dir {path} is inside the run dir {other} of another run; choose an experiment.name outside it"
+        )
+    inner = _a_run_inside(path)
+    if inner is not None:  # that run could not be continued or replaced after: it would be inside this one
+        raise ConfigError(
+            f"run dir {path} holds the run dir {inner} of another run; choose an experiment.name beside it"
         )
     if ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute()):
         return

@@ -322,11 +322,12 @@ def sweep(
         restore_sigterm()
 
 
-#: What an evaluation reads of a run's config (its policy is the run's own): the fields a
-#: config flag after ``--`` may change. The rest (the policy's shape, K, C, the optimisation,
-#: the run's name) is how the run trained: an override of it would change nothing.
-EVALUATION_READS = ("experiment.seed", "sampler", "rewards", "ray", "rollout", "learner.eval_")
-TRAINING_ONLY = ("rollout.k", "rollout.k_schedule", "rollout.contexts_per_iter")
+#: What an evaluation reads of a run's config (its policy is the run's own): the sections and the
+#: fields a config flag after ``--`` may change. The rest (the policy's shape, K, C, the
+#: optimisation, the run's name) is how the run trained: an override of it would change nothing.
+EVALUATION_READS = {"sampler", "rewards", "ray", "rollout"}
+EVALUATION_FIELDS = {"experiment.seed", "learner.eval_prompts", "learner.eval_seeds", "learner.eval_metrics"}
+TRAINING_ONLY = {"rollout.k", "rollout.k_schedule", "rollout.contexts_per_iter"}
 
 
 def _check_read(run: Any, evaluated: Any) -> None:
@@ -340,7 +341,11 @@ def _check_read(run: Any, evaluated: Any) -> None:
             changed += [f"{section}.{k}" for k in x if x[k] != y.get(k)]
         elif x != y:
             changed.append(section)
-    unread = [n for n in changed if not n.startswith(EVALUATION_READS) or n in TRAINING_ONLY]
+    unread = [
+        n
+        for n in changed
+        if n in TRAINING_ONLY or (n.split(".")[0] not in EVALUATION_READS and n not in EVALUATION_FIELDS)
+    ]
     if unread:
         raise ConfigError(
             f"{', '.join(unread)}: an evaluation does not read {'it' if len(unread) == 1 else 'them'} (how the run"

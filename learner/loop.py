@@ -27,9 +27,10 @@ from typing import Literal
 import numpy as np
 import ray
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, verify
+from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, storage, verify
 from common.codec import DecodeError, append_records, scan_records
 from common.collective import FETCH_TIMEOUT_S, WeightsHandle
 from common.config import (
@@ -39,6 +40,7 @@ from common.config import (
     ConfigError,
     LearnerConfig,
     RayConfig,
+    load_config,
     resume_conflicts,
 )
 from common.devices import resolve_device
@@ -327,29 +329,34 @@ def find_resume(cfg: Config) -> Resume | None:
     if cfg.resume == "auto":
         origin, ckpt, fork = store, store.latest(), False
         if ckpt is None:
-            if found:
-                raise ConfigError(
-                    f"--resume auto: no usable checkpoint in {store}, but {cfg.run_dir} holds a run"
-                    f" ({', '.join(found)}); pass --overwrite to start it again, or choose a new experiment.name"
-                )
-            print(f"--resume auto: no checkpoint in {store}; starting fresh")
+            _no_checkpoint(cfg, store, found)  # a refusal, or a fresh start
             return None
     else:
-        fork = not store.holds(cfg.resume)
-        origin = CheckpointStore.containing(cfg.resume) if fork else store
+        fs, where = storage(cfg.resume)
+        if not fs.isdir(where):  # a URL (a local path was checked with the config)
+            raise ConfigError(f"--resume {cfg.resume}: no such checkpoint")
+        origin = store if store.holds(cfg.resume) else CheckpointStore.containing(cfg.resume)
         ckpt = origin.fetch(cfg.resume)
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"--resume {cfg.resume}: checkpoint {ckpt} is damaged ({problem})")
     state = json.loads((Path(ckpt) / "state.json").read_text())
     saved = state["config"]
+    # a checkpoint of another run starts a new run from it; this run's own may lie in the checkpoint
+    # dir it had before (learner.checkpoint_dir may change on resume)
+    fork = origin is not store and _recorded_run(saved).resolve() != cfg.run_dir.resolve()
+    if state["iteration"] > cfg.learner.iterations:  # its table would say "after N iterations" of a longer run
+        raise ConfigError(
+            f"--resume {cfg.resume}: the checkpoint is of iteration {state['iteration']}, past"
+            f" learner.iterations={cfg.learner.iterations}: give learner.iterations of {state['iteration']} or more"
+        )
     if saved["policy"]["variant"] == "global" and cfg.policy.variant != "global":
         raise ConfigError(
             f"--resume {cfg.resume} is a checkpoint of the learned global schedule (the baseline trained"
             f" first), not of the run's {cfg.policy.variant} policy: give a checkpoint in {store},"
             " or --resume auto"
         )
-    if fork and found:
+    if fork and found and not _began_as(cfg, store):
         raise ConfigError(
             f"--resume {cfg.resume}: that checkpoint is another run's, so resuming from it starts a new run from its"
             f" iteration {state['iteration']}, but {cfg.run_dir} already holds a run ({', '.join(found)}):"
@@ -367,14 +374,71 @@ def find_resume(cfg: Config) -> Resume | None:
     return resume
 
 
+def _no_checkpoint(cfg: Config, store: CheckpointStore, found: list[str]) -> None:
+    """``--resume auto`` where ``store`` has no usable checkpoint: a fresh start, unless a run is
+    there whose work would be lost. A run that stopped before its first checkpoint starts again
+    (the same iterations, to the same result: a preempted job re-submitted with --resume auto
+    goes on); one whose checkpoints are all damaged, a finished one, or one whose checkpoints are
+    in the checkpoint dir its config.yaml names is refused."""
+    elsewhere = _recorded_store(cfg)
+    if elsewhere is not None:
+        raise ConfigError(
+            f"--resume auto: no checkpoint in {store}, but the run's checkpoints are in {elsewhere} (its config.yaml's"
+            " learner.checkpoint_dir): give that learner.checkpoint_dir, or --resume with one of its checkpoints"
+        )
+    if found and (store.names() or {"policy", "eval.json"} & set(found)):
+        raise ConfigError(
+            f"--resume auto: no usable checkpoint in {store}, but {cfg.run_dir} holds a run"
+            f" ({', '.join(found)}); pass --overwrite to start it again, or choose a new experiment.name"
+        )
+    if found:
+        print(f"--resume auto: {cfg.run_dir} stopped before its first checkpoint; starting it again")
+    else:
+        print(f"--resume auto: no checkpoint in {store}; starting fresh")
+
+
+def _recorded_run(saved: dict) -> Path:
+    """The run dir a checkpoint's config (``saved``) names."""
+    return Path(saved["experiment"]["output_dir"]) / saved["experiment"]["name"]
+
+
+def _recorded_store(cfg: Config) -> CheckpointStore | None:
+    """The checkpoint store that the run dir's config.yaml names, where that is not ``cfg``'s and
+    holds checkpoints (the run was started with another learner.checkpoint_dir); else None."""
+    try:
+        recorded = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["learner"].get("checkpoint_dir")
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return None
+    if recorded == cfg.learner.checkpoint_dir:
+        return None
+    other = CheckpointStore(recorded or cfg.run_dir / "checkpoints")
+    return other if other.names() else None
+
+
+def _began_as(cfg: Config, store: CheckpointStore) -> bool:
+    """Whether the run dir holds what this very command began (its config, word for word) before
+    its first checkpoint: a new run from another run's checkpoint, stopped while it started, that
+    the same command starts again."""
+    try:
+        return not store.names() and (cfg.run_dir / "config.yaml").read_text() == cfg.to_yaml()
+    except OSError:
+        return False
+
+
 def _source_run(checkpoint: str, saved: dict) -> Path | None:
     """The directory of the run that wrote ``checkpoint`` (its config ``saved``): the checkpoint's
     grandparent where it is in that run's own checkpoints/, else the run dir it recorded; None
-    where neither holds a run's config (the checkpoint was copied, or its run moved)."""
+    where neither holds that run (a run's config that differs where it matters is another run's:
+    the name may have been taken by a new run since; the checkpoint was copied, or its run moved)."""
     candidates = [] if "://" in checkpoint else [Path(checkpoint).absolute().parent.parent]
-    experiment = saved["experiment"]
-    candidates.append(Path(experiment["output_dir"]) / experiment["name"])
-    return next((c for c in candidates if (c / "config.yaml").is_file()), None)
+    candidates.append(_recorded_run(saved))
+    for c in candidates:
+        try:
+            if not resume_conflicts(saved, load_config(["--config", str(c / "config.yaml")])):
+                return c
+        except ConfigError:  # no run there, or a config this version cannot read
+            continue
+    return None
 
 
 def _train(

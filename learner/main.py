@@ -155,7 +155,7 @@ def _what_is_kept(cfg: Config) -> str:
 
     if not artefacts(cfg.run_dir):  # stopped while starting: the same command starts it, no --overwrite needed
         return f"the run in {cfg.run_dir} had not begun; the same command starts it"
-    return f"the run in {cfg.run_dir} had written no checkpoint yet; --overwrite starts it again"
+    return f"the run in {cfg.run_dir} had written no checkpoint yet; --resume auto starts it again"
 
 
 if __name__ == "__main__":

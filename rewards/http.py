@@ -83,13 +83,21 @@ class Health(Message):
     reward: str
 
 
+#: The largest token file read (a token is one line of a few dozen characters).
+MAX_TOKEN_BYTES = 4096
+
+
 def read_token(path: str) -> str:
     """The bearer token in the file ``path`` (surrounding whitespace stripped): a ValueError naming
     the file if it cannot be read or holds no token."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+    from common.prompts import read_capped
+
+    try:  # a regular file of a few bytes: /dev/zero or a FIFO would never end the read
+        token = read_capped(Path(path), "token file", MAX_TOKEN_BYTES).decode("utf-8").strip()
     except OSError as e:
         raise ValueError(f"token file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"token file {path} is not UTF-8 text (byte {e.start})") from None
     if not token or any(c.isspace() for c in token):
         raise ValueError(f"token file {path} holds no token (one line, no spaces)")
     return token

@@ -28,7 +28,7 @@ with loading(__name__):
     import torch
 
     from common.checkpoint import load_run_config, load_run_policy
-    from common.config import DEFAULT_REFERENCE_STEPS, MAX_STEPS, ConfigError, int_at_least
+    from common.config import DEFAULT_REFERENCE_STEPS, MAX_SEED, MAX_STEPS, ConfigError, int_at_least
     from common.policy import dirichlet_mean
     from common.schedule import times_from_tau
     from rollout.backends import build_sampler
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="A run directory.")
     p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for several).")
     p.add_argument(
-        "--seed", type=int_at_least(0), action="append", help="A noise seed (repeat for several; default 0)."
+        "--seed", type=int_at_least(0, MAX_SEED), action="append", help="A noise seed (repeat for several; default 0)."
     )
     p.add_argument(
         "--steps",

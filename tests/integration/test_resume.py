@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,8 @@ def test_a_named_checkpoint_resumes_its_run_or_starts_a_new_run_from_it(ray_loca
         (["--experiment.name=new", f"--resume={ckpt}"], f"but {new} already holds a run"),
         ([f"--resume={run / 'global' / 'checkpoints' / 'ckpt-00000004'}"], "a checkpoint of the learned global"),
         (["--experiment.name=other", "--experiment.seed=3", f"--resume={ckpt}"], "differs in experiment.seed"),
+        (["--learner.iterations=1", f"--resume={ckpt}"], "the checkpoint is of iteration 2, past learner.iterations=1"),
+        (["--resume=memory://nowhere/ckpt-00000002"], "--resume memory://nowhere/ckpt-00000002: no such checkpoint"),
     ]:
         assert main([*flags, *extra]) == 2
         err = capsys.readouterr().err
@@ -217,3 +220,66 @@ def test_a_run_stopped_while_its_global_baseline_trains_continues_with_resume_au
     out = capsys.readouterr().out
     assert f"resumed from {run / 'global' / 'checkpoints' / 'ckpt-00000002'} at iteration 2" in out
     assert same_weights(uninterrupted, final_weights(run))
+
+
+def _interrupt_once(monkeypatch, name, at=1):
+    """``learner.loop.<name>`` raises KeyboardInterrupt (Ctrl-C, a preemption) in its ``at``-th call."""
+    real, calls = getattr(loop, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) < at:
+            return real(*args, **kwargs)
+        monkeypatch.setattr(loop, name, real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, name, interrupted)
+
+
+def test_resume_auto_and_new_runs_from_checkpoints_take_what_they_find_for_what_it_is(
+    uninterrupted, tmp_path, capsys, monkeypatch
+):
+    """What --resume meets in the run dir and beside it:
+    - a run stopped before its first checkpoint: --resume auto (what a re-submitted job runs) was
+      refused, advising --overwrite; it starts the run again;
+    - a run resumed with another learner.checkpoint_dir: its own checkpoint, in the dir it had,
+      was taken for another run's; --resume auto in the new dir would find none: it names the
+      run's checkpoints instead;
+    - a new run from a checkpoint copied out of a run whose name has since been taken by another
+      run (--overwrite, another seed): the logs and global baseline of that other run were copied;
+      they are not, and the new run ends with the first run's weights;
+    - a new run from a checkpoint stopped before its first checkpoint: the same command (as the
+      stop said) was refused as holding a run; it starts it again."""
+    flags, run = [*FLAGS, f"--experiment.output_dir={tmp_path}"], tmp_path / "r"
+
+    _interrupt_once(monkeypatch, "reinforce_step", at=2)  # iteration 1 logged, its checkpoint due after 2
+    assert main(flags) == 130
+    assert capsys.readouterr().err.strip().endswith("had written no checkpoint yet; --resume auto starts it again")
+    assert main([*flags, "--resume=auto"]) == 0
+    assert f"{run} stopped before its first checkpoint; starting it again" in capsys.readouterr().out
+    assert same_weights(uninterrupted, final_weights(run))
+
+    moved = [f"--learner.checkpoint_dir={tmp_path / 'ck'}"]
+    assert main([*flags, *moved, "--resume=auto"]) == 2
+    assert f"but the run's checkpoints are in {run / 'checkpoints'}" in capsys.readouterr().err
+    assert main([*flags, *moved, f"--resume={run / 'checkpoints' / 'ckpt-00000004'}"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "a new run" not in out and (tmp_path / "ck" / "ckpt-00000006").is_dir()
+    assert same_weights(uninterrupted, final_weights(run))
+
+    loose = tmp_path / "loose" / "ckpt-00000002"
+    shutil.copytree(run / "checkpoints" / "ckpt-00000002", loose)
+    assert main([*flags, "--overwrite", "--experiment.seed=1", "--learner.iterations=2"]) == 0  # the name, retaken
+    capsys.readouterr()
+    assert main([*flags, "--experiment.name=f", f"--resume={loose}"]) == 0
+    assert f"{tmp_path / 'f'} starts at iteration 2, that run's logs not found" in capsys.readouterr().out
+    assert same_weights(uninterrupted, final_weights(tmp_path / "f"))
+    assert [row["step"] for row in read_jsonl(tmp_path / "f" / "metrics.jsonl")][0] == 3
+
+    new = [*flags, "--experiment.name=h", f"--resume={loose}"]
+    _interrupt_once(monkeypatch, "load_checkpoint")  # the new run's logs and config written, not its checkpoint
+    assert main(new) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("had not reached its first checkpoint; the same command starts it again"), err
+    assert main(new) == 0
+    assert same_weights(uninterrupted, final_weights(tmp_path / "h"))

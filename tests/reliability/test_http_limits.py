@@ -170,6 +170,8 @@ def test_a_token_protected_server_refuses_and_logs_requests_without_it(server, t
     with pytest.raises(ValueError, match="holds no token"):
         (tmp_path / "empty").write_text("  \n")
         read_token(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="token file /dev/zero is not a regular file"):
+        read_token("/dev/zero")  # was read until memory ran out (9 GB in 6 s)
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ def _yaml(tmp_path, text: str):
         ("--policy.widths=[0]", "policy.widths.0"),
         ("--policy.widths=[1000000]", "policy.widths.0"),
         ("--rollout.sample_timeout_s=0", "rollout.sample_timeout_s"),
+        ("--experiment.seed=99999999999999999999999", "experiment.seed"),  # was an overflow once the workers drew
     ],
 )
 def test_non_finite_and_unbounded_numbers_are_refused(capsys, tmp_path, flag, field):
@@ -130,7 +131,7 @@ def test_unreadable_config_files(capsys, tmp_path):
     _fails(capsys, ["--config", str(binary)], "is not UTF-8 text")
     _fails(capsys, ["--config", str(tmp_path)], "is a directory")
     _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "not found")
-    for text in ("", "\n\n", "# the settings were never saved\n"):  # were a run of the defaults: the digits demo
+    for text in ("", "\n\n", "# the settings were never saved\n", "{}\n"):  # ran the defaults: the digits demo
         _fails(capsys, ["--config", _yaml(tmp_path, text)], "holds no settings (it is empty, or comments only)")
 
 

@@ -246,6 +246,21 @@ def test_another_runs_files_are_never_this_runs_to_overwrite(tmp_path):
             assert rd.leases[0].lock == tmp_path / "mine" / "global" / LOCK
 
 
+def test_a_run_dir_neither_holds_another_run_nor_is_a_link_into_one(capsys, tmp_path):
+    """A run dir around another run (that run could then neither be continued nor replaced: it
+    was inside another run), or a name that is a link into another run's checkpoints/ (its
+    config, checkpoints and logs went there): both ran."""
+    _fake_run(tmp_path / "outer" / "inner")
+    assert main(_flags(tmp_path, "--experiment.name=outer")) == 2
+    err = capsys.readouterr().err
+    assert f"run dir {tmp_path / 'outer'} holds the run dir {tmp_path / 'outer' / 'inner'} of another run" in err
+    _fake_run(tmp_path / "target")
+    (tmp_path / "link").symlink_to(tmp_path / "target" / "checkpoints")
+    assert main(_flags(tmp_path, "--experiment.name=link")) == 2
+    assert f"is inside the run dir {tmp_path / 'target'} of another run" in capsys.readouterr().err
+    assert not any((tmp_path / "target" / "checkpoints").iterdir())
+
+
 @pytest.mark.parametrize(
     "what",
     [

@@ -287,7 +287,7 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
     assert _what_is_kept(early) == f"the run in {tmp_path / 'early'} had not begun; the same command starts it"
     (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 0}\n')  # begun, no checkpoint yet
     assert _what_is_kept(early) == (
-        f"the run in {tmp_path / 'early'} had written no checkpoint yet; --overwrite starts it again"
+        f"the run in {tmp_path / 'early'} had written no checkpoint yet; --resume auto starts it again"
     )
 
 
