@@ -326,7 +326,25 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     problem = verify(Path(ckpt))
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
+    _check_of_run(Path(ckpt), run, cfg)
     return _for_backend(_read_policy(Path(ckpt) / "policy", Path(ckpt)), Path(ckpt), cfg.sampler.backend)
+
+
+def _check_of_run(ckpt: Path, run: Path, cfg: Any) -> None:
+    """A ConfigError where the checkpoint ``ckpt`` is not one of the policy ``run`` trained: its
+    global baseline's (whose weights the workers' policy would not take, after Ray started), or
+    another run's (evaluated, silently, as this run's and logged into its TensorBoard)."""
+    from common.config import ConfigError, resume_conflicts
+
+    saved = json.loads((ckpt / "state.json").read_text()).get("config")
+    if saved is None:  # written by hand, or before checkpoints recorded their config: nothing to compare
+        return
+    differs = [c for c in resume_conflicts(saved, cfg) if c.startswith(("experiment.", "policy.", "sampler"))]
+    if differs:
+        raise ConfigError(
+            f"checkpoint {ckpt} is not of the policy {run} trained (its config differs in {', '.join(differs)}):"
+            f" give --run the run it is of"
+        )
 
 
 def _for_backend(policy: Any, where: Path, backend: str) -> Any:

@@ -183,6 +183,12 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         with pytest.raises(SystemExit) as e:
             evaluate_cli.main([*run, flag, value])
         assert err_of(e.value.code).endswith(f"error: argument {flag}: {why}")
+    # a checkpoint of the run's global baseline: the workers' policy refused its weights, after Ray started
+    global_ckpt = sorted((digits_run / "global" / "checkpoints").glob("ckpt-*"))[-1]
+    assert err_of(evaluate_cli.main([*run, "--checkpoint", str(global_ckpt)])) == (
+        f"error: checkpoint {global_ckpt} is not of the policy {digits_run} trained (its config differs in"
+        " experiment.name, policy.variant): give --run the run it is of"
+    )
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file)])) == (
