@@ -632,8 +632,16 @@ class Config(BaseSettings):
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
         r = self.resume
+        if r is not None and re.fullmatch(r"ckpt-\d+", r):  # a name: one of this run's checkpoints
+            where = self.learner.checkpoint_dir or str(self.run_dir / "checkpoints")
+            self.__dict__["resume"] = r = f"{where.rstrip('/')}/{r}"  # as given: no second validation
+            if "://" not in r and not (Path(r) / "state.json").is_file():
+                raise ValueError(f"--resume {Path(r).name}: no such checkpoint in {where}")
         if r is not None and r != "auto" and "://" not in r and not (Path(r) / "state.json").is_file():
-            raise ValueError(f"--resume takes 'auto' or a checkpoint directory (ckpt-<iteration>), got {r!r}")
+            raise ValueError(
+                f"--resume takes 'auto', the name of one of the run's checkpoints (ckpt-00000300) or a checkpoint's"
+                f" directory, got {r!r}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -852,7 +860,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def format_validation_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
+        where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -860,7 +868,7 @@ def format_validation_error(e: ValidationError) -> str:
             msg = msg.removeprefix("Value error, ")
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {where}: {msg}")
+        lines.append(f"  {where}: {msg}" if err["loc"] else f"  {msg}")  # a check of the whole config names its fields
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -209,9 +209,18 @@ def test_bad_prompt_files_fail_at_startup(capsys, tmp_path, data, needle):
 
 
 def test_resume_takes_auto_or_a_checkpoint_and_excludes_overwrite(capsys, tmp_path):
-    _fails(capsys, ["--resume=yes please"], "--resume takes 'auto' or a checkpoint directory")
+    _fails(capsys, ["--resume=yes please"], "--resume takes 'auto', the name of one of the run's checkpoints")
     _fails(capsys, [f"--resume={tmp_path}"], "--resume takes")
     _fails(capsys, ["--resume=auto", "--overwrite=true"], "exclude each other")
+    # a checkpoint's name, as --checkpoint takes it (it was refused with a message naming that very form)
+    ckpt = tmp_path / "r" / "checkpoints" / "ckpt-00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    flags = [f"--experiment.output_dir={tmp_path}", "--experiment.name=r"]
+    assert load_config([*flags, "--resume=ckpt-00000004"]).resume == str(ckpt)
+    missing = f"--resume ckpt-00000002: no such checkpoint in {ckpt.parent}"
+    err = _fails(capsys, [*flags, "--resume=ckpt-00000002"], missing)
+    assert "  config:" not in err, "a check of the whole config is not labelled as a field"
 
 
 def test_a_reward_class_without_call_is_refused():
