@@ -134,3 +134,17 @@ def left_alive(before: set[str], within_s: float = 10.0) -> list[str]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
+
+
+def interrupt_at(monkeypatch, module, name: str, at: int = 1) -> None:
+    """``module.<name>`` raises KeyboardInterrupt (Ctrl-C, a preemption) in its ``at``-th call;
+    the calls before and after it are the real function's."""
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) != at:
+            return real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, interrupted)

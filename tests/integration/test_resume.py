@@ -19,7 +19,7 @@ from learner import loop
 from learner.loop import train
 from learner.main import main
 from learner.metrics import read_jsonl
-from tests.conftest import REPO, actors_now, final_weights, same_weights
+from tests.conftest import REPO, actors_now, final_weights, interrupt_at, same_weights
 
 pytestmark = pytest.mark.ray
 
@@ -201,15 +201,7 @@ def test_a_run_stopped_while_its_global_baseline_trains_continues_with_resume_au
     it: the global baseline from its checkpoint, then the run's policy, which ends with the
     weights of a run never stopped."""
     flags, run = [*FLAGS, f"--experiment.output_dir={tmp_path}", "--learner.global_baseline=true"], tmp_path / "r"
-    real, calls = loop.reinforce_step, []
-
-    def stopped_in_the_third_update(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "reinforce_step", stopped_in_the_third_update)
+    interrupt_at(monkeypatch, loop, "reinforce_step", at=3)  # the global baseline's third update
     assert main(flags) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted: the run in {run} keeps its global baseline's checkpoint ckpt-00000002; --resume auto continues"
@@ -220,20 +212,6 @@ def test_a_run_stopped_while_its_global_baseline_trains_continues_with_resume_au
     out = capsys.readouterr().out
     assert f"resumed from {run / 'global' / 'checkpoints' / 'ckpt-00000002'} at iteration 2" in out
     assert same_weights(uninterrupted, final_weights(run))
-
-
-def _interrupt_once(monkeypatch, name, at=1):
-    """``learner.loop.<name>`` raises KeyboardInterrupt (Ctrl-C, a preemption) in its ``at``-th call."""
-    real, calls = getattr(loop, name), []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) < at:
-            return real(*args, **kwargs)
-        monkeypatch.setattr(loop, name, real)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, name, interrupted)
 
 
 def test_resume_auto_and_new_runs_from_checkpoints_take_what_they_find_for_what_it_is(
@@ -252,7 +230,7 @@ def test_resume_auto_and_new_runs_from_checkpoints_take_what_they_find_for_what_
       stop said) was refused as holding a run; it starts it again."""
     flags, run = [*FLAGS, f"--experiment.output_dir={tmp_path}"], tmp_path / "r"
 
-    _interrupt_once(monkeypatch, "reinforce_step", at=2)  # iteration 1 logged, its checkpoint due after 2
+    interrupt_at(monkeypatch, loop, "reinforce_step", at=2)  # iteration 1 logged, its checkpoint due after 2
     assert main(flags) == 130
     assert capsys.readouterr().err.strip().endswith("had written no checkpoint yet; --resume auto starts it again")
     assert main([*flags, "--resume=auto"]) == 0
@@ -277,7 +255,7 @@ def test_resume_auto_and_new_runs_from_checkpoints_take_what_they_find_for_what_
     assert [row["step"] for row in read_jsonl(tmp_path / "f" / "metrics.jsonl")][0] == 3
 
     new = [*flags, "--experiment.name=h", f"--resume={loose}"]
-    _interrupt_once(monkeypatch, "load_checkpoint")  # the new run's logs and config written, not its checkpoint
+    interrupt_at(monkeypatch, loop, "load_checkpoint")  # the new run's logs and config written, not its checkpoint
     assert main(new) == 130
     err = capsys.readouterr().err.strip()
     assert err.endswith("had not reached its first checkpoint; the same command starts it again"), err

@@ -25,7 +25,7 @@ from learner.groups import TimedOut
 from learner.loop import Diverged, train
 from learner.main import main
 from learner.metrics import read_jsonl
-from tests.conftest import REPO, actors_now, left_alive, live_pids, tiny_overrides
+from tests.conftest import REPO, actors_now, interrupt_at, left_alive, live_pids, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -255,15 +255,7 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
     from common.rundir import LOCK
     from learner.main import _what_is_kept
 
-    real, calls = loop.reinforce_step, []
-
-    def interrupted_at_the_fourth(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "reinforce_step", interrupted_at_the_fourth)
+    interrupt_at(monkeypatch, loop, "reinforce_step", at=4)
     argv = [
         f"--config={REPO / 'configs' / 'toy.yaml'}",
         f"--experiment.output_dir={tmp_path}",
