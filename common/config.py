@@ -633,7 +633,7 @@ class Config(BaseSettings):
             raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
         r = self.resume
         if r is not None and re.fullmatch(r"ckpt-\d+", r):  # a name: one of this run's checkpoints
-            where = self.learner.checkpoint_dir or str(self.run_dir / "checkpoints")
+            where = self.checkpoint_root
             self.__dict__["resume"] = r = f"{where.rstrip('/')}/{r}"  # as given: no second validation
             if "://" not in r and not (Path(r) / "state.json").is_file():
                 raise ValueError(f"--resume {Path(r).name}: no such checkpoint in {where}")
@@ -664,6 +664,12 @@ class Config(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.experiment.output_dir / self.experiment.name
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where this run's checkpoints go: ``learner.checkpoint_dir`` (a path or a URL), else
+        ``<run dir>/checkpoints``."""
+        return self.learner.checkpoint_dir or str(self.run_dir / "checkpoints")
 
     @property
     def trains_global_first(self) -> bool:
@@ -725,30 +731,37 @@ _REWARD_RESOURCES = {
 }
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names where two dumped configs differ, in ``old``'s order: a section's field (only
+    the fields ``old`` records: one added to the config since is not compared), or a whole
+    section that is not a mapping (``rewards``)."""
+    out = []
+    for section in dict.fromkeys([*old, *new]):
+        x, y = old.get(section), new.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{section}.{k}" for k in x if x[k] != y.get(k)]
+        elif x != y:
+            out.append(section)
+    return out
+
+
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
     """Dotted names of the fields that matter where ``cfg`` differs from a checkpoint's config.
     A field the checkpoint does not record (added to the config since) is not compared."""
     now = cfg.model_dump(mode="json", exclude=RUN_FLAGS)
     out = []
-    for section in sorted(set(saved) | set(now)):
-        old, new = saved.get(section), now.get(section)
-        if section == "rewards":
+    for name in changed_fields(saved, now):
+        if name == "rewards":  # their resources and time-outs may change
 
             def strip(rs: list[dict] | None, known: set[str]) -> list[dict]:
                 return [{k: v for k, v in r.items() if k in known and k not in _REWARD_RESOURCES} for r in rs or []]
 
-            known = set().union(*(r.keys() for r in old or [{}]))
-            if strip(old, known) != strip(new, known):
-                out.append("rewards")
-        elif isinstance(old, dict) and isinstance(new, dict):
-            out += [
-                f"{section}.{k}"
-                for k in sorted(old)
-                if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_FREE and section not in RESUME_FREE
-            ]
-        elif old != new and section not in RESUME_FREE:
-            out.append(section)
-    return out
+            known = set().union(*(r.keys() for r in saved.get("rewards") or [{}]))
+            if strip(saved.get("rewards"), known) != strip(now.get("rewards"), known):
+                out.append(name)
+        elif name not in RESUME_FREE and name.split(".")[0] not in RESUME_FREE:
+            out.append(name)
+    return sorted(out)
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ with loading(__name__):
     import numpy as np
     import ray
 
-    from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, int_at_least, ints_at_least
+    from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, changed_fields, int_at_least, ints_at_least
     from common.messages import Context, ScheduleMode
     from common.policy import SchedulePolicy
     from common.rundir import hold
@@ -333,17 +333,9 @@ TRAINING_ONLY = {"rollout.k", "rollout.k_schedule", "rollout.contexts_per_iter"}
 def _check_read(run: Any, evaluated: Any) -> None:
     """Refuse the overrides that made ``evaluated`` differ from ``run`` where an evaluation does
     not read the config (``learner.lr``, ``policy.widths``): they were ignored, silently."""
-    a, b = run.model_dump(mode="json"), evaluated.model_dump(mode="json")
-    changed = []
-    for section in a:
-        x, y = a[section], b[section]
-        if isinstance(x, dict) and isinstance(y, dict):
-            changed += [f"{section}.{k}" for k in x if x[k] != y.get(k)]
-        elif x != y:
-            changed.append(section)
     unread = [
         n
-        for n in changed
+        for n in changed_fields(run.model_dump(mode="json"), evaluated.model_dump(mode="json"))
         if n in TRAINING_ONLY or (n.split(".")[0] not in EVALUATION_READS and n not in EVALUATION_FIELDS)
     ]
     if unread:

@@ -27,10 +27,9 @@ from typing import Literal
 import numpy as np
 import ray
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointStore, load_checkpoint, load_tensors, storage, verify
+from common.checkpoint import CheckpointStore, load_checkpoint, load_run_config, load_tensors, storage, verify
 from common.codec import DecodeError, append_records, scan_records
 from common.collective import FETCH_TIMEOUT_S, WeightsHandle
 from common.config import (
@@ -40,7 +39,6 @@ from common.config import (
     ConfigError,
     LearnerConfig,
     RayConfig,
-    load_config,
     resume_conflicts,
 )
 from common.devices import resolve_device
@@ -322,7 +320,7 @@ def find_resume(cfg: Config) -> Resume | None:
     where a run was, a fork into a directory that holds a run) are ConfigErrors."""
     if not cfg.resume:
         return None
-    store = CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints")
+    store = CheckpointStore(cfg.checkpoint_root)
     found = artefacts(cfg.run_dir, local_checkpoint_dir(cfg))
     if cfg.trains_global_first:  # its global baseline's run, trained first by the same command, resumes itself
         found = [f for f in found if f != "global"]
@@ -370,7 +368,9 @@ def find_resume(cfg: Config) -> Resume | None:
         )
     resume = Resume(Path(ckpt), state, fork, _source_run(cfg.resume, saved) if fork else None, origin)
     if not (fork and resume.source is None):
-        _trim_logs(cfg.run_dir, state, resume.source, write=False)  # damaged logs refused now, not after Ray started
+        # damaged logs refused now, not after Ray started; they are read again when _train writes them, after
+        # the run's config: a run dir never holds copied logs without the config that explains them
+        _trim_logs(cfg.run_dir, state, resume.source, write=False)
     return resume
 
 
@@ -406,8 +406,8 @@ def _recorded_store(cfg: Config) -> CheckpointStore | None:
     """The checkpoint store that the run dir's config.yaml names, where that is not ``cfg``'s and
     holds checkpoints (the run was started with another learner.checkpoint_dir); else None."""
     try:
-        recorded = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["learner"].get("checkpoint_dir")
-    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        recorded = load_run_config(cfg.run_dir).learner.checkpoint_dir
+    except ConfigError:  # no config.yaml yet, or one that cannot be read: nothing recorded to go by
         return None
     if recorded == cfg.learner.checkpoint_dir:
         return None
@@ -434,7 +434,7 @@ def _source_run(checkpoint: str, saved: dict) -> Path | None:
     candidates.append(_recorded_run(saved))
     for c in candidates:
         try:
-            if not resume_conflicts(saved, load_config(["--config", str(c / "config.yaml")])):
+            if not resume_conflicts(saved, load_run_config(c)):
                 return c
         except ConfigError:  # no run there, or a config this version cannot read
             continue
@@ -450,7 +450,7 @@ def _train(
 ) -> RunResult:
     run_dir = cfg.run_dir
     lc = cfg.learner
-    store = CheckpointStore(lc.checkpoint_dir or run_dir / "checkpoints")
+    store = CheckpointStore(cfg.checkpoint_root)
     logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
     if resume is not None and not (resume.fork and resume.source is None):
         logged = _trim_logs(run_dir, resume.state, resume.source)

@@ -87,7 +87,7 @@ def _store(cfg: Config) -> CheckpointStore:
     """The store of ``cfg``'s own checkpoints."""
     from common.checkpoint import CheckpointStore
 
-    return CheckpointStore(cfg.learner.checkpoint_dir or cfg.run_dir / "checkpoints")
+    return CheckpointStore(cfg.checkpoint_root)
 
 
 def _global_resume(cfg: Config, g: Config, resume: Resume | None) -> str | None:
