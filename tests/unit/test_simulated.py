@@ -32,7 +32,7 @@ def test_it_costs_what_it_is_told_and_is_deterministic():
     t0 = time.perf_counter()
     a = s.sample(["p", "q"], noise, times)
     took = time.perf_counter() - t0
-    assert 0.15 <= took < 0.5  # 0.05 + 2 images x 5 steps x 0.01
+    assert 0.15 <= took < 1.0  # 0.05 + 2 images x 5 steps x 0.01 (and not seconds more)
     assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8 and s.nfe == 10
     assert np.array_equal(a, s.sample(["p", "q"], noise, times))
     later = times.copy()
