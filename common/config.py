@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NoReturn, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -932,6 +932,15 @@ def _with_values(argv: list[str]) -> list[str]:
             raise ConfigError(f"invalid command line: {arg} needs a value ({arg}=VALUE)")
         out[i] = f"{arg}=true"
     return out
+
+
+class CommandLine(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one line, as the config's are (``error: invalid
+    command line: <what> (--help lists every flag)``, exit 2), not argparse's usage block first:
+    the command-line tools' own flags (learner.evaluate, rollout.generate, rewards.http_server)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: invalid command line: {message} (--help lists every flag)\n")
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

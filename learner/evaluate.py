@@ -21,7 +21,15 @@ with loading(__name__):
     import numpy as np
     import ray
 
-    from common.config import EVAL_SEEDS, MAX_STEPS, ConfigError, changed_fields, int_at_least, ints_at_least
+    from common.config import (
+        EVAL_SEEDS,
+        MAX_STEPS,
+        CommandLine,
+        ConfigError,
+        changed_fields,
+        int_at_least,
+        ints_at_least,
+    )
     from common.messages import Context, ScheduleMode
     from common.policy import SchedulePolicy
     from common.rundir import hold
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(
+    p = CommandLine(
         prog="python -m learner.evaluate",
         description=CLI_DOC.split("\n")[0],
         epilog=CLI_DOC,

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
 
 from common.codec import DecodeError, pack, unpack
-from common.config import int_at_least, positive_float
+from common.config import CommandLine, int_at_least, positive_float
 from rewards.http import (
     CONTENT_TYPE,
     MAX_REQUEST_BYTES,
@@ -197,7 +197,7 @@ def _no_constant(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m rewards.http_server", description=__doc__.split("\n")[0])
+    p = CommandLine(prog="python -m rewards.http_server", description=__doc__.split("\n")[0])
     p.add_argument("--reward", required=True, help="A registered reward name or an import path 'pkg.module:Class'.")
     p.add_argument("--kwargs", default="{}", help="JSON object of the reward's keyword arguments.")
     p.add_argument("--host", type=_host, default="127.0.0.1", help="Address to bind (default: loopback only).")

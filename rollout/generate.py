@@ -28,7 +28,7 @@ with loading(__name__):
     import torch
 
     from common.checkpoint import load_run_config, load_run_policy
-    from common.config import DEFAULT_REFERENCE_STEPS, MAX_SEED, MAX_STEPS, ConfigError, int_at_least
+    from common.config import DEFAULT_REFERENCE_STEPS, MAX_SEED, MAX_STEPS, CommandLine, ConfigError, int_at_least
     from common.policy import dirichlet_mean
     from common.schedule import times_from_tau
     from rollout.backends import build_sampler
@@ -72,7 +72,7 @@ def score(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = CommandLine(
         prog="python -m rollout.generate",
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 2)[2],

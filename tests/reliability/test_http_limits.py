@@ -203,9 +203,11 @@ def test_a_server_that_cannot_serve_says_so_in_one_line(capsys, flags, why):
     with pytest.raises(SystemExit) as e:
         main(["--reward", "simulated", "--port", "0", *flags])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and why in err[-1], err
-    if not why.startswith("argument"):  # not a usage mistake: no usage before it
-        assert err == [err[-1]] and err[-1].startswith("python -m rewards.http_server: error: ")
+    assert e.value.code == 2 and len(err) == 1 and why in err[0], err  # one line: no usage block before it
+    mistake = (
+        "error: invalid command line: " if why.startswith("argument") else "python -m rewards.http_server: error: "
+    )
+    assert err[0].startswith(mistake)
 
 
 def test_a_port_in_use_is_one_line(capsys, taken_port):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -316,3 +317,24 @@ def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
     assert group.grow() == 1 and started == [1]  # one place left of three, not two
     assert group.grow() == 0 and started == [1]
+
+
+@pytest.mark.parametrize(
+    ("program", "argv", "why"),
+    [
+        ("learner.evaluate", [], "the following arguments are required: --run"),
+        ("learner.evaluate", ["--run", "r", "--seeds", "0"], "argument --seeds: must be from 2 to"),
+        ("rollout.generate", ["--run", "r"], "the following arguments are required: --prompt"),
+        ("rollout.generate", ["--run", "r", "--prompt", "x", "--sed", "0"], "unrecognized arguments: --sed 0"),
+        ("rewards.http_server", ["--reward", "toy", "--port", "http"], "argument --port: expected an integer"),
+    ],
+)
+def test_the_tools_flag_mistakes_are_one_line(program, argv, why, capsys):
+    """learner.main's mistakes were one line; the other tools printed argparse's usage block of
+    five lines first."""
+    main = importlib.import_module(program).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: invalid command line: {why}") and line.endswith("(--help lists every flag)")

@@ -159,7 +159,10 @@ def test_every_command_the_project_shows_parses(where, command, yaml_before, mon
     [
         ("python -m learner.main --overwrite maybe", "Input should be a valid boolean"),
         ("python -m learner.main --rollout.kk=3", "unrecognized arguments: --rollout.kk=3"),
-        ("python -m learner.evaluate --run runs/digits --seeds 0", "exits 2: usage:"),
+        (
+            "python -m learner.evaluate --run runs/digits --seeds 0",
+            "exits 2: error: invalid command line: argument --seed",
+        ),
         ("python -m learner.evaluate --run runs/digits -- --rollout.nope=1", "unrecognized arguments"),
         ("python bench/oracle_gap.py --backend toy -- --learner.iteratons=9", "unrecognized arguments"),
         ("python -m rollout.generate --run runs/digits --prompt x --sed 0", "unrecognized arguments: --sed 0"),
