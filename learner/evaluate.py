@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.signals import Terminated, end_on_sigterm, loading
+from common.signals import end_on_sigterm, how_stopped, loading
 
 with loading(__name__):
     import numpy as np
@@ -418,12 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a job stopped): its actors stopped on the way out
-            terminated = isinstance(e, Terminated)
-            print(
-                f"{'terminated' if terminated else 'interrupted'}: nothing of the evaluation was written",
-                file=sys.stderr,
-            )
-            return 143 if terminated else 130
+            word, code = how_stopped(e)
+            print(f"{word}: nothing of the evaluation was written", file=sys.stderr)
+            return code
         result.write(out, tb_dir=args.run[0] / "tb")
     finally:
         if held is not None:

@@ -15,11 +15,14 @@ t+1 weights each rollout by pi / mu (learner.update).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +48,7 @@ from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
 from common.rundir import RunDir, artefacts, claim, local_checkpoint_dir
+from common.signals import Terminated, held
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
@@ -131,10 +135,32 @@ def init_ray(cfg: RayConfig) -> bool:
     if address:
         _check_answers(str(address), source)
     try:
-        ray.init(**kwargs)
+        with held(signal.SIGINT, signal.SIGTERM) as stopped, _ray_leaves_sigterm():
+            ray.init(**kwargs)
     except ConnectionError as e:  # e.g. it answered, but is not a Ray cluster's GCS
         raise ConfigError(f"cannot join the Ray cluster at {address} ({source}): {e}") from None
+    if stopped:  # Ctrl-C or SIGTERM while Ray started: it stops whole, as after any later stop
+        ray.shutdown()
+        raise Terminated if signal.SIGTERM in stopped else KeyboardInterrupt
     return True
+
+
+@contextlib.contextmanager
+def _ray_leaves_sigterm() -> Iterator[None]:
+    """Within: ``ray.init`` does not install its SIGTERM handler (``sys.exit(15)``, raised wherever
+    it starts its cluster: processes left running, or a C++ abort). Ray's own hook for it, where
+    this Ray has one; elsewhere Ray's handler stays and ``held`` still puts the one before back."""
+    import ray._private.utils as ray_utils
+
+    install = getattr(ray_utils, "set_sigterm_handler", None)
+    if install is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
 
 
 #: Seconds a cluster's address has to accept a connection before joining it is given up.

@@ -16,7 +16,7 @@ import errno
 import sys
 from typing import TYPE_CHECKING
 
-from common.signals import Terminated, end_on_sigterm, loading
+from common.signals import end_on_sigterm, how_stopped, loading
 
 with loading(__name__):
     from common.config import Config, ConfigError, load_config
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}: {e.strerror}; the run stopped: {_what_is_kept(cfg)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ray shut down and the run dir released on the way out
-        terminated = isinstance(e, Terminated)
-        print(f"{'terminated' if terminated else 'interrupted'}: {_what_is_kept(cfg)}", file=sys.stderr)
-        return 143 if terminated else 130
+        word, code = how_stopped(e)
+        print(f"{word}: {_what_is_kept(cfg)}", file=sys.stderr)
+        return code
     return 0
 
 

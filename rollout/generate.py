@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.signals import loading
+from common.signals import how_stopped, loading
 
 with loading(__name__):
     import numpy as np
@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _generate(args)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM
+        word, code = how_stopped(e)
+        print(f"{word}: nothing was written", file=sys.stderr)
+        return code
 
 
 def _generate(args: argparse.Namespace) -> int:

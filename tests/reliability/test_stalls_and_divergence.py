@@ -284,9 +284,13 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
 
 
 @pytest.mark.parametrize("program", ["learner.main", "learner.evaluate", "rollout.generate"])
-def test_ctrl_c_while_a_program_loads_its_libraries_is_one_line(program):
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_while_a_program_loads_its_libraries_is_one_line(program, sig, code, word):
     """Ctrl-C in the second or more a program spends importing torch, Ray and diffusers, before
-    its main runs, was a KeyboardInterrupt traceback from inside whichever library was loading."""
+    its main runs, was a KeyboardInterrupt traceback from inside whichever library was loading;
+    SIGTERM there killed it without a word."""
     proc = subprocess.Popen(
         [sys.executable, "-m", program, "--help"],
         cwd=REPO,
@@ -301,11 +305,11 @@ def test_ctrl_c_while_a_program_loads_its_libraries_is_one_line(program):
         while "libtorch_cpu" not in maps.read_text():  # torch is loading: most of a second of imports is left
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted: nothing was started"], err
+    assert proc.returncode == code and err.strip().splitlines() == [f"{word}: nothing was started"], err
 
 
 def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local, tmp_path):
