@@ -517,11 +517,7 @@ def _train(
             start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
             print(f"resumed from {resume.checkpoint} at iteration {start}")
             if resume.fork:
-                logs = (
-                    f"its logs up to there copied from {resume.source}"
-                    if resume.source
-                    else "that run's logs not found"
-                )
+                logs = _copied_logs(resume.source)
                 print(f"a new run from another run's checkpoint: {run_dir} starts at iteration {start}, {logs}")
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
@@ -820,17 +816,33 @@ def _alpha_problem(lo: float, hi: float) -> str | None:
     return None
 
 
+#: A run's logs, the ones a resume trims and a new run from another run's checkpoint copies.
+LOGS = ("rollouts.msgpack", "metrics.jsonl")
+
+
+def _copied_logs(source: Path | None) -> str:
+    """What a new run from another run's checkpoint took of that run's logs, as its start says."""
+    found = [name for name in LOGS if source is not None and (source / name).exists()]
+    if not found:
+        return "that run's logs not found"
+    if len(found) == len(LOGS):
+        return f"its logs up to there copied from {source}"
+    (missing,) = set(LOGS) - set(found)
+    return f"its {found[0]} up to there copied from {source} (its {missing} not found: the new run's begins here)"
+
+
 def _trim_logs(run_dir: Path, state: dict, source: Path | None = None, write: bool = True) -> int:
     """On resume: keep the logged rollouts and metrics of the iterations the checkpoint holds,
     so that each appears once, and rebuild tb/ from the kept metrics. A run resumed from another
-    run's checkpoint takes them from that run's logs (``source``), which are only read. A torn
+    run's checkpoint takes them from that run's logs (``source``), which are only read; one it no
+    longer has begins at the checkpoint in the new run (``_copied_logs`` says so). A torn
     last record (a crash mid-write) is dropped with a warning; damage elsewhere, or fewer rollouts
     than the checkpoint recorded, is an error: a resumed run never silently lacks rollouts. Both
     logs are read and checked before either is written (atomically), so a refusal changes
     nothing; ``write=False`` only checks. Returns the number of rollouts kept."""
     iteration = state["iteration"]
     read_from = source or run_dir
-    log, metrics = read_from / "rollouts.msgpack", read_from / "metrics.jsonl"
+    log, metrics = (read_from / name for name in LOGS)
     again = "--overwrite starts the run again" if source is None else "resume from an earlier checkpoint of that run"
     keep: list[RolloutRecord] = []
     rows: list[dict] = []
@@ -843,7 +855,7 @@ def _trim_logs(run_dir: Path, state: dict, source: Path | None = None, write: bo
         if scan.torn_bytes and write:
             print(f"warning: {log}: dropped a torn last record ({scan.torn_bytes} bytes, a write cut short)")
         keep = [r for r in scan.records if r.iteration < iteration]
-    expected = state.get("logged_rollouts")
+    expected = state.get("logged_rollouts") if scan is not None or source is None else None
     if expected is not None and len(keep) < expected:
         raise ConfigError(
             f"cannot resume: {log} holds {len(keep)} rollouts of the first {iteration} iterations, but the"

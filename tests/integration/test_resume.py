@@ -176,6 +176,20 @@ def test_a_named_checkpoint_resumes_its_run_or_starts_a_new_run_from_it(ray_loca
     assert sorted(p.name for p in (new / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
     assert same_weights(weights, final_weights(run)) and _logged(run) == logged, "the other run is only read"
 
+    # a run whose rollout log was deleted (it is the large one): refused with "resume from an earlier
+    # checkpoint of that run", which had no log either; now its metrics are copied, its rollouts begin here
+    (run / "rollouts.msgpack").rename(tmp_path / "aside.msgpack")
+    assert main([*flags, "--experiment.name=cut", f"--resume={ckpt}"]) == 0
+    (tmp_path / "aside.msgpack").rename(run / "rollouts.msgpack")
+    assert (
+        f"{tmp_path / 'cut'} starts at iteration 2, its metrics.jsonl up to there copied from {run} (its"
+        " rollouts.msgpack not found: the new run's begins here)"
+    ) in capsys.readouterr().out
+    cut = _logged(tmp_path / "cut")
+    assert cut[1] == logged[1], "the metrics as the run's"
+    assert cut[0] == [r for r in logged[0] if r.iteration >= 2], "the rollouts from the checkpoint on"
+    assert same_weights(weights, final_weights(tmp_path / "cut"))
+
     actors = actors_now()
     for extra, needle in [
         (["--experiment.name=new", f"--resume={ckpt}"], f"but {new} already holds a run"),
