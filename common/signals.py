@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 @contextlib.contextmanager
 def loading(module: str) -> Iterator[None]:
     """Around a program's imports: Ctrl-C while they load ends it with ``interrupted: nothing was
-    started`` and exit 130, SIGTERM with ``terminated: ...`` and 143; SIGTERM raises ``Terminated``
-    from here on (``end_on_sigterm``). Only where ``module`` (the caller's ``__name__``) is ``__main__``: a
-    module imported by another program leaves Ctrl-C to that program."""
+    started`` and exit 130, SIGTERM with ``terminated: ...`` and 143; SIGTERM raises
+    ``Terminated`` from here on (``end_on_sigterm``). Only where ``module`` (the caller's
+    ``__name__``) is ``__main__``: a module imported by another program leaves its signals to it."""
     if module != "__main__":
         yield
         return
