@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:  # stopped during training: what was learned is in the latest checkpoint
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; {_what_is_kept(cfg)}", file=sys.stderr)
         return 1
     except OSError as e:
         if e.errno not in STORAGE_ERRORS:

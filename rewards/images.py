@@ -4,7 +4,8 @@ uint8 [N, H, W, 3] is the canonical form: the one the HTTP scorer sends and the 
 PNG has. A sampler may hand over float images in [0, 1] instead, channels first ([N, 3, H, W],
 torch's convention) or last; they are quantised as an image file would be
 (``round(255 * x)``, clipped, as diffusers' ``numpy_to_pil``), so a reward scores exactly what
-a saved image would show. Grey images ([..., 1]) are repeated to RGB; PIL images are converted.
+a saved image would show. Grey images ([..., 1], or a batch [N, H, W]: the digits backend's) are
+repeated to RGB; PIL images are converted.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def as_uint8_images(images: Any) -> list[np.ndarray]:
     """A batch (an array or tensor [N, ...], or a sequence of images) -> N uint8 [H, W, 3] arrays."""
     if hasattr(images, "ndim") and images.ndim == 4:
         return [_one(images[i]) for i in range(images.shape[0])]
+    if hasattr(images, "ndim") and images.ndim == 3:  # N grey images [H, W]
+        return [_one(images[i][..., None]) for i in range(images.shape[0])]
     if isinstance(images, (list, tuple)):
         return [_one(img) for img in images]
     raise ValueError(
-        f"images must be a batch [N, H, W, 3] / [N, 3, H, W] or a list of images, got {type(images).__name__}"
-        + (f" of shape {tuple(images.shape)}" if hasattr(images, "shape") else "")
+        f"images must be a batch [N, H, W, 3] / [N, 3, H, W] / [N, H, W] or a list of images, got"
+        f" {type(images).__name__}" + (f" of shape {tuple(images.shape)}" if hasattr(images, "shape") else "")
     )
 
 

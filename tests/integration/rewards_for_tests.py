@@ -134,7 +134,14 @@ class SlowStart:
 
 
 class RaisesOnCall:
-    """Raises on every call: a reward's own error met during a step or an evaluation."""
+    """Raises on every call after the first ``after`` (zeros until then): a reward's own error met
+    during a step or an evaluation."""
+
+    def __init__(self, after: int = 0):
+        self.after, self.calls = after, 0
 
     def __call__(self, images, prompts):
-        raise RuntimeError("deliberate failure")
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("deliberate failure")
+        return np.zeros(len(prompts))

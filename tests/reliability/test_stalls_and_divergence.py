@@ -161,8 +161,25 @@ def test_a_reward_that_raises_is_one_line_and_exit_1_not_a_ray_traceback(ray_loc
     err = everything.strip().splitlines()[-1]
     assert code == 1 and "Traceback" not in everything, everything
     assert err.startswith("error: reward 'toy' raised RuntimeError: reward 'toy' failed on prompts ['class "), err
-    assert "UFuncTypeError" in err and err.endswith("; the step stopped, nothing of it used"), err
+    assert "UFuncTypeError" in err and "; the step stopped, nothing of it used; " in err, err
+    assert err.endswith(f"the run in {tmp_path / 'toy'} had not begun; the same command starts it")
     assert not (tmp_path / "toy" / "checkpoints").exists()
+
+
+def test_a_run_a_reward_stopped_says_what_it_keeps(ray_local, tmp_path, capsys):
+    """A reward that fails after some checkpoints: its line said the step stopped, and nothing of
+    the checkpoint the run keeps, which Ctrl-C, SIGTERM and a full disk all name."""
+    reward = "[{name: toy, kwargs: {floor: -10.0}}, {name: 'tests.integration.rewards_for_tests:RaisesOnCall',"
+    reward += " kwargs: {after: 6}, weight: 0.0}]"
+    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    flags += ["--learner.global_baseline=false", "--learner.iterations=8", "--learner.checkpoint_every=2"]
+    assert main([*flags, f"--rewards={reward}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    kept = sorted(p.name for p in (tmp_path / "toy" / "checkpoints").glob("ckpt-*"))[-1]
+    assert "raised RuntimeError" in err and err.endswith(
+        f"; the step stopped, nothing of it used; the run in {tmp_path / 'toy'} keeps its checkpoint {kept};"
+        " --resume auto continues it from there"
+    ), err
 
 
 def test_a_worker_a_joined_cluster_has_no_room_for_is_announced_and_named(ray_local, tmp_path, capsys, monkeypatch):

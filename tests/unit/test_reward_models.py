@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rewards.count import CountReward, count_detections, count_reward, parse_counts, singular
-from rewards.images import as_uint8_images
+from rewards.images import as_uint8_images, stack_uint8
 from rewards.ocr import quoted_text, substring_distance, text_recall
 from rewards.registry import build, registered
 from tests.conftest import REPO
@@ -171,6 +171,12 @@ def test_image_forms():
     for form in (u8, list(u8), f_chw, f_chw.numpy().transpose(0, 2, 3, 1)):
         out = as_uint8_images(form)
         assert len(out) == 2 and all(np.array_equal(a, b) for a, b in zip(out, u8, strict=True))
+    # the digits backend's grey batch [N, 8, 8] in [0, 1]: the http reward and the docs' own reward
+    # template refused it ("images must be a batch"), after training had started
+    grey = np.linspace(0, 1, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    out = stack_uint8(grey)
+    assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], np.round(grey * 255).astype(np.uint8)) and (out[..., 1] == out[..., 2]).all()
     with pytest.raises(ValueError, match="non-finite"):
         as_uint8_images(np.full((1, 4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="uint8 or float"):
