@@ -455,6 +455,13 @@ class RewardSpec(Section):
         return self.timeout_s + self.timeout_per_image_s * images
 
 
+def reward_keys(specs: list[RewardSpec]) -> list[str]:
+    """Each reward's key in metrics, logs and tables: its name, numbered where the same reward
+    appears twice (``fidelity#0``, ``fidelity#1``)."""
+    names = [s.name for s in specs]
+    return [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
+
+
 class MetricSpec(Section):
     name: str = Field(..., min_length=1, description="A registered metric name ('digits_fd') or 'pkg.module:Class'.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")

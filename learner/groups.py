@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from common.collective import WeightsHandle
-from common.config import Config, ConfigError, MetricSpec, RewardSpec
+from common.config import Config, ConfigError, MetricSpec, RewardSpec, reward_keys
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.actors import MetricServer, RewardServer
 from rewards.registry import shown_prompts
@@ -525,9 +525,7 @@ class RewardGroup:
                 [actor.remote(spec.name, spec.kwargs, sampler=sampler) for _ in range(spec.num_servers)]
             )
         self.alive = [list(range(len(s))) for s in self.servers]
-        names = [s.name for s in specs]
-        # metric keys: the reward's name, numbered where the same reward appears twice
-        self.keys = [n if names.count(n) == 1 else f"{n}#{j}" for j, n in enumerate(names)]
+        self.keys = reward_keys(specs)
         #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
         self.needs_reference: list[bool] = []
         #: the longest image side every reward reads (None: one reads images as made)

@@ -28,7 +28,15 @@ with loading(__name__):
     import torch
 
     from common.checkpoint import load_run_config, load_run_policy
-    from common.config import DEFAULT_REFERENCE_STEPS, MAX_SEED, MAX_STEPS, CommandLine, ConfigError, int_at_least
+    from common.config import (
+        DEFAULT_REFERENCE_STEPS,
+        MAX_SEED,
+        MAX_STEPS,
+        CommandLine,
+        ConfigError,
+        int_at_least,
+        reward_keys,
+    )
     from common.policy import dirichlet_mean
     from common.schedule import times_from_tau
     from rollout.backends import build_sampler
@@ -61,12 +69,12 @@ def score(
         n = cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS
         references = sampler.sample(prompts, noise, np.tile(times_from_tau(sampler.default_tau(n)), (len(prompts), 1)))
     out: dict[str, dict[str, np.ndarray]] = {}
+    keys = reward_keys(cfg.rewards)  # as the evaluation's columns: the same reward twice is two
     for name, imgs in images.items():
-        got = {
-            spec.name: server.score(imgs, prompts, references)
-            for spec, server in zip(cfg.rewards, servers, strict=True)
-        }
-        got["reward"] = sum(spec.weight * got[spec.name].astype(np.float64) for spec in cfg.rewards)
+        got = {key: server.score(imgs, prompts, references) for key, server in zip(keys, servers, strict=True)}
+        got["reward"] = sum(
+            spec.weight * got[key].astype(np.float64) for key, spec in zip(keys, cfg.rewards, strict=True)
+        )
         out[name] = got
     return out
 

@@ -181,3 +181,22 @@ def test_image_forms():
         as_uint8_images(np.full((1, 4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="uint8 or float"):
         as_uint8_images(np.zeros((1, 4, 4, 3), np.int32))
+
+
+def test_generate_scores_the_same_reward_twice_as_two_columns():
+    """`rollout.generate --score` keyed each reward by its name: a config with the same reward
+    twice (different kwargs) printed one column, and a total of the second one's scores counted
+    under both weights, not the evaluation's."""
+    from common.config import load_config
+    from rollout.generate import score
+
+    neg = "tests.integration.rewards_for_tests:NegativeNorm"
+    cfg = load_config(
+        ["--config", str(REPO / "configs" / "toy.yaml")],
+        rewards=[{"name": neg}, {"name": neg, "kwargs": {"scale": 10.0}, "weight": 0.5}],
+    )
+    images = {"learned": np.array([[3.0, 4.0], [0.0, 1.0]])}
+    got = score(cfg, None, ["class 1", "class 2"], np.zeros((2, 2)), images)["learned"]
+    assert list(got) == [f"{neg}#0", f"{neg}#1", "reward"]
+    assert got[f"{neg}#0"].tolist() == [-5.0, -1.0] and got[f"{neg}#1"].tolist() == [-50.0, -10.0]
+    assert got["reward"].tolist() == [-30.0, -6.0]
