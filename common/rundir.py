@@ -44,6 +44,8 @@ LEASE_RENEW_S = 15.0
 LEASE_S = 120.0
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
+#: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
+EVALUATION = "evaluation"
 
 
 class RunDirInUse(ConfigError):
@@ -315,7 +317,12 @@ class RunDir(Held):
                         p.unlink(missing_ok=True)
 
     def clear(self) -> None:
-        """--overwrite: remove every artefact of the earlier run (its checkpoints too)."""
+        """--overwrite: remove every artefact of the earlier run (its checkpoints too, and its
+        evaluation: refused, before anything is removed, while an evaluation writes it)."""
+        evaluation = self.path / EVALUATION
+        if evaluation.is_dir():
+            hold(evaluation, "the earlier run's evaluation dir", "experiment.name", "evaluation").release()
+            shutil.rmtree(evaluation)
         for name in (*ARTEFACTS, "config.yaml", "tb", "schedules.png", "reward_curve.png", "samples.png"):
             p = self.path / name
             if p.is_dir():

@@ -32,7 +32,7 @@ with loading(__name__):
     )
     from common.messages import Context, ScheduleMode
     from common.policy import SchedulePolicy
-    from common.rundir import hold
+    from common.rundir import EVALUATION, hold
     from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
     from learner.stats import mean_se
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
     )
     args = p.parse_args(argv)
-    out = args.out or args.run[0] / "evaluation"
+    out = args.out or args.run[0] / EVALUATION
     held = None
     try:
         try:

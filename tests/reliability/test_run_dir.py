@@ -90,6 +90,37 @@ def test_a_second_live_run_is_refused(capsys, tmp_path):
         holder.wait()
 
 
+def test_overwrite_removes_the_earlier_runs_evaluation_unless_one_is_writing_it(capsys, tmp_path):
+    """--overwrite kept ``evaluation/`` (learner.evaluate's default --out): the earlier policy's
+    table beside the new run, and a live evaluation's lock ignored."""
+    run = tmp_path / "r"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "evaluation" / "table.md").write_text("the earlier policy's table")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (run / "evaluation" / LOCK).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t"})
+        )
+        before = _snapshot(run)
+        assert main(_flags(tmp_path, "--overwrite")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: the earlier run's evaluation dir {run / 'evaluation'} is in use by pid {holder.pid} on host"
+            f" {socket.gethostname()} (since t); use another experiment.name, or delete {run / 'evaluation' / LOCK}"
+            " if that evaluation is gone"
+        ]
+        assert _snapshot(run) == before, "nothing removed"
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim(load_config(_flags(tmp_path, "--overwrite"))):  # its evaluation gone: the earlier run's with it
+        assert not (run / "evaluation").exists() and not (run / "metrics.jsonl").exists()
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     (tmp_path / "r").mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
