@@ -392,6 +392,7 @@ def find_resume(cfg: Config) -> Resume | None:
             f"refusing to resume from {ckpt}: the config differs in {', '.join(conflicts)}"
             " (pass --resume_changes=true to resume anyway)"
         )
+    _warn_stretched_lr(cfg, saved, state["iteration"])
     resume = Resume(Path(ckpt), state, fork, _source_run(cfg.resume, saved) if fork else None, origin)
     if not (fork and resume.source is None):
         # damaged logs refused now, not after Ray started; they are read again when _train writes them, after
@@ -732,6 +733,24 @@ def learning_rate(lc: LearnerConfig, it: int) -> float:
         return lc.lr
     final = lc.lr * lc.lr_final_ratio
     return final + 0.5 * (lc.lr - final) * (1 + math.cos(math.pi * it / (lc.iterations - 1)))
+
+
+def _warn_stretched_lr(cfg: Config, saved: dict, start: int) -> None:
+    """A resume with another ``learner.iterations`` under a decaying learning rate stretches (or
+    squeezes) the decay over the new length: the rate goes back up (or drops) from the checkpoint
+    on. Allowed, as it is how a run is lengthened, but said, with the rates at the first iteration
+    resumed."""
+    was = saved.get("learner", {}).get("iterations")
+    lc = cfg.learner
+    if lc.lr_schedule == "constant" or was is None or was == lc.iterations or start >= lc.iterations:
+        return
+    at = min(start, was - 1)  # the run's own rate there, or its last one where it had ended
+    before = learning_rate(lc.model_copy(update={"iterations": was}), at)
+    print(
+        f"warning: {cfg.run_dir}: learner.iterations is {lc.iterations} where the checkpoint's run had {was}: the"
+        f" {lc.lr_schedule} learning rate is spread over the new length, {learning_rate(lc, start):.3g} at iteration"
+        f" {start + 1} (the run's: {before:.3g} at iteration {at + 1})"
+    )
 
 
 def _warn_prompt_overlap(train_prompts: list[str], eval_prompts: list[str]) -> None:

@@ -351,3 +351,27 @@ def test_advantages_of_another_shape_than_the_draws_are_refused():
         reinforce_step(policy, opt, inputs, log_tau, np.zeros((1, 2)), np.zeros((1, 4)), grad_clip=1.0)
     with pytest.raises(ValueError, match=r"behaviour log-probs of shape \(4,\)"):
         reinforce_step(policy, opt, inputs, log_tau, np.zeros((1, 4)), np.zeros(4), grad_clip=1.0)
+
+
+def test_a_resume_that_changes_the_length_of_a_decaying_rate_says_so(capsys, tmp_path):
+    """A cosine run of 4 iterations resumed with learner.iterations=8 went from 0.0001 (its end)
+    back up to 0.00045, silently."""
+    from common.config import load_config
+    from learner.loop import _warn_stretched_lr
+    from tests.conftest import REPO
+
+    flags = [
+        "--config",
+        str(REPO / "configs" / "toy.yaml"),
+        f"--experiment.output_dir={tmp_path}",
+        "--learner.lr_schedule=cosine",
+    ]
+    saved = {"learner": {"iterations": 4}}
+    _warn_stretched_lr(load_config([*flags, "--learner.iterations=8"]), saved, 4)
+    assert capsys.readouterr().out.strip() == (
+        f"warning: {tmp_path / 'toy'}: learner.iterations is 8 where the checkpoint's run had 4: the cosine learning"
+        " rate is spread over the new length, 0.00045 at iteration 5 (the run's: 0.0001 at iteration 4)"
+    )
+    _warn_stretched_lr(load_config([*flags, "--learner.iterations=4"]), saved, 2)  # the same length
+    _warn_stretched_lr(load_config([*flags[:-1], "--learner.iterations=8"]), saved, 4)  # a constant rate
+    assert capsys.readouterr().out == ""
