@@ -684,6 +684,21 @@ class Config(BaseSettings):
         beat) before this run's policy, in ``<run dir>/global``."""
         return self.learner.global_baseline and self.policy.variant == "conditional"
 
+    def never_in_force(self) -> list[str]:
+        """Schedule entries at an iteration the run never reaches (a longer run's config run
+        shorter): each schedule's in one line, for a warning."""
+        n = self.learner.iterations
+        out = []
+        for field, schedule in (
+            ("rollout.k_schedule", self.rollout.k_schedule),
+            ("policy.concentration_schedule", self.policy.concentration_schedule),
+        ):
+            late = sorted(i for i in schedule if i >= n)
+            if late:
+                at = ", ".join(map(str, late))
+                out.append(f"{field} at iteration {at} is never in force: the run has learner.iterations={n}")
+        return out
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude=RUN_FLAGS)
         return yaml.safe_dump(data, sort_keys=False)

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for warning in cfg.never_in_force():
+        print(f"warning: {warning}")
     try:
         run(cfg)
     except ConfigError as e:  # found at startup: e.g. a reward that cannot be built in its server

@@ -31,6 +31,7 @@ def test_every_shipped_yaml_loads(path: Path):
     cfg = load_yaml_config(path)
     assert isinstance(cfg, Config)
     assert cfg.config == path
+    assert cfg.never_in_force() == [], "every schedule entry is reached"
 
 
 def test_precedence_defaults_yaml_flags(tmp_path: Path):
@@ -338,3 +339,20 @@ def test_the_tools_flag_mistakes_are_one_line(program, argv, why, capsys):
     assert e.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: invalid command line: {why}") and line.endswith("(--help lists every flag)")
+
+
+def test_schedule_entries_past_the_end_of_the_run_are_announced(tmp_path, capsys):
+    """digits_long.yaml's schedules (K = 8 from iteration 500, ...) copied into a shorter run
+    never took effect, silently."""
+    from learner.main import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    flags = ["--learner.iterations=10", "--rollout.k_schedule={5: 4, 5000: 8, 10: 16}", "--policy.max_concentration=50"]
+    flags += ["--policy.concentration_schedule={5000: 100}", f"--experiment.output_dir={a_file}"]
+    assert main(flags) == 2  # refused before any work: the output dir is a file
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: rollout.k_schedule at iteration 10, 5000 is never in force: the run has learner.iterations=10",
+        "warning: policy.concentration_schedule at iteration 5000 is never in force: the run has learner.iterations=10",
+    ]
+    assert load_config(["--learner.iterations=10", "--rollout.k_schedule={9: 4}"]).never_in_force() == []
