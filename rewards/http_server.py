@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import hmac
 import json
+import math
 import socket
 import sys
 import threading
@@ -196,6 +197,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: inf, which every score would then be
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = CommandLine(prog="python -m rewards.http_server", description=__doc__.split("\n")[0])
     p.add_argument("--reward", required=True, help="A registered reward name or an import path 'pkg.module:Class'.")
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             fail(str(e))
     try:
-        kwargs = json.loads(args.kwargs, parse_constant=_no_constant)
+        kwargs = json.loads(args.kwargs, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as e:
         fail(f"--kwargs is not JSON: {e}")
     if not isinstance(kwargs, dict):
@@ -243,6 +251,15 @@ def main(argv: list[str] | None = None) -> None:
         reward = build(args.reward, kwargs)
     except (ValueError, ImportError, FileNotFoundError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C while a model loads
+        p.exit(130, "interrupted: nothing was served\n")
+    except Exception as e:  # noqa: BLE001 - the reward's own __init__ failed: one line, as a run's reward server says
+        fail(f"reward {args.reward!r} could not start: {type(e).__name__}: {e}")
+    if getattr(reward, "needs_reference", False):  # the protocol carries images and prompts only
+        fail(
+            f"reward {args.reward!r} compares each image with a many-step reference sample, which a request over"
+            " HTTP cannot carry: run it in the training run's own reward servers (rewards: in the config)"
+        )
     try:
         server = RewardHTTPServer(
             (args.host, args.port),

@@ -125,9 +125,12 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
             raise ValueError(f"reward {name!r} scores against the sampler's own model: it needs the sampler's config")
         kwargs = {**kwargs, "sampler": sampler}
     try:
-        return cls(**kwargs)
-    except TypeError as e:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:  # the kwargs, not the reward's own code (a TypeError inside __init__ is a bug of its own)
         raise ValueError(f"reward {name!r}: bad kwargs {sorted(given)}: {e}") from None
+    except ValueError:  # no signature to check against: the call says
+        pass
+    return cls(**kwargs)
 
 
 def limit_torch_threads(n: int) -> None:

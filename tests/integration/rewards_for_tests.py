@@ -145,3 +145,23 @@ class RaisesOnCall:
         if self.calls > self.after:
             raise RuntimeError("deliberate failure")
         return np.zeros(len(prompts))
+
+
+class FailsToStart:
+    """Its __init__ raises: a model that is not there."""
+
+    def __init__(self):
+        raise RuntimeError("no model at /models/x")
+
+    def __call__(self, images, prompts):
+        return np.zeros(len(prompts))
+
+
+class BugInInit:
+    """A TypeError of its own in __init__, given no kwargs: not a kwargs mistake."""
+
+    def __init__(self):
+        self.size = None + 1
+
+    def __call__(self, images, prompts):
+        return np.zeros(len(prompts))

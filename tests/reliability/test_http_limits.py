@@ -182,6 +182,9 @@ def taken_port():
         yield s.getsockname()[1]
 
 
+TEST_REWARDS = "tests.integration.rewards_for_tests"
+
+
 @pytest.mark.parametrize(
     ("flags", "why"),
     [
@@ -195,6 +198,12 @@ def taken_port():
         (["--host", "nonexistent.invalid"], "cannot serve on nonexistent.invalid:0: "),  # was socket.gaierror's
         (["--host", "192.0.2.1"], "cannot serve on 192.0.2.1:0: Cannot assign requested address"),
         (["--token-file", "/nonexistent/token"], "token file /nonexistent/token: No such file or directory"),
+        # a reward's own __init__ failing: a traceback (only ValueError and ImportError were caught); a bug
+        # inside it was blamed on the kwargs; a reward the protocol cannot feed failed every request
+        (["--reward", f"{TEST_REWARDS}:FailsToStart"], "could not start: RuntimeError: no model at /models/x"),
+        (["--reward", f"{TEST_REWARDS}:BugInInit"], "could not start: TypeError: unsupported operand"),
+        (["--reward", "fidelity"], "reward 'fidelity' compares each image with a many-step reference sample"),
+        (["--kwargs", '{"seconds_per_image": 1e999}'], "--kwargs is not JSON: 1e999 is not a finite number"),
     ],
 )
 def test_a_server_that_cannot_serve_says_so_in_one_line(capsys, flags, why):
