@@ -126,10 +126,21 @@ class HttpReward:
         retries: further attempts after the first, on connection errors, timeouts, 429/502/503/504.
         backoff: seconds before the first retry, doubling after each.
         """
-        if not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"http reward: url must start with http:// or https://, got {url!r}")
-        if retries < 0 or timeout <= 0:
-            raise ValueError("http reward: retries must be >= 0 and timeout > 0")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - read now (a port that is not a number), not at a run's first scoring call
+        except ValueError as e:
+            raise ValueError(f"http reward: url {url!r}: {e}") from None
+        if not parts.hostname:
+            raise ValueError(f"http reward: url {url!r} names no host")
+        for name, value, top in (("timeout", timeout, 86_400.0), ("backoff", backoff, 3600.0)):
+            if not isinstance(value, (int, float)) or not 0 <= value <= top or (name == "timeout" and value == 0):
+                bound = "above 0" if name == "timeout" else "at least 0"
+                raise ValueError(f"http reward: {name} must be a number {bound} and at most {top:g} s, got {value!r}")
+        if not isinstance(retries, int) or not 0 <= retries <= 100:
+            raise ValueError(f"http reward: retries must be an integer from 0 to 100, got {retries!r}")
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_response_bytes = max_response_bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -215,3 +216,22 @@ def _silent_server():
         for c in held:
             c.close()
         silent.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"url": "http://127.0.0.1:80OO"}, "url 'http://127.0.0.1:80OO': Port could not be cast to integer value"),
+        ({"url": "http://:8000"}, "names no host"),
+        ({"url": "http://h:1", "timeout": float("nan")}, "timeout must be a number above 0 and at most 86400 s"),
+        ({"url": "http://h:1", "timeout": float("inf")}, "timeout must be a number above 0"),
+        ({"url": "http://h:1", "timeout": 0}, "timeout must be a number above 0"),
+        ({"url": "http://h:1", "backoff": -1}, "backoff must be a number at least 0"),
+        ({"url": "http://h:1", "retries": 2.5}, "retries must be an integer from 0 to 100"),
+    ],
+)
+def test_the_http_rewards_settings_are_checked_when_it_is_built(kwargs, why):
+    """Each of these was built, and failed at a run's first scoring call (exit 1, after training
+    started; inf as an OverflowError from a thread), not as the reward server started."""
+    with pytest.raises(ValueError, match=re.escape(why)):
+        HttpReward(**kwargs)
