@@ -128,6 +128,12 @@ def _generate(args: argparse.Namespace) -> int:
 
             if policy.variant == "global":
                 glob = policy
+            elif args.checkpoint is not None:  # it names a checkpoint of the run's own policy, not of global/
+                raise ConfigError(
+                    f"--checkpoint {args.checkpoint} is of the policy {args.run} trained; --schedule global uses its"
+                    f" learned global schedule: give --run {args.run / 'global'} --checkpoint ... for one of that"
+                    " schedule's checkpoints"
+                )
             elif (args.run / "global" / "policy").is_dir():
                 glob = SchedulePolicy.from_pretrained(args.run / "global" / "policy")
             else:

@@ -167,6 +167,16 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         " downloads are off (local_files_only, or HF_HUB_OFFLINE=1): give a local directory laid out as a diffusers"
         " pipeline (README: Real models and local weights)"
     )
+    # --checkpoint with --schedule global named the run's own policy's checkpoint, and was ignored silently
+    assert err_of(generate_cli.main([*run, "--prompt", "7", "--schedule", "global", "--checkpoint", "latest"])) == (
+        f"error: --checkpoint latest is of the policy {digits_run} trained; --schedule global uses its learned"
+        f" global schedule: give --run {digits_run / 'global'} --checkpoint ... for one of that schedule's checkpoints"
+    )
+    png = tmp_path / "g.png"
+    g_run = ["--run", str(digits_run / "global"), "--checkpoint", "latest"]
+    assert generate_cli.main([*g_run, "--prompt", "7", "--schedule", "global", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0, "as the refusal says"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         generate_cli.main([*run, "--prompt", "7", "--seed", "-1"])
     assert err_of(e.value.code) == (
