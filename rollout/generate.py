@@ -55,15 +55,35 @@ def schedules_for(
     return dirichlet_mean(policy, policy_inputs(noise, sampler.encode(prompts)))
 
 
-def score(
-    cfg: Any, sampler: Any, prompts: list[str], noise: np.ndarray, images: dict[str, np.ndarray]
-) -> dict[str, dict[str, np.ndarray]]:
-    """Every configured reward of each schedule's ``images`` (by the reward servers' own code, each
-    reward built once), and their weighted total as 'reward'. The many-step reference, for a reward
-    that compares with it, is made once for all schedules."""
+def reward_servers(cfg: Any) -> list[Any]:
+    """Every configured reward, built here by the reward servers' own code (each once); a reward
+    that cannot be built is a ConfigError in one line, found before anything is sampled."""
     from rewards.actors import RewardServer
 
-    servers = [RewardServer(s.name, s.kwargs, sampler=cfg.sampler.model_dump(mode="json")) for s in cfg.rewards]
+    servers = []
+    for key, spec in zip(reward_keys(cfg.rewards), cfg.rewards, strict=True):
+        try:
+            servers.append(RewardServer(spec.name, spec.kwargs, sampler=cfg.sampler.model_dump(mode="json")))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - its own __init__ failed (a model not there): one line, as a run says
+            why = str(e) if isinstance(e, (ValueError, ImportError)) else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"--score: reward {key!r} could not start: {why}") from None
+    return servers
+
+
+def score(
+    cfg: Any,
+    sampler: Any,
+    prompts: list[str],
+    noise: np.ndarray,
+    images: dict[str, np.ndarray],
+    servers: list[Any] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every configured reward of each schedule's ``images`` (``servers``, or each reward built
+    here), and their weighted total as 'reward'. The many-step reference, for a reward that
+    compares with it, is made once for all schedules."""
+    servers = reward_servers(cfg) if servers is None else servers
     references = None
     if any(server.needs_reference() for server in servers):
         n = cfg.rollout.reference_steps or DEFAULT_REFERENCE_STEPS
@@ -143,6 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
         problem = prompt_problem(sampler, args.prompt)
         if problem is not None:
             raise ConfigError(f"--prompt: {problem}")
+        servers = reward_servers(cfg) if args.score else []  # a reward that cannot start: found before sampling
     except (ConfigError, ValueError, OSError) as e:  # OSError: a model the hub cannot give (common.hub), a file
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,25 +178,27 @@ def _generate(args: argparse.Namespace) -> int:
     for name, tau in rows.items():
         for (prompt, seed), t in zip(pairs, times_from_tau(tau), strict=True):
             print(f"{name:>8}  {prompt!r} seed {seed}: t = {np.array2string(t, precision=3)}")
-    if args.score:
-        try:
-            scored = score(cfg, sampler, prompts, noise, images)
-        except (ConfigError, ValueError, OSError) as e:  # a reward that cannot be built or fails
-            print(f"error: --score: {e}", file=sys.stderr)
-            return 2
-        for name, got in scored.items():
-            for i, (prompt, seed) in enumerate(pairs):
-                cells = "  ".join(f"{k} {float(v[i])!r}" for k, v in got.items())
-                print(f"score {name}  {prompt!r} seed {seed}: {cells}")
-    first = next(iter(images.values()))
-    if np.asarray(first).ndim < 3:  # not images (the toy's vectors)
+    if np.asarray(next(iter(images.values()))).ndim < 3:  # not images (the toy's vectors)
         for name, imgs in images.items():
             print(f"{name} samples:\n{np.asarray(imgs)}")
         if args.out is not None:
             print(f"no image written to {args.out}: this backend's samples are vectors, printed above")
-        return 0
-    write_images(out, images, [f"{q} (seed {s})" for q, s in pairs])
-    print(f"wrote {out}")
+        written = None
+    else:
+        write_images(out, images, [f"{q} (seed {s})" for q, s in pairs])  # before scoring: a reward's failure keeps it
+        print(f"wrote {out}")
+        written = out
+    if args.score:
+        try:
+            scored = score(cfg, sampler, prompts, noise, images, servers)
+        except Exception as e:  # noqa: BLE001 - a reward that fails on these images: one line, what is kept
+            kept = f"; the image is in {written}" if written is not None else ""
+            print(f"error: --score: {type(e).__name__}: {e}{kept}", file=sys.stderr)
+            return 1
+        for name, got in scored.items():
+            for i, (prompt, seed) in enumerate(pairs):
+                cells = "  ".join(f"{k} {float(v[i])!r}" for k, v in got.items())
+                print(f"score {name}  {prompt!r} seed {seed}: {cells}")
     return 0
 
 

@@ -167,6 +167,21 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         " downloads are off (local_files_only, or HF_HUB_OFFLINE=1): give a local directory laid out as a diffusers"
         " pipeline (README: Real models and local weights)"
     )
+    # --score with a reward that cannot start: its traceback, or one line only after sampling, no image written
+    scored = tmp_path / "scored"
+    shutil.copytree(digits_run, scored)
+    png = tmp_path / "s.png"
+    for reward, code, line in [
+        ("FailsToStart", 2, "could not start: RuntimeError: no model at /models/x"),
+        ("RaisesOnCall", 1, f"RuntimeError: deliberate failure; the image is in {png}"),
+    ]:
+        cfg = yaml.safe_load((digits_run / "config.yaml").read_text())
+        cfg["rewards"] = [{"name": f"tests.integration.rewards_for_tests:{reward}"}]
+        (scored / "config.yaml").write_text(yaml.safe_dump(cfg))
+        got = generate_cli.main(["--run", str(scored), "--prompt", "7", "--score", "--out", str(png)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert got == code and len(err) == 1 and err[0].startswith("error: --score: ") and err[0].endswith(line), err
+        assert png.exists() == (code == 1), "one that cannot start is found before sampling; one that fails keeps it"
     # --checkpoint with --schedule global named the run's own policy's checkpoint, and was ignored silently
     assert err_of(generate_cli.main([*run, "--prompt", "7", "--schedule", "global", "--checkpoint", "latest"])) == (
         f"error: --checkpoint latest is of the policy {digits_run} trained; --schedule global uses its learned"
