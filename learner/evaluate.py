@@ -353,6 +353,22 @@ def _check_read(run: Any, evaluated: Any) -> None:
         )
 
 
+def run_tb_dir(run: Path) -> Path | None:
+    """The run's TensorBoard directory, where the evaluation's figures also go, or None (with a
+    warning) where it cannot be written: a run on a read-only share, or another user's; the
+    evaluation's own files go to --out all the same (found now, not after the whole evaluation)."""
+    import tempfile
+
+    tb = run / "tb"
+    try:
+        tb.mkdir(exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=".evaluate-probe-", dir=tb)).rmdir()
+    except OSError as e:
+        print(f"warning: {tb} cannot be written ({e.strerror or e}): the figures go to --out only, not to TensorBoard")
+        return None
+    return tb
+
+
 def check_out_dir(out: Path) -> None:
     """``out`` is a directory the evaluation can write, or one it can make: nothing on its way is
     a file, and a directory can be made in the nearest one that exists (a read-only place, /sys
@@ -404,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             check_out_dir(out)  # found now, not after the whole evaluation
+            tb_dir = run_tb_dir(args.run[0])
             held = hold(out, "evaluation dir", "--out", "evaluation")  # one evaluation writes it at a time
             prompts = None
             if args.prompt_file is not None:
@@ -421,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             word, code = how_stopped(e)
             print(f"{word}: nothing of the evaluation was written", file=sys.stderr)
             return code
-        result.write(out, tb_dir=args.run[0] / "tb")
+        result.write(out, tb_dir=tb_dir)
     finally:
         if held is not None:
             held.release()

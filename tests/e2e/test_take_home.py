@@ -182,6 +182,16 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert got == code and len(err) == 1 and err[0].startswith("error: --score: ") and err[0].endswith(line), err
         assert png.exists() == (code == 1), "one that cannot start is found before sampling; one that fails keeps it"
+    # a run whose tb/ cannot be written (a read-only share, another user's run): a traceback after the whole
+    # evaluation, no plots; now a warning first, and everything else written
+    shutil.rmtree(scored / "tb")
+    (scored / "tb").write_text("not a directory")
+    ev = tmp_path / "ev_ro"
+    cfg["rewards"] = yaml.safe_load((digits_run / "config.yaml").read_text())["rewards"]
+    (scored / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate_cli.main(["--run", str(scored), "--seeds", "2", "--out", str(ev)]) == 0
+    assert f"warning: {scored / 'tb'} cannot be written (" in capsys.readouterr().out
+    assert (ev / "table.md").exists() and list(ev.glob("*_vs_L.png"))
     # --checkpoint with --schedule global named the run's own policy's checkpoint, and was ignored silently
     assert err_of(generate_cli.main([*run, "--prompt", "7", "--schedule", "global", "--checkpoint", "latest"])) == (
         f"error: --checkpoint latest is of the policy {digits_run} trained; --schedule global uses its learned"
