@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.config import MAX_SEED
 from common.policy import SchedulePolicy, dirichlet_mean
 from common.schedule import epsilon_timesteps, times_from_tau
 from rollout.sampler import policy_inputs
@@ -116,7 +117,10 @@ class PipelineSchedule:
         if (seed is None) == (generator is None):
             raise ValueError("give exactly one of seed or generator")
         if seed is not None:
-            return self.sampler.initial_noise([seed])[0]
+            # as the tools take it: 2**63 wrapped to seed 0's noise, 1.5 drew seed 1's, "0" and -1 were taken
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+            return self.sampler.initial_noise([int(seed)])[0]
         return torch.randn(self.sampler.x_shape, generator=generator, dtype=torch.float32).numpy()
 
     def times(self, prompt: str, noise: np.ndarray) -> np.ndarray:

@@ -87,6 +87,11 @@ def test_a_pipeline_it_was_not_trained_for_is_refused():
         PipelineSchedule(bare, flux.pipe)
     with pytest.raises(ValueError, match="give exactly one of seed or generator"):
         PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT)
+    # seeds as the tools take them: 2**63 gave seed 0's noise and schedule, 1.5 seed 1's; "0" and -1 were taken
+    for seed in (2**63, 1.5, "0", -1, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 4611686018427387904, got "):
+            PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=seed)
+    assert PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=np.int64(2))["latents"] is not None
 
 
 def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
