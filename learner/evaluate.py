@@ -354,14 +354,15 @@ def _check_read(run: Any, evaluated: Any) -> None:
 
 
 def run_tb_dir(run: Path) -> Path | None:
-    """The run's TensorBoard directory, where the evaluation's figures also go, or None (with a
-    warning) where it cannot be written: a run on a read-only share, or another user's; the
-    evaluation's own files go to --out all the same (found now, not after the whole evaluation)."""
+    """Where the evaluation's figures also go: ``tb/evaluation`` in the run's TensorBoard
+    directory (its own run there, kept when the run resumes and rebuilds its own events), or None
+    (with a warning) where it cannot be written: a run on a read-only share, or another user's;
+    the evaluation's own files go to --out all the same (found now, not after the evaluation)."""
     import tempfile
 
-    tb = run / "tb"
+    tb = run / "tb" / EVALUATION
     try:
-        tb.mkdir(exist_ok=True)
+        tb.mkdir(parents=True, exist_ok=True)
         Path(tempfile.mkdtemp(prefix=".evaluate-probe-", dir=tb)).rmdir()
     except OSError as e:
         print(f"warning: {tb} cannot be written ({e.strerror or e}): the figures go to --out only, not to TensorBoard")

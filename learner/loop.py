@@ -47,7 +47,7 @@ from common.config import (
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
-from common.rundir import RunDir, artefacts, claim, local_checkpoint_dir
+from common.rundir import EVALUATION, RunDir, artefacts, claim, local_checkpoint_dir
 from common.signals import Terminated, held
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
@@ -898,7 +898,9 @@ def _trim_logs(run_dir: Path, state: dict, source: Path | None = None, write: bo
         os.replace(tmp, run_dir / "metrics.jsonl")
     tb = run_dir / "tb"
     if tb.exists() or (source is not None and rows):  # event files cannot be cut at a step: rebuilt from the metrics
-        shutil.rmtree(tb, ignore_errors=True)
+        for old in tb.iterdir() if tb.is_dir() else []:
+            if old.name != EVALUATION:  # the figures learner.evaluate logged: not the run's to rebuild
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         writer = TensorBoardLogger(tb)
         for row in rows:
             writer.log(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})

@@ -100,10 +100,13 @@ def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys, 
     # the evaluation's figure and the run's pictures are in TensorBoard's Images tab
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(digits_run / "tb"), size_guidance={"images": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["images"])
-    assert {"pictures/schedules", "pictures/samples", "pictures/reward_curve", "pictures/reward_vs_L"} <= tags
+    def images(tb):
+        acc = EventAccumulator(str(tb), size_guidance={"images": 0})
+        acc.Reload()
+        return set(acc.Tags()["images"])
+
+    assert {"pictures/schedules", "pictures/samples", "pictures/reward_curve"} <= images(digits_run / "tb")
+    assert {"pictures/reward_vs_L", "pictures/digits_fd_vs_L"} <= images(digits_run / "tb" / "evaluation")
 
 
 def test_generate_scores_a_held_out_context_as_the_evaluation_did(digits_run, tmp_path, capsys):
@@ -190,7 +193,7 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     cfg["rewards"] = yaml.safe_load((digits_run / "config.yaml").read_text())["rewards"]
     (scored / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert evaluate_cli.main(["--run", str(scored), "--seeds", "2", "--out", str(ev)]) == 0
-    assert f"warning: {scored / 'tb'} cannot be written (" in capsys.readouterr().out
+    assert f"warning: {scored / 'tb' / 'evaluation'} cannot be written (" in capsys.readouterr().out
     assert (ev / "table.md").exists() and list(ev.glob("*_vs_L.png"))
     # --checkpoint with --schedule global named the run's own policy's checkpoint, and was ignored silently
     assert err_of(generate_cli.main([*run, "--prompt", "7", "--schedule", "global", "--checkpoint", "latest"])) == (

@@ -275,3 +275,17 @@ def test_resume_auto_and_new_runs_from_checkpoints_take_what_they_find_for_what_
     assert err.endswith("had not reached its first checkpoint; the same command starts it again"), err
     assert main(new) == 0
     assert same_weights(uninterrupted, final_weights(tmp_path / "h"))
+
+
+def test_a_resume_rebuilds_its_own_tensorboard_events_and_keeps_an_evaluations(tmp_path):
+    """tb/ was removed whole on resume and rebuilt from metrics.jsonl: the figures learner.evaluate
+    had logged into the run's TensorBoard (reward_vs_L, digits_fd_vs_L) were gone, silently."""
+    (tmp_path / "tb" / "evaluation").mkdir(parents=True)
+    (tmp_path / "tb" / "events.out.tfevents.old").write_text("the run's events, past the checkpoint")
+    (tmp_path / "tb" / "evaluation" / "events.out.tfevents.ev").write_text("an evaluation's figures")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 1.0}\n{"step": 2, "x": 2.0}\n{"step": 3, "x": 3.0}\n')
+    loop._trim_logs(tmp_path, {"iteration": 2})
+    assert (tmp_path / "tb" / "evaluation" / "events.out.tfevents.ev").read_text() == "an evaluation's figures"
+    assert not (tmp_path / "tb" / "events.out.tfevents.old").exists()
+    (rebuilt,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    assert rebuilt.stat().st_size > 0 and [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
