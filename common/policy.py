@@ -125,10 +125,12 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         backbone: str | None = None,
         pipeline: str | None = None,
         time_convention: str | None = None,
+        x_shape: Sequence[int] | None = None,
     ):
-        """``backbone``, ``pipeline``, ``time_convention``: what the policy was trained for (the
-        sampler backend, the diffusers pipeline class, what its times mean), recorded in the saved
-        config so that an export refuses a pipeline it was not trained for (``rollout.export``)."""
+        """``backbone``, ``pipeline``, ``time_convention``, ``x_shape``: what the policy was trained
+        for (the sampler backend, the diffusers pipeline class, what its times mean, the shape of
+        the noise it read: the image size), recorded in the saved config so that an export refuses
+        a pipeline it was not trained for, and says so at another size (``rollout.export``)."""
         super().__init__()
         if input_kind not in ("image", "vector"):
             raise ValueError(f"unknown input_kind {input_kind!r}; expected 'image' ([C, H, W] noise) or 'vector' ([D])")
@@ -146,6 +148,7 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         self.max_concentration = max_concentration
         self.pooled_dim = pooled_dim
         self.backbone, self.pipeline, self.time_convention = backbone, pipeline, time_convention
+        self.x_shape = [int(d) for d in x_shape] if x_shape is not None else None
         n_out = steps + 1
         if variant == "global":
             self.h = nn.Parameter(torch.zeros(n_out))
@@ -546,4 +549,5 @@ def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau:
         "backbone": spec.backend,
         "pipeline": spec.pipeline,
         "time_convention": spec.time_convention,
+        "x_shape": list(spec.x_shape),
     }

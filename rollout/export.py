@@ -29,6 +29,7 @@ config); a pipeline of another class is refused with a message naming both.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,8 @@ class PipelineSchedule:
     """A trained ``SchedulePolicy`` bound to a stock diffusers pipeline of the class it was trained for.
 
     ``height``/``width``: the image size (default: the pipeline's, as the backend used in
-    training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift.
+    training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift. A
+    size whose noise is not the shape the policy was trained on is a warning.
     ``max_sequence_length``: the T5 length of Flux and SD3 (the backend's default: 512 and 256).
     """
 
@@ -106,6 +108,15 @@ class PipelineSchedule:
             raise ValueError(f"this policy was trained for a {trained} (backbone {policy.backbone!r}), not a {name}")
         self.policy, self.pipe = policy.eval(), pipe
         self.sampler = _sampler_for(pipe, height, width, max_sequence_length)
+        trained_on = getattr(policy, "x_shape", None)
+        if trained_on is not None and list(self.sampler.x_shape) != list(trained_on):
+            warnings.warn(
+                f"this policy read noise of shape {list(trained_on)} in training; at this height and width the"
+                f" pipeline makes {list(self.sampler.x_shape)}: its schedules would come from an input it never saw"
+                " (give the height and width it was trained at)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.family = self.sampler.family
         self.steps = policy.steps
         self._check_scheduler()

@@ -30,7 +30,10 @@ def _policy(family: str, path, pipe_dir, variant: str = "conditional") -> str:
 
         from rollout.backends.flux import FluxFamily
 
-        sampler = DiffusersSampler(FluxFamily, FluxPipeline.from_pretrained(pipe_dir), FluxConfig(model="x"))
+        # trained at the pipeline's own size, as the example exports at (FLUX.1-dev's is 1024, our default; the
+        # tiny pipeline's is smaller)
+        flux = FluxConfig(model="x", height=None, width=None)
+        sampler = DiffusersSampler(FluxFamily, FluxPipeline.from_pretrained(pipe_dir), flux)
     else:
         from diffusers import StableDiffusionXLPipeline
 

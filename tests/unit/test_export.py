@@ -92,6 +92,14 @@ def test_a_pipeline_it_was_not_trained_for_is_refused():
         with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 4611686018427387904, got "):
             PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=seed)
     assert PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=np.int64(2))["latents"] is not None
+    # another image size than the policy's training: a schedule from an input it never saw, silently
+    assert policy.x_shape == list(flux.sampler.x_shape)
+    with pytest.warns(UserWarning, match=r"read noise of shape \[.*\] in training; at this height and width the"):
+        PipelineSchedule(policy, flux.pipe, **{**_export_args("flux"), "height": 2 * SIZE, "width": 2 * SIZE})
+    loaded = SchedulePolicy(
+        **{**policy_kwargs(TINY, flux.sampler.spec(), 3, flux.sampler.default_tau(3)), "x_shape": None}
+    )
+    PipelineSchedule(loaded, flux.pipe, height=2 * SIZE, width=2 * SIZE)  # a policy saved before it was recorded
 
 
 def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
