@@ -135,10 +135,10 @@ class HttpReward:
             raise ValueError(f"http reward: url {url!r}: {e}") from None
         if not parts.hostname:
             raise ValueError(f"http reward: url {url!r} names no host")
-        for name, value, top in (("timeout", timeout, 86_400.0), ("backoff", backoff, 3600.0)):
-            if not isinstance(value, (int, float)) or not 0 <= value <= top or (name == "timeout" and value == 0):
-                bound = "above 0" if name == "timeout" else "at least 0"
-                raise ValueError(f"http reward: {name} must be a number {bound} and at most {top:g} s, got {value!r}")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86_400:  # nan, inf and 0 too
+            raise ValueError(f"http reward: timeout must be a number above 0 and at most 86400 s, got {timeout!r}")
+        if not isinstance(backoff, (int, float)) or not 0 <= backoff <= 3600:
+            raise ValueError(f"http reward: backoff must be a number at least 0 and at most 3600 s, got {backoff!r}")
         if not isinstance(retries, int) or not 0 <= retries <= 100:
             raise ValueError(f"http reward: retries must be an integer from 0 to 100, got {retries!r}")
         self.url = url.rstrip("/")
