@@ -1,5 +1,5 @@
 """The toy backend: an exact flow, per-sample schedules, and something to learn at few steps; its
-logsumexp is scipy's to the bit."""
+logsumexp and softmax are scipy's to the bit."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.special import logsumexp as scipy_logsumexp
+from scipy.special import softmax as scipy_softmax
 
 from common.schedule import guard_tau, times_from_tau, uniform_flow_tau
-from common.toy import ToyMixture, logsumexp
+from common.toy import ToyMixture, logsumexp, softmax
 from rewards.toy import ToyReward
 from rollout.backends.toy import ToySampler
 from rollout.sampler import Sampler
@@ -127,3 +128,19 @@ def test_logsumexp_is_scipys_to_the_bit(a, axis):
         exact = _exact_logsumexp([float(v) for v in row])
         # a few ulps of the terms added: max + log(sum of exp(a - max))
         assert abs(got - exact) <= 4 * np.finfo(np.float64).eps * (abs(top) + abs(exact - top)), (got, exact)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=3, max_dims=3, min_side=1, max_side=5),
+        elements=st.one_of(st.floats(-1e4, 50.0), st.sampled_from([0.0, -1.0])),
+    ),
+    axis=st.sampled_from([0, 1, 2]),
+)
+def test_softmax_is_scipys_to_the_bit(a, axis):
+    """The sampler's posterior over modes: scipy's numbers, bit for bit, summing to 1."""
+    ours = softmax(a, axis=axis)
+    np.testing.assert_array_equal(ours, scipy_softmax(a, axis=axis))
+    np.testing.assert_allclose(ours.sum(axis=axis), 1.0, rtol=1e-12)

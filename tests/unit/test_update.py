@@ -306,6 +306,21 @@ def test_flat_adamw_leaves_the_per_tensor_adamws_bits():
         assert all(torch.equal(v, saved_flat["state"][i][k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipped, and left as it is
+def test_flat_clip_is_clip_grad_norm_to_the_bit(max_norm):
+    flat, per, opt_flat, _ = _flat_and_per_tensor()
+    rng = np.random.default_rng(0)
+    inputs = collate(
+        rng.standard_normal((3, 3)).astype(np.float32), [rng.standard_normal((2, 4)).astype(np.float32)] * 3, None
+    )
+    for policy in (flat, per):
+        policy(inputs).pow(2).sum().backward()
+    norm = opt_flat.clip_grad_norm_(max_norm)
+    stock = torch.nn.utils.clip_grad_norm_(per.parameters(), max_norm)
+    assert torch.equal(norm, stock) and float(norm) > 1e-3
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(flat.parameters(), per.parameters(), strict=True))
+
+
 def test_flat_adamw_resumes_from_a_per_tensor_checkpoint_and_back():
     """A per-tensor AdamW's state continues in FlatAdamW (and the reverse) to the same bits."""
     flat, per, opt_flat, opt_per = _flat_and_per_tensor()
