@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import typing
@@ -18,7 +19,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, NoReturn, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from common.prompts import check_prompts, read_capped, read_prompt_file
@@ -31,6 +32,25 @@ class Section(BaseModel):
     every float is finite (inf and nan are refused)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _finite_numbers(value: Any, at: str = "") -> Any:
+    """``value`` as it is, once every float in it (in nested mappings and lists too) is finite:
+    keyword arguments are not typed, and a YAML ``.nan`` or ``.inf`` would reach a reward or a
+    sampler unchecked, where it shows up only as non-finite scores once training has started."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{at or 'a value'} is {value}; every number in kwargs must be finite")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_numbers(v, f"{at}.{k}" if at else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _finite_numbers(v, f"{at}[{i}]")
+    return value
+
+
+#: Keyword arguments of a plug-in's ``__init__``: any JSON-like value, every number finite.
+Kwargs = Annotated[dict[str, Any], AfterValidator(_finite_numbers)]
 
 
 #: The largest seed (a run's, a noise's): torch's generators take a signed 64-bit seed, and the
@@ -228,7 +248,7 @@ class SamplerConfig(Section):
         " SD1.5/SDXL), 'simulated' (a real sampler's cost and shapes, no model), or a user's sampler by import"
         " path 'pkg.module:Class' (docs/backends.md).",
     )
-    kwargs: dict[str, Any] = Field(
+    kwargs: Kwargs = Field(
         default_factory=dict, description="Keyword arguments of a sampler named by import path (its __init__)."
     )
     runtime_env: dict[str, Any] | None = Field(
@@ -434,7 +454,7 @@ class RewardSpec(Section):
         ..., min_length=1, description="A registered reward name ('toy') or an import path 'pkg.module:Class'."
     )
     weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of this reward in the combined reward.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the reward's __init__.")
+    kwargs: Kwargs = Field(default_factory=dict, description="Keyword arguments of the reward's __init__.")
     num_servers: int = Field(1, ge=1, le=1024, description="RewardServer actors hosting this reward.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each of its servers.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each of its servers.")
@@ -464,7 +484,7 @@ def reward_keys(specs: list[RewardSpec]) -> list[str]:
 
 class MetricSpec(Section):
     name: str = Field(..., min_length=1, description="A registered metric name ('digits_fd') or 'pkg.module:Class'.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")
+    kwargs: Kwargs = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by its server.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by its server.")
     start_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Seconds its server has to build the metric.")

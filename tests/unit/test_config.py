@@ -132,6 +132,13 @@ def test_a_malformed_list_or_mapping_flag_is_one_line_naming_it(flag, message):
         ({"rollout": {"num_workers": "auto"}}, "rollout.num_gpus > 0"),
         ({"rollout": {"num_workers": "many"}}, "rollout.num_workers"),
         ({"rollout": {"num_workers": 4, "max_workers": 2}}, "rollout.max_workers=2 is below"),
+        # kwargs are untyped: a YAML .nan or .inf is refused there too, named by its place
+        ({"rewards": [{"name": "toy", "kwargs": {"floor": float("nan")}}]}, "rewards.0.kwargs: floor is nan"),
+        (
+            {"learner": {"eval_metrics": [{"name": "m:M", "kwargs": {"a": [1, {"b": float("-inf")}]}}]}},
+            "a[1].b is -inf",
+        ),
+        ({"sampler": {"backend": "a.b:C", "kwargs": {"scale": float("inf")}}}, "sampler.kwargs: scale is inf"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, data, field):
