@@ -305,7 +305,7 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
 
     cfg = load_run_config(run)
     if checkpoint is None and (run / "policy").is_dir():
-        return _for_backend(_read_policy(run / "policy"), run / "policy", cfg.sampler.backend)
+        return _for_backend(read_policy(run / "policy"), run / "policy", cfg.sampler.backend)
     store = CheckpointStore(cfg.learner.checkpoint_dir or run / "checkpoints")
     if checkpoint is None:
         if store.names():
@@ -327,7 +327,7 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} is damaged ({problem})")
     _check_of_run(Path(ckpt), run, cfg)
-    return _for_backend(_read_policy(Path(ckpt) / "policy", Path(ckpt)), Path(ckpt), cfg.sampler.backend)
+    return _for_backend(read_policy(Path(ckpt) / "policy", Path(ckpt)), Path(ckpt), cfg.sampler.backend)
 
 
 def _check_of_run(ckpt: Path, run: Path, cfg: Any) -> None:
@@ -361,7 +361,7 @@ def _for_backend(policy: Any, where: Path, backend: str) -> Any:
     return policy
 
 
-def _read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
+def read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
     """The policy saved in ``directory`` (and the weights of ``checkpoint`` loaded into it), in
     eval mode; a ConfigError naming the directory where its files cannot be read."""
     from common.config import ConfigError

@@ -985,6 +985,14 @@ class CommandLine(argparse.ArgumentParser):
         self.exit(2, f"error: invalid command line: {message} (--help lists every flag)\n")
 
 
+def given_path(text: str) -> Path:
+    """An argparse ``type``: a path that is not blank. ``Path("")`` is the current directory, so a
+    flag given an unset variable (``--out "$OUT"``) would write there without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is blank (an unset variable in the command?): give a path, '.' for here")
+    return Path(text)
+
+
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer from ``minimum`` to ``maximum`` (argparse names the flag)."""
 

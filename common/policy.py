@@ -181,14 +181,25 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = False, **kwargs: Any):
         """A local directory is read here, as the mixin reads it but without its print of "Loading
-        weights from local directory" on every command's output; a hub id goes to the mixin."""
+        weights from local directory" on every command's output; a hub id goes to the mixin.
+
+        Always strictly (``strict`` is the mixin's, whose default is not): a weights file without
+        some of the policy's tensors would leave them at their initial values, and the untrained
+        schedule would be used without a word. Weights that are not finite are refused too."""
         if not os.path.isdir(model_id):
-            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
-        hub = ("revision", "cache_dir", "force_download", "local_files_only", "token")
-        model = cls(**{k: v for k, v in kwargs.items() if k not in hub})
-        return cls._load_as_safetensor(
-            model, os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE), map_location, strict
-        )
+            model = super()._from_pretrained(model_id=model_id, map_location=map_location, strict=True, **kwargs)
+        else:
+            hub = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+            model = cls._load_as_safetensor(
+                cls(**{k: v for k, v in kwargs.items() if k not in hub}),
+                os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE),
+                map_location,
+                True,
+            )
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"the weights of {model_id} are not finite in {len(bad)} tensors ({', '.join(bad[:3])})")
+        return model
 
     def set_max_concentration(self, cap: float | None) -> None:
         """Change the cap on sum(alpha) (a schedule of it over training); ``save_pretrained``

@@ -21,17 +21,18 @@ with loading(__name__):
     import numpy as np
     import ray
 
+    from common.checkpoint import load_run_config
     from common.config import (
         EVAL_SEEDS,
         MAX_STEPS,
         CommandLine,
         ConfigError,
         changed_fields,
+        given_path,
         int_at_least,
         ints_at_least,
     )
     from common.messages import Context, ScheduleMode
-    from common.policy import SchedulePolicy
     from common.rundir import EVALUATION, hold
     from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
     from learner.stats import mean_se
@@ -250,7 +251,7 @@ def sweep(
     """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``."""
     from tqdm.auto import tqdm
 
-    from common.checkpoint import load_run_config, load_run_policy
+    from common.checkpoint import load_run_config, load_run_policy, read_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
     from learner.groups import RewardGroup, RolloutGroup, actor_asks, check_room
@@ -308,7 +309,7 @@ def sweep(
                             schedules[label] = Schedule("fixed", tau)
                     if n == policy.steps:
                         if (run / "global" / "policy").is_dir():
-                            glob = SchedulePolicy.from_pretrained(run / "global" / "policy")
+                            glob = read_policy(run / "global" / "policy")
                             schedules["learned global"] = Schedule("fixed", glob.global_mean_tau())
                         learned = "learned global" if policy.variant == "global" else "learned instance-level"
                         schedules[learned] = Schedule("mean")
@@ -399,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=CLI_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", type=Path, action="append", required=True, help="A run directory (repeat: one per L).")
+    p.add_argument(
+        "--run", type=given_path, action="append", required=True, help="A run directory (repeat: one per L)."
+    )
     p.add_argument("--steps", type=ints_at_least(1, MAX_STEPS), help="L values, e.g. 2,4,8 (default: the runs' own).")
     p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
     p.add_argument("--prompt-file", type=Path, help="Held-out prompts, one per line (default: the run's).")
@@ -409,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Held-out seeds per prompt (default: the run's learner.eval_seeds).",
     )
     p.add_argument(
-        "--best-of", type=int_at_least(0, 1000), default=0, help="Also the best of K policy draws (K x NFE)."
+        "--best-of",
+        type=int_at_least(2, 1000),
+        default=0,
+        help="Also the best of K policy draws (K x NFE), K from 2 (the best of one draw is one draw).",
     )
-    p.add_argument("--out", type=Path, help="Output directory (default: <first run>/evaluation).")
+    p.add_argument("--out", type=given_path, help="Output directory (default: <first run>/evaluation).")
     p.add_argument(
         "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
     )
@@ -420,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     held = None
     try:
         try:
+            for run in args.run:  # a run, before anything is made in it (tb/evaluation) or beside it
+                load_run_config(run)
             check_out_dir(out)  # found now, not after the whole evaluation
             tb_dir = run_tb_dir(args.run[0])
             held = hold(out, "evaluation dir", "--out", "evaluation")  # one evaluation writes it at a time

@@ -27,13 +27,14 @@ with loading(__name__):
     import numpy as np
     import torch
 
-    from common.checkpoint import load_run_config, load_run_policy
+    from common.checkpoint import load_run_config, load_run_policy, read_policy
     from common.config import (
         DEFAULT_REFERENCE_STEPS,
         MAX_SEED,
         MAX_STEPS,
         CommandLine,
         ConfigError,
+        given_path,
         int_at_least,
         reward_keys,
     )
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", type=Path, required=True, help="A run directory.")
+    p.add_argument("--run", type=given_path, required=True, help="A run directory.")
     p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for several).")
     p.add_argument(
         "--seed", type=int_at_least(0, MAX_SEED), action="append", help="A noise seed (repeat for several; default 0)."
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="'latest', a checkpoint name or path (default: the run's final policy).")
     p.add_argument("--compare", action="store_true", help="Also the default schedule, beside.")
     p.add_argument("--score", action="store_true", help="Print every configured reward of every image.")
-    p.add_argument("--out", type=Path, help="PNG or JPEG to write (default: generated.png in the current directory).")
+    p.add_argument(
+        "--out", type=given_path, help="PNG or JPEG to write (default: generated.png in the current directory)."
+    )
     args = p.parse_args(argv)
     try:
         return _generate(args)
@@ -144,8 +147,6 @@ def _generate(args: argparse.Namespace) -> int:
             )
         glob = None
         if args.schedule == "global":
-            from common.policy import SchedulePolicy
-
             if policy.variant == "global":
                 glob = policy
             elif args.checkpoint is not None:  # it names a checkpoint of the run's own policy, not of global/
@@ -155,7 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
                     " schedule's checkpoints"
                 )
             elif (args.run / "global" / "policy").is_dir():
-                glob = SchedulePolicy.from_pretrained(args.run / "global" / "policy")
+                glob = read_policy(args.run / "global" / "policy")
             else:
                 raise ConfigError(f"{args.run} has no learned global schedule (global/policy)")
         torch.set_num_threads(cfg.learner.torch_threads)

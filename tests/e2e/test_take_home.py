@@ -221,8 +221,15 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         ("--steps", "2,a", "expected an integer, got 'a'"),
         ("--steps", "99999", "must be from 1 to 1000, got 99999"),
         ("--seeds", "0", "must be from 2 to 1000000, got 0"),
-        ("--best-of", "-1", "must be from 0 to 1000, got -1"),
-        ("--best-of", "100000000", "must be from 0 to 1000, got 100000000"),  # ran, silent, 10^8 draws a context
+        ("--best-of", "-1", "must be from 2 to 1000, got -1"),
+        ("--best-of", "1", "must be from 2 to 1000, got 1"),  # was accepted and left out of the table
+        ("--best-of", "100000000", "must be from 2 to 1000, got 100000000"),  # ran, silent, 10^8 draws a context
+        (
+            "--out",
+            "",
+            "is blank (an unset variable in the command?): give a path, '.' for here",
+        ),  # wrote into the current directory
+        ("--run", " ", "is blank (an unset variable in the command?): give a path, '.' for here"),
     ]:
         with pytest.raises(SystemExit) as e:
             evaluate_cli.main([*run, flag, value])
@@ -235,6 +242,21 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     )
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    # a path that is not a run: refused before anything is made in it (it was given tb/evaluation)
+    for where in (tmp_path / "nowhere", a_file, digits_run / "policy"):
+        assert err_of(evaluate_cli.main(["--run", str(where)])).startswith("error: ")
+    assert not (tmp_path / "nowhere").exists() and not (digits_run / "policy" / "tb").exists()
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(["--run", str(digits_run), "--prompt", "7", "--out", ""])
+    assert "argument --out: is blank" in err_of(e.value.code)
+    # a damaged learned global schedule: one line (it was safetensors' traceback, in evaluate after Ray started)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(digits_run, damaged)
+    with open(damaged / "global" / "policy" / "model.safetensors", "r+b") as f:
+        f.truncate(50)
+    assert err_of(generate_cli.main(["--run", str(damaged), "--prompt", "7", "--schedule", "global"])).startswith(
+        f"error: the policy in {damaged / 'global' / 'policy'} cannot be loaded (SafetensorError: "
+    )
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file)])) == (
         f"error: --out {a_file} is a file; the evaluation writes a directory"
     )

@@ -133,6 +133,25 @@ def test_save_and_load_restore_an_identical_policy(tmp_path, capsys):
     assert "parameters" in describe(pol)
 
 
+def test_weights_with_tensors_missing_or_not_finite_are_refused(tmp_path):
+    """The hub mixin loads non-strictly by default: a weights file without the head's tensors gave
+    a policy with its initial head, the untrained schedule, without a word."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    SchedulePolicy(steps=4, in_channels=4, token_dim=6, **TINY).eval().save_pretrained(tmp_path / "p")
+    weights = tmp_path / "p" / "model.safetensors"
+    saved = load_file(weights)
+    save_file({k: v for k, v in saved.items() if not k.startswith("head.")}, weights)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*head\."):
+        SchedulePolicy.from_pretrained(tmp_path / "p")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        SchedulePolicy.from_pretrained(tmp_path / "p", strict=False)  # never what a policy wants
+    save_file({**saved, "head.2.bias": torch.full_like(saved["head.2.bias"], float("nan"))}, weights)
+    with pytest.raises(ValueError, match=r"weights of .* are not finite in 1 tensors \(head.2.bias\)"):
+        SchedulePolicy.from_pretrained(tmp_path / "p")
+
+
 def test_numpy_state_round_trip():
     torch.manual_seed(0)
     a = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
