@@ -29,6 +29,7 @@ config); a pipeline of another class is refused with a message naming both.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -66,20 +67,34 @@ def _sampler_for(pipe: Any, height: int | None, width: int | None, max_sequence_
     if name == "FluxPipeline":
         from rollout.backends.flux import FluxFamily
 
-        msl = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
-        return DiffusersSampler(FluxFamily, pipe, FluxConfig(**common, **msl))
+        return DiffusersSampler(FluxFamily, pipe, _settings(FluxConfig, common, max_sequence_length))
     if name == "StableDiffusion3Pipeline":
         from rollout.backends.sd3 import SD3Family
 
-        msl = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
-        return DiffusersSampler(SD3Family, pipe, SD3Config(**common, **msl))
+        return DiffusersSampler(SD3Family, pipe, _settings(SD3Config, common, max_sequence_length))
     from rollout.backends.sd import SDFamily
 
-    return DiffusersSampler(SDFamily, pipe, SDConfig(**common))
+    return DiffusersSampler(SDFamily, pipe, _settings(SDConfig, common))
+
+
+def _settings(section: type, common: dict[str, Any], max_sequence_length: int | None = None) -> Any:
+    """The backend's config section for these arguments; a value out of its range is a ValueError
+    of one line naming the argument (0 is a length given, not the default)."""
+    from pydantic import ValidationError
+
+    extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    try:
+        return section(**common, **extra)
+    except ValidationError as e:
+        why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors())
+        raise ValueError(f"PipelineSchedule: {why}") from None
 
 
 class PipelineSchedule:
     """A trained ``SchedulePolicy`` bound to a stock diffusers pipeline of the class it was trained for.
+
+    ``policy``: the policy, or where it was saved (``<run>/policy``, a checkpoint's ``policy``, a
+    hub id), loaded with ``SchedulePolicy.from_pretrained``.
 
     ``height``/``width``: the image size (default: the pipeline's, as the backend used in
     training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift. A
@@ -89,12 +104,18 @@ class PipelineSchedule:
 
     def __init__(
         self,
-        policy: SchedulePolicy,
+        policy: SchedulePolicy | str | os.PathLike,
         pipe: Any,
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int | None = None,
     ):
+        if isinstance(policy, str | os.PathLike):  # a saved policy: a local directory or a hub id
+            policy = SchedulePolicy.from_pretrained(policy)
+        if not isinstance(policy, SchedulePolicy):
+            raise TypeError(
+                f"policy must be a SchedulePolicy or the path of a saved one, got a {type(policy).__name__}"
+            )
         name = type(pipe).__name__
         if name not in PIPELINES:
             raise ValueError(f"rollout.export runs {sorted(PIPELINES)}; got a {name}")
@@ -145,7 +166,12 @@ class PipelineSchedule:
         self, prompt: str, seed: int | None = None, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
         """Keyword arguments of ``pipe(prompt, **kwargs)`` that run the learned schedule from the
-        noise of ``seed`` (or ``generator``)."""
+        noise of ``seed`` (or ``generator``). One prompt: its schedule is its own (call once per
+        prompt of a batch)."""
+        if not isinstance(prompt, str):
+            raise TypeError(
+                f"prompt must be one str (call once per prompt: each has its own schedule), got {prompt!r:.80}"
+            )
         noise = self.noise(seed, generator)
         times = self.times(prompt, noise)
         return {"latents": self.latents(noise), **self.schedule_kwargs(times)}

@@ -102,6 +102,27 @@ def test_a_pipeline_it_was_not_trained_for_is_refused():
     PipelineSchedule(loaded, flux.pipe, height=2 * SIZE, width=2 * SIZE)  # a policy saved before it was recorded
 
 
+def test_careless_calls_are_one_clear_error(tmp_path):
+    """A path for the policy is loaded (it was an AttributeError on the str); a batch of prompts,
+    a size or a T5 length out of range are named (an unhashable-list TypeError from a cache, a
+    pydantic block with a URL; a length of 0 meant the default, 512)."""
+    flux = build("flux")
+    policy = _policy(flux.sampler)
+    policy.save_pretrained(tmp_path / "policy")
+    from_path = PipelineSchedule(str(tmp_path / "policy"), flux.pipe, **_export_args("flux"))
+    direct = PipelineSchedule(policy, flux.pipe, **_export_args("flux"))
+    assert torch.equal(from_path(PROMPT, seed=1)["latents"], direct(PROMPT, seed=1)["latents"])
+    assert from_path(PROMPT, seed=1)["sigmas"] == direct(PROMPT, seed=1)["sigmas"]
+    with pytest.raises(TypeError, match="policy must be a SchedulePolicy or the path of a saved one, got a dict"):
+        PipelineSchedule({}, flux.pipe)
+    with pytest.raises(TypeError, match=r"prompt must be one str \(call once per prompt"):
+        direct(["a cat", "a dog"], seed=0)
+    for bad, field in [({"height": 0}, "height"), ({"max_sequence_length": 0}, "max_sequence_length")]:
+        with pytest.raises(ValueError) as e:
+            PipelineSchedule(policy, flux.pipe, **{**_export_args("flux"), **bad})
+        assert str(e.value).startswith(f"PipelineSchedule: {field}: ") and "\n" not in str(e.value)
+
+
 def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
     sd15 = build("sd15")
     policy = _policy(sd15.sampler)
