@@ -111,7 +111,7 @@ class PipelineSchedule:
         max_sequence_length: int | None = None,
     ):
         if isinstance(policy, str | os.PathLike):  # a saved policy: a local directory or a hub id
-            policy = SchedulePolicy.from_pretrained(policy)
+            policy = SchedulePolicy.from_pretrained(os.fspath(policy))
         if not isinstance(policy, SchedulePolicy):
             raise TypeError(
                 f"policy must be a SchedulePolicy or the path of a saved one, got a {type(policy).__name__}"
