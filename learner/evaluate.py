@@ -230,6 +230,10 @@ class Sweep:
                     for i, c in enumerate(self.contexts):
                         extra = [repr(float(res.per_reward[method][k][i])) for k in keys]
                         w.writerow([n, method, c.index, c.prompt, c.seed, repr(float(r[i])), *extra])
+        now = {f"{measure}_vs_L.png" for measure in self.measures()}
+        for old in out.glob("*_vs_L.png"):  # an earlier evaluation's plot of a measure this one has not
+            if old.name not in now:
+                old.unlink()
         tb = TensorBoardLogger(tb_dir) if tb_dir is not None else None
         try:
             for measure in self.measures():
@@ -447,7 +451,18 @@ def main(argv: list[str] | None = None) -> int:
             word, code = how_stopped(e)
             print(f"{word}: nothing of the evaluation was written", file=sys.stderr)
             return code
-        result.write(out, tb_dir=tb_dir)
+        try:
+            result.write(out, tb_dir=tb_dir)
+        except OSError as e:  # a full disk, a share gone: the evaluation is lost, its files in --out partial
+            print(
+                f"error: writing the evaluation into {out} failed: {e.strerror or e}; its files there are partial",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt as e:
+            word, code = how_stopped(e)
+            print(f"{word} while the evaluation was written: its files in {out} are partial", file=sys.stderr)
+            return code
     finally:
         if held is not None:
             held.release()

@@ -192,6 +192,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.score:
         try:
             scored = score(cfg, sampler, prompts, noise, images, servers)
+        except KeyboardInterrupt as e:  # the image is kept: stopped while it was scored
+            if written is None:
+                raise
+            word, code = how_stopped(e)
+            print(f"{word}: the image is in {written}, not scored", file=sys.stderr)
+            return code
         except Exception as e:  # noqa: BLE001 - a reward that fails on these images: one line, what is kept
             kept = f"; the image is in {written}" if written is not None else ""
             print(f"error: --score: {type(e).__name__}: {e}{kept}", file=sys.stderr)

@@ -72,9 +72,12 @@ class _Bar:
 
 def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ev"
+    out.mkdir()
+    (out / "fidelity_vs_L.png").write_bytes(b"an earlier evaluation's plot, of a measure this one has not")
     monkeypatch.setattr("tqdm.auto.tqdm", _Bar)
     code = evaluate_cli.main(["--run", str(digits_run), "--steps", "2,3", "--best-of", "2", "--out", str(out)])
     assert code == 0
+    assert not (out / "fidelity_vs_L.png").exists(), "it was left beside this evaluation's plots"
     # its progress (on a terminal): every sample counted as its unit is scored, 30 contexts x (2 at L=2, 6 at L=3)
     (bar,) = _Bar.made
     assert bar.n == bar.total == 30 * 8 and bar.closed and bar.descriptions == ["evaluate L=2", "evaluate L=3"]
@@ -353,3 +356,41 @@ def test_generate_on_a_backend_of_vectors_says_no_image_was_written(ray_local, d
     assert capsys.readouterr().err.strip().splitlines() == [why]
     assert evaluate_cli.main(["--run", str(mixed), "--out", str(tmp_path / "ev")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [why]
+
+
+@pytest.mark.parametrize(
+    "stop, code, line",
+    [
+        (KeyboardInterrupt, 130, "interrupted while the evaluation was written: its files in {out} are partial"),
+        (OSError(28, "No space left on device"), 1, "error: writing the evaluation into {out} failed: No space left"),
+    ],
+)
+def test_a_stop_while_the_evaluation_is_written_says_what_is_partial(
+    digits_run, tmp_path, monkeypatch, capsys, stop, code, line
+):
+    """It was a traceback (the writing was outside what the command caught), the files partial."""
+
+    class Written:
+        def write(self, out, tb_dir=None):
+            (out / "table.md").write_text("half")
+            raise stop
+
+    monkeypatch.setattr(evaluate_cli, "sweep", lambda *a, **k: Written())
+    out = tmp_path / "ev"
+    assert evaluate_cli.main(["--run", str(digits_run), "--out", str(out)]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line.format(out=out)), err
+    assert not (out / ".lock").exists(), "released"
+
+
+def test_generate_stopped_while_it_scores_says_the_image_is_kept(digits_run, tmp_path, monkeypatch, capsys):
+    """It said 'nothing was written' beside the image it had written."""
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_cli, "score", stopped)
+    png = tmp_path / "s.png"
+    assert generate_cli.main(["--run", str(digits_run), "--prompt", "7", "--score", "--out", str(png)]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: the image is in {png}, not scored"
+    assert png.stat().st_size > 0
