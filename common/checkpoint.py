@@ -135,6 +135,12 @@ def verify(ckpt: Path) -> str | None:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
         return f"unreadable manifest ({e})"
+    entry = {"bytes": int, "sha256": str}
+    if not isinstance(manifest, dict) or not all(
+        isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in entry.items())
+        for meta in manifest.values()
+    ):
+        return "a manifest that is not a file -> {bytes, sha256} mapping"
     for rel, meta in manifest.items():
         p = ckpt / rel
         if not p.is_file():
@@ -317,7 +323,9 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
         where = checkpoint if "/" in checkpoint else f"{str(store.root).rstrip('/')}/{checkpoint}"
         ckpt = store.fetch(where) if store.fs.isdir(where) else None
     if ckpt is None:
-        raise ConfigError(f"no checkpoint {checkpoint!r} in {store}")
+        relative = "/" in checkpoint and not checkpoint.startswith(("/", "."))
+        hint = f" (a path is read from the current directory: give {run / checkpoint}?)" if relative else ""
+        raise ConfigError(f"no checkpoint {checkpoint!r} in {store}{hint}")
     if not (Path(ckpt) / MANIFEST).exists() and not (Path(ckpt) / "state.json").exists():
         raise ConfigError(
             f"{ckpt} is not a checkpoint (it has no {MANIFEST} or state.json): --checkpoint takes 'latest', a"

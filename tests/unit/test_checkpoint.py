@@ -142,6 +142,13 @@ def test_a_damaged_run_is_one_line_naming_its_file(tmp_path):
         load_run_policy(run)
     with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a checkpoint \(it has no manifest.json or state"):
         load_run_policy(run, str(tmp_path))  # was 'checkpoint ... is damaged (unreadable manifest (...))'
+    (ckpt,) = (run / "checkpoints").glob("ckpt-*")
+    with pytest.raises(ConfigError, match=rf"\(a path is read from the current directory: give {run}/checkpoints/"):
+        load_run_policy(run, f"checkpoints/{ckpt.name}")  # a path relative to the run, from elsewhere
+    for manifest in ("[1]", '{"policy/model.safetensors": 3}'):  # JSON, not a manifest: an AttributeError
+        (ckpt / "manifest.json").write_text(manifest)
+        with pytest.raises(ConfigError, match=r"is damaged \(a manifest that is not a file -> \{bytes, sha256\}"):
+            load_run_policy(run, str(ckpt))
 
     config = run / "config.yaml"
     config.write_text(config.read_text() + "old_section: {a: 1}\n")
