@@ -23,6 +23,7 @@ with loading(__name__):
 
     from common.checkpoint import load_run_config
     from common.config import (
+        BUILTIN_BACKENDS,
         EVAL_SEEDS,
         MAX_STEPS,
         CommandLine,
@@ -355,6 +356,12 @@ def _check_read(run: Any, evaluated: Any) -> None:
         raise ConfigError(
             f"{', '.join(unread)}: an evaluation does not read {'it' if len(unread) == 1 else 'them'} (how the run"
             " trained); it reads the sampler, the rewards, ray, the rollout workers, experiment.seed and learner.eval_*"
+        )
+    was, now = run.sampler.backend, evaluated.sampler.backend
+    if now != was and (was in BUILTIN_BACKENDS or now in BUILTIN_BACKENDS):  # a plug-in's import path may move
+        raise ConfigError(
+            f"--sampler.backend={now}: the run's policy was trained for the {was} backend, and reads its noise and"
+            f" prompts; an evaluation samples with it (its settings, sampler.{was}.*, may change)"
         )
 
 

@@ -289,6 +289,10 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
         " it reads the"
         " sampler, the rewards, ray, the rollout workers, experiment.seed and learner.eval_*"
     )  # were ignored, silently
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--sampler.backend=toy"])) == (
+        "error: --sampler.backend=toy: the run's policy was trained for the digits backend, and reads its noise and"
+        " prompts; an evaluation samples with it (its settings, sampler.digits.*, may change)"
+    )  # was a reshape error's traceback from the metric server, after Ray and the workers had started
     assert err_of(evaluate_cli.main([*run, *run, "--out", str(out)])) == (
         "error: a run is given twice (--run): give each run once"
     )
