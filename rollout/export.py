@@ -237,6 +237,12 @@ class PipelineSchedule:
                 f" {type(sched).__name__}: set"
                 " pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
             )
+        if c.get("final_sigmas_type", "zero") != "zero":  # the last step would stop short of a clean image
+            raise ValueError(
+                f"the pipeline's EulerDiscreteScheduler ends at final_sigmas_type={c['final_sigmas_type']!r}; the"
+                " learned schedule ends at sigma 0, as in training: set pipe.scheduler ="
+                " EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type='zero')"
+            )
 
 
 def pipeline_kwargs(

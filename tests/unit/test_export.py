@@ -129,6 +129,14 @@ def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
     pipe = tiny_pipeline("sd15")  # ships PNDM, as SD1.5 does
     with pytest.raises(ValueError, match="EulerDiscreteScheduler.from_config"):
         PipelineSchedule(policy, pipe)
+    from diffusers import EulerDiscreteScheduler
+
+    # it ran, and stopped at sigma_min: 1e-3 from the backend's image where the stock config gives 2e-7
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match=r"ends at final_sigmas_type='sigma_min'; the learned schedule ends at"):
+        PipelineSchedule(policy, pipe)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="zero")
+    PipelineSchedule(policy, pipe)
 
 
 def test_align_your_steps_is_offered_where_diffusers_has_it():
