@@ -82,11 +82,13 @@ def _settings(section: type, common: dict[str, Any], max_sequence_length: int | 
     of one line naming the argument (0 is a length given, not the default)."""
     from pydantic import ValidationError
 
+    from common.config import format_validation_error
+
     extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     try:
         return section(**common, **extra)
-    except ValidationError as e:
-        why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors())
+    except ValidationError as e:  # the config's own wording, its lines after the heading in one
+        why = "; ".join(line.strip() for line in format_validation_error(e).splitlines()[1:])
         raise ValueError(f"PipelineSchedule: {why}") from None
 
 
