@@ -225,12 +225,13 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
 
     def _alpha(self, inputs: PolicyInputs) -> torch.Tensor:
         if self.variant == "global":
-            return (F.softplus(self.h) + self.alpha_min).expand(len(inputs), -1)
-        x = inputs.x.float()
+            return (F.softplus(self.h.float()) + self.alpha_min).expand(len(inputs), -1)
+        dtype = next(self.head.parameters()).dtype  # float32, or what the policy was cast to (.to(torch.bfloat16))
+        x = inputs.x.to(dtype)
         if (x.dim() == 2) != (self.input_kind == "vector"):
             raise ValueError(f"this policy reads {self.input_kind} noise; got x of shape {tuple(x.shape)}")
         h = x
-        tokens, mask = inputs.tokens.float(), inputs.mask.bool()
+        tokens, mask = inputs.tokens.to(dtype), inputs.mask.bool()
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every context needs at least one real text token (mask is all False)")
         feats = []
@@ -240,15 +241,15 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         if self.pooled_dim:
             if inputs.pooled is None:
                 raise ValueError(f"this policy takes a pooled text embedding of width {self.pooled_dim}")
-            feats.append(inputs.pooled.float())
-        return F.softplus(self.head(torch.cat(feats, dim=1))) + self.alpha_min
+            feats.append(inputs.pooled.to(dtype))
+        return F.softplus(self.head(torch.cat(feats, dim=1)).float()) + self.alpha_min
 
     def global_mean_tau(self) -> list[float]:
         """The Dirichlet mean of a ``global`` policy: its one learned schedule."""
         if self.variant != "global":
             raise ValueError("only a global policy has one schedule for every context")
         with torch.no_grad():
-            alpha = (F.softplus(self.h) + self.alpha_min).double()
+            alpha = (F.softplus(self.h.float()) + self.alpha_min).double()
         return (alpha / alpha.sum()).tolist()
 
     def num_parameters(self) -> int:

@@ -132,7 +132,14 @@ class PipelineSchedule:
         self.policy, self.pipe = policy.eval(), pipe
         self.sampler = _sampler_for(pipe, height, width, max_sequence_length)
         trained_on = getattr(policy, "x_shape", None)
-        if trained_on is not None and list(self.sampler.x_shape) != list(trained_on):
+        made = list(self.sampler.x_shape)
+        if trained_on is not None and (len(made), made[0]) != (len(trained_on), trained_on[0]):
+            raise ValueError(
+                f"this policy read noise of shape {list(trained_on)} in training; this pipeline's"
+                f" {'transformer' if hasattr(pipe, 'transformer') else 'unet'} makes noise of shape {made}: another"
+                " number of latent channels, which the policy cannot read (a pipeline of another model?)"
+            )
+        if trained_on is not None and made != list(trained_on):
             warnings.warn(
                 f"this policy read noise of shape {list(trained_on)} in training; at this height and width the"
                 f" pipeline makes {list(self.sampler.x_shape)}: its schedules would come from an input it never saw"

@@ -100,6 +100,32 @@ def test_a_pipeline_it_was_not_trained_for_is_refused():
         **{**policy_kwargs(TINY, flux.sampler.spec(), 3, flux.sampler.default_tau(3)), "x_shape": None}
     )
     PipelineSchedule(loaded, flux.pipe, height=2 * SIZE, width=2 * SIZE)  # a policy saved before it was recorded
+    # noise of another number of channels (another model's pipeline of the same class): refused at once,
+    # where it was the size warning, then torch's conv error on the first call
+    spec = flux.sampler.spec()
+    other = SchedulePolicy(
+        **{
+            **policy_kwargs(TINY, spec, 3, flux.sampler.default_tau(3)),
+            "in_channels": 2 * spec.x_shape[0],
+            "x_shape": [2 * spec.x_shape[0], *spec.x_shape[1:]],
+        }
+    )
+    with pytest.raises(ValueError, match=r"makes noise of shape \[.*\]: another number of latent channels"):
+        PipelineSchedule(other, flux.pipe, **_export_args("flux"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_policy_cast_to_half_precision_gives_the_schedule(dtype):
+    """A policy cast with ``.to(torch.bfloat16)`` (as a pipeline is) reads the float32 noise and
+    text embeddings in its own precision and gives float32 alphas: the same schedule to that
+    precision (it was torch's dtype error in the first layer)."""
+    case = build("sdxl")
+    policy = _policy(case.sampler)
+    exact = PipelineSchedule(policy, case.pipe, **_export_args("sdxl"))
+    half = PipelineSchedule(_policy(case.sampler).to(dtype), case.pipe, **_export_args("sdxl"))
+    noise = exact.noise(seed=5)
+    assert np.abs(half.times(PROMPT, noise) - exact.times(PROMPT, noise)).max() < 2e-2
+    assert half(PROMPT, seed=5)["timesteps"] is not None
 
 
 def test_careless_calls_are_one_clear_error(tmp_path):
