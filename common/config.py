@@ -578,9 +578,10 @@ class LearnerConfig(Section):
     pipeline: bool = Field(
         False,
         description="One step off policy: iteration t+1's rollouts are sampled under the weights before update t"
-        " while the learner computes it, so the update's time hides behind sampling. The update is importance"
-        " weighted (pi / mu, from each rollout's recorded behaviour log-prob); checkpoints keep the behaviour"
-        " weights, so a resume is exact. Off: every update uses rollouts of the weights it starts from.",
+        " while the learner computes it; they go out while iteration t's are under way and each worker queues"
+        " them, so neither the update nor the scoring of the last images leaves the workers waiting. The update is"
+        " importance weighted (pi / mu, from each rollout's recorded behaviour log-prob); checkpoints keep the"
+        " behaviour weights, so a resume is exact. Off: every update uses rollouts of the weights it starts from.",
     )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 

@@ -727,10 +727,13 @@ STOP_POLL_S = 0.2
 
 class InFlight:
     """Requests a ``Dispatcher`` runs on its own thread while the learner goes on with other work:
-    the next iteration's rollouts during this one's logging (on policy) or its update (one step
-    off policy). ``result()`` waits for them (and raises what the run raised: ``WorkersLost``,
-    ``TimedOut``, a reward's own error); ``cancel()`` gives them up. Only one runs at a time:
-    the dispatcher's state (live workers, server loads) is not shared."""
+    the next iteration's rollouts during this one's logging (on policy), the next two during its
+    update (one step off policy). ``result()`` waits for them (and raises what the run raised:
+    ``WorkersLost``, ``TimedOut``, a reward's own error); ``cancel()`` gives them up. The requests
+    of several go out at once (each worker queues them in order; a unit's time to stall counts
+    the units ahead of it there, of every run), but their results are collected one run at a
+    time, in the order they were started: the dispatcher's state (live workers, server loads) is
+    not shared."""
 
     def __init__(self, dispatcher: Dispatcher, requests: list[RolloutRequest], weights: Any, launched: Launched):
         """``launched``: the requests' units, already sent, and when (time.perf_counter())."""
@@ -773,6 +776,9 @@ class Dispatcher:
         self.rollouts, self.rewards, self.max_attempts = rollouts, rewards, max_attempts
         self.faults = 0  # actor faults survived over the run
         self._thread: futures.ThreadPoolExecutor | None = None
+        # the units of runs sent and not yet over (``start``): a unit sent later waits behind theirs on its worker
+        self._sent: list[dict[str, Pending]] = []
+        self._sent_lock = threading.Lock()
 
     def thread(self) -> futures.ThreadPoolExecutor:
         """The one thread that runs ``start``'s requests, kept for the dispatcher's life: handing
@@ -793,7 +799,10 @@ class Dispatcher:
         calls, ``RewardGroup.chain``); it has its time for each unit queued ahead of it there."""
         alive = self.rollouts.alive
         worker = alive[turn % len(alive)]
-        queued = sum(1 for u in live.values() if u.worker == worker and u.sampled is None)
+        with self._sent_lock:
+            runs = [live, *(units for units in self._sent if units is not live)]
+        # list(): a run's units change on the dispatcher's thread; copying them is one step for Python
+        queued = sum(1 for units in runs for u in list(units.values()) if u.worker == worker and u.sampled is None)
         p = self.rollouts.submit(request, weights, worker)
         p.deadline = p.launched + self.rollouts.timeout(request) * (1 + queued)
         return p
@@ -834,7 +843,10 @@ class Dispatcher:
         """Send the requests now, then ``run`` them to the end on the dispatcher's thread while the
         learner goes on with other work."""
         start = time.perf_counter()
-        return InFlight(self, requests, weights, (self._launch_all(requests, weights), start))
+        live = self._launch_all(requests, weights)
+        with self._sent_lock:
+            self._sent.append(live)
+        return InFlight(self, requests, weights, (live, start))
 
     def run(
         self,
@@ -848,8 +860,23 @@ class Dispatcher:
         ``stop``: an event that makes the run give up (``Cancelled``) within ``STOP_POLL_S``.
         ``launched``: the requests were sent already (``start``): their units and when.
         ``progress``: told the number of samples of each unit as it is done (sampled and scored)."""
-        faults, start = 0, time.perf_counter()
-        live, start = launched or (self._launch_all(requests, weights), start)
+        live, start = launched or (self._launch_all(requests, weights), time.perf_counter())
+        try:
+            return self._run(requests, weights, live, start, stop, progress)
+        finally:
+            with self._sent_lock:
+                self._sent = [units for units in self._sent if units is not live]
+
+    def _run(
+        self,
+        requests: list[RolloutRequest],
+        weights: Any,
+        live: dict[str, Pending],
+        start: float,
+        stop: threading.Event | None,
+        progress: Callable[[int], None] | None,
+    ) -> Collected:
+        faults = 0
         done: dict[str, tuple[RolloutBatch, list[np.ndarray], Pending]] = {}
         spans: dict[str, list[tuple[float, float]]] = {}
         attempts = {r.request_id: 1 for r in requests}

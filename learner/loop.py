@@ -487,7 +487,10 @@ def _train(
     (run_dir / "config.yaml").write_text(cfg.to_yaml())  # the config is accepted: the run dir is written from here
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
-    inflight: _Launch | None = None  # the next iteration's rollouts, under way
+    # rollouts under way, in iteration order: the next iteration's (on policy), the next two (one
+    # step off policy: each worker queues the second behind the first, so it never waits for the
+    # learner between them)
+    ahead: list[_Launch] = []
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     dispatcher: Dispatcher | None = None
     own_actors: Actors | None = None  # started here (not the caller's): stopped here
@@ -574,14 +577,18 @@ def _train(
             # SAMPLING: K schedules per context on the workers, scored by the reward servers, started
             # while the previous iteration logged (on policy, under its update's weights) or during
             # its update (one step off policy, under the weights before it)
-            now = inflight if inflight is not None else launch(it, behaviour if it == start else current)
-            inflight = None
+            now = ahead.pop(0) if ahead else launch(it, behaviour if it == start else current)
+            if lc.pipeline and not ahead and it + 1 < lc.iterations:
+                # one step off policy the next rollouts are drawn under the weights this update
+                # starts from: they go out now, and each worker queues them behind these
+                ahead.append(launch(it + 1, current))
             K = now.plan.k
             policy.set_max_concentration(now.plan.cap)  # the update's log-probs: the cap the rollouts were drawn under
-            # the next iteration's contexts, drawn while these rollouts are under way (the learner
-            # only waits for them here); their requests go out after the update on policy, before
-            # it one step off policy
-            planned = plan(it + 1) if it + 1 < lc.iterations else None
+            # the contexts of the rollouts that go out after this update (the next iteration's on
+            # policy, the one after it one step off policy), drawn while these rollouts are under
+            # way: the learner only waits for them here
+            after = it + (2 if lc.pipeline else 1)
+            planned = plan(after) if after < lc.iterations else None
             try:
                 got = now.job.result()
             except WorkersLost:
@@ -589,8 +596,6 @@ def _train(
                 ckpt = save(it, now.plan.cursor, now.sent)
                 print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
                 raise
-            if lc.pipeline and planned is not None:
-                inflight = launch(it + 1, current, planned)  # sampled while this update runs
             batches = got.batches
             scores = rewards.combine(got.scored)
             r = scores.total.reshape(C, K)
@@ -635,8 +640,8 @@ def _train(
             before, current = current, _Sent.put(version, weights, collective)
             last_put = time.perf_counter()
             broadcast_s, learner_s = flat_s + last_put - t_put, last_put - t_learn  # the check's time is the learner's
-            if planned is not None and not lc.pipeline:
-                inflight = launch(it + 1, current, planned)  # on policy, under the new weights, while this one logs
+            if planned is not None:  # under the new weights, while this iteration logs
+                ahead.append(launch(after, current, planned))
 
             # LOGGING
             step_s = last_put - t0  # from one broadcast to the next: what happened in between included
@@ -674,13 +679,13 @@ def _train(
 
             # CHECKPOINT and EVALUATION
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                if inflight is not None:  # the next rollouts are under way: a resume draws them again, the same
-                    save(it + 1, inflight.plan.cursor, inflight.sent)
+                if ahead:  # the next rollouts are under way: a resume draws them again, the same
+                    save(it + 1, ahead[0].plan.cursor, ahead[0].sent)
                 else:  # one step off policy, a longer run would draw the next ones under the weights before this update
                     save(it + 1, stream.cursor, before if lc.pipeline else None)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
-                if inflight is not None:
-                    inflight.job.wait()  # one run at a time on the dispatcher
+                for under_way in ahead:
+                    under_way.job.wait()  # one run at a time on the dispatcher
                 res = evaluate(
                     dispatcher,
                     None,
@@ -715,8 +720,8 @@ def _train(
                 )
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
-        if inflight is not None:
-            inflight.job.cancel()
+        for under_way in ahead:  # in order: each run starts on the dispatcher's thread once the one before ends
+            under_way.job.cancel()
         if dispatcher is not None:
             dispatcher.close()
         if collective is not None:

@@ -20,6 +20,7 @@ from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy, state_to_numpy
+from learner.groups import Dispatcher, InFlight
 from learner.loop import train
 from learner.metrics import read_jsonl
 from tests.conftest import final_weights, same_weights, tiny_overrides
@@ -56,6 +57,46 @@ def test_rollouts_are_one_version_behind_and_used_once(ray_local, tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["version"] == 4 and state["behaviour_version"] == 3
     assert (ckpt / "behaviour.safetensors").is_file()
+
+
+def test_the_next_rollouts_wait_on_the_workers_not_on_the_learner(ray_local, tmp_path, monkeypatch):
+    """One step off policy, iteration t+2's requests go out as soon as update t is done, while
+    t+1's are still under way: each worker queues them behind t+1's and goes straight on, where
+    they used to go out only once t+1's had been scored and collected. With a reward that takes
+    0.4 s a call, a worker then starts on t+1 before t's last scoring call ends. On policy
+    nothing goes out ahead (the next rollouts need this update's weights)."""
+    sent_ahead: list[int] = []  # at each send: the runs sent earlier and not yet collected
+    collected = []
+    start, result = Dispatcher.start, InFlight.result
+
+    def spy_start(self, requests, weights):
+        sent_ahead.append(len(self._sent))
+        return start(self, requests, weights)
+
+    def spy_result(self):
+        collected.append(result(self))
+        return collected[-1]
+
+    monkeypatch.setattr(Dispatcher, "start", spy_start)
+    monkeypatch.setattr(InFlight, "result", spy_result)
+    sections = {
+        "sampler": {"backend": "simulated", "simulated": {"preset": "tiny", "image_size": 8}},
+        "rewards": [{"name": "simulated", "kwargs": {"seconds_per_image": 0.1}, "num_cpus": 0.5}],
+    }
+    for pipeline in (False, True):
+        sent_ahead.clear()
+        collected.clear()
+        learner = {"iterations": 5, "rollout_log": False, "pipeline": pipeline}
+        cfg = load_config([], **tiny_overrides(tmp_path / str(pipeline), learner=learner, **sections))
+        train(cfg, final_eval=False)
+        assert len(collected) == 5
+        if not pipeline:
+            assert sent_ahead == [0] * 5
+            continue
+        assert sent_ahead == [0, 1, 1, 1, 1]  # iteration 0 and 1 at once, then each one behind the one under way
+        for before, after in zip(collected, collected[1:], strict=False):
+            scored = max(end for _, end in before.scoring)
+            assert min(b.started_at for b in after.batches) < scored - 0.1
 
 
 def test_resume_is_exact_mid_run_and_extending(ray_local, tmp_path):
