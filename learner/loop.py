@@ -575,8 +575,9 @@ def _train(
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
                 group["lr"] = learning_rate(lc, it)
             # SAMPLING: K schedules per context on the workers, scored by the reward servers, started
-            # while the previous iteration logged (on policy, under its update's weights) or during
-            # its update (one step off policy, under the weights before it)
+            # after the previous update, while its iteration logged (on policy, under its weights), or
+            # after the update before it (one step off policy, under the weights the previous update
+            # started from; the workers queued them behind the previous iteration's)
             now = ahead.pop(0) if ahead else launch(it, behaviour if it == start else current)
             if lc.pipeline and not ahead and it + 1 < lc.iterations:
                 # one step off policy the next rollouts are drawn under the weights this update

@@ -142,7 +142,7 @@ class PipelineSchedule:
         if trained_on is not None and made != list(trained_on):
             warnings.warn(
                 f"this policy read noise of shape {list(trained_on)} in training; at this height and width the"
-                f" pipeline makes {list(self.sampler.x_shape)}: its schedules would come from an input it never saw"
+                f" pipeline makes {made}: its schedules would come from an input it never saw"
                 " (give the height and width it was trained at)",
                 UserWarning,
                 stacklevel=2,
