@@ -685,6 +685,7 @@ class Collected:
     seconds: float
     faults: int
     scoring: list[tuple[float, float]] = field(default_factory=list)  # kept scoring calls: (start, end), time.time()
+    finished_at: float = math.nan  # when the learner had every result (time.time())
 
     def dispatch_skew(self) -> float:
         """Seconds between the first worker to start on this iteration and the last one (each
@@ -704,6 +705,20 @@ class Collected:
             return math.nan
         covered = sum(max(0.0, min(e, se) - max(s, ss)) for s, e in self.scoring for ss, se in sampling)
         return covered / total
+
+    def scoring_tail(self) -> float:
+        """Seconds from the last image sampled to the last score: the scoring no sampling hid (on
+        policy the workers wait it out). 0 when the last score came first or there was none."""
+        if not self.batches or not self.scoring:
+            return 0.0
+        sampled = max(b.started_at + b.seconds for b in self.batches)
+        return max(0.0, max(e for _, e in self.scoring) - sampled)
+
+    def collect_latency(self) -> float:
+        """Seconds from the last result on an actor (an image or a score) to the learner having
+        them all: the hops back to the learner. NaN where the run did not say when it finished."""
+        ends = [b.started_at + b.seconds for b in self.batches] + [e for _, e in self.scoring]
+        return max(0.0, self.finished_at - max(ends)) if ends else math.nan
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -952,6 +967,7 @@ class Dispatcher:
             seconds=time.perf_counter() - start,
             faults=faults,
             scoring=[span for r in requests for span in spans.get(r.request_id, [])],
+            finished_at=time.time(),
         )
 
     def _on_stalled(self, p: Pending, e: _Stalled, timeouts: dict[str, int]) -> None:

@@ -668,6 +668,8 @@ def _train(
                     ),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": got.dispatch_skew(),
+                    "system/scoring_tail_s": got.scoring_tail(),  # scoring after the last image: workers idle on policy
+                    "system/collect_latency_s": got.collect_latency(),  # last result on an actor to the learner
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }

@@ -63,13 +63,18 @@ def _simulated(tmp_path, micro_batch):
 def test_micro_batched_scoring_overlaps_sampling(ray_local, tmp_path):
     """Each worker samples 4 contexts (0.08 s each) and each is scored in 0.04 s. One request per
     worker: every image is scored after its worker is done, nearly nothing overlaps. One context
-    per request: each is scored while the next is sampled, all but the last (about 3/4)."""
-    overlap = {}
+    per request: each is scored while the next is sampled, all but the last (about 3/4). What
+    comes after the last image (the scoring tail the workers wait out on policy) is a worker's 8
+    images (0.16 s) in the first case, its last 2 (0.04 s) in the second."""
+    overlap, tail = {}, {}
     for mb in (None, 1):
         res = train(load_config([], **_simulated(tmp_path / f"mb{mb}", mb)), final_eval=False)
         rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if "system/scoring_overlap" in m]
         overlap[mb] = float(np.mean([m["system/scoring_overlap"] for m in rows]))
+        tail[mb] = float(np.mean([m["system/scoring_tail_s"] for m in rows]))
+        assert all(0 <= m["system/collect_latency_s"] < m["system/step_seconds"] for m in rows)
     assert overlap[1] > 0.5 and overlap[None] < 0.3, overlap
+    assert tail[None] > 0.12 and 0.03 < tail[1] < 0.1, tail
 
 
 def test_workers_send_images_at_the_side_every_reward_reads(ray_local, tmp_path):
@@ -139,6 +144,19 @@ def test_scoring_overlap_is_measured_against_sampling_intervals():
     )
     assert got.scoring_overlap() == pytest.approx((0.5 + 0.2) / 1.2)
     assert np.isnan(Collected(batches=[], scored=[], pending=[], seconds=0.0, faults=0).scoring_overlap())
+
+
+def test_scoring_tail_and_collect_latency_are_what_came_after_the_last_image():
+    def batch(start, seconds):
+        return SimpleNamespace(started_at=start, seconds=seconds)
+
+    sampled = [batch(0.0, 1.0), batch(0.5, 1.0)]  # the last image at 1.5
+    got = Collected(sampled, [], [], 2.0, 0, scoring=[(1.0, 1.4), (1.5, 1.8)], finished_at=1.85)
+    assert got.scoring_tail() == pytest.approx(0.3) and got.collect_latency() == pytest.approx(0.05)
+    early = Collected(sampled, [], [], 2.0, 0, scoring=[(1.0, 1.2)], finished_at=1.6)  # scored before the last image
+    assert early.scoring_tail() == 0.0 and early.collect_latency() == pytest.approx(0.1)
+    empty = Collected([], [], [], 0.0, 0)
+    assert empty.scoring_tail() == 0.0 and np.isnan(empty.collect_latency())
 
 
 def test_dispatch_skew_counts_each_workers_first_request():
