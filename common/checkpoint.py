@@ -169,7 +169,13 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
         raise ValueError(f"checkpoint {ckpt} is damaged: {problem}")
     from safetensors.torch import load_file
 
-    policy.load_state_dict(load_file(ckpt / "policy" / "model.safetensors"))
+    try:
+        policy.load_state_dict(load_file(ckpt / "policy" / "model.safetensors"))
+    except RuntimeError as e:  # another policy's shapes: torch's message, one line of it
+        from common.config import ConfigError
+
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"checkpoint {ckpt} holds another policy's weights: {' '.join(lines[1:2])[:300]}") from None
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
@@ -319,6 +325,8 @@ def load_run_policy(run: Path, checkpoint: str | None = None) -> Any:
         raise ConfigError(f"{run} has no final policy (policy/) and no checkpoint in {store}")
     if checkpoint == "latest":
         ckpt = store.latest()
+        if ckpt is None and store.names():  # each one damaged, said above
+            raise ConfigError(f"no undamaged checkpoint in {store}: each of {', '.join(store.names())} is damaged")
     else:
         where = checkpoint if "/" in checkpoint else f"{str(store.root).rstrip('/')}/{checkpoint}"
         ckpt = store.fetch(where) if store.fs.isdir(where) else None

@@ -501,7 +501,7 @@ class MetricSpec(Section):
 
 
 class LearnerConfig(Section):
-    iterations: int = Field(500, ge=0, le=100_000_000, description="Policy updates in the run.")
+    iterations: int = Field(500, ge=1, le=100_000_000, description="Policy updates in the run.")
     baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule).")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -687,6 +687,21 @@ class Config(BaseSettings):
             raise ValueError(f"rollout.max_workers={r.max_workers} is below rollout.num_workers={r.num_workers}")
         if r.num_workers == "auto" and r.num_gpus <= 0:
             raise ValueError("rollout.num_workers='auto' starts one worker per GPU share: set rollout.num_gpus > 0")
+        if all(spec.weight == 0 for spec in self.rewards):
+            raise ValueError(
+                "rewards: every weight is 0, so every sample's reward is 0 and nothing is learned; give a reward a"
+                " weight (negative ones are penalties)"
+            )
+        pc = self.policy
+        floor = pc.alpha_min * (r.steps + 1)  # the least sum(alpha) the floor alpha_min allows
+        caps = {"policy.max_concentration": pc.max_concentration}
+        caps |= {f"policy.concentration_schedule[{i}]": c for i, c in pc.concentration_schedule.items()}
+        for name, cap in caps.items():
+            if cap is not None and cap < floor:
+                raise ValueError(
+                    f"{name}={cap:g} is below policy.alpha_min x (rollout.steps + 1) = {floor:g}: scaled down to it,"
+                    " every alpha would fall below its floor alpha_min; raise the cap or lower alpha_min"
+                )
         return self
 
     @property
@@ -807,6 +822,23 @@ def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
     return sorted(out)
 
 
+#: Fields that set the policy's parameter shapes: a checkpoint's weights load into no other.
+POLICY_SHAPE = ("rollout.steps", "policy.widths", "policy.head_hidden", "policy.use_pooled", "sampler.backend")
+
+
+def shape_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``field (old -> new)`` for each field of POLICY_SHAPE where ``cfg`` differs from a
+    checkpoint's config: no --resume_changes can resume across them."""
+    now = cfg.model_dump(mode="json", exclude=RUN_FLAGS)
+    out = []
+    for name in POLICY_SHAPE:
+        section, field = name.split(".")
+        old, new = (saved.get(section) or {}).get(field), (now.get(section) or {}).get(field)
+        if old is not None and old != new:
+            out.append(f"{name} ({old} -> {new})")
+    return out
+
+
 class ConfigError(ValueError):
     """A user's config mistake, with a message fit to print as it is."""
 
@@ -913,19 +945,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _union_tag(part: Any) -> bool:
+    """Whether a part of an error's location is pydantic's name of a union's member
+    ('constrained-int', "literal['auto']", 'int'), not a field, key or index."""
+    return isinstance(part, str) and ("-" in part or "[" in part or part in ("int", "float", "str", "bool", "none"))
+
+
 def format_validation_error(e: ValidationError) -> str:
-    lines = []
+    lines: dict[str, list[str]] = {}  # one line per field: a union's members' complaints joined
+    got: dict[str, str] = {}
     for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        loc = [p for p in err["loc"] if not _union_tag(p)]
+        where = ".".join(str(p) for p in loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "value_error":  # our own validators name the value themselves
             msg = msg.removeprefix("Value error, ")
         elif "input" in err and err["type"] not in ("missing",):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {where}: {msg}" if err["loc"] else f"  {msg}")  # a check of the whole config names its fields
-    return "invalid config:\n" + "\n".join(lines)
+            got[where] = f" (got {err['input']!r})"
+        said = lines.setdefault(where, [])
+        said.append(msg.removeprefix("Input should be ") if said and msg.startswith("Input should be ") else msg)
+    out = [f"  {w}: {' or '.join(m)}{got.get(w, '')}" if w else f"  {' '.join(m)}" for w, m in lines.items()]
+    return "invalid config:\n" + "\n".join(out)  # a check of the whole config (no location) names its fields
 
 
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:

@@ -252,8 +252,10 @@ def sweep(
     seeds: int | None = None,
     best_of: int = 0,
     overrides: list[str] | None = None,
+    prompts_from: str = "the prompts given",
 ) -> Sweep:
-    """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``."""
+    """Evaluate ``runs`` (one per trained L) and the fixed baselines at every L of ``steps``.
+    ``prompts_from``: where ``prompts`` came from, as a prompt the backend cannot read names it."""
     from tqdm.auto import tqdm
 
     from common.checkpoint import load_run_config, load_run_policy, read_policy
@@ -302,7 +304,14 @@ def sweep(
                 dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
                 spec = rollouts.spec()
                 held_out = prompts or lc.eval_prompts or spec.eval_prompts
-                rollouts.check_prompts(held_out)  # every prompt read by the backend, before any sampling
+                source = (
+                    prompts_from
+                    if prompts
+                    else "learner.eval_prompts"
+                    if lc.eval_prompts
+                    else "the backend's held-out prompts"
+                )
+                rollouts.check_prompts({source: held_out})  # every prompt read by the backend, before any sampling
                 contexts = eval_contexts(held_out, seeds or lc.eval_seeds, cfg.experiment.seed)
                 weights = ray.put(state_to_numpy(policy))
                 worker = rollouts.workers[rollouts.alive[0]]
@@ -447,7 +456,16 @@ def main(argv: list[str] | None = None) -> int:
                 from common.prompts import read_prompt_file
 
                 prompts = read_prompt_file(args.prompt_file)
-            result = sweep(args.run, args.steps, args.checkpoint, prompts, args.seeds, args.best_of, args.overrides)
+            result = sweep(
+                args.run,
+                args.steps,
+                args.checkpoint,
+                prompts,
+                args.seeds,
+                args.best_of,
+                args.overrides,
+                f"--prompt-file {args.prompt_file}",
+            )
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

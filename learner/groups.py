@@ -404,13 +404,15 @@ class RolloutGroup:
         nfe = n * request.k * request.steps + (n * self.reference_steps if self.reference_steps else 0)
         return self.timeout_s + self.timeout_per_nfe_s * nfe
 
-    def check_prompts(self, *prompt_lists: list[str]) -> None:
+    def check_prompts(self, named: dict[str, list[str]]) -> None:
         """Every prompt is one the backend reads (e.g. the toy's 'class 3' within its classes):
-        checked on a worker before training, as one ConfigError naming the prompt."""
-        prompts = list(dict.fromkeys(p for ps in prompt_lists for p in ps))
-        problem = ray.get(self.workers[self.alive[0]].check_prompts.remote(prompts), timeout=self.timeout_s)
-        if problem is not None:
-            raise ConfigError(problem)
+        checked on a worker before training, as one ConfigError naming the prompt and where it
+        came from (``named``: {a setting or a file: its prompts})."""
+        for source, prompts in named.items():
+            ask = self.workers[self.alive[0]].check_prompts.remote(list(dict.fromkeys(prompts)))
+            problem = ray.get(ask, timeout=self.timeout_s)
+            if problem is not None:
+                raise ConfigError(f"{source}: {problem}")
 
     def restart(self, worker: int) -> None:
         """Kill a stalled worker; Ray restarts it (its restarts permitting)."""

@@ -43,6 +43,7 @@ from common.config import (
     LearnerConfig,
     RayConfig,
     resume_conflicts,
+    shape_changes,
 )
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
@@ -308,6 +309,7 @@ def train(
     ``actors`` (``start_actors``, for the same config but the policy's variant), which the caller
     keeps. It resumes where ``cfg.resume`` says (``find_resume``), or from ``resume`` where the
     caller has found it already."""
+    check_backends(cfg)
     if actors is not None:
         actors.check_fits(cfg)
     rd = owner or claim(cfg)
@@ -316,6 +318,20 @@ def train(
     finally:
         if owner is None:
             rd.release()
+
+
+def check_backends(cfg: Config) -> None:
+    """A ConfigError where a built-in reward or evaluation metric of ``cfg`` cannot read the
+    samples of its backend: found before anything starts, not at the first step or, for a metric,
+    after the whole run."""
+    from rewards.registry import backend_problem
+
+    used = [("reward", "rewards", r.name) for r in cfg.rewards]
+    used += [("metric", "learner.eval_metrics", m.name) for m in cfg.learner.eval_metrics]
+    for kind, field, name in used:
+        problem = backend_problem(kind, name, cfg.sampler.backend)
+        if problem is not None:
+            raise ConfigError(f"{field}: {problem}; choose one that reads {cfg.sampler.backend}'s samples")
 
 
 @dataclass
@@ -385,6 +401,12 @@ def find_resume(cfg: Config) -> Resume | None:
             f"--resume {cfg.resume}: that checkpoint is another run's, so resuming from it starts a new run from its"
             f" iteration {state['iteration']}, but {cfg.run_dir} already holds a run ({', '.join(found)}):"
             " choose a new experiment.name, or --resume auto to continue the run there"
+        )
+    reshaped = shape_changes(saved, cfg)
+    if reshaped:
+        raise ConfigError(
+            f"cannot resume from {ckpt}: {', '.join(reshaped)} changes the policy's shape, so its weights"
+            " load into no policy of this config (not even with --resume_changes); start a new run without --resume"
         )
     conflicts = [c for c in resume_conflicts(saved, cfg) if not (fork and c == "experiment.name")]
     if conflicts and not cfg.resume_changes:
@@ -511,7 +533,9 @@ def _train(
         params = FlatState(policy)  # the parameters in one buffer: what each version sends, what AdamW steps
         optimizer = optimizer_for(params, lc.lr, lc.weight_decay)
         train_prompts, eval_prompts = lc.train_prompts or spec.train_prompts, lc.eval_prompts or spec.eval_prompts
-        rollouts.check_prompts(train_prompts, eval_prompts)  # every prompt read by the backend, before training
+        rollouts.check_prompts(  # every prompt read by the backend, before training
+            {"learner.train_prompts": train_prompts, "learner.eval_prompts": eval_prompts}
+        )
         stream = ContextStream(train_prompts, cfg.experiment.seed)
         held_out = eval_contexts(eval_prompts, lc.eval_seeds, cfg.experiment.seed)
         _warn_prompt_overlap(stream.prompts, [c.prompt for c in held_out])

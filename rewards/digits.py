@@ -149,6 +149,8 @@ class DigitsModels:
 class DigitsReward:
     """realism(image) x p(prompted digit | image), in [0, 1]."""
 
+    backends = ("digits",)  # 8x8 digit images
+
     def __init__(self, **settings):
         self.models = DigitsModels(settings)
 
@@ -161,6 +163,8 @@ class DigitsReward:
 @register("digits_class")
 class DigitsClassReward:
     """p(prompted digit | image) alone: rewards blur; kept to show why it is not the reward."""
+
+    backends = ("digits",)  # 8x8 digit images
 
     def __init__(self, **settings):
         self.models = DigitsModels(settings)
@@ -185,6 +189,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 @register_metric("digits_fd")
 class DigitsFrechet:
     """Gold metric: Frechet distance to the held-out real digits in the classifier's features."""
+
+    backends = ("digits",)  # 8x8 digit images
 
     lower_is_better = True
 

@@ -71,6 +71,24 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def backend_problem(kind: str, name: str, backend: str) -> str | None:
+    """Why the built-in reward or metric ``name`` cannot read the samples of ``backend`` (it
+    declares the backends it reads as ``backends``), or None: it can, it declares none, or it is
+    an import path (not imported here: its module may need what only its server has)."""
+    if ":" in name:
+        return None
+    table = _REGISTRY if kind == "reward" else _METRICS
+    try:
+        found = _lookup(name, table, kind)
+    except ValueError:  # an unknown name: its server says so, naming it, when it starts
+        return None
+    reads = getattr(found, "backends", None)
+    if reads is None or backend in reads:
+        return None
+    which = " or ".join(reads)
+    return f"{kind} {name!r} reads only the samples of the {which} backend; this run samples with {backend}"
+
+
 def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
     """A registered name in ``table`` or an import path 'pkg.module:Class' -> the object."""
     if ":" in name:

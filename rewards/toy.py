@@ -18,6 +18,7 @@ from rewards.registry import register
 
 @register("toy")
 class ToyReward:
+    backends = ("toy",)  # the toy's vectors, scored against its mixture
     #: the reward server hands it the run's sampler section: it scores against the sampler's mixture
     uses_sampler_config = True
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,11 +93,30 @@ def _settings(section: type, common: dict[str, Any], max_sequence_length: int | 
         raise ValueError(f"PipelineSchedule: {why}") from None
 
 
+def _saved_policy(where: str) -> SchedulePolicy:
+    """The policy saved in the directory ``where``, or on the hub under the id ``where``; a
+    ValueError or OSError in one line naming ``where`` when it cannot be read."""
+    from common.checkpoint import read_policy
+    from common.hub import fetched
+
+    path = Path(where).expanduser()
+    if path.is_dir():
+        return read_policy(path)  # a missing config.json, a damaged file: named
+    if path.exists():
+        raise ValueError(f"policy {where!r} is a file; give the directory of a saved policy (<run>/policy)")
+    parts = where.split("/")
+    if path.is_absolute() or where.startswith((".", "~")) or len(parts) > 2 or "\\" in where:
+        raise ValueError(f"policy {where!r}: no such directory; give the directory of a saved policy (<run>/policy)")
+    with fetched(f"policy {where!r}", "give the directory of a saved policy (<run>/policy)"):
+        return SchedulePolicy.from_pretrained(where).eval()
+
+
 class PipelineSchedule:
     """A trained ``SchedulePolicy`` bound to a stock diffusers pipeline of the class it was trained for.
 
     ``policy``: the policy, or where it was saved (``<run>/policy``, a checkpoint's ``policy``, a
-    hub id), loaded with ``SchedulePolicy.from_pretrained``.
+    hub id), loaded with ``SchedulePolicy.from_pretrained``; a directory that is not there or
+    cannot be read, or a hub out of reach, is one line naming it.
 
     ``height``/``width``: the image size (default: the pipeline's, as the backend used in
     training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift. A
@@ -113,7 +133,7 @@ class PipelineSchedule:
         max_sequence_length: int | None = None,
     ):
         if isinstance(policy, str | os.PathLike):  # a saved policy: a local directory or a hub id
-            policy = SchedulePolicy.from_pretrained(os.fspath(policy))
+            policy = _saved_policy(os.fspath(policy))
         if not isinstance(policy, SchedulePolicy):
             raise TypeError(
                 f"policy must be a SchedulePolicy or the path of a saved one, got a {type(policy).__name__}"

@@ -276,7 +276,8 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     prompts.write_text("the digit 3\nhello world\n")
     out = tmp_path / "ev"
     assert err_of(evaluate_cli.main([*run, "--prompt-file", str(prompts), "--out", str(out)])) == (
-        "error: digits prompt 'hello world' names no digit; name one digit, e.g. 'a handwritten seven', 'the digit 7'"
+        f"error: --prompt-file {prompts}: digits prompt 'hello world' names no digit; name one digit, e.g. 'a"
+        " handwritten seven', 'the digit 7'"
         " or '7'"
     )
     assert not out.exists()

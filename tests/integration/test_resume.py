@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from common.codec import read_records
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.messages import RolloutRecord
 from learner import loop
-from learner.loop import train
+from learner.loop import find_resume, train
 from learner.main import main
 from learner.metrics import read_jsonl
 from tests.conftest import REPO, actors_now, final_weights, interrupt_at, same_weights
@@ -123,6 +123,14 @@ def test_resume_refuses_a_config_that_matters(ray_local, tmp_path):
     # scale and evaluation may change; --resume_changes=true allows the rest
     train(load_config(flags + ["--resume=auto", "--rollout.num_workers=1", "--learner.iterations=3"]))
     train(load_config(flags + ["--resume=auto", "--learner.lr=0.1", "--learner.iterations=4", "--resume_changes=true"]))
+    # but not across the policy's shape: refused before anything starts, the run left as it was
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    reshaped = ["--resume=auto", "--rollout.steps=3", "--learner.iterations=6", "--resume_changes=true"]
+    with pytest.raises(ConfigError, match=r"rollout\.steps \(4 -> 3\) changes the policy's shape"):
+        find_resume(load_config(flags + reshaped))
+    with pytest.raises(ConfigError, match=r"changes the policy's shape"):
+        train(load_config(flags + reshaped))
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
 
 
 def test_resume_from_checkpoints_on_an_fsspec_url(uninterrupted, tmp_path):

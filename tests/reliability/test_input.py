@@ -53,6 +53,41 @@ def test_non_finite_and_unbounded_numbers_are_refused(capsys, tmp_path, flag, fi
     assert not any(tmp_path.iterdir()), "nothing is written for a refused config"
 
 
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        # trained the whole run on a reward of 0
+        (["--rewards=[{name: toy, weight: 0}]"], ["rewards: every weight is 0"]),
+        # every rollout at the toy's floor: the cap scaled each alpha below alpha_min
+        (
+            ["--policy.max_concentration=0.5", "--policy.concentration_schedule={}"],
+            ["policy.max_concentration=0.5 is below policy.alpha_min x (rollout.steps + 1) = 5"],
+        ),
+        (["--policy.concentration_schedule={100: 2.0}"], ["policy.concentration_schedule[100]=2"]),
+        # trained the whole run (500 iterations and the global baseline), then the FD's reshape error as a traceback
+        (
+            ["--sampler.backend=toy", "--rewards=[{name: toy}]", "--learner.eval_metrics=[{name: digits_fd}]"],
+            ["learner.eval_metrics: metric 'digits_fd' reads only the samples of the digits backend", "with toy"],
+        ),
+        (["--rewards=[{name: digits}]"], ["rewards: reward 'digits' reads only the samples of the digits"]),
+        (["--config=configs/digits.yaml", "--rewards=[{name: toy}]"], ["reward 'toy' reads only the samples of"]),
+    ],
+)
+def test_settings_that_could_only_waste_the_run_are_refused_before_it(capsys, tmp_path, flags, needles):
+    config = [] if any(f.startswith("--config") for f in flags) else ["--config", "configs/toy.yaml"]
+    _fails(capsys, [*config, f"--experiment.output_dir={tmp_path}", *flags], *needles)
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused config"
+
+
+def test_a_field_of_either_kind_is_one_line_without_pydantic_s_names_for_them(capsys, tmp_path):
+    """A number or 'auto': was two lines, 'rollout.num_workers.constrained-int: ...' and
+    "rollout.num_workers.literal['auto']: ..."."""
+    err = _fails(capsys, [f"--experiment.output_dir={tmp_path}", "--rollout.num_workers=-3"], "rollout.num_workers")
+    assert err.strip().splitlines()[1:] == [
+        "  rollout.num_workers: Input should be greater than or equal to 1 or 'auto' (got '-3')"
+    ]
+
+
 @pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/../../b", "."])
 def test_run_name_stays_under_output_dir(capsys, tmp_path, name):
     _fails(capsys, [f"--experiment.output_dir={tmp_path}", f"--experiment.name={name}"], "experiment.name")

@@ -96,8 +96,8 @@ def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebac
     driver's terminal (log_to_driver, on by default, unlike the tests' own cluster): the run's one
     line came after 20 lines here, and after a hundred for a model that cannot be downloaded. The
     run's actors keep that error for their first call (common.actors), and only the line is left.
-    Here the worker (no such model) and the reward server (the toy reward beside another backend)
-    both fail."""
+    Here the worker (no such model) and the reward server (a reward given an argument it does not
+    take) both fail."""
     res = subprocess.run(
         [
             sys.executable,
@@ -108,6 +108,7 @@ def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebac
             "--sampler.backend=sd",
             f"--sampler.sd.model={tmp_path / 'no-model'}",
             "--sampler.sd.local_files_only=true",
+            "--rewards=[{name: 'tests.integration.rewards_for_tests:NegativeNorm', kwargs: {shift: 1}}]",
             "--ray.num_cpus=2",
         ],
         cwd=REPO,
@@ -118,8 +119,9 @@ def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebac
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Started a local Ray instance" not in ln]
     assert lines == [
-        "error: rewards[0] ('toy') could not start: ValueError: the toy reward scores the toy backend's samples;"
-        " sampler.backend is 'sd'"
+        "error: rewards[0] ('tests.integration.rewards_for_tests:NegativeNorm') could not start: ValueError: reward"
+        " 'tests.integration.rewards_for_tests:NegativeNorm': bad kwargs ['shift']: got an unexpected keyword argument"
+        " 'shift'"
     ], res.stderr
 
 
@@ -230,10 +232,11 @@ def test_actors_that_cannot_fit_in_the_runs_own_cluster_stop_it_at_once(ray_loca
     # each alone fits in 4 CPUs, not all together: 3 x 1.25 + 2 x 0.5 + 0.25
     code = main(
         [
-            *flags,
+            f"--config={REPO / 'configs' / 'digits.yaml'}",
+            f"--experiment.output_dir={tmp_path}",
             "--rollout.num_workers=3",
             "--rollout.num_cpus=1.25",
-            '--rewards=[{"name": "toy", "num_servers": 2, "num_cpus": 0.5}]',
+            '--rewards=[{"name": "digits", "num_servers": 2, "num_cpus": 0.5}]',
             '--learner.eval_metrics=[{"name": "digits_fd", "num_cpus": 0.25}]',
         ]
     )
@@ -241,7 +244,7 @@ def test_actors_that_cannot_fit_in_the_runs_own_cluster_stop_it_at_once(ray_loca
     assert code == 2, err
     assert err.startswith(
         "error: the run's actors do not fit in the Ray cluster: they ask for 5 CPU of the 4 it has (3 x 1.25 CPU"
-        " (rollout workers), 2 x 0.5 CPU (rewards[0] ('toy')), 1 x 0.25 CPU (eval metric 'digits_fd')); "
+        " (rollout workers), 2 x 0.5 CPU (rewards[0] ('digits')), 1 x 0.25 CPU (eval metric 'digits_fd')); "
     ), err
     assert time.perf_counter() - t0 < 30
     assert actors_now() == before, "nothing was started"
@@ -331,7 +334,7 @@ def test_ctrl_c_while_a_program_loads_its_libraries_is_one_line(program, sig, co
 
 def test_an_eval_prompt_the_backend_cannot_read_fails_before_training(ray_local, tmp_path):
     cfg = load_config([], **tiny_overrides(tmp_path, learner={"eval_prompts": ["class 1", "class 99"]}))
-    with pytest.raises(ConfigError, match=r"prompt 'class 99' names class 99, but the toy has classes 0..9"):
+    with pytest.raises(ConfigError, match=r"^learner.eval_prompts: .*prompt 'class 99' names class 99, but the toy"):
         train(cfg)
     assert not (tmp_path / "t" / "metrics.jsonl").exists(), "no training before the check"
 

@@ -40,6 +40,18 @@ def test_save_load_round_trip(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
 
+def test_a_checkpoint_of_another_shape_is_one_line_naming_it(tmp_path):
+    from common.config import ConfigError
+
+    pol = _policy(0)
+    ck = save_checkpoint(tmp_path, 1, pol, torch.optim.AdamW(pol.parameters()), {"iteration": 1})
+    torch.manual_seed(0)
+    longer = SchedulePolicy(steps=4, in_channels=4, token_dim=6, **TINY).eval()  # L = 4, not 3
+    with pytest.raises(ConfigError, match=r"ckpt-00000001 holds another policy's weights: size mismatch") as e:
+        load_checkpoint(ck, longer, None)
+    assert "\n" not in str(e.value)
+
+
 def _inp():
     from common.policy import PolicyInputs
 
@@ -149,6 +161,11 @@ def test_a_damaged_run_is_one_line_naming_its_file(tmp_path):
         (ckpt / "manifest.json").write_text(manifest)
         with pytest.raises(ConfigError, match=r"is damaged \(a manifest that is not a file -> \{bytes, sha256\}"):
             load_run_policy(run, str(ckpt))
+    # the only checkpoint damaged: 'latest' names the damage, where it said there was no checkpoint 'latest'
+    with pytest.raises(
+        ConfigError, match=rf"^no undamaged checkpoint in .*checkpoints: each of {ckpt.name} is damaged$"
+    ):
+        load_run_policy(run, "latest")
 
     config = run / "config.yaml"
     config.write_text(config.read_text() + "old_section: {a: 1}\n")

@@ -190,3 +190,47 @@ def test_align_your_steps_is_offered_where_diffusers_has_it():
     assert RolloutWorker.named_tau(worker, "uniform", 4) == uniform_flow_tau(4).tolist()
     with pytest.raises(ValueError, match="unknown schedule 'karras'"):
         RolloutWorker.named_tau(worker, "karras", 4)
+
+
+def _unreachable(*args, **kwargs):
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        raise socket.gaierror(-2, "Name or service not known")
+    except socket.gaierror as e:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
+
+
+def test_a_saved_policy_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A policy given by where it was saved: read as the command-line tools read it. Before, a
+    missing directory was huggingface_hub's 'Repo id must be in the form ...', a damaged file the
+    safetensors or JSON error naming no file, a directory without config.json a TypeError."""
+    import huggingface_hub.hub_mixin
+
+    from common.config import ConfigError
+
+    flux = build("flux")
+    saved = tmp_path / "run" / "policy"
+    _policy(flux.sampler).save_pretrained(saved)
+    args = _export_args("flux")
+    assert PipelineSchedule(str(saved), flux.pipe, **args)(PROMPT, seed=0)["latents"] is not None
+    for where in (tmp_path / "nowhere", "runs/x/policy", "./policy"):
+        with pytest.raises(ValueError, match=r"policy '.*': no such directory; give the directory of a saved policy"):
+            PipelineSchedule(where, flux.pipe, **args)
+    with pytest.raises(ValueError, match=r"is a file; give the directory of a saved policy"):
+        PipelineSchedule(saved / "config.json", flux.pipe, **args)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"^the policy in .*empty cannot be loaded: its config\.json is missing$"):
+        PipelineSchedule(empty, flux.pipe, **args)
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"^the policy in .*policy cannot be loaded \(SafetensorError: ") as e:
+        PipelineSchedule(saved, flux.pipe, **args)
+    assert "\n" not in str(e.value)
+    # a hub id, with the hub out of reach: one line, not five retries and the client's message
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", _unreachable)
+    with pytest.raises(OSError, match=r"^policy 'someone/policy' is neither a local path nor in the hub cache, and"):
+        PipelineSchedule("someone/policy", flux.pipe, **args)
