@@ -166,8 +166,12 @@ class DiffusersSection(Section):
     attention_backend: str | None = Field(
         None, description="diffusers attention backend of the denoiser ('flash', '_native_cudnn', ...); None: default."
     )
-    height: int | None = Field(None, ge=8, description="Image height in pixels (None: the pipeline's default).")
-    width: int | None = Field(None, ge=8, description="Image width in pixels (None: the pipeline's default).")
+    height: int | None = Field(
+        None, ge=8, le=16_384, description="Image height in pixels (None: the pipeline's default)."
+    )
+    width: int | None = Field(
+        None, ge=8, le=16_384, description="Image width in pixels (None: the pipeline's default)."
+    )
     guidance_scale: float = Field(
         ..., ge=0, description="Guidance scale (classifier-free, or Flux-Dev's embedded guidance)."
     )
@@ -198,8 +202,12 @@ class FluxConfig(DiffusersSection):
     model: str = Field(
         "black-forest-labs/FLUX.1-dev", min_length=1, description="Hub id or local directory of the Flux pipeline."
     )
-    height: int | None = Field(1024, ge=16, description="Image height in pixels (None: the pipeline's default, 1024).")
-    width: int | None = Field(1024, ge=16, description="Image width in pixels (None: the pipeline's default, 1024).")
+    height: int | None = Field(
+        1024, ge=16, le=16_384, description="Image height in pixels (None: the pipeline's default, 1024)."
+    )
+    width: int | None = Field(
+        1024, ge=16, le=16_384, description="Image width in pixels (None: the pipeline's default, 1024)."
+    )
     guidance_scale: float = Field(
         3.5,
         ge=0,
@@ -216,8 +224,12 @@ class SD3Config(DiffusersSection):
         min_length=1,
         description="Hub id or local directory of the SD3 pipeline.",
     )
-    height: int | None = Field(1024, ge=8, description="Image height in pixels (None: the pipeline's default).")
-    width: int | None = Field(1024, ge=8, description="Image width in pixels (None: the pipeline's default).")
+    height: int | None = Field(
+        1024, ge=8, le=16_384, description="Image height in pixels (None: the pipeline's default)."
+    )
+    width: int | None = Field(
+        1024, ge=8, le=16_384, description="Image width in pixels (None: the pipeline's default)."
+    )
     guidance_scale: float = Field(3.5, ge=0, description="Classifier-free guidance scale (<= 1: no guidance).")
     negative_prompt: str | None = Field(None, description="Negative prompt of classifier-free guidance (None: empty).")
     max_sequence_length: int = Field(256, ge=1, le=512, description="T5 sequence length the prompt is padded to.")

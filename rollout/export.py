@@ -39,6 +39,7 @@ import torch
 
 from common.config import MAX_SEED
 from common.policy import SchedulePolicy, dirichlet_mean
+from common.prompts import check_prompts
 from common.schedule import epsilon_timesteps, times_from_tau
 from rollout.sampler import policy_inputs
 
@@ -182,6 +183,8 @@ class PipelineSchedule:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
                 raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
             return self.sampler.initial_noise([int(seed)])[0]
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__} {generator!r:.40}")
         return torch.randn(self.sampler.x_shape, generator=generator, dtype=torch.float32).numpy()
 
     def times(self, prompt: str, noise: np.ndarray) -> np.ndarray:
@@ -201,6 +204,7 @@ class PipelineSchedule:
             raise TypeError(
                 f"prompt must be one str (call once per prompt: each has its own schedule), got {prompt!r:.80}"
             )
+        check_prompts([prompt], "prompt")  # as the tools take it: not empty, no control characters
         noise = self.noise(seed, generator)
         times = self.times(prompt, noise)
         return {"latents": self.latents(noise), **self.schedule_kwargs(times)}

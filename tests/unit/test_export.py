@@ -92,6 +92,14 @@ def test_a_pipeline_it_was_not_trained_for_is_refused():
         with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 4611686018427387904, got "):
             PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=seed)
     assert PipelineSchedule(policy, flux.pipe, **_export_args("flux"))(PROMPT, seed=np.int64(2))["latents"] is not None
+    schedule = PipelineSchedule(policy, flux.pipe, **_export_args("flux"))
+    with pytest.raises(TypeError, match=r"^generator must be a torch.Generator, got int 5$"):  # was torch's randn()
+        schedule(PROMPT, generator=5)
+    for prompt, why in (("", "is empty"), ("a\x00b", "control character")):  # the tools refuse them too
+        with pytest.raises(ValueError, match=rf"^prompt: prompt 1 .*{why}"):
+            schedule(prompt, seed=0)
+    with pytest.raises(ValueError, match=r"height.*less than or equal to 16384"):  # was a warning, then [4, 500000, 16]
+        PipelineSchedule(policy, flux.pipe, height=10**6, width=SIZE)
     # another image size than the policy's training: a schedule from an input it never saw, silently
     assert policy.x_shape == list(flux.sampler.x_shape)
     with pytest.warns(UserWarning, match=r"read noise of shape \[.*\] in training; at this height and width the"):
