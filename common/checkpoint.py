@@ -162,6 +162,13 @@ def find_latest(root: Path, log=print) -> Path | None:
     return None
 
 
+def _lines(e: BaseException, start: int, stop: int) -> str:
+    """Lines ``start:stop`` of an error's message (blank ones skipped), as one line of at most
+    300 characters: torch's ``load_state_dict`` error is a heading, then a line per mismatch."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[start:stop])[:300]
+
+
 def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore weights (and optimizer, RNG) from ``ckpt``; return its state dict."""
     problem = verify(ckpt)
@@ -174,8 +181,7 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
     except RuntimeError as e:  # another policy's shapes: torch's message, one line of it
         from common.config import ConfigError
 
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ConfigError(f"checkpoint {ckpt} holds another policy's weights: {' '.join(lines[1:2])[:300]}") from None
+        raise ConfigError(f"checkpoint {ckpt} holds another policy's weights: {_lines(e, 1, 2)}") from None
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
@@ -390,7 +396,6 @@ def read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
         if checkpoint is not None:
             load_checkpoint(checkpoint, policy, None)
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, one line naming it
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        why = " ".join(lines[:2])  # a state dict's mismatch names itself on its second line
-        raise ConfigError(f"the policy in {directory} cannot be loaded ({type(e).__name__}: {why[:300]})") from None
+        why = _lines(e, 0, 2)  # a state dict's mismatch names itself on its second line
+        raise ConfigError(f"the policy in {directory} cannot be loaded ({type(e).__name__}: {why})") from None
     return policy
