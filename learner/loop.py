@@ -41,7 +41,9 @@ from common.config import (
     Config,
     ConfigError,
     LearnerConfig,
+    MetricSpec,
     RayConfig,
+    RewardSpec,
     resume_conflicts,
     shape_changes,
 )
@@ -309,7 +311,7 @@ def train(
     ``actors`` (``start_actors``, for the same config but the policy's variant), which the caller
     keeps. It resumes where ``cfg.resume`` says (``find_resume``), or from ``resume`` where the
     caller has found it already."""
-    check_backends(cfg)
+    check_scorers(cfg)
     if actors is not None:
         actors.check_fits(cfg)
     rd = owner or claim(cfg)
@@ -320,18 +322,21 @@ def train(
             rd.release()
 
 
-def check_backends(cfg: Config) -> None:
-    """A ConfigError where a built-in reward or evaluation metric of ``cfg`` cannot read the
-    samples of its backend: found before anything starts, not at the first step or, for a metric,
-    after the whole run."""
-    from rewards.registry import backend_problem
+def check_scorers(cfg: Config) -> None:
+    """A ConfigError where a built-in reward or evaluation metric of ``cfg`` cannot serve the run:
+    an unknown name, kwargs its class does not take, or a backend whose samples it cannot read.
+    Found before anything starts, not when its server starts (after Ray and the run dir) or, for
+    a backend a metric cannot read, after the whole run."""
+    from rewards.registry import spec_problem
 
-    used = [("reward", "rewards", r.name) for r in cfg.rewards]
-    used += [("metric", "learner.eval_metrics", m.name) for m in cfg.learner.eval_metrics]
-    for kind, field, name in used:
-        problem = backend_problem(kind, name, cfg.sampler.backend)
+    used: list[tuple[str, str, RewardSpec | MetricSpec]] = [
+        ("reward", f"rewards[{i}]", r) for i, r in enumerate(cfg.rewards)
+    ]
+    used += [("metric", f"learner.eval_metrics[{i}]", m) for i, m in enumerate(cfg.learner.eval_metrics)]
+    for kind, field, spec in used:
+        problem = spec_problem(kind, spec.name, spec.kwargs, cfg.sampler.backend)
         if problem is not None:
-            raise ConfigError(f"{field}: {problem}; choose one that reads {cfg.sampler.backend}'s samples")
+            raise ConfigError(f"{field}: {problem}")
 
 
 @dataclass

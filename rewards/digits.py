@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from common import digits
 from common.artifacts import cached
 from rewards.registry import register, register_metric
 
-SETTINGS = {"seed": 0, "steps": 3000, "batch_size": 256, "lr": 1e-3, "hidden": 256, "features": 64}
+SETTINGS: dict[str, Any] = {"seed": 0, "steps": 3000, "batch_size": 256, "lr": 1e-3, "hidden": 256, "features": 64}
 
 
 def _classifier(hidden: int, features: int) -> nn.Sequential:
@@ -111,6 +112,9 @@ class DigitsModels:
     """The cached classifier and discriminator, in eval mode."""
 
     def __init__(self, settings: dict | None = None):
+        unknown = sorted(set(settings or {}) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown digits reward settings {unknown}; the settings are {sorted(SETTINGS)}")
         s = {**SETTINGS, **(settings or {})}
         path = cached("digits-rewards", s, lambda out: train_reward_models(out, s))
         state = torch.load(path / "models.pt", weights_only=True)
@@ -146,13 +150,34 @@ class DigitsModels:
 
 
 @register("digits")
-class DigitsReward:
-    """realism(image) x p(prompted digit | image), in [0, 1]."""
+class _DigitsScorer:
+    """A scorer on the cached digit models; its keyword arguments are ``SETTINGS``' (the models'
+    training), written out so that a misspelt one is refused before a run starts
+    (``rewards.registry.spec_problem`` binds the config's kwargs to this signature)."""
 
     backends = ("digits",)  # 8x8 digit images
 
-    def __init__(self, **settings):
-        self.models = DigitsModels(settings)
+    def __init__(
+        self,
+        *,
+        seed: int = SETTINGS["seed"],
+        steps: int = SETTINGS["steps"],
+        batch_size: int = SETTINGS["batch_size"],
+        lr: float = SETTINGS["lr"],
+        hidden: int = SETTINGS["hidden"],
+        features: int = SETTINGS["features"],
+    ):
+        self.models = DigitsModels(
+            {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "hidden": hidden, "features": features}
+        )
+        self.setup()
+
+    def setup(self) -> None:
+        """What a subclass builds on the models (its keyword arguments stay the settings')."""
+
+
+class DigitsReward(_DigitsScorer):
+    """realism(image) x p(prompted digit | image), in [0, 1]."""
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         x = self.models.as_model_range(images)
@@ -161,13 +186,8 @@ class DigitsReward:
 
 
 @register("digits_class")
-class DigitsClassReward:
+class DigitsClassReward(_DigitsScorer):
     """p(prompted digit | image) alone: rewards blur; kept to show why it is not the reward."""
-
-    backends = ("digits",)  # 8x8 digit images
-
-    def __init__(self, **settings):
-        self.models = DigitsModels(settings)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         x = self.models.as_model_range(images)
@@ -187,15 +207,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @register_metric("digits_fd")
-class DigitsFrechet:
+class DigitsFrechet(_DigitsScorer):
     """Gold metric: Frechet distance to the held-out real digits in the classifier's features."""
-
-    backends = ("digits",)  # 8x8 digit images
 
     lower_is_better = True
 
-    def __init__(self, **settings):
-        self.models = DigitsModels(settings)
+    def setup(self) -> None:
         real, _ = digits.split("held_out")
         self.reference = self.models.features(torch.from_numpy(real)).numpy().astype(np.float64)
 

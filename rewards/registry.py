@@ -71,22 +71,48 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
-def backend_problem(kind: str, name: str, backend: str) -> str | None:
-    """Why the built-in reward or metric ``name`` cannot read the samples of ``backend`` (it
-    declares the backends it reads as ``backends``), or None: it can, it declares none, or it is
-    an import path (not imported here: its module may need what only its server has)."""
+def spec_problem(kind: str, name: str, kwargs: dict[str, Any], backend: str) -> str | None:
+    """Why the reward or metric ``name`` with ``kwargs`` cannot serve a run on ``backend``, or
+    None: found on the driver before anything starts, where its server would say it only after Ray
+    and the run had started. A built-in name must be registered, take ``kwargs`` and read the
+    backend's samples (it declares those it reads as ``backends``); an import path is not imported
+    here (its module may need what only its server has)."""
     if ":" in name:
         return None
     table = _REGISTRY if kind == "reward" else _METRICS
     try:
         found = _lookup(name, table, kind)
-    except ValueError:  # an unknown name: its server says so, naming it, when it starts
-        return None
+    except ValueError as e:
+        return str(e)
+    problem = _kwargs_problem(found, f"{kind} {name!r}", kwargs, {} if kind == "reward" else None)
+    if problem is not None:
+        return problem
     reads = getattr(found, "backends", None)
     if reads is None or backend in reads:
         return None
     which = " or ".join(reads)
-    return f"{kind} {name!r} reads only the samples of the {which} backend; this run samples with {backend}"
+    return (
+        f"{kind} {name!r} reads only the samples of the {which} backend; this run samples with {backend}:"
+        f" choose one that reads {backend}'s samples"
+    )
+
+
+def _kwargs_problem(cls: Any, label: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None) -> str | None:
+    """Why ``cls`` cannot be built with the config's ``kwargs`` (an unknown or a missing argument),
+    or None (it can, or it has no signature to check: the call says). A class that declares
+    ``uses_sampler_config`` gets ``sampler`` as well, never from the config."""
+    given = kwargs
+    if getattr(cls, "uses_sampler_config", False):
+        if "sampler" in kwargs:
+            return f"{label}: kwargs 'sampler' is given by the run (its sampler section); remove it"
+        kwargs = {**kwargs, "sampler": sampler}
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        return f"{label}: bad kwargs {sorted(given)}: {e}"
+    except ValueError:
+        pass
+    return None
 
 
 def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
@@ -108,6 +134,9 @@ def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
     for method in ("features", "distance"):
         if not callable(getattr(cls, method, None)):
             raise ValueError(f"metric {name!r} has no {method}() method")
+    problem = _kwargs_problem(cls, f"metric {name!r}", kwargs, None)
+    if problem is not None:
+        raise ValueError(problem)
     return cls(**kwargs)
 
 
@@ -137,18 +166,12 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
     (it scores against the sampler's own model, as the toy reward does) also gets ``sampler``,
     the run's sampler section."""
     cls = resolve(name)
-    given = kwargs
-    if getattr(cls, "uses_sampler_config", False):
-        if sampler is None:
-            raise ValueError(f"reward {name!r} scores against the sampler's own model: it needs the sampler's config")
-        kwargs = {**kwargs, "sampler": sampler}
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:  # the kwargs, not the reward's own code (a TypeError inside __init__ is a bug of its own)
-        raise ValueError(f"reward {name!r}: bad kwargs {sorted(given)}: {e}") from None
-    except ValueError:  # no signature to check against: the call says
-        pass
-    return cls(**kwargs)
+    if getattr(cls, "uses_sampler_config", False) and sampler is None:
+        raise ValueError(f"reward {name!r} scores against the sampler's own model: it needs the sampler's config")
+    problem = _kwargs_problem(cls, f"reward {name!r}", kwargs, sampler)  # a TypeError inside __init__ is its own bug
+    if problem is not None:
+        raise ValueError(problem)
+    return cls(**kwargs, **({"sampler": sampler} if getattr(cls, "uses_sampler_config", False) else {}))
 
 
 def limit_torch_threads(n: int) -> None:

@@ -67,10 +67,25 @@ def test_non_finite_and_unbounded_numbers_are_refused(capsys, tmp_path, flag, fi
         # trained the whole run (500 iterations and the global baseline), then the FD's reshape error as a traceback
         (
             ["--sampler.backend=toy", "--rewards=[{name: toy}]", "--learner.eval_metrics=[{name: digits_fd}]"],
-            ["learner.eval_metrics: metric 'digits_fd' reads only the samples of the digits backend", "with toy"],
+            ["learner.eval_metrics[0]: metric 'digits_fd' reads only the samples of the digits backend", "with toy"],
         ),
-        (["--rewards=[{name: digits}]"], ["rewards: reward 'digits' reads only the samples of the digits"]),
+        (["--rewards=[{name: digits}]"], ["rewards[0]: reward 'digits' reads only the samples of the digits"]),
         (["--config=configs/digits.yaml", "--rewards=[{name: toy}]"], ["reward 'toy' reads only the samples of"]),
+        # an unknown name or a misspelt kwarg: the server's error, once Ray and the run had started
+        (
+            ["--rewards=[{name: toy}, {name: tyo}]"],
+            ["rewards[1]: unknown reward 'tyo': use one of [", "'toy'", "or an import path"],
+        ),
+        (["--learner.eval_metrics=[{name: fd}]"], ["learner.eval_metrics[0]: unknown metric 'fd'", "'digits_fd'"]),
+        (
+            ["--config=configs/digits.yaml", "--rewards=[{name: digits, kwargs: {clasifier: x}}]"],
+            ["rewards[0]: reward 'digits': bad kwargs ['clasifier']: got an unexpected keyword argument 'clasifier'"],
+        ),
+        (
+            ["--config=configs/digits.yaml", "--learner.eval_metrics=[{name: digits_fd, kwargs: {nope: 1}}]"],
+            ["learner.eval_metrics[0]: metric 'digits_fd': bad kwargs ['nope']"],
+        ),
+        (["--rewards=[{name: toy, kwargs: {sampler: {}}}]"], ["reward 'toy': kwargs 'sampler' is given by the run"]),
     ],
 )
 def test_settings_that_could_only_waste_the_run_are_refused_before_it(capsys, tmp_path, flags, needles):

@@ -150,3 +150,13 @@ def test_frechet_noise_is_small_against_a_real_difference(trained):
     assert 0 < se30 < 0.5 * v30 and 0 < se1 < 0.5 * v1
     assert v1 - v30 > 3 * (se1 + se30)
     assert server.distance_with_se(one, resamples=0) == (v1, None)  # metrics[].noise_resamples = 0
+
+
+def test_a_misspelt_setting_is_refused_not_ignored():
+    """The settings were merged into the defaults unchecked: a typo trained with the default."""
+    from rewards.digits import DigitsModels, DigitsReward
+
+    with pytest.raises(ValueError, match=r"unknown digits reward settings \['hiden'\]; the settings are \["):
+        DigitsModels({"hiden": 32})
+    with pytest.raises(TypeError, match="hiden"):
+        DigitsReward(hiden=32)
