@@ -92,9 +92,17 @@ class ClipEmbedder:
 
 @register("clip")
 class ClipScore:
-    def __init__(self, model: str = "openai/clip-vit-large-patch14", processor: str | None = None, **kwargs):
-        """kwargs: ``device``, ``batch_size``, ``cache_prompts``, ``dtype`` of ClipEmbedder."""
-        self.clip = ClipEmbedder(model, processor, **kwargs)
+    def __init__(
+        self,
+        model: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+        cache_prompts: int = 4096,
+        dtype: str = "float32",
+    ):
+        """The arguments of ClipEmbedder, written out so that a misspelt kwarg is refused before a run."""
+        self.clip = ClipEmbedder(model, processor, device, batch_size, cache_prompts, dtype)
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         return (100.0 * self.clip.cosine(images, prompts).clamp(min=0)).numpy().astype(np.float32)
@@ -106,10 +114,13 @@ class PickScore:
         self,
         model: str = "yuvalkirstain/PickScore_v1",
         processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        **kwargs,
+        device: str | None = None,
+        batch_size: int = 16,
+        cache_prompts: int = 4096,
+        dtype: str = "float32",
     ):
-        """kwargs: ``device``, ``batch_size``, ``cache_prompts``, ``dtype`` of ClipEmbedder."""
-        self.clip = ClipEmbedder(model, processor, **kwargs)
+        """The arguments of ClipEmbedder, written out so that a misspelt kwarg is refused before a run."""
+        self.clip = ClipEmbedder(model, processor, device, batch_size, cache_prompts, dtype)
         self.logit_scale = float(self.clip.model.logit_scale.exp())
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:

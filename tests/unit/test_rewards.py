@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,26 @@ def test_a_reward_declares_the_side_it_reads():
     assert RewardServer("simulated", {}).input_size() == 224
     assert RewardServer("simulated", {"input_size": None}).input_size() is None
     assert RewardServer("tests.unit.test_rewards:GoodReward", {}).input_size() is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "kwargs", "backend", "expected"),
+    [
+        ("reward", "clip", {"batchsize": 4}, "sd", r"reward 'clip': bad kwargs \['batchsize'\]: .*'batchsize'"),
+        ("reward", "pickscore", {"dtype": "bfloat16", "devise": "cuda"}, "flux", r"bad kwargs \['devise', 'dtype'\]"),
+        ("reward", "http", {}, "sd", r"reward 'http': bad kwargs \[\]: missing a required argument: 'url'"),
+        ("reward", "hsp", {}, "sd", r"unknown reward 'hsp': use one of \[.*'hps'"),
+        ("metric", "digits_fd", {}, "toy", r"reads only the samples of the digits backend; this run samples with toy"),
+        ("reward", "toy", {"sampler": {"backend": "toy"}}, "toy", r"kwargs 'sampler' is given by the run"),
+        ("reward", "clip", {"batch_size": 4, "dtype": "float16"}, "sd", None),
+        ("reward", "my_pkg.rewards:Mine", {"anything": 1}, "sd", None),  # its server imports and checks it
+    ],
+)
+def test_a_reward_or_metric_is_checked_on_the_driver_without_being_built(kind, name, kwargs, backend, expected):
+    from rewards.registry import spec_problem
+
+    problem = spec_problem(kind, name, kwargs, backend)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and re.search(expected, problem), problem
