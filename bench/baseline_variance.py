@@ -11,7 +11,7 @@ longer the init point and every layer receives gradient (the default init zeroes
 weight, so at init only the head's last layer does). A trial draws C contexts (prompt uniformly
 from the train prompts, a fresh noise seed) and K schedules per context from the policy, runs
 the sampler and scores the samples. From the SAME samples every baseline gives one estimate
-(DESIGN.md section 1)
+(docs/method.md)
 
     g = 1/(C*K) sum_c sum_i (r_ci - b_ci) grad_theta log pi(tau_ci | c)
 

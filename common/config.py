@@ -514,7 +514,7 @@ class MetricSpec(Section):
 
 class LearnerConfig(Section):
     iterations: int = Field(500, ge=1, le=100_000_000, description="Policy updates in the run.")
-    baseline: BaselineName = Field("js", description="Reward baseline (DESIGN.md section 1).")
+    baseline: BaselineName = Field("js", description="Reward baseline (docs/method.md).")
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule).")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",

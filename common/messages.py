@@ -1,4 +1,4 @@
-"""Messages between the learner, the rollout workers and the reward servers (DESIGN.md section 2).
+"""Messages between the learner, the rollout workers and the reward servers (docs/method.md, The system).
 
 Pydantic models with ``extra="forbid"``. Arrays are numpy; inside Ray they travel as they are,
 outside Ray (the rollout log, HTTP) through ``common.codec``.

@@ -1,4 +1,4 @@
-"""The schedule policy: (x_T, text tokens) -> Dirichlet(alpha) over the L+1 simplex (DESIGN.md 1).
+"""The schedule policy: (x_T, text tokens) -> Dirichlet(alpha) over the L+1 simplex (docs/method.md).
 
 ``conditional``: 4 blocks of (conv3x3, GroupNorm, SiLU) x 2 with stride-2 downsampling between
 blocks, each followed by cross-attention from the image features to the text tokens; the
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from common.config import PolicyConfig
     from common.messages import SamplerSpec
 
-ALPHA_MIN = 1e-3  # alpha = softplus(h) + ALPHA_MIN (DESIGN.md section 1); ``alpha_min`` overrides it
+ALPHA_MIN = 1e-3  # alpha = softplus(h) + ALPHA_MIN (docs/method.md); ``alpha_min`` overrides it
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Schedule maths: the simplex point tau <-> the L model-evaluation times (DESIGN.md section 1).
+"""Schedule maths: the simplex point tau <-> the L model-evaluation times (docs/method.md).
 
 Execution convention (ours). ``tau`` has L+1 components on the simplex. The times are
 ``t_k = 1 - sum_{j<=k} tau_j`` for k = 1..L, so ``1 >= t_1 > ... > t_L > 0``. The initial noise
@@ -69,7 +69,7 @@ def executed_tau(log_tau: np.ndarray, floor: float = TAU_FLOOR) -> np.ndarray:
     """The schedule that runs for a draw given as ``log tau`` (``common.policy.sample_log_tau``).
 
     ``guard_tau(exp(log tau))``: a deterministic function of the draw, so the estimator that uses
-    the draw's own log-prob is unbiased for the reward of the executed schedule (DESIGN.md 1).
+    the draw's own log-prob is unbiased for the reward of the executed schedule (docs/method.md).
     """
     log_tau = np.asarray(log_tau, dtype=np.float64)
     tau = np.exp(log_tau - log_tau.max(axis=-1, keepdims=True))
@@ -116,7 +116,7 @@ def interior(tau: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     return guard_tau(np.asarray(tau, dtype=np.float64), floor)
 
 
-# --- time maps of the diffusers backends (DESIGN.md sections 1 and 4) -------------------------
+# --- time maps of the diffusers backends (docs/method.md and docs/backends.md) -------------------------
 # Flow models (Flux, SD3) execute sigma = t with the scheduler's own shift switched off; their
 # stock schedules are shifted grids, reproduced below as points of the simplex. Epsilon models
 # (SD1.5, SDXL) map t to their own noise levels and run Euler in sigma.

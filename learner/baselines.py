@@ -1,4 +1,4 @@
-"""Reward baselines for a [C, K] reward matrix (DESIGN.md section 1; arXiv 2511.22177).
+"""Reward baselines for a [C, K] reward matrix (docs/method.md; arXiv 2511.22177).
 
 ``compute(name, rewards) -> (baseline, diagnostics)``. The baseline has the type (numpy or
 torch), dtype and shape of ``rewards``; diagnostics hold ``alpha`` (scalar for ``js``, one per

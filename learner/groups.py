@@ -708,13 +708,24 @@ class Collected:
         covered = sum(max(0.0, min(e, se) - max(s, ss)) for s, e in self.scoring for ss, se in sampling)
         return covered / total
 
+    def sampling_seconds(self) -> float:
+        """Seconds from the first request's start on a worker to the last image (the workers'
+        clocks): the time the rollout workers took to sample this iteration, whatever it waited in
+        a queue first (one step off policy, it was launched while the learner updated). NaN
+        without batches."""
+        if not self.batches:
+            return math.nan
+        return self._last_image() - min(b.started_at for b in self.batches)
+
+    def _last_image(self) -> float:
+        return max(b.started_at + b.seconds for b in self.batches)
+
     def scoring_tail(self) -> float:
         """Seconds from the last image sampled to the last score: the scoring no sampling hid (on
         policy the workers wait it out). 0 when the last score came first or there was none."""
         if not self.batches or not self.scoring:
             return 0.0
-        sampled = max(b.started_at + b.seconds for b in self.batches)
-        return max(0.0, max(e for _, e in self.scoring) - sampled)
+        return max(0.0, max(e for _, e in self.scoring) - self._last_image())
 
     def collect_latency(self) -> float:
         """Seconds from the last result on an actor (an image or a score) to the learner having

@@ -1,4 +1,4 @@
-"""The training loop: one top-to-bottom loop, as the paper's pseudocode (DESIGN.md section 2).
+"""The training loop: one top-to-bottom loop, as the paper's pseudocode (docs/method.md, The system).
 
 for it in range(start, iterations):
     contexts = the next C (prompt, seed) pairs of the deterministic stream
@@ -680,7 +680,7 @@ def _train(
                     "rollout/reward_mean": float(r.mean()),
                     "learner/lr": optimizer.param_groups[0]["lr"],
                     "rollout/reward_std": float(r.std()),
-                    "rollout/images_per_s": C * K / max(got.seconds, 1e-9),
+                    "rollout/images_per_s": C * K / max(got.sampling_seconds(), 1e-9),  # the workers' rate
                     "rollout/worker_seconds": float(sum(bt.seconds for bt in batches)),
                     "baseline/adv_std": float(adv.std()),
                     "system/step_seconds": step_s,

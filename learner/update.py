@@ -1,4 +1,4 @@
-"""The REINFORCE update (DESIGN.md section 1).
+"""The REINFORCE update (docs/method.md).
 
 g = 1/(C*K) sum_c sum_i (r_ci - b_ci) grad log pi(tau_ci | c), baseline detached; log pi is
 recomputed here with gradients from the inputs each rollout carries. Plain REINFORCE: no std
@@ -160,7 +160,7 @@ def reinforce_step(
     """One update on C contexts x K rollouts; returns the step's metrics.
 
     ``log_tau`` [C, K, L+1] is the log of each drawn point: its log-prob is that of the draw that
-    produced the executed schedule, so the estimator is exactly unbiased (DESIGN.md section 1).
+    produced the executed schedule, so the estimator is exactly unbiased (docs/method.md).
     ``importance``: the rollouts come from the behaviour policy whose log-probs are
     ``behaviour_logp`` (one step off policy), and each term is weighted by pi / mu.
     """

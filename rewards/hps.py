@@ -2,7 +2,7 @@
 
 The `hpsv2` package (1.2.0) is not used: it is broken as shipped (its tokenizer's BPE file is
 missing), pins protobuf<4 (Ray needs a newer one), downloads ViT-H-14 on first use and reloads
-the checkpoint on every call (DESIGN.md section 5). The same model is built here with
+the checkpoint on every call (docs/rewards.md). The same model is built here with
 open-clip-torch (`ViT-H-14`, ``pretrained=None``) and the HPS checkpoint is loaded once, from a
 local path. Scoring follows ``hpsv2/img_score.py::score`` (hpsv2 1.2.0):
 

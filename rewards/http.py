@@ -1,4 +1,4 @@
-"""A reward scored by a remote service over HTTP, with msgpack bodies (DESIGN.md section 2).
+"""A reward scored by a remote service over HTTP, with msgpack bodies (docs/method.md, The system).
 
 Protocol (served by ``python -m rewards.http_server``):
 

@@ -1,4 +1,4 @@
-"""The Reward protocol, the registry of built-ins and the loader of plug-ins (DESIGN.md section 5).
+"""The Reward protocol, the registry of built-ins and the loader of plug-ins (docs/rewards.md).
 
 A reward is a class whose ``__init__(**kwargs)`` loads its model once and whose
 ``__call__(images, prompts)`` returns a float32 array [N]; scoring is a pure function of its

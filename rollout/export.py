@@ -16,7 +16,7 @@ with ``num_inference_steps``, ``height`` and ``width``. ``schedule.global_schedu
 policy's one schedule as a plain list in the same form, for use with no extra model, as diffusers'
 ``AysSchedules`` are.
 
-The double-shift trap (DESIGN.md section 4): a flow scheduler (FlowMatchEulerDiscreteScheduler)
+The double-shift trap (docs/backends.md): a flow scheduler (FlowMatchEulerDiscreteScheduler)
 shifts the sigmas it is given, statically (SD3: 3.0) or by the image size (Flux's ``mu``). The
 policy's times are the sigmas the model must see, so the sigmas returned here are pre-images under
 the pipeline's own shift: after the scheduler shifts them, the model runs exactly the learned

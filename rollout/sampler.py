@@ -1,4 +1,4 @@
-"""The Sampler protocol: what a backend must do for the rollout worker (DESIGN.md section 4).
+"""The Sampler protocol: what a backend must do for the rollout worker (docs/backends.md).
 
 A user's backend implements these methods; it does not subclass anything of ours.
 """

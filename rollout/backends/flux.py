@@ -1,7 +1,7 @@
 """The flux backend: Flux (Dev, Schnell) through diffusers' FluxPipeline, every sample on its own schedule.
 
 Time map: a rectified flow executes sigma = t, with the scheduler's shift switched off (it re-shifts
-custom sigmas); Euler from t_k to t_{k+1}, t_{L+1} = 0 (DESIGN.md section 1). The stock schedule,
+custom sigmas); Euler from t_k to t_{k+1}, t_{L+1} = 0 (docs/method.md). The stock schedule,
 ``linspace(1, 1/L, L)`` after Flux's resolution-dependent shift (``mu`` from the number of latent
 tokens), is ``default_tau``: a point of the simplex with tau_1 = 0.
 

@@ -1,7 +1,7 @@
 """The sd backend: Stable Diffusion 1.x and SDXL (epsilon UNets) through diffusers'
 StableDiffusionPipeline / StableDiffusionXLPipeline, every sample on its own schedule, Euler, CFG.
 
-Time map (DESIGN.md sections 1 and 4; ``common.schedule.epsilon_timesteps``): t in [0, 1] is the
+Time map (docs/method.md and docs/backends.md; ``common.schedule.epsilon_timesteps``): t in [0, 1] is the
 continuous training timestep t*T - 1 (t = 1: timestep T-1; t = 1/T: timestep 0; t = 0: the clean
 sample, sigma = 0); its noise level sigma is interpolated in the training schedule. The model is
 evaluated at t_1..t_L and Euler steps in sigma from t_k to t_{k+1} (EulerDiscreteScheduler's update

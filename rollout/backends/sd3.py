@@ -2,7 +2,7 @@
 on its own schedule, with classifier-free guidance.
 
 Time map: a rectified flow executes sigma = t, with the scheduler's shift switched off; Euler from
-t_k to t_{k+1}, t_{L+1} = 0 (DESIGN.md section 1). The stock schedule (the scheduler's own grid
+t_k to t_{k+1}, t_{L+1} = 0 (docs/method.md). The stock schedule (the scheduler's own grid
 ``linspace(sigma_max, sigma_min, L)`` after SD3's static shift 3, or the dynamic shift where the
 config asks for it) is ``default_tau``, a point of the simplex with tau_1 = 0.
 

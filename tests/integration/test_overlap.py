@@ -159,6 +159,18 @@ def test_scoring_tail_and_collect_latency_are_what_came_after_the_last_image():
     assert empty.scoring_tail() == 0.0 and np.isnan(empty.collect_latency())
 
 
+def test_sampling_seconds_run_from_the_first_start_to_the_last_image_whenever_collected():
+    """rollout/images_per_s divided by the collect call's wall time: one step off policy, rollouts
+    launched during the update were counted from when the learner began to wait for them."""
+
+    def batch(start, seconds):
+        return SimpleNamespace(started_at=start, seconds=seconds)
+
+    got = Collected([batch(10.0, 1.0), batch(10.25, 1.0)], [], [], seconds=0.3, faults=0)
+    assert got.sampling_seconds() == pytest.approx(1.25)
+    assert np.isnan(Collected([], [], [], 0.0, 0).sampling_seconds())
+
+
 def test_dispatch_skew_counts_each_workers_first_request():
     def batch(worker, start):
         return SimpleNamespace(worker=worker, started_at=start, seconds=1.0)

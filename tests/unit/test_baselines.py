@@ -1,8 +1,8 @@
-"""Reward baselines (learner/baselines.py) against DESIGN.md section 1.
+"""Reward baselines (learner/baselines.py) against docs/method.md.
 
 Expected values come from two places that do not share code with the implementation:
 hand-worked numbers for a small matrix (the working is in the comments), and a slow reference
-written as explicit Python loops straight from the formulas in DESIGN.md.
+written as explicit Python loops straight from the formulas in docs/method.md.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from learner.baselines import compute
 
 NAMES = ("none", "mean", "rloo", "xctx", "js", "js_loco")
 MIN_C = {"none": 1, "mean": 1, "rloo": 1, "xctx": 2, "js": 2, "js_loco": 3}
-# Baselines where b_ci must not depend on r_ci (DESIGN.md: rloo and xctx leave r_ci out by
+# Baselines where b_ci must not depend on r_ci (docs/method.md: rloo and xctx leave r_ci out by
 # definition; js_loco is "strictly unbiased, b_ci never depends on r_ci").
 LEAVE_ONE_OUT = ("rloo", "xctx", "js_loco")
 
 FAST = settings(max_examples=100, deadline=None)
 
 
-# --- slow reference: explicit loops, one line per formula of DESIGN.md section 1 ------------------
+# --- slow reference: explicit loops, one line per formula of docs/method.md ------------------
 
 
 def ref_none(r):
@@ -63,7 +63,7 @@ def ref_xctx(r):
 
 
 def ref_js_weight(r):
-    """(s2, d2, alpha) of DESIGN.md for a list of rows (C >= 2 contexts, K >= 2 each)."""
+    """(s2, d2, alpha) of docs/method.md for a list of rows (C >= 2 contexts, K >= 2 each)."""
     c, k = len(r), len(r[0])
     means = [sum(row) / k for row in r]
     grand = sum(means) / c

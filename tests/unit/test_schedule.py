@@ -1,4 +1,4 @@
-"""Schedule maths (common/schedule.py) against DESIGN.md section 1.
+"""Schedule maths (common/schedule.py) against docs/method.md.
 
 tau in the simplex (L+1 components) <-> the L evaluation times t_k = 1 - sum_{j<=k} tau_j,
 1 > t_1 > ... > t_L > 0; the sampler evaluates the model at t_1..t_L and steps t_k -> t_{k+1}
@@ -206,7 +206,7 @@ def test_shifted_flow_tau(steps, shift):
 @pytest.mark.parametrize("shift", [0.1, 0.2, 0.3])
 def test_shifted_flow_tau_small_shift_stays_on_simplex(shift):
     """An edge case: for a shift below 1/2, s*1 / (1 + (s-1)*1) rounds above 1, so t_1 > 1 and
-    tau_1 < 0. The result should still be a point of the simplex (DESIGN.md section 1)."""
+    tau_1 < 0. The result should still be a point of the simplex (docs/method.md)."""
     for steps in (1, 5, 20):
         tau = shifted_flow_tau(steps, shift)
         assert np.all(tau >= 0.0), (steps, tau[:2])
@@ -315,7 +315,7 @@ def test_check_tau_rejects_bad_input():
     ],
 )
 def test_check_tau_rejects_zero_last_component(tau, steps):
-    """DESIGN.md: 1 > t_1 > ... > t_L > 0 and tau_{L+1} = t_L is the last step to 0, so a zero
+    """docs/method.md: 1 > t_1 > ... > t_L > 0 and tau_{L+1} = t_L is the last step to 0, so a zero
     last component (t_L = t_{L+1} = 0) is two coinciding times and a wasted evaluation."""
     with pytest.raises(ValueError):
         check_tau(tau, steps)

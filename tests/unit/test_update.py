@@ -3,7 +3,7 @@
 - The draws are made in log space and scored by their own log-prob, so every component's mean
   score is 0 (E[grad log pi] = 0) even at alpha = 0.01, where a plain draw underflows and must be
   floored; the floored point's score is biased (shown, so that the test can fail).
-- ``reinforce_step``'s gradient is the DESIGN.md estimator
+- ``reinforce_step``'s gradient is the docs/method.md estimator
   ``-1/(C*K) sum (r - b) grad log pi(tau | c)``, with the Dirichlet score written out by hand.
 - One step on a one-context bandit moves the Dirichlet mean toward the better schedule, and a
   sign flip anywhere (advantage, loss, log-prob) fails one of these tests.
