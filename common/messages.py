@@ -6,7 +6,7 @@ outside Ray (the rollout log, HTTP) through ``common.codec``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +32,10 @@ class SamplerSpec(Message):
     pipeline: str | None = Field(None, description="The diffusers pipeline class it runs (a policy exports to it).")
     time_convention: str | None = Field(
         None, description="How a time t in [0, 1] becomes the model's noise level ('flow: sigma = t', ...)."
+    )
+    call_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The stock pipeline's __call__ settings under which it makes this sampler's images (guidance).",
     )
 
 

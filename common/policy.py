@@ -126,11 +126,14 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         pipeline: str | None = None,
         time_convention: str | None = None,
         x_shape: Sequence[int] | None = None,
+        call_kwargs: dict[str, Any] | None = None,
     ):
-        """``backbone``, ``pipeline``, ``time_convention``, ``x_shape``: what the policy was trained
-        for (the sampler backend, the diffusers pipeline class, what its times mean, the shape of
-        the noise it read: the image size), recorded in the saved config so that an export refuses
-        a pipeline it was not trained for, and says so at another size (``rollout.export``)."""
+        """``backbone``, ``pipeline``, ``time_convention``, ``x_shape``, ``call_kwargs``: what the
+        policy was trained for (the sampler backend, the diffusers pipeline class, what its times
+        mean, the shape of the noise it read: the image size, and the pipeline's call settings its
+        images were made under: the guidance), recorded in the saved config so that an export
+        refuses a pipeline it was not trained for, says so at another size, and runs the pipeline
+        as training did (``rollout.export``)."""
         super().__init__()
         if input_kind not in ("image", "vector"):
             raise ValueError(f"unknown input_kind {input_kind!r}; expected 'image' ([C, H, W] noise) or 'vector' ([D])")
@@ -146,9 +149,10 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
             raise ValueError(f"max_concentration must be > 0 or None, got {max_concentration}")
         self.steps, self.variant, self.input_kind, self.alpha_min = steps, variant, input_kind, alpha_min
         self.max_concentration = max_concentration
-        self.pooled_dim = pooled_dim
+        self.token_dim, self.pooled_dim = token_dim, pooled_dim
         self.backbone, self.pipeline, self.time_convention = backbone, pipeline, time_convention
         self.x_shape = [int(d) for d in x_shape] if x_shape is not None else None
+        self.call_kwargs = dict(call_kwargs or {})
         n_out = steps + 1
         if variant == "global":
             self.h = nn.Parameter(torch.zeros(n_out))
@@ -564,4 +568,5 @@ def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau:
         "pipeline": spec.pipeline,
         "time_convention": spec.time_convention,
         "x_shape": list(spec.x_shape),
+        "call_kwargs": dict(spec.call_kwargs) or None,
     }

@@ -40,7 +40,7 @@ import torch
 from common.config import MAX_SEED
 from common.policy import SchedulePolicy, dirichlet_mean
 from common.prompts import check_prompts
-from common.schedule import epsilon_timesteps, times_from_tau
+from common.schedule import epsilon_model_timesteps, times_from_tau
 from rollout.sampler import policy_inputs
 
 #: pipeline class -> the backend that trains for it
@@ -52,9 +52,10 @@ PIPELINES = {
 }
 
 
-def _sampler_for(pipe: Any, height: int | None, width: int | None, max_sequence_length: int | None):
+def _sampler_for(pipe: Any, height: int | None, width: int | None, call: dict[str, Any]):
     """Our sampler around the user's pipeline: the same encoders, noise shapes and time maps the
-    policy was trained with (the pipeline is put in eval mode and left on its device)."""
+    policy was trained with, and ``call``'s settings (the guidance, the T5 length) where the
+    backend has them. The pipeline is left as it is: its device, offload, modes, progress bars."""
     from common.config import FluxConfig, SD3Config, SDConfig
     from rollout.backends.diffusers_common import DiffusersSampler
 
@@ -69,24 +70,24 @@ def _sampler_for(pipe: Any, height: int | None, width: int | None, max_sequence_
     if name == "FluxPipeline":
         from rollout.backends.flux import FluxFamily
 
-        return DiffusersSampler(FluxFamily, pipe, _settings(FluxConfig, common, max_sequence_length))
+        return DiffusersSampler(FluxFamily, pipe, _settings(FluxConfig, common, call), prepare=False)
     if name == "StableDiffusion3Pipeline":
         from rollout.backends.sd3 import SD3Family
 
-        return DiffusersSampler(SD3Family, pipe, _settings(SD3Config, common, max_sequence_length))
+        return DiffusersSampler(SD3Family, pipe, _settings(SD3Config, common, call), prepare=False)
     from rollout.backends.sd import SDFamily
 
-    return DiffusersSampler(SDFamily, pipe, _settings(SDConfig, common))
+    return DiffusersSampler(SDFamily, pipe, _settings(SDConfig, common, call), prepare=False)
 
 
-def _settings(section: type, common: dict[str, Any], max_sequence_length: int | None = None) -> Any:
+def _settings(section: Any, common: dict[str, Any], call: dict[str, Any]) -> Any:
     """The backend's config section for these arguments; a value out of its range is a ValueError
     of one line naming the argument (0 is a length given, not the default)."""
     from pydantic import ValidationError
 
     from common.config import format_validation_error
 
-    extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    extra = {k: v for k, v in call.items() if k in section.model_fields and v is not None}
     try:
         return section(**common, **extra)
     except ValidationError as e:  # the config's own wording, its lines after the heading in one
@@ -122,7 +123,13 @@ class PipelineSchedule:
     ``height``/``width``: the image size (default: the pipeline's, as the backend used in
     training); it fixes the noise shape the policy reads and, for Flux, the scheduler's shift. A
     size whose noise is not the shape the policy was trained on is a warning.
-    ``max_sequence_length``: the T5 length of Flux and SD3 (the backend's default: 512 and 256).
+    ``max_sequence_length``: the T5 length of Flux and SD3 (default: the training's).
+
+    The returned arguments include the pipeline settings the policy's training images were made
+    under (``guidance_scale``; SD and SD3: ``negative_prompt``; Flux and SD3:
+    ``max_sequence_length``), as its saved config records them, since the pipeline's own defaults
+    may differ (SD3's guidance is 7.0 there, 3.5 in training). To sample otherwise, override them:
+    ``pipe(prompt, **{**schedule(prompt, seed=0), "guidance_scale": 5.0})``.
     """
 
     def __init__(
@@ -151,7 +158,9 @@ class PipelineSchedule:
         if trained != name:
             raise ValueError(f"this policy was trained for a {trained} (backbone {policy.backbone!r}), not a {name}")
         self.policy, self.pipe = policy.eval(), pipe
-        self.sampler = _sampler_for(pipe, height, width, max_sequence_length)
+        trained = dict(getattr(policy, "call_kwargs", None) or {})  # {} where a policy saved before them
+        given = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        self.sampler = _sampler_for(pipe, height, width, {**trained, **given})
         trained_on = getattr(policy, "x_shape", None)
         made = list(self.sampler.x_shape)
         if trained_on is not None and (len(made), made[0]) != (len(trained_on), trained_on[0]):
@@ -169,8 +178,26 @@ class PipelineSchedule:
                 stacklevel=2,
             )
         self.family = self.sampler.family
+        self._check_text_widths()
         self.steps = policy.steps
+        # what the training images were made under, in the pipeline's own names
+        self.call_kwargs = {**self.family.call_kwargs(), **given} if trained else given
         self._check_scheduler()
+
+    def _check_text_widths(self) -> None:
+        """The policy reads the text encoders' outputs: another width is another model's pipeline
+        of the same class (SD2 for SD1.5), which the policy cannot read."""
+        policy, fam = self.policy, self.family
+        if policy.variant != "conditional":
+            return
+        tokens, pooled = policy.token_dim, policy.pooled_dim
+        if tokens != fam.token_dim or (pooled and pooled != fam.pooled_dim):
+            read = f"text tokens of width {tokens}" + (f" and a pooled embedding of {pooled}" if pooled else "")
+            give = f"{fam.token_dim}" + (f" and {fam.pooled_dim}" if pooled else "")
+            raise ValueError(
+                f"this policy read {read} in training; this pipeline's text encoders give {give}: another model's,"
+                " which the policy cannot read"
+            )
 
     # --- the policy's schedule for one instance ---------------------------------------------------
 
@@ -185,7 +212,9 @@ class PipelineSchedule:
             return self.sampler.initial_noise([int(seed)])[0]
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__} {generator!r:.40}")
-        return torch.randn(self.sampler.x_shape, generator=generator, dtype=torch.float32).numpy()
+        # on the generator's own device (a CUDA generator, as diffusers' examples make, draws there)
+        x = torch.randn(self.sampler.x_shape, generator=generator, dtype=torch.float32, device=generator.device)
+        return x.cpu().numpy()
 
     def times(self, prompt: str, noise: np.ndarray) -> np.ndarray:
         """The L times the model is evaluated at (our time convention) for (prompt, noise): the
@@ -207,7 +236,8 @@ class PipelineSchedule:
         check_prompts([prompt], "prompt")  # as the tools take it: not empty, no control characters
         noise = self.noise(seed, generator)
         times = self.times(prompt, noise)
-        return {"latents": self.latents(noise), **self.schedule_kwargs(times)}
+        # one image: its schedule and noise are its own (another num_images_per_prompt is Python's one-line TypeError)
+        return {"latents": self.latents(noise), "num_images_per_prompt": 1, **self.schedule_kwargs(times)}
 
     def global_schedule(self) -> dict[str, Any]:
         """A global policy's one schedule (its Dirichlet mean), as ``sigmas=`` or ``timesteps=``
@@ -227,12 +257,25 @@ class PipelineSchedule:
         return x
 
     def schedule_kwargs(self, times: np.ndarray) -> dict[str, Any]:
+        """``times`` as the pipeline's ``sigmas=`` or ``timesteps=``, with the steps, the size and
+        the training's call settings (``call_kwargs``)."""
         times = np.asarray(times, dtype=np.float64)
         size = {"num_inference_steps": len(times), "height": self.family.height, "width": self.family.width}
         if hasattr(self.pipe, "transformer"):  # a flow model: sigmas the scheduler's own shift maps onto ours
-            return {"sigmas": [float(s) for s in self._unshift(times)], **size}
+            return {**self.call_kwargs, "sigmas": [float(s) for s in self._unshift(times)], **size}
         n_train = self.pipe.scheduler.config.num_train_timesteps
-        return {"timesteps": [float(t) for t in epsilon_timesteps(times, n_train)], **size}
+        below = times[times < 1.0 / n_train]
+        if below.size:
+            warnings.warn(
+                f"the schedule evaluates the model at t = {below.min():.3g}, below its least noisy training timestep"
+                f" (t = 1/{n_train}); training ran that step at a noise level below the model's lowest, which a"
+                " stock EulerDiscreteScheduler cannot: it runs it at the lowest, and the image's last step differs"
+                " slightly from training",
+                UserWarning,
+                stacklevel=3,
+            )
+        timesteps = epsilon_model_timesteps(times, n_train)  # the denoiser's timestep, never below 0, as in training
+        return {**self.call_kwargs, "timesteps": [float(t) for t in timesteps], **size}
 
     def _unshift(self, times: np.ndarray) -> np.ndarray:
         """Sigmas s with shift(s) = times, for the pipeline's FlowMatchEulerDiscreteScheduler."""
@@ -241,7 +284,7 @@ class PipelineSchedule:
             mu = self.family._mu()  # the resolution-dependent shift the pipeline passes its scheduler
             scale = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
             return 1.0 / (1.0 + scale * (1.0 / times - 1.0))
-        shift = float(c.get("shift", 1.0))
+        shift = float(getattr(self.pipe.scheduler, "shift", c.get("shift", 1.0)))  # as set_shift left it
         return times / (shift - (shift - 1.0) * times)
 
     def _check_scheduler(self) -> None:
@@ -269,6 +312,13 @@ class PipelineSchedule:
                 f"the learned schedule runs on Euler in sigma(timestep), as in training; the pipeline has a"
                 f" {type(sched).__name__}: set"
                 " pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
+            )
+        grids = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
+        if grids:  # diffusers refuses timesteps= with them, at the pipeline's call
+            raise ValueError(
+                f"the pipeline's EulerDiscreteScheduler has {', '.join(grids)}, which takes no schedule of timesteps;"
+                " set pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,"
+                f" {', '.join(f'{k}=False' for k in grids)})"
             )
         if c.get("final_sigmas_type", "zero") != "zero":  # the last step would stop short of a clean image
             raise ValueError(

@@ -170,6 +170,11 @@ class DiffusersFamily(Protocol):
         """The stock schedule at ``steps`` NFE as a point of the simplex (the family's time map)."""
         ...
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """The stock pipeline's ``__call__`` settings under which its image is this family's (the
+        guidance, the negative prompt, the T5 length): a policy records them, an export returns them."""
+        ...
+
     def encode_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
         """Per prompt: the denoiser's conditioning, with ``embeds`` [T, E], ``pooled`` [P] and
         ``span`` (start, length) of the prompt's real tokens in ``embeds``."""
@@ -184,10 +189,13 @@ class DiffusersSampler:
     """The Sampler of every diffusers family: prompts, the bounded conditioning cache, policy
     features, the initial noise, chunking and the images; the family runs its own loop."""
 
-    def __init__(self, family: Callable[[Any, Any], DiffusersFamily], pipe: Any, cfg: DiffusersSection):
-        """``family(prepared pipe, cfg)`` builds the family (e.g. ``FluxFamily``)."""
+    def __init__(
+        self, family: Callable[[Any, Any], DiffusersFamily], pipe: Any, cfg: DiffusersSection, prepare: bool = True
+    ):
+        """``family(prepared pipe, cfg)`` builds the family (e.g. ``FluxFamily``). ``prepare=False``
+        leaves ``pipe`` as it is (its device, offload, modes and progress bars: a user's pipeline)."""
         self.cfg = cfg
-        self.pipe = prepare_pipeline(pipe, cfg)
+        self.pipe = prepare_pipeline(pipe, cfg) if prepare else pipe
         self.family = family(self.pipe, cfg)
         self.x_shape = self.family.x_shape
         self.train_prompts = read_prompts(cfg.prompt_file, TRAIN_PROMPTS)
@@ -212,6 +220,7 @@ class DiffusersSampler:
             eval_prompts=self.eval_prompts,
             pipeline=type(self.pipe).__name__,
             time_convention=f.time_convention,
+            call_kwargs=f.call_kwargs(),
         )
 
     def default_tau(self, steps: int) -> np.ndarray:

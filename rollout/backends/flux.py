@@ -11,6 +11,8 @@ the sampler), the T5 token embeddings trimmed to the prompt's real length, CLIP'
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -50,6 +52,9 @@ class FluxFamily:
         self.x_shape = (pipe.transformer.config.in_channels // 4, h, w)
         self.token_dim = pipe.text_encoder_2.config.d_model
         self.pooled_dim = pipe.text_encoder.config.hidden_size
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"guidance_scale": self.cfg.guidance_scale, "max_sequence_length": self.cfg.max_sequence_length}
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler given exactly what

@@ -18,6 +18,8 @@ pooled embedding (SD1.5: CLIP's pooled output, the end-of-text token; SDXL: CLIP
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -87,6 +89,9 @@ class SDFamily:
 
         key = "StableDiffusionXLSigmas" if self.xl else "StableDiffusionSigmas"
         return ays_tau(np.asarray(AysSchedules[key]), steps, self.train_sigmas)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"guidance_scale": self.cfg.guidance_scale, "negative_prompt": self.cfg.negative_prompt}
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock EulerDiscreteScheduler grid at ``steps`` (from the model's scheduler config)."""

@@ -12,6 +12,8 @@ prompt's real length (the CLIP tokens where the pipeline has no T5), the pooled 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -51,6 +53,14 @@ class SD3Family:
         self.cfg_guidance = cfg.guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
         self.token_dim = pipe.transformer.config.joint_attention_dim
         self.pooled_dim = pipe.transformer.config.pooled_projection_dim
+
+    def call_kwargs(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "guidance_scale": c.guidance_scale,
+            "negative_prompt": c.negative_prompt,
+            "max_sequence_length": c.max_sequence_length,
+        }
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler called as

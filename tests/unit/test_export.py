@@ -8,6 +8,8 @@ scheduler that cannot run the schedule, is refused with a message that names it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -34,13 +36,19 @@ def _export_args(family: str) -> dict:
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "sdxl"])
 def test_the_stock_pipeline_runs_the_learned_schedule(family):
+    """As the docs call it, ``pipe(prompt, **schedule(prompt, seed=...))``: the guidance (SD3 at
+    4.0 and SDXL at 7.5 here, where the pipelines' defaults are 7.0 and 5.0) and the T5 length
+    of training come with the schedule. They were left to the pipeline's defaults: SD3 at 3.5
+    differed from its training images by 0.085."""
     case = build(family)
     policy = _policy(case.sampler)
     assert policy.pipeline == type(case.pipe).__name__ and policy.time_convention
-    schedule = PipelineSchedule(policy, case.pipe, **_export_args(family))
+    assert policy.call_kwargs == {**case.stock_kwargs, **({"negative_prompt": None} if family != "flux" else {})}
+    schedule = PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)  # the T5 length: the training's
     for seed in (3, 4):
         kwargs = schedule(PROMPT, seed=seed)
-        stock = case.pipe(PROMPT, **{**case.stock_kwargs, **kwargs}, output_type="np").images[0]
+        assert {k: kwargs[k] for k in case.stock_kwargs} == case.stock_kwargs and kwargs["num_images_per_prompt"] == 1
+        stock = case.pipe(PROMPT, **kwargs, output_type="np").images[0]
         noise = case.sampler.initial_noise([seed])
         times = schedule.times(PROMPT, noise[0])
         assert len(times) == 3 and not np.allclose(times, times_default(case.sampler, 3))
@@ -69,7 +77,7 @@ def test_a_global_policy_exports_a_plain_list():
     assert isinstance(plain["sigmas"], list) and len(plain["sigmas"]) == 3 and plain["num_inference_steps"] == 3
     noise = case.sampler.initial_noise([7])
     gen = torch.Generator("cpu").manual_seed(7)  # the pipeline draws the same x_T from this generator
-    stock = case.pipe(PROMPT, **case.stock_kwargs, **plain, generator=gen, output_type="np").images[0]
+    stock = case.pipe(PROMPT, **plain, generator=gen, output_type="np").images[0]  # the training's guidance in it
     from common.schedule import times_from_tau
 
     times = times_from_tau(np.asarray(policy.global_mean_tau()))
@@ -242,3 +250,98 @@ def test_a_saved_policy_that_cannot_be_read_is_one_line_naming_it(tmp_path, monk
     monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", _unreachable)
     with pytest.raises(OSError, match=r"^policy 'someone/policy' is neither a local path nor in the hub cache, and"):
         PipelineSchedule("someone/policy", flux.pipe, **args)
+
+
+def test_the_training_settings_are_saved_with_the_policy_and_overridable():
+    case = build("sd3")
+    policy = _policy(case.sampler)
+    saved = PipelineSchedule(_roundtrip(policy), case.pipe, height=SIZE, width=SIZE)
+    assert saved.call_kwargs == {"guidance_scale": 4.0, "negative_prompt": None, "max_sequence_length": 32}
+    # a user's own T5 length is theirs, in the policy's reading and the pipeline's call
+    assert PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE, max_sequence_length=16).call_kwargs == {
+        "guidance_scale": 4.0,
+        "negative_prompt": None,
+        "max_sequence_length": 16,
+    }
+    kwargs = saved(PROMPT, seed=0)
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'num_images_per_prompt'"):
+        case.pipe(PROMPT, num_images_per_prompt=2, **kwargs)  # one image: its noise and schedule are its own
+    # a policy saved before the settings were recorded: the schedule alone, as before
+    old = SchedulePolicy(
+        **{**policy_kwargs(TINY, case.sampler.spec(), 3, case.sampler.default_tau(3)), "call_kwargs": None}
+    )
+    assert "guidance_scale" not in PipelineSchedule(old, case.pipe, height=SIZE, width=SIZE, max_sequence_length=32)(
+        PROMPT, seed=0
+    )
+
+
+def _roundtrip(policy: SchedulePolicy) -> SchedulePolicy:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        policy.save_pretrained(d)
+        return SchedulePolicy.from_pretrained(d).eval()
+
+
+def test_the_user_s_pipeline_is_left_as_it_is():
+    """Building a PipelineSchedule turned every module's gradients and the process's progress bars
+    off and moved the pipeline (``pipe.to``: with CPU offload, the whole model onto the GPU)."""
+    import diffusers
+
+    case = build("flux")
+    policy = _policy(case.sampler)
+    diffusers.utils.logging.enable_progress_bar()
+    case.pipe.transformer.requires_grad_(True)
+    case.pipe.set_progress_bar_config(disable=False)
+    try:
+        PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)(PROMPT, seed=0)
+        assert all(p.requires_grad for p in case.pipe.transformer.parameters())
+        assert diffusers.utils.logging.is_progress_bar_enabled()
+        assert case.pipe._progress_bar_config == {"disable": False}
+    finally:
+        diffusers.utils.logging.disable_progress_bar()
+        case.pipe.transformer.requires_grad_(False)
+
+
+def test_a_policy_of_another_model_or_a_scheduler_it_cannot_use_is_refused_at_once():
+    """Another model of the same pipeline class (SD2 for SD1.5: other text widths) was let through,
+    then torch's attention shape assertion and a size warning that advised another height; an SD
+    Euler scheduler with Karras sigmas was diffusers' 'Cannot set `timesteps`' at the call; a
+    shift changed with ``set_shift`` was ignored (0.045 from the training image)."""
+    sdxl = build("sdxl")
+    spec = sdxl.sampler.spec()
+    other = SchedulePolicy(
+        **{**policy_kwargs(TINY, spec, 3, sdxl.sampler.default_tau(3)), "token_dim": 2 * spec.token_dim}
+    )
+    with pytest.raises(ValueError, match=rf"read text tokens of width {2 * spec.token_dim} and a pooled embedding of"):
+        PipelineSchedule(other, sdxl.pipe, height=SIZE, width=SIZE)
+    from diffusers import EulerDiscreteScheduler
+
+    karras = EulerDiscreteScheduler.from_config(sdxl.pipe.scheduler.config, use_karras_sigmas=True)
+    sdxl.pipe.scheduler, euler = karras, sdxl.pipe.scheduler
+    try:
+        with pytest.raises(ValueError, match=r"has use_karras_sigmas, .*from_config\(.*use_karras_sigmas=False\)"):
+            PipelineSchedule(_policy(sdxl.sampler), sdxl.pipe, height=SIZE, width=SIZE)
+    finally:
+        sdxl.pipe.scheduler = euler
+    sd3 = build("sd3")
+    sd3.pipe.scheduler.set_shift(5.0)
+    schedule = PipelineSchedule(_policy(sd3.sampler), sd3.pipe, height=SIZE, width=SIZE)
+    noise = sd3.sampler.initial_noise([2])
+    stock = sd3.pipe(PROMPT, **schedule(PROMPT, seed=2), output_type="np").images[0]
+    ours = sd3.sampler.generate([PROMPT], noise, schedule.times(PROMPT, noise[0])[None])[0]
+    assert np.abs(stock - ours).max() <= 1e-5
+
+
+def test_an_sd_time_below_the_least_noisy_timestep_is_said_and_runs_at_timestep_0():
+    """Training runs t < 1/T at timestep 0 with a sigma below the model's lowest; a stock Euler
+    scheduler can only run the lowest. The timestep given was t*T - 1 < 0 (the UNet saw a negative
+    timestep), silently."""
+    case = build("sdxl")
+    schedule = PipelineSchedule(_policy(case.sampler), case.pipe, height=SIZE, width=SIZE)
+    with pytest.warns(UserWarning, match=r"at t = 0.0003, below its least noisy training timestep \(t = 1/1000\)"):
+        low = schedule.schedule_kwargs(np.array([0.9, 0.3, 0.0003]))
+    assert low["timesteps"][-1] == 0.0 and low["timesteps"][0] == pytest.approx(899.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert schedule.schedule_kwargs(np.array([0.9, 0.3, 0.001]))["timesteps"][-1] == pytest.approx(0.0)
