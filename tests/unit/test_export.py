@@ -345,3 +345,4 @@ def test_an_sd_time_below_the_least_noisy_timestep_is_said_and_runs_at_timestep_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert schedule.schedule_kwargs(np.array([0.9, 0.3, 0.001]))["timesteps"][-1] == pytest.approx(0.0)
+        assert schedule.schedule_kwargs(np.array([0.9, 0.3, 0.000999]))["timesteps"][-1] == 0.0  # 0.1% below
