@@ -518,6 +518,7 @@ def _train(
     # step off policy: each worker queues the second behind the first, so it never waits for the
     # learner between them)
     ahead: list[_Launch] = []
+    collecting: _Launch | None = None  # the rollouts the learner waits for, until it has them
     collective: CollectiveBroadcast | None = None  # learner.broadcast: collective
     dispatcher: Dispatcher | None = None
     own_actors: Actors | None = None  # started here (not the caller's): stopped here
@@ -607,7 +608,7 @@ def _train(
             # after the previous update, while its iteration logged (on policy, under its weights), or
             # after the update before it (one step off policy, under the weights the previous update
             # started from; the workers queued them behind the previous iteration's)
-            now = ahead.pop(0) if ahead else launch(it, behaviour if it == start else current)
+            now = collecting = ahead.pop(0) if ahead else launch(it, behaviour if it == start else current)
             if lc.pipeline and not ahead and it + 1 < lc.iterations:
                 # one step off policy the next rollouts are drawn under the weights this update
                 # starts from: they go out now, and each worker queues them behind these
@@ -621,6 +622,7 @@ def _train(
             planned = plan(after) if after < lc.iterations else None
             try:
                 got = now.job.result()
+                collecting = None  # collected: nothing of it is under way
             except WorkersLost:
                 # too few actors left: keep what was learned (the state before this iteration)
                 ckpt = save(it, now.plan.cursor, now.sent)
@@ -752,7 +754,9 @@ def _train(
                 )
         return RunResult(run_dir, lc.iterations, version, policy, result)
     finally:
-        for under_way in ahead:  # in order: each run starts on the dispatcher's thread once the one before ends
+        # in order: each run starts on the dispatcher's thread once the one before ends; the one the
+        # learner was waiting for first (a stop while it waits ends it at once, not after its iteration)
+        for under_way in ([collecting] if collecting is not None else []) + ahead:
             under_way.job.cancel()
         if dispatcher is not None:
             dispatcher.close()

@@ -103,6 +103,48 @@ def test_a_run_sent_sigterm_ends_in_one_line_releases_its_dir_and_resumes_exactl
     assert same_weights(uninterrupted, final_weights(run))
 
 
+def test_a_run_sent_sigterm_while_it_waits_for_its_rollouts_ends_within_seconds(ray_local, tmp_path):
+    """The rollouts the learner waited for were not given up: the driver ended only once their
+    iteration had (here a reward that never returns: its time-out, 600 s), past ``ray job stop``'s 3 s
+    and Kubernetes' grace period before SIGKILL, which left the lock."""
+    import time
+
+    flags = FLAGS + [
+        f"--experiment.output_dir={tmp_path}",
+        "--rewards=[{name: 'tests.integration.rewards_for_tests:AlwaysHang', timeout_s: 600}]",
+    ]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "learner.main", *flags],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # the loop has started once the policy is described
+            lines.append(line)
+            if "parameters" in line:
+                break
+        time.sleep(4)  # the first rollouts sampled, their scoring hung
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + out
+    assert proc.returncode == 143, out[-2000:]
+    assert took < 20, f"{took:.0f} s from SIGTERM to exit"
+    assert out.strip().splitlines()[-1].startswith("terminated: "), out[-2000:]
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, uninterrupted, tmp_path):
     flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
     train(load_config(flags[:] + ["--learner.iterations=4"]))
