@@ -37,6 +37,9 @@ from typing import Any
 from common.config import Config, ConfigError
 
 LOCK = ".lock"
+#: the locks this process holds (absolute paths): a lock naming this process's pid that is not
+#: one of them was left by an earlier process that had the same pid (a restarted container's)
+_HELD: set[Path] = set()
 #: Seconds between an owner's renewals of its lock.
 LEASE_RENEW_S = 15.0
 #: Seconds without a renewal after which a lock from another host is its run's end (a shared
@@ -148,10 +151,22 @@ class _Lease:
                     self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
                     lock.unlink(missing_ok=True)
                     continue
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                pid = int(owner.get("pid", -1))
+                here = owner.get("host") == me["host"]
+                earlier = here and pid == os.getpid() and lock.absolute() not in _HELD
+                if here and (earlier or not _pid_alive(pid)):
                     self.log(
                         f"warning: taking over the stale lock of pid {owner.get('pid')}"
                         f" (started {owner.get('started')}, no longer running) on the {self.what}"
+                    )
+                    lock.unlink(missing_ok=True)
+                    continue
+                if here and pid != os.getpid() and self._ran_out(owner):
+                    # a container restarted in its pod keeps the host name and starts its pids again: the
+                    # pid is another process's now
+                    self.log(
+                        f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}):"
+                        f" not renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
                     )
                     lock.unlink(missing_ok=True)
                     continue
@@ -171,6 +186,7 @@ class _Lease:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
+            _HELD.add(lock.absolute())
             return
         raise RunDirInUse(f"could not take the lock {lock}: others took and released it meanwhile; try again")
 
@@ -217,6 +233,7 @@ class _Lease:
             if owner is None or owner.get("pid") == os.getpid():
                 self.lock.unlink(missing_ok=True)
             self.held = False
+            _HELD.discard(self.lock.absolute())
 
 
 class Held:

@@ -162,6 +162,29 @@ def test_a_lock_from_another_host_is_taken_over_once_its_lease_runs_out(tmp_path
     ]
 
 
+def test_a_lock_of_this_host_whose_pid_is_another_process_now_is_taken_over(tmp_path):
+    """A container restarted inside its pod keeps the host name and numbers its pids again: the
+    lock of the driver before named a pid that is alive (another process, or this one), and a
+    resubmitted --resume auto was refused until someone deleted the lock by hand."""
+    run = tmp_path / "r"
+    for pid in (1, os.getpid()):  # a live process of this host; this very one, which does not hold it
+        run.mkdir(parents=True, exist_ok=True)
+        lock = run / LOCK
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "t"}))
+        stamp = lock.stat().st_mtime - rundir.LEASE_S - 30  # its lease ran out a while ago
+        os.utime(lock, (stamp, stamp))
+        said: list[str] = []
+        t0 = time.monotonic()
+        with claim(load_config(_flags(tmp_path)), log=said.append) as rd:
+            assert json.loads((rd.path / LOCK).read_text())["pid"] == os.getpid()
+        assert time.monotonic() - t0 < 5 and len(said) == 1 and "taking over" in said[0], said
+    # renewed lately by a live process of this host: its run, refused at once
+    run.mkdir(parents=True, exist_ok=True)
+    (run / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "started": "t"}))
+    with pytest.raises(RunDirInUse, match="in use by pid 1 on host"):
+        claim(load_config(_flags(tmp_path)))
+
+
 def test_a_lock_renewed_lately_by_another_host_is_refused_at_once(tmp_path):
     lock = _foreign_lock(tmp_path / "r", 1.0)
     t0 = time.monotonic()
