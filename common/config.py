@@ -53,6 +53,27 @@ def _finite_numbers(value: Any, at: str = "") -> Any:
 Kwargs = Annotated[dict[str, Any], AfterValidator(_finite_numbers)]
 
 
+def _ray_share(value: float) -> float:
+    """A quantity of a resource an actor reserves, as Ray takes it: 0, or at least 0.0001 (Ray's
+    unit: less is its ValueError when the actor is made, after the run started)."""
+    if value and value < 1e-4:
+        raise ValueError(f"{value:g} is below 0.0001, the smallest share Ray reserves (0 reserves none)")
+    return value
+
+
+def _gpu_share(value: float) -> float:
+    """A share of GPUs: a fraction of one (GPUs are packed per device) or whole GPUs."""
+    _ray_share(value)
+    if value > 1 and not float(value).is_integer():
+        raise ValueError(f"{value:g} GPUs: more than one must be a whole number (Ray's rule), e.g. 1 or 2")
+    return value
+
+
+#: CPUs or GPUs an actor reserves (a Ray resource request), checked as Ray checks it.
+CpuShare = Annotated[float, Field(ge=0, le=1024), AfterValidator(_ray_share)]
+GpuShare = Annotated[float, Field(ge=0, le=64), AfterValidator(_gpu_share)]
+
+
 #: The largest seed (a run's, a noise's): torch's generators take a signed 64-bit seed, and the
 #: derived keys add to it, so 2^63 and beyond failed once the workers drew.
 MAX_SEED = 2**62
@@ -409,8 +430,8 @@ class RolloutConfig(Section):
         description="Device of the workers' policy copy: 'auto' (the worker's GPU if it has one, else cpu), 'cpu',"
         " 'cuda' or 'cuda:N'.",
     )
-    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each rollout worker.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker.")
+    num_cpus: CpuShare = Field(0.5, description="CPUs reserved by each rollout worker.")
+    num_gpus: GpuShare = Field(0.0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
     max_restarts: int = Field(
         3, ge=0, description="Restarts of a dead rollout worker or reward server (Ray max_restarts)."
@@ -468,8 +489,8 @@ class RewardSpec(Section):
     weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of this reward in the combined reward.")
     kwargs: Kwargs = Field(default_factory=dict, description="Keyword arguments of the reward's __init__.")
     num_servers: int = Field(1, ge=1, le=1024, description="RewardServer actors hosting this reward.")
-    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each of its servers.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each of its servers.")
+    num_cpus: CpuShare = Field(0.5, description="CPUs reserved by each of its servers.")
+    num_gpus: GpuShare = Field(0.0, description="GPUs reserved by each of its servers.")
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of its servers (own dependencies).")
     start_timeout_s: float = Field(
         600.0, gt=0, le=86_400, description="Seconds each server has to build the reward (its __init__: model loads)."
@@ -497,8 +518,8 @@ def reward_keys(specs: list[RewardSpec]) -> list[str]:
 class MetricSpec(Section):
     name: str = Field(..., min_length=1, description="A registered metric name ('digits_fd') or 'pkg.module:Class'.")
     kwargs: Kwargs = Field(default_factory=dict, description="Keyword arguments of the metric's __init__.")
-    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by its server.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by its server.")
+    num_cpus: CpuShare = Field(0.25, description="CPUs reserved by its server.")
+    num_gpus: GpuShare = Field(0.0, description="GPUs reserved by its server.")
     start_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Seconds its server has to build the metric.")
     timeout_s: float = Field(
         3600.0, gt=0, le=86_400, description="Seconds the whole held-out measurement may take (features and distance)."

@@ -148,6 +148,16 @@ def check_room(asks: list[tuple[str, int, dict[str, float]]]) -> None:
     if not asks or not own_cluster():
         return
     total = ray.cluster_resources()
+    gpus = total.get("GPU", 0.0)
+    shares = [(what, need.get("GPU", 0.0)) for what, n, need in asks for _ in range(n) if need.get("GPU")]
+    left = _pack_gpus(gpus, [s for _, s in shares])
+    if left and sum(s for _, s in shares) <= gpus + 1e-9:  # they fit in the sum, not device by device
+        each = ", ".join(f"{n} x {need['GPU']:g} GPU ({what})" for what, n, need in asks if n and need.get("GPU"))
+        raise ConfigError(
+            f"the run's actors do not fit in the Ray cluster: their GPU shares ({each}) fit in its {gpus:g} GPUs"
+            f" together but not one device at a time (a share is placed on one GPU: {left[0]:g} GPU does not fit"
+            f" beside the others); {_OWN_CLUSTER}"
+        )
     sums: dict[str, float] = {}
     for _, n, need in asks:
         for k, v in need.items():
@@ -164,15 +174,55 @@ def check_room(asks: list[tuple[str, int, dict[str, float]]]) -> None:
         raise ConfigError(f"the run's actors do not fit in the Ray cluster: {why}; {_OWN_CLUSTER}")
 
 
-def auto_workers(num_gpus: float) -> int:
-    """rollout.num_workers='auto': one worker per ``num_gpus`` share of the cluster's GPUs."""
+def _place(free: list[float], share: float) -> bool:
+    """Place one actor's GPU ``share`` on the devices' free room ``free`` (first fit: a fraction on
+    one device, a whole number on as many free devices); False where it does not fit."""
+    if share <= 0:
+        return True
+    if share >= 1:
+        whole = [i for i, f in enumerate(free) if f >= 1 - 1e-9][: int(round(share))]
+        if len(whole) < round(share):
+            return False
+        for i in whole:
+            free[i] = 0.0
+        return True
+    for i, f in enumerate(free):
+        if f >= share - 1e-9:
+            free[i] = f - share
+            return True
+    return False
+
+
+def _pack_gpus(gpus: float, shares: list[float], free: list[float] | None = None) -> list[float]:
+    """The shares of ``shares`` that do not fit on ``gpus`` devices (or their room ``free``, which
+    is updated), packed as Ray packs them: each fractional share on one device, largest first."""
+    room = free if free is not None else [1.0] * int(gpus + 1e-9)
+    return [s for s in sorted(shares, reverse=True) if not _place(room, s)]
+
+
+def auto_workers(num_gpus: float, reserved: list[float] | None = None) -> int:
+    """rollout.num_workers='auto': as many workers of ``num_gpus`` each as the cluster's GPUs hold,
+    device by device, beside the ``reserved`` GPU shares of the run's other actors (its reward and
+    metric servers: on a cluster that cannot grow, a worker in their room would leave them none)."""
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    n = int(gpus // num_gpus + 1e-9)
+    free = [1.0] * int(gpus + 1e-9)
+    _pack_gpus(gpus, reserved or [], free)
+    n = 0
+    while _place(free, num_gpus):
+        n += 1
     if n < 1:
+        beside = f" beside the {sum(reserved or []):g} its reward and metric servers reserve" if reserved else ""
         raise ConfigError(
-            f"rollout.num_workers='auto': the cluster has {gpus:g} GPUs, not one share of rollout.num_gpus={num_gpus:g}"
+            f"rollout.num_workers='auto': the cluster has {gpus:g} GPUs, not one share of"
+            f" rollout.num_gpus={num_gpus:g}{beside}"
         )
     return n
+
+
+def reserved_gpus(cfg: Config) -> list[float]:
+    """The GPU shares of a run's reward and metric servers, one per server."""
+    shares = [s.num_gpus for s in cfg.rewards for _ in range(s.num_servers)]
+    return [g for g in shares + [m.num_gpus for m in cfg.learner.eval_metrics] if g]
 
 
 def actor_asks(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
@@ -180,7 +230,7 @@ def actor_asks(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
     workers (as many as it starts with: an elastic run grows only into free room), its reward
     servers and its eval metrics' servers."""
     r = cfg.rollout
-    n = auto_workers(r.num_gpus) if r.num_workers == "auto" else r.num_workers
+    n = auto_workers(r.num_gpus, reserved_gpus(cfg)) if r.num_workers == "auto" else r.num_workers
     asks = [("rollout workers", n, {"CPU": r.num_cpus, "GPU": r.num_gpus})]
     asks += [
         (f"rewards[{j}] ({s.name!r})", s.num_servers, {"CPU": s.num_cpus, "GPU": s.num_gpus})
@@ -336,7 +386,15 @@ class RolloutGroup:
         self.workers: list[Any] = []
         self.alive: list[int] = []
         self._starting: list[int] = []  # started, not yet waited for
+        # grown workers (``grow``) not yet answering: the ref of their first answer, and when they give up
+        self._joining: dict[int, tuple[Any, float]] = {}
+        self._reserved = reserved_gpus(cfg)
         n = self.auto_count() if r.num_workers == "auto" else r.num_workers
+        if n < r.min_workers:  # 'auto' resolved below it: the first fault would stop the run
+            raise ConfigError(
+                f"rollout.min_workers={r.min_workers} exceeds the {n} workers rollout.num_workers='auto' starts on"
+                " this cluster"
+            )
         self.max_workers = max(r.max_workers or n, n)
         if self.max_workers > n:  # ask an autoscaler (KubeRay, ray up) for the nodes; a no-op without one
             _request_resources(self.max_workers, self.num_cpus, self.num_gpus)
@@ -356,8 +414,8 @@ class RolloutGroup:
         self.variant = variant
 
     def auto_count(self) -> int:
-        """rollout.num_workers='auto': one worker per rollout.num_gpus share of the cluster's GPUs."""
-        return auto_workers(self.num_gpus)
+        """rollout.num_workers='auto': as many workers as the cluster's GPUs hold beside the rewards'."""
+        return auto_workers(self.num_gpus, self._reserved)
 
     def _start(self, n: int, wait: bool = True) -> None:
         """Start ``n`` more workers, and (``wait``) wait until each has built its sampler."""
@@ -380,23 +438,56 @@ class RolloutGroup:
         self.alive += new
 
     def grow(self) -> int:
-        """Elastic scale-out, between iterations: start as many more workers as the cluster has free
-        CPUs and GPUs for, up to ``rollout.max_workers`` started in all. A worker that died for good
-        keeps its place: it is not replaced, so its restarts stay what ``rollout.max_restarts``
-        allows (a worker that dies on every call would otherwise be started again forever).
-        Returns how many were started."""
+        """Elastic scale-out, between iterations: workers started earlier that answer now join the
+        pool, and as many more are started as the cluster has free CPUs and GPUs for, up to
+        ``rollout.max_workers`` started in all. Nothing waits for them: a new worker builds its
+        sampler while the run goes on, and joins at the first launch after it answers; one that
+        has not within ``rollout.start_timeout_s`` (its node's room taken by another job meanwhile,
+        a GPU share that fits the cluster's free sum but no device) is given up with a warning, and
+        the run goes on without it. A worker that died for good, or was given up, keeps its place:
+        it is not replaced, so its restarts stay what ``rollout.max_restarts`` allows (a worker that
+        dies on every call would otherwise be started again forever). Returns how many joined."""
+        joined = self._adopt()
         room = self.max_workers - len(self.workers)
-        if room <= 0:
-            return 0
         free = ray.available_resources()
         fits = [free.get("CPU", 0.0) / self.num_cpus if self.num_cpus else room]
         if self.num_gpus:
             fits.append(free.get("GPU", 0.0) / self.num_gpus)
-        n = min(room, int(min(fits) + 1e-9))
+        n = min(room, int(min(fits) + 1e-9)) if room > 0 else 0
         if n > 0:
-            self._start(n)
-            print(f"rollout workers: {len(self.alive)} (started {n}; up to rollout.max_workers={self.max_workers})")
-        return n
+            first = len(self.workers)
+            self.workers += [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]
+            deadline = time.monotonic() + self.start_timeout_s
+            self._joining.update({i: (self.workers[i].pid.remote(), deadline) for i in range(first, first + n)})
+        return joined
+
+    def _adopt(self) -> int:
+        """Grown workers that have answered join the pool; those past their start time are given up."""
+        joined = 0
+        for i, (ref, deadline) in list(self._joining.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                del self._joining[i]
+                try:
+                    ray.get(ref, timeout=0)
+                except (RayActorError, RayTaskError) as e:  # its constructor raised: its own words
+                    ray.kill(self.workers[i], no_restart=True)
+                    why = actor_error_line(e)
+                    print(f"warning: rollout worker {i} could not start: {why}; the run goes on without it")
+                    continue
+                self.alive.append(i)
+                joined += 1
+                up_to = f"up to rollout.max_workers={self.max_workers}"
+                print(f"rollout workers: {len(self.alive)} (worker {i} joined; {up_to})")
+            elif time.monotonic() >= deadline:
+                del self._joining[i]
+                placed = _placed(self.workers[i])
+                ray.kill(self.workers[i], no_restart=True)
+                why = _no_room({"CPU": self.num_cpus, "GPU": self.num_gpus}) if placed is False else "still starting"
+                print(
+                    f"warning: rollout worker {i} did not start within rollout.start_timeout_s={self.start_timeout_s:g}"
+                    f" s ({why}); given up, the run goes on with {len(self.alive)} workers"
+                )
+        return joined
 
     def timeout(self, request: RolloutRequest) -> float:
         """Seconds a worker has for ``request``: a fixed part plus a share per model evaluation."""

@@ -43,6 +43,9 @@ def main(out: Path) -> None:
             deadline = time.monotonic() + 60
             while ray.available_resources().get("CPU", 0) < 0.5 and time.monotonic() < deadline:
                 time.sleep(0.2)
+            joined = real_grow(self)  # the worker is started, not waited for: it joins at the next launch
+            ray.get(self.workers[-1].pid.remote(), timeout=120)  # here, that one (a fast start, made certain)
+            return joined
         return real_grow(self)
 
     groups.RolloutGroup.grow = grow

@@ -33,8 +33,9 @@ def test_a_node_joining_mid_run_gets_a_worker_and_changes_nothing(tmp_path):
     got = json.loads((tmp_path / "elastic.json").read_text())
     workers = got["workers"]
     assert len(workers) == 6 and workers[0] == 1 and workers[-1] == 2, workers  # metrics: workers per iteration
-    # the second came with the node (before the third dispatch, which starts while the second
-    # iteration logs its row), not before
-    assert workers.index(2) == 1, workers
+    # the second was started with the node (before the third dispatch, which starts while the
+    # second iteration logs its row) without the run waiting for it, and joined at the launch after
+    # it answered (the fourth), not before
+    assert workers.index(2) == 2, workers
     assert got["same_weights"]
-    assert "rollout workers: 2 (started 1; up to rollout.max_workers=2)" in res.stdout
+    assert "rollout workers: 2 (worker 1 joined; up to rollout.max_workers=2)" in res.stdout

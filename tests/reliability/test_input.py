@@ -46,6 +46,10 @@ def _yaml(tmp_path, text: str):
         ("--policy.widths=[1000000]", "policy.widths.0"),
         ("--rollout.sample_timeout_s=0", "rollout.sample_timeout_s"),
         ("--experiment.seed=99999999999999999999999", "experiment.seed"),  # was an overflow once the workers drew
+        # Ray's ValueError as a traceback once Ray had started
+        ("--rollout.num_gpus=1.5", "rollout.num_gpus: 1.5 GPUs: more than one must be a whole number"),
+        ("--rollout.num_cpus=0.00001", "rollout.num_cpus: 1e-05 is below 0.0001, the smallest share Ray reserves"),
+        ('--rewards=[{"name": "toy", "num_gpus": 2.5}]', "rewards.0.num_gpus: 2.5 GPUs"),
     ],
 )
 def test_non_finite_and_unbounded_numbers_are_refused(capsys, tmp_path, flag, field):

@@ -91,6 +91,40 @@ def test_a_worker_that_cannot_start_is_one_line_with_its_own_message(ray_local, 
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_grown_worker_that_finds_no_room_is_given_up_and_the_run_goes_on(ray_local, tmp_path, capsys, monkeypatch):
+    """Scale-out (rollout.max_workers) started a worker where the cluster's free sum had room, then
+    waited for it on the training thread for rollout.start_timeout_s (600 s) and stopped a healthy
+    run when it was not placed (another job's actors took the room; a GPU share that fits the free
+    sum but no device). Here the free room is overstated: the extra worker asks for more CPUs than
+    are free, and is never placed."""
+    real, grow = groups.ray.available_resources, groups.RolloutGroup.grow
+    monkeypatch.setattr(groups.ray, "available_resources", lambda: {**real(), "CPU": 64.0})
+
+    def quick(self):  # the first worker had its time; a grown one has 1 s
+        self.start_timeout_s = 1.0
+        time.sleep(0.2)  # the toy's iterations take less than the start time: let it run out
+        return grow(self)
+
+    monkeypatch.setattr(groups.RolloutGroup, "grow", quick)
+    over = tiny_overrides(
+        tmp_path,
+        rollout={"num_workers": 1, "max_workers": 2, "num_cpus": 3.0, "contexts_per_iter": 4},
+        learner={"iterations": 12, "checkpoint_every": 12},
+    )
+    t0 = time.monotonic()
+    res = train(load_config([], **over), final_eval=False)
+    out = capsys.readouterr().out
+    assert res.iterations == 12 and time.monotonic() - t0 < 120
+    assert re.search(
+        r"warning: rollout worker 1 did not start within rollout.start_timeout_s=1 s \(.*\); given up, the run goes on"
+        r" with 1 workers",
+        out,
+    ), out[-2000:]
+    rows = [m for m in read_jsonl(res.run_dir / "metrics.jsonl") if "system/workers_alive" in m]
+    assert {m["system/workers_alive"] for m in rows} == {1.0}
+    assert out.count("did not start within") == 1, "its slot is kept: not started again every iteration"
+
+
 def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebacks(tmp_path):
     """Ray prints an error raised in an actor's constructor, with its whole traceback, on the
     driver's terminal (log_to_driver, on by default, unlike the tests' own cluster): the run's one

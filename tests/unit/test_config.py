@@ -301,7 +301,7 @@ def test_auto_workers_count_the_clusters_gpus(monkeypatch):
 
     cfg = load_config(["--rollout.num_workers=auto", "--rollout.num_gpus=0.5"])
     group = RolloutGroup.__new__(RolloutGroup)
-    group.num_gpus = cfg.rollout.num_gpus
+    group.num_gpus, group._reserved = cfg.rollout.num_gpus, []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
     assert group.auto_count() == 16
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
@@ -309,22 +309,90 @@ def test_auto_workers_count_the_clusters_gpus(monkeypatch):
         group.auto_count()
 
 
+@pytest.mark.parametrize(
+    ("gpus", "share", "reserved", "workers"),
+    [
+        (2, 1.0, [0.25], 1),  # the HPS reward's quarter takes a device's room from a whole-GPU worker (was 2)
+        (4, 1.0, [0.25, 0.25, 0.25, 0.25], 3),  # four quarters packed on one device
+        (2, 0.6, [], 2),  # one 0.6 share per device, not 2 // 0.6 = 3
+        (3, 0.3, [0.5], 7),  # 3 per device, 1 beside the half a reward holds
+        (4, 2.0, [0.1], 1),  # whole shares need whole devices
+    ],
+)
+def test_auto_workers_pack_the_gpus_device_by_device_beside_the_rewards(monkeypatch, gpus, share, reserved, workers):
+    """'auto' took every GPU share of the cluster's sum: a cluster that cannot grow left the
+    reward servers' GPU share no room, and fractional shares were counted in the sum, not per
+    device, so the last worker waited its start timeout for room that never came."""
+    import ray
+
+    from learner.groups import auto_workers, reserved_gpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(gpus)})
+    assert auto_workers(share, reserved) == workers
+    cfg = load_config(
+        [
+            "--rollout.num_workers=auto",
+            "--rollout.num_gpus=1",
+            '--rewards=[{"name": "toy", "num_servers": 2, "num_gpus": 0.25}]',
+            '--learner.eval_metrics=[{"name": "digits_fd", "num_gpus": 0.5}]',
+        ]
+    )
+    assert sorted(reserved_gpus(cfg)) == [0.25, 0.25, 0.5]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"not one share of rollout.num_gpus=1 beside the 1 its reward and metric"):
+        auto_workers(1.0, reserved_gpus(cfg))
+
+
+def test_fractional_gpu_shares_that_fit_the_sum_but_no_device_are_refused_at_once(monkeypatch):
+    """3 x 0.6 GPU on 2 GPUs fit the sum (1.8), not the devices: the third waited its start timeout."""
+    import ray
+
+    from learner import groups
+
+    monkeypatch.setattr(groups, "own_cluster", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    with pytest.raises(ConfigError, match=r"fit in its 2 GPUs together but not one device at a time"):
+        groups.check_room([("rollout workers", 3, {"CPU": 0.25, "GPU": 0.6})])
+    groups.check_room([("rollout workers", 2, {"CPU": 0.25, "GPU": 0.6}), ("rewards[0]", 2, {"GPU": 0.4})])
+
+
+def test_min_workers_above_what_auto_starts_is_refused(monkeypatch):
+    import ray
+
+    from learner.groups import RolloutGroup
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 4.0})
+    cfg = load_config(["--rollout.num_workers=auto", "--rollout.num_gpus=1", "--rollout.min_workers=6"])
+    with pytest.raises(ConfigError, match=r"rollout.min_workers=6 exceeds the 4 workers rollout.num_workers='auto'"):
+        RolloutGroup(cfg)
+
+
 def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
     """rollout.max_workers counts every worker started: a dead one keeps its place (else a worker
     that dies on every call would be started again forever, past rollout.max_restarts); room the
     cluster gained beyond that gets new workers."""
+    from types import SimpleNamespace
+
     import ray
 
     from learner.groups import RolloutGroup
 
     group = RolloutGroup.__new__(RolloutGroup)
-    group.num_cpus, group.num_gpus, group.max_workers = 0.5, 0, 3
-    group.workers, group.alive = ["w0", "w1"], [1]  # w0 died for good
+    group.num_cpus, group.num_gpus, group.max_workers, group.start_timeout_s = 0.5, 0, 3, 60.0
+    group.workers, group.alive, group._joining = ["w0", "w1"], [1], {}  # w0 died for good
     started: list[int] = []
-    monkeypatch.setattr(group, "_start", lambda n: (started.append(n), group.workers.extend(["new"] * n)))
+
+    def remote(index, *args, **kwargs):
+        started.append(index)
+        return SimpleNamespace(pid=SimpleNamespace(remote=lambda: f"ref{index}"))
+
+    group._actor, group._args, group._kwargs = SimpleNamespace(remote=remote), (), {}
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
-    assert group.grow() == 1 and started == [1]  # one place left of three, not two
-    assert group.grow() == 0 and started == [1]
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: (refs, []))  # it answers at once
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: 123)
+    assert group.grow() == 0 and started == [2]  # one place left of three, not two; started, not waited for
+    assert group.grow() == 1 and group.alive == [1, 2] and started == [2]  # it joins at the next launch
+    assert group.grow() == 0 and started == [2]
 
 
 @pytest.mark.parametrize(
