@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,55 @@ class CheckpointStore:
         for old in names[:-keep]:
             self.fs.rm(f"{self.root}/{old}", recursive=True)
         return final
+
+    def set_aside_after(self, name: str) -> str | None:
+        """Move the checkpoints later than ``name`` into ``superseded-<time>/`` of the store, and
+        name ``name`` in ``latest``: a resume from an earlier checkpoint starts another line of
+        training from it, whose logs it trims there, and the later checkpoints of the line it left
+        would otherwise be taken as the newest by ``--resume auto`` (their logs gone, refused) and
+        kept over the new line's by the pruning, which keeps the highest names. Returns where
+        they went (None: there were none)."""
+        later = [n for n in self.names() if n > name]
+        if not later:
+            return None
+        aside = f"{self.root}/superseded-{time.strftime('%Y%m%dT%H%M%S')}"
+        self.fs.makedirs(aside, exist_ok=True)
+        for n in later:
+            self.fs.mv(f"{self.root}/{n}", f"{aside}/{n}", recursive=True)
+        self.fs.pipe(f"{self.root}/{LATEST}", (name + "\n").encode())
+        return aside
+
+    def writer(self) -> Path | None:
+        """The run dir that wrote the newest checkpoint here (its state.json's config), or None
+        where there is none or it cannot be read."""
+        for name in reversed(self.names()):
+            try:
+                experiment = json.loads(self.fs.cat(f"{self.root}/{name}/state.json"))["config"]["experiment"]
+                return Path(experiment["output_dir"]) / experiment["name"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    def clear(self) -> None:
+        """Remove every checkpoint of the store, its ``latest``, the checkpoints a resume set aside
+        and the temporaries of uploads cut short (``--overwrite``; ``clean`` keeps the checkpoints)."""
+        for path in self._entries():
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(("ckpt-", "superseded-")) or name == LATEST:
+                self.fs.rm(path, recursive=True)
+        self.clean()
+
+    def clean(self) -> None:
+        """Remove the temporaries of uploads cut short (``.ckpt-*.tmp-<pid>``: a learner that died
+        while it uploaded a checkpoint leaves its staging copy)."""
+        for path in self._entries():
+            if ".tmp-" in path.rsplit("/", 1)[-1]:
+                self.fs.rm(path, recursive=True)
+
+    def _entries(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        return [p.rstrip("/") for p in self.fs.ls(self.root, detail=False)]
 
     def names(self) -> list[str]:
         """The names of the checkpoints in the store (ckpt-<iteration>), oldest first."""

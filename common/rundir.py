@@ -303,12 +303,15 @@ class RunDir(Held):
         checkpoint_dir: Path | None,
         log: Callable[[str], None] = print,
         made: list[Path] | None = None,
+        checkpoint_url: str | None = None,
     ):
+        """``checkpoint_url``: a learner.checkpoint_dir on shared storage (s3://, gs://), whose
+        checkpoints are the run's artefacts too (an object store takes no lock)."""
         dirs = [(path, "run dir", "experiment.name", "run")]
         if checkpoint_dir is not None and not checkpoint_dir.resolve().is_relative_to(path.resolve()):
             dirs.append((checkpoint_dir, "checkpoint dir", "learner.checkpoint_dir", "run"))
         super().__init__(dirs, log, made)
-        self.path, self.checkpoint_dir = path, checkpoint_dir
+        self.path, self.checkpoint_dir, self.checkpoint_url = path, checkpoint_dir, checkpoint_url
 
     def __enter__(self) -> RunDir:
         return self
@@ -316,7 +319,15 @@ class RunDir(Held):
     # -- what is there ----------------------------------------------------------------------------
 
     def artefacts(self) -> list[str]:
-        return artefacts(self.path, self.checkpoint_dir)
+        found = artefacts(self.path, self.checkpoint_dir)
+        if self.checkpoint_url is not None and self._store().names():
+            found.append(self.checkpoint_url)
+        return found
+
+    def _store(self) -> Any:
+        from common.checkpoint import CheckpointStore
+
+        return CheckpointStore(self.checkpoint_url or "")
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted writer left: checkpoint and log temporaries."""
@@ -332,6 +343,8 @@ class RunDir(Held):
                         shutil.rmtree(p, ignore_errors=True)
                     else:
                         p.unlink(missing_ok=True)
+        if self.checkpoint_url is not None:
+            self._store().clean()
 
     def clear(self) -> None:
         """--overwrite: remove every artefact of the earlier run (its checkpoints too, and its
@@ -348,8 +361,10 @@ class RunDir(Held):
                 p.unlink()
         if self.checkpoint_dir is not None and self.checkpoint_dir.is_dir():
             for p in self.checkpoint_dir.iterdir():
-                if p.name.startswith("ckpt-") or p.name == "latest":
+                if p.name.startswith(("ckpt-", "superseded-")) or p.name == "latest":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if self.checkpoint_url is not None:
+            self._store().clear()
 
 
 def _a_run(d: Path) -> bool:
@@ -414,6 +429,16 @@ def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
         raise ConfigError(
             f"run dir {path} holds the run dir {inner} of another run; choose an experiment.name beside it"
         )
+    url = cfg.learner.checkpoint_dir if ckpt_dir is None else None
+    if url is not None and cfg.resume is None:  # a URL (s3://, gs://): no lock there; its writer is recorded
+        from common.checkpoint import CheckpointStore
+
+        writer = CheckpointStore(url).writer()
+        if writer is not None and writer.absolute() != path.absolute():
+            raise ConfigError(
+                f"learner.checkpoint_dir {url} holds the checkpoints of another run ({writer}); give this run a"
+                " checkpoint dir of its own (--overwrite would delete that run's checkpoints)"
+            )
     if ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute()):
         return
     other = _inside_a_run(ckpt_dir, path)
@@ -456,7 +481,8 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
     except ConfigError:
         _remove_if_empty(made)
         raise
-    rd = RunDir(path, ckpt_dir, log, made)
+    url = cfg.learner.checkpoint_dir if ckpt_dir is None else None
+    rd = RunDir(path, ckpt_dir, log, made, url)
     rd._acquire()
     try:
         found = rd.artefacts()

@@ -145,6 +145,22 @@ def test_a_run_sent_sigterm_while_it_waits_for_its_rollouts_ends_within_seconds(
     assert not (tmp_path / "r" / ".lock").exists()
 
 
+def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(uninterrupted, tmp_path, capsys):
+    """--resume from ckpt-2 of a run that had reached ckpt-6 trims its logs to iteration 2, but the
+    later checkpoints stayed: --resume auto then took ckpt-6 (the highest), whose logs were gone,
+    and was refused with the advice to --overwrite a run that could be resumed."""
+    flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
+    train(load_config(flags))
+    ckdir = tmp_path / "r" / "checkpoints"
+    train(load_config(flags + [f"--resume={ckdir / 'ckpt-00000002'}", "--learner.iterations=4"]))
+    (aside,) = ckdir.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt-00000004", "ckpt-00000006"]
+    assert f"the later checkpoints of the run are moved to {aside}" in capsys.readouterr().out
+    assert [p.name for p in sorted(ckdir.glob("ckpt-*"))] == ["ckpt-00000002", "ckpt-00000004"]
+    res = train(load_config(flags + ["--resume=auto"]))  # continues the new line, from its ckpt-4
+    assert same_weights(uninterrupted, final_weights(res.run_dir))
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, uninterrupted, tmp_path):
     flags = FLAGS + [f"--experiment.output_dir={tmp_path}"]
     train(load_config(flags[:] + ["--learner.iterations=4"]))

@@ -524,3 +524,37 @@ def test_a_full_disk_stops_the_run_in_one_line_saying_what_is_kept(ray_local, tm
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002", "latest"], "freed"
     assert not (run / LOCK).exists() and left_alive(before) == []
+
+
+def test_a_checkpoint_dir_on_shared_storage_is_owned_by_its_run(tmp_path):
+    """learner.checkpoint_dir as a URL (s3://, gs://; memory:// here) was no run's: --overwrite left
+    its checkpoints (the next pruning then deleted the new run's own, which have lower names), a
+    fresh run started over them without a word, and another run's checkpoints there were taken."""
+    import fsspec
+
+    url = f"memory://ck-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+
+    def checkpoint(name: str, run: Path) -> None:
+        state = {"config": {"experiment": {"output_dir": str(run.parent), "name": run.name}}}
+        fs.pipe(f"/ck-{tmp_path.name}/{name}/state.json", json.dumps(state).encode())
+
+    other = tmp_path / "other"
+    checkpoint("ckpt-00000004", other)
+    with pytest.raises(
+        ConfigError, match=rf"learner.checkpoint_dir {url} holds the checkpoints of another run \({other}\)"
+    ):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
+    fs.rm(f"/ck-{tmp_path.name}", recursive=True)
+    mine = tmp_path / "r"
+    for name in ("ckpt-00000002", "ckpt-00000006", "superseded-1/ckpt-00000008", ".ckpt-00000008.tmp-99"):
+        checkpoint(name, mine)
+    fs.pipe(f"/ck-{tmp_path.name}/latest", b"ckpt-00000006\n")
+    with pytest.raises(ConfigError, match=rf"run dir {mine} already holds a run \({url}\): pass --resume auto"):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--resume=auto"))):
+        assert not fs.exists(f"/ck-{tmp_path.name}/.ckpt-00000008.tmp-99"), "an upload cut short is removed"
+        assert fs.exists(f"/ck-{tmp_path.name}/ckpt-00000006/state.json")
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--overwrite"))):
+        root = f"/ck-{tmp_path.name}"
+        assert not fs.exists(root) or fs.ls(root, detail=False) == [], "the earlier run's checkpoints are removed"
