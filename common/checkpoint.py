@@ -37,7 +37,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk: what a crash of the machine,
+    not only of the process, keeps."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,14 +47,31 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or its earlier content, whatever stops the write (a temporary
+    ``.<name>.tmp-<pid>``, fsynced, renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
+
+
+def replace_dir(made: Path, final: Path) -> None:
+    """Put the directory ``made`` (written whole, beside ``final``) in ``final``'s place: its files
+    fsynced, an earlier ``final`` renamed away first and removed after, so that ``final`` is at
+    every moment the old directory or the new one, never a part-written one."""
+    for p in made.rglob("*"):
+        if p.is_file():
+            fsync_path(p)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(made, final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(directory: Path) -> None:
@@ -61,9 +80,9 @@ def write_manifest(directory: Path) -> None:
     manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for p in [*files, directory / MANIFEST]:
-        _fsync(p)
+        fsync_path(p)
     for d in {p.parent for p in files} | {directory}:
-        _fsync(d)
+        fsync_path(d)
 
 
 def _out_of_space(root: Path) -> bool:
@@ -115,8 +134,8 @@ def save_checkpoint(
     if final.exists():  # a re-run of the same iteration after a resume replaces it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
-    _write_atomic(root / LATEST, final.name + "\n")
+    fsync_path(root)
+    write_atomic(root / LATEST, final.name + "\n")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

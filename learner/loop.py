@@ -32,7 +32,17 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointStore, load_checkpoint, load_run_config, load_tensors, storage, verify
+from common.checkpoint import (
+    CheckpointStore,
+    fsync_path,
+    load_checkpoint,
+    load_run_config,
+    load_tensors,
+    replace_dir,
+    storage,
+    verify,
+    write_atomic,
+)
 from common.codec import DecodeError, append_records, scan_records
 from common.collective import FETCH_TIMEOUT_S, WeightsHandle
 from common.config import (
@@ -515,7 +525,7 @@ def _train(
     else:
         for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())  # the config is accepted: the run dir is written from here
+    write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted: the run dir is written from here
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     # rollouts under way, in iteration order: the next iteration's (on policy), the next two (one
@@ -591,6 +601,9 @@ def _train(
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
             the next rollouts are (or would be) drawn under, kept where they are not the policy's."""
             state = _checkpoint_state(cfg, iteration, version, cursor, logged)
+            for log in (run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
+                if log.exists():  # on the disk before the checkpoint that counts their records (a machine's crash)
+                    fsync_path(log)
             extra = None
             if drawn_under is not None and drawn_under.version != version:
                 state["behaviour_version"] = drawn_under.version
@@ -735,7 +748,9 @@ def _train(
                 )
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
-        policy.save_pretrained(run_dir / "policy")
+        made = run_dir / f".policy.tmp-{os.getpid()}"
+        policy.save_pretrained(made)  # whole, then in place: a crash leaves the earlier policy or none
+        replace_dir(made, run_dir / "policy")
         if not final_eval:
             loggers.close()
             return RunResult(run_dir, lc.iterations, version, policy, None)
@@ -750,7 +765,7 @@ def _train(
         print(result.table(title))
         loggers.log(lc.iterations, _eval_metrics(result))
         loggers.close()
-        (run_dir / "eval.json").write_text(json.dumps(result.summary(), indent=1))
+        write_atomic(run_dir / "eval.json", json.dumps(result.summary(), indent=1))
         if lc.plots:
             with TensorBoardLogger(run_dir / "tb") as tb:  # the pictures also go to TensorBoard's Images tab
                 _plot(

@@ -241,3 +241,30 @@ def test_a_checkpoint_that_runs_out_of_space_frees_what_it_wrote_and_says_so(tmp
     with pytest.raises(RuntimeError, match="unexpected pos"):
         save_checkpoint(tmp_path, 2, pol, opt, {"iteration": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "latest"]
+
+
+def test_a_directory_is_replaced_whole(tmp_path):
+    """The run's policy/ was written in place by save_pretrained: a crash mid-write left a
+    part-written policy that the tools then read."""
+    from common.checkpoint import replace_dir, write_atomic
+
+    final = tmp_path / "policy"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    made = tmp_path / ".policy.tmp-1"
+    made.mkdir()
+    (made / "model.safetensors").write_text("new")
+    (made / "config.json").write_text("{}")
+    replace_dir(made, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert (final / "model.safetensors").read_text() == "new" and (final / "config.json").exists()
+    replace_dir(_filled(tmp_path / ".again", "x"), tmp_path / "fresh")  # nothing there before
+    assert (tmp_path / "fresh" / "f").read_text() == "x"
+    write_atomic(tmp_path / "eval.json", "{}")
+    assert (tmp_path / "eval.json").read_text() == "{}" and not list(tmp_path.glob(".eval.json.tmp-*"))
+
+
+def _filled(d, text):
+    d.mkdir()
+    (d / "f").write_text(text)
+    return d
