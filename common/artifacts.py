@@ -65,8 +65,12 @@ def _get_or_build(kind: str, settings: dict[str, Any], final: Path, build: Calla
             return final
         log(f"cache entry {final} is unusable ({problem}); rebuilding")
         shutil.rmtree(final, ignore_errors=True)
+    # what builders of this entry left when they were killed mid-build (a run stopped while its
+    # actors built the models: ray.kill runs no finally): this process holds the entry's lock, so
+    # no one else is building it now
+    for stale in final.parent.glob(f".{key}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         build(tmp)

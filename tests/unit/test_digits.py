@@ -60,6 +60,12 @@ def test_cache_builds_once_and_rebuilds_damaged_or_stale(tmp_path, monkeypatch):
     cached("thing", {"x": 1}, build, log=logs.append)
     assert len(calls) == 3 and "unusable" in logs[1]
     assert settings_key({"x": 1}) != settings_key({"x": 2})
+    # a builder killed mid-build (ray.kill runs no finally) left its temporary: the next build removes it
+    left = a.parent / f".{settings_key({'x': 3})}.tmp-424242"
+    left.mkdir()
+    (left / "w.bin").write_bytes(b"partial")
+    cached("thing", {"x": 3}, build)
+    assert not left.exists() and not list(a.parent.glob(".*.tmp-*"))
 
 
 def test_training_is_deterministic(tmp_path, monkeypatch):
