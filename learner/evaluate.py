@@ -261,7 +261,7 @@ def sweep(
     from common.checkpoint import load_run_config, load_run_policy, read_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
-    from learner.groups import RewardGroup, RolloutGroup, actor_asks, check_room
+    from learner.groups import RewardGroup, RolloutGroup, actor_asks, answer, check_room
     from learner.loop import init_ray, reference_steps_for
 
     if len({r.resolve() for r in runs}) != len(runs):
@@ -318,7 +318,12 @@ def sweep(
                 for n in ls:
                     schedules: dict[str, Schedule] = {DEFAULT: Schedule("default")}
                     for label, name in (("uniform-in-t", "uniform"), ("AYS", "ays")):
-                        tau = ray.get(worker.named_tau.remote(name, n), timeout=rollouts.timeout_s)
+                        tau = answer(
+                            worker.named_tau.remote(name, n),
+                            rollouts.timeout_s,
+                            f"rollout worker {rollouts.alive[0]}",
+                            "rollout.sample_timeout_s",
+                        )
                         if tau is not None:
                             schedules[label] = Schedule("fixed", tau)
                     if n == policy.steps:

@@ -62,6 +62,23 @@ class TimedOut(RunStopped):
     """A unit of work stalled twice on an actor: the message names the actor and the prompts."""
 
 
+class NoAnswer(RunStopped):
+    """An actor asked a question outside the steps (its sampler's spec, a reward's needs, a
+    metric's distance) did not answer in its time, or died: the message names it and the setting."""
+
+
+def answer(ref: Any, timeout_s: float, who: str, setting: str) -> Any:
+    """``ray.get(ref)`` of a call to the actor ``who``, within ``timeout_s`` (the ``setting`` that
+    gives it): a time-out or a dead actor is a ``NoAnswer`` of one line, not Ray's traceback; its
+    own code's error (a RayTaskError) goes on as it is."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise NoAnswer(f"{who} did not answer within {timeout_s:g} s ({setting})") from None
+    except ACTOR_FAULTS as e:
+        raise NoAnswer(f"{who} died: {actor_error_line(e)}") from None
+
+
 class StepFailed(RunStopped):
     """An actor's own code raised during a step (a reward that failed or scored non-finite, a
     sampler's error): re-sending would raise again, so the step stops before its update. The
@@ -501,7 +518,7 @@ class RolloutGroup:
         came from (``named``: {a setting or a file: its prompts})."""
         for source, prompts in named.items():
             ask = self.workers[self.alive[0]].check_prompts.remote(list(dict.fromkeys(prompts)))
-            problem = ray.get(ask, timeout=self.timeout_s)
+            problem = answer(ask, self.timeout_s, f"rollout worker {self.alive[0]}", "rollout.sample_timeout_s")
             if problem is not None:
                 raise ConfigError(f"{source}: {problem}")
 
@@ -520,6 +537,9 @@ class RolloutGroup:
                 return ray.get(getattr(self.workers[i], method).remote(*args), timeout=self.timeout_s)
             except RayActorError:
                 self.check(i)
+            except GetTimeoutError:
+                limit = f"{self.timeout_s:g} s (rollout.sample_timeout_s)"
+                raise NoAnswer(f"rollout worker {i} did not answer {method}() within {limit}") from None
         raise WorkersLost("no rollout worker answered")
 
     def spec(self) -> SamplerSpec:
@@ -648,8 +668,9 @@ class RewardGroup:
             _wait_started(
                 servers, spec.start_timeout_s, [f"rewards[{j}] ({spec.name!r})"] * len(servers), [need] * len(servers)
             )
-            self.needs_reference.append(ray.get(servers[0].needs_reference.remote(), timeout=spec.timeout_s))
-            sizes.append(ray.get(servers[0].input_size.remote(), timeout=spec.timeout_s))
+            who, setting = f"reward {spec.name!r}", f"rewards[{j}].timeout_s"
+            self.needs_reference.append(answer(servers[0].needs_reference.remote(), spec.timeout_s, who, setting))
+            sizes.append(answer(servers[0].input_size.remote(), spec.timeout_s, who, setting))
         self.input_size = None if not sizes or None in sizes else max(s for s in sizes if s is not None)
 
     def chain(self, p: Pending) -> None:
@@ -757,12 +778,10 @@ class MetricGroup:
             feats = [server.features.remote(p.images, p.prompts) for p in pending]
             refs[name] = server.distance_with_se.remote(*feats, resamples=resamples)
         out = {}
-        try:
-            got = [ray.get(ref, timeout=t) for ref, t in zip(refs.values(), self.timeouts, strict=True)]
-        except GetTimeoutError:
-            raise TimedOut(
-                f"an eval metric of {self.names} did not finish within its timeout_s ({self.timeouts} s)"
-            ) from None
+        got = [
+            answer(ref, t, f"eval metric {name!r}", "learner.eval_metrics[].timeout_s")
+            for (name, ref), t in zip(refs.items(), self.timeouts, strict=True)
+        ]
         for name, (value, se) in zip(refs, got, strict=True):
             out[name] = value
             if se is not None:

@@ -75,6 +75,7 @@ from learner.groups import (
     RunStopped,
     WorkersLost,
     actor_asks,
+    answer,
     check_room,
 )
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
@@ -848,7 +849,8 @@ def _plot(run_dir, dispatcher, x_shape, held_out, result, schedules, learned, st
     images = {}
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, grid, steps, version, weights, sched)
-        images[name] = np.concatenate(ray.get([p.images for p in got.pending], timeout=FETCH_TIMEOUT_S))
+        refs = [p.images for p in got.pending]
+        images[name] = np.concatenate(answer(refs, FETCH_TIMEOUT_S, "the workers' sample images", "a fixed limit"))
     plots.plot_samples(run_dir / "samples.png", [c.prompt for c in grid], images, **at)
 
 

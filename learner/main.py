@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; {_what_is_kept(cfg)}", file=sys.stderr)
         return 1
     except OSError as e:
+        from ray.exceptions import GetTimeoutError
+
+        if isinstance(e, GetTimeoutError):  # an actor's answer awaited past its time where no call site says whose
+            print(
+                f"error: an actor did not answer in time ({e}); the run stopped: {_what_is_kept(cfg)}", file=sys.stderr
+            )
+            return 1
         if e.errno not in STORAGE_ERRORS:
             raise
         where = f"cannot write {e.filename}" if e.filename else "storage failed"

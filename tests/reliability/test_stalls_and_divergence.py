@@ -125,6 +125,19 @@ def test_a_grown_worker_that_finds_no_room_is_given_up_and_the_run_goes_on(ray_l
     assert out.count("did not start within") == 1, "its slot is kept: not started again every iteration"
 
 
+def test_an_actor_that_does_not_answer_a_question_is_one_line(ray_local, tmp_path, capsys):
+    """The control-plane calls (the workers' prompt check, a reward's needs, a metric's distance)
+    let Ray's GetTimeoutError through: a 42-line traceback, exit 1."""
+    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    code = main([*flags, "--rollout.sample_timeout_s=0.001", "--learner.global_baseline=false"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.match(
+        r"error: rollout worker \d+ did not answer (\w+\(\) )?within 0.001 s \(rollout.sample_timeout_s\);", err
+    )
+
+
 def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebacks(tmp_path):
     """Ray prints an error raised in an actor's constructor, with its whole traceback, on the
     driver's terminal (log_to_driver, on by default, unlike the tests' own cluster): the run's one
