@@ -42,9 +42,11 @@ class WeightsHandle:
     broadcast: bool
 
 
-def backend_for(learner_device: torch.device, workers_have_gpus: bool) -> str:
-    """NCCL where the learner and every worker hold a GPU (each receives on its own), gloo otherwise."""
-    return "nccl" if learner_device.type == "cuda" and workers_have_gpus else "gloo"
+def backend_for(learner_device: torch.device, worker_gpus: float) -> str:
+    """NCCL where the learner and every worker hold a GPU of their own (``worker_gpus``, each
+    worker's share, at least 1), gloo otherwise: workers on fractions of a GPU may share a device,
+    and NCCL refuses two ranks on one."""
+    return "nccl" if learner_device.type == "cuda" and worker_gpus >= 1 else "gloo"
 
 
 def init_group(backend: str, store: dist.Store, group_id: str, rank: int, world: int, timeout_s: float) -> None:

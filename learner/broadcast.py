@@ -33,7 +33,7 @@ MAX_FAILURES = 3
 class CollectiveBroadcast:
     def __init__(self, rollouts: RolloutGroup, device: torch.device, timeout_s: float):
         self.rollouts, self.timeout_s = rollouts, timeout_s
-        self.backend = backend_for(device, rollouts.num_gpus > 0)
+        self.backend = backend_for(device, rollouts.num_gpus)
         self.device = device if self.backend == "nccl" else torch.device("cpu")  # where the bytes are sent from
         self.group_id: str | None = None
         self.members: list[int] = []
