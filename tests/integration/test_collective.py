@@ -67,3 +67,15 @@ def test_a_worker_outside_a_group_reads_nothing_from_it():
     r = Receiver()
     assert r.get(3, wait_s=5.0) is None  # not in a group: no wait, the caller reads the object store
     assert r.receive("some-group", 3, [("w", (2,))], "float32", {}) is False
+
+
+def test_nccl_only_where_every_worker_holds_whole_gpus():
+    """Workers on fractions of a GPU may share a device, which NCCL refuses (two ranks on one):
+    three failed broadcasts, then the object store alone."""
+    import torch
+
+    from common.collective import backend_for
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backend_for(gpu, 1.0) == "nccl" and backend_for(gpu, 2.0) == "nccl"
+    assert backend_for(gpu, 0.5) == "gloo" and backend_for(gpu, 0.0) == "gloo" and backend_for(cpu, 1.0) == "gloo"
