@@ -470,7 +470,8 @@ class RolloutGroup:
         fits = [free.get("CPU", 0.0) / self.num_cpus if self.num_cpus else room]
         if self.num_gpus:
             fits.append(free.get("GPU", 0.0) / self.num_gpus)
-        n = min(room, int(min(fits) + 1e-9)) if room > 0 else 0
+        # none while others are still joining: an unplaced one holds no room, which would look free again
+        n = min(room, int(min(fits) + 1e-9)) if room > 0 and not self._joining else 0
         if n > 0:
             first = len(self.workers)
             self.workers += [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]
