@@ -182,12 +182,15 @@ def test_an_eval_metric_that_cannot_start_stops_the_run_before_the_global_baseli
             f"--config={REPO / 'configs' / 'toy.yaml'}",
             f"--experiment.output_dir={tmp_path}",
             "--learner.iterations=2",
-            '--learner.eval_metrics=[{"name": "no_such_metric"}]',
+            # an import path: its server imports it (an unknown registered name is refused before Ray starts)
+            '--learner.eval_metrics=[{"name": "tests.integration.rewards_for_tests:NoSuchMetric"}]',
         ]
     )
     out, err = capsys.readouterr()
     assert code == 2, err
-    assert err.startswith("error: eval metric 'no_such_metric' could not start: ValueError: unknown metric"), err
+    assert err.startswith("error: eval metric 'tests.integration.rewards_for_tests:NoSuchMetric' could not start: "), (
+        err
+    )
     assert len(err.strip().splitlines()) == 1, err
     assert "training the learned global schedule" not in out, out
     assert not (tmp_path / "toy" / "global" / "metrics.jsonl").exists(), "the global baseline did not train"
