@@ -61,12 +61,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 def replace_dir(made: Path, final: Path) -> None:
     """Put the directory ``made`` (written whole, beside ``final``) in ``final``'s place: its files
-    fsynced, an earlier ``final`` renamed away first and removed after, so that ``final`` is at
-    every moment the old directory or the new one, never a part-written one."""
+    fsynced, an earlier ``final`` renamed away first and removed after. ``final`` is never a
+    part-written directory: the old one, the new one, or, for the moment between two renames,
+    none (the old one then waits as ``.<name>.old-<pid>``, which a claim of the run dir removes)."""
     for p in made.rglob("*"):
         if p.is_file():
             fsync_path(p)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)  # a crash's leftover under a pid used again
     if final.exists():
         os.replace(final, old)
     os.replace(made, final)

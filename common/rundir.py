@@ -155,9 +155,10 @@ class _Lease:
                 here = owner.get("host") == me["host"]
                 earlier = here and pid == os.getpid() and lock.absolute() not in _HELD
                 if here and (earlier or not _pid_alive(pid)):
+                    gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
                     self.log(
                         f"warning: taking over the stale lock of pid {owner.get('pid')}"
-                        f" (started {owner.get('started')}, no longer running) on the {self.what}"
+                        f" (started {owner.get('started')}, {gone}) on the {self.what}"
                     )
                     lock.unlink(missing_ok=True)
                     continue
@@ -324,21 +325,22 @@ class RunDir(Held):
             found.append(self.checkpoint_url)
         return found
 
-    def _store(self) -> Any:
+    def _store(self, sub: str = "") -> Any:
         from common.checkpoint import CheckpointStore
 
-        return CheckpointStore(self.checkpoint_url or "")
+        url = (self.checkpoint_url or "").rstrip("/")
+        return CheckpointStore(f"{url}/{sub}" if sub else url)
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted writer left: checkpoint and log temporaries."""
-        roots = [self.path, self.path / "checkpoints"]
+        roots = [self.path, self.path / "checkpoints", self.path / "global", self.path / "global" / "checkpoints"]
         if self.checkpoint_dir is not None:
-            roots.append(self.checkpoint_dir)
+            roots += [self.checkpoint_dir, self.checkpoint_dir / "global"]
         for root in roots:
             if not root.is_dir():
                 continue
             for p in root.iterdir():
-                if ".tmp-" in p.name or p.name.endswith(".tmp"):
+                if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp"):
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
                     else:
@@ -359,12 +361,15 @@ class RunDir(Held):
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        if self.checkpoint_dir is not None and self.checkpoint_dir.is_dir():
-            for p in self.checkpoint_dir.iterdir():
-                if p.name.startswith(("ckpt-", "superseded-")) or p.name == "latest":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        # the checkpoints of the run and of its learned global schedule (``<checkpoint dir>/global``)
+        for d in (self.checkpoint_dir, self.checkpoint_dir / "global") if self.checkpoint_dir is not None else ():
+            if d.is_dir():
+                for p in d.iterdir():
+                    if p.name.startswith(("ckpt-", "superseded-")) or p.name == "latest":
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
         if self.checkpoint_url is not None:
             self._store().clear()
+            self._store("global").clear()
 
 
 def _a_run(d: Path) -> bool:

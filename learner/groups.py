@@ -248,6 +248,11 @@ def actor_asks(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
     servers and its eval metrics' servers."""
     r = cfg.rollout
     n = auto_workers(r.num_gpus, reserved_gpus(cfg)) if r.num_workers == "auto" else r.num_workers
+    if n < r.min_workers:  # 'auto' resolved below it: the first fault would stop the run
+        raise ConfigError(
+            f"rollout.min_workers={r.min_workers} exceeds the {n} workers rollout.num_workers='auto' starts on"
+            " this cluster"
+        )
     asks = [("rollout workers", n, {"CPU": r.num_cpus, "GPU": r.num_gpus})]
     asks += [
         (f"rewards[{j}] ({s.name!r})", s.num_servers, {"CPU": s.num_cpus, "GPU": s.num_gpus})
@@ -407,11 +412,6 @@ class RolloutGroup:
         self._joining: dict[int, tuple[Any, float]] = {}
         self._reserved = reserved_gpus(cfg)
         n = self.auto_count() if r.num_workers == "auto" else r.num_workers
-        if n < r.min_workers:  # 'auto' resolved below it: the first fault would stop the run
-            raise ConfigError(
-                f"rollout.min_workers={r.min_workers} exceeds the {n} workers rollout.num_workers='auto' starts on"
-                " this cluster"
-            )
         self.max_workers = max(r.max_workers or n, n)
         if self.max_workers > n:  # ask an autoscaler (KubeRay, ray up) for the nodes; a no-op without one
             _request_resources(self.max_workers, self.num_cpus, self.num_gpus)
@@ -466,12 +466,13 @@ class RolloutGroup:
         dies on every call would otherwise be started again forever). Returns how many joined."""
         joined = self._adopt()
         room = self.max_workers - len(self.workers)
-        free = ray.available_resources()
+        if room <= 0 or self._joining:  # none while others are still joining: an unplaced one holds no room
+            return joined
+        free = ray.available_resources()  # a call to the cluster: only where a worker may be started
         fits = [free.get("CPU", 0.0) / self.num_cpus if self.num_cpus else room]
         if self.num_gpus:
             fits.append(free.get("GPU", 0.0) / self.num_gpus)
-        # none while others are still joining: an unplaced one holds no room, which would look free again
-        n = min(room, int(min(fits) + 1e-9)) if room > 0 and not self._joining else 0
+        n = min(room, int(min(fits) + 1e-9))
         if n > 0:
             first = len(self.workers)
             self.workers += [self._actor.remote(first + i, *self._args, **self._kwargs) for i in range(n)]

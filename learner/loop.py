@@ -267,8 +267,17 @@ def start_actors(cfg: Config, metrics: bool = True) -> Actors:
     started, they must fit in it together, or nothing starts (``check_room``)."""
     check_room(actor_asks(cfg))
     rewards = RewardGroup.from_config(cfg, wait=False)
-    measures = MetricGroup(cfg.learner.eval_metrics, wait=False) if metrics and cfg.learner.eval_metrics else None
-    actors = Actors(rewards, RolloutGroup(cfg, wait=False), _actor_settings(cfg), measures)
+    measures: MetricGroup | None = None
+    try:
+        if metrics and cfg.learner.eval_metrics:
+            measures = MetricGroup(cfg.learner.eval_metrics, wait=False)
+        rollouts = RolloutGroup(cfg, wait=False)
+    except BaseException:  # the servers started so far are stopped
+        rewards.stop()
+        if measures is not None:
+            measures.stop()
+        raise
+    actors = Actors(rewards, rollouts, _actor_settings(cfg), measures)
     try:
         rewards.wait_started()
         if measures is not None:

@@ -149,7 +149,6 @@ class DigitsModels:
         return self.classifier[:-1](x)
 
 
-@register("digits")
 class _DigitsScorer:
     """A scorer on the cached digit models; its keyword arguments are ``SETTINGS``' (the models'
     training), written out so that a misspelt one is refused before a run starts
@@ -176,6 +175,7 @@ class _DigitsScorer:
         """What a subclass builds on the models (its keyword arguments stay the settings')."""
 
 
+@register("digits")
 class DigitsReward(_DigitsScorer):
     """realism(image) x p(prompted digit | image), in [0, 1]."""
 

@@ -79,9 +79,8 @@ def spec_problem(kind: str, name: str, kwargs: dict[str, Any], backend: str) -> 
     here (its module may need what only its server has)."""
     if ":" in name:
         return None
-    table = _REGISTRY if kind == "reward" else _METRICS
     try:
-        found = _lookup(name, table, kind)
+        found = resolve(name) if kind == "reward" else _lookup(name, _METRICS, kind)
     except ValueError as e:
         return str(e)
     problem = _kwargs_problem(found, f"{kind} {name!r}", kwargs, {} if kind == "reward" else None)

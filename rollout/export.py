@@ -178,10 +178,12 @@ class PipelineSchedule:
                 stacklevel=2,
             )
         self.family = self.sampler.family
+        takes = self.family.call_kwargs()
+        given = {k: v for k, v in given.items() if k in takes}  # an SD pipeline takes no T5 length
         self._check_text_widths()
         self.steps = policy.steps
         # what the training images were made under, in the pipeline's own names
-        self.call_kwargs = {**self.family.call_kwargs(), **given} if trained else given
+        self.call_kwargs = {**takes, **given} if trained else given
         self._check_scheduler()
 
     def _check_text_widths(self) -> None:

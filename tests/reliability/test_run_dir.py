@@ -549,6 +549,7 @@ def test_a_checkpoint_dir_on_shared_storage_is_owned_by_its_run(tmp_path):
     mine = tmp_path / "r"
     for name in ("ckpt-00000002", "ckpt-00000006", "superseded-1/ckpt-00000008", ".ckpt-00000008.tmp-99"):
         checkpoint(name, mine)
+    checkpoint("global/ckpt-00000004", tmp_path / "r" / "global")  # its learned global schedule's
     fs.pipe(f"/ck-{tmp_path.name}/latest", b"ckpt-00000006\n")
     with pytest.raises(ConfigError, match=rf"run dir {mine} already holds a run \({url}\): pass --resume auto"):
         claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
@@ -558,3 +559,15 @@ def test_a_checkpoint_dir_on_shared_storage_is_owned_by_its_run(tmp_path):
     with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--overwrite"))):
         root = f"/ck-{tmp_path.name}"
         assert not fs.exists(root) or fs.ls(root, detail=False) == [], "the earlier run's checkpoints are removed"
+
+
+def test_overwrite_clears_the_global_schedule_s_checkpoints_in_a_checkpoint_dir_of_its_own(tmp_path):
+    """learner.checkpoint_dir outside the run dir: the learned global schedule keeps its
+    checkpoints in <checkpoint dir>/global, which --overwrite left; the global run's own claim then
+    refused the run ('already holds a run') after the actors had started."""
+    ck = tmp_path / "ck"
+    for d in (ck / "ckpt-00000002", ck / "global" / "ckpt-00000004"):
+        d.mkdir(parents=True)
+    (ck / "global" / "latest").write_text("ckpt-00000004\n")
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={ck}", "--overwrite"))):
+        assert not list(ck.rglob("ckpt-*")) and not (ck / "global" / "latest").exists()

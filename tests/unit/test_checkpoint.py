@@ -255,6 +255,9 @@ def test_a_directory_is_replaced_whole(tmp_path):
     made.mkdir()
     (made / "model.safetensors").write_text("new")
     (made / "config.json").write_text("{}")
+    stale = tmp_path / f".policy.old-{os.getpid()}"  # a crash's leftover, under a pid used again
+    stale.mkdir()
+    (stale / "x").write_text("x")
     replace_dir(made, final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
     assert (final / "model.safetensors").read_text() == "new" and (final / "config.json").exists()

@@ -359,12 +359,12 @@ def test_fractional_gpu_shares_that_fit_the_sum_but_no_device_are_refused_at_onc
 def test_min_workers_above_what_auto_starts_is_refused(monkeypatch):
     import ray
 
-    from learner.groups import RolloutGroup
+    from learner.groups import actor_asks
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 4.0})
     cfg = load_config(["--rollout.num_workers=auto", "--rollout.num_gpus=1", "--rollout.min_workers=6"])
     with pytest.raises(ConfigError, match=r"rollout.min_workers=6 exceeds the 4 workers rollout.num_workers='auto'"):
-        RolloutGroup(cfg)
+        actor_asks(cfg)  # what start_actors checks before any actor starts
 
 
 def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
@@ -391,8 +391,9 @@ def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
     monkeypatch.setattr(ray, "wait", lambda refs, timeout: (refs, []))  # it answers at once
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: 123)
     assert group.grow() == 0 and started == [2]  # one place left of three, not two; started, not waited for
+    monkeypatch.setattr(ray, "available_resources", lambda: pytest.fail("the cluster asked while one is joining"))
     assert group.grow() == 1 and group.alive == [1, 2] and started == [2]  # it joins at the next launch
-    assert group.grow() == 0 and started == [2]
+    assert group.grow() == 0 and started == [2]  # no room left: the cluster is not asked (a call per launch)
 
 
 @pytest.mark.parametrize(

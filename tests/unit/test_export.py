@@ -264,6 +264,13 @@ def test_the_training_settings_are_saved_with_the_policy_and_overridable():
         "max_sequence_length": 16,
     }
     kwargs = saved(PROMPT, seed=0)
+    sdxl = build("sdxl")  # a T5 length given for a pipeline that takes none is not passed on to it
+    assert (
+        "max_sequence_length"
+        not in PipelineSchedule(
+            _policy(sdxl.sampler), sdxl.pipe, height=SIZE, width=SIZE, max_sequence_length=32
+        ).call_kwargs
+    )
     with pytest.raises(TypeError, match="multiple values for keyword argument 'num_images_per_prompt'"):
         case.pipe(PROMPT, num_images_per_prompt=2, **kwargs)  # one image: its noise and schedule are its own
     # a policy saved before the settings were recorded: the schedule alone, as before
