@@ -326,10 +326,11 @@ class RunDir(Held):
         return found
 
     def _store(self, sub: str = "") -> Any:
+        """The store of ``learner.checkpoint_dir`` (a local path or a URL), or of ``sub`` inside it."""
         from common.checkpoint import CheckpointStore
 
-        url = (self.checkpoint_url or "").rstrip("/")
-        return CheckpointStore(f"{url}/{sub}" if sub else url)
+        root = (self.checkpoint_url or str(self.checkpoint_dir)).rstrip("/")
+        return CheckpointStore(f"{root}/{sub}" if sub else root)
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted writer left: checkpoint and log temporaries."""
@@ -362,12 +363,7 @@ class RunDir(Held):
             elif p.exists():
                 p.unlink()
         # the checkpoints of the run and of its learned global schedule (``<checkpoint dir>/global``)
-        for d in (self.checkpoint_dir, self.checkpoint_dir / "global") if self.checkpoint_dir is not None else ():
-            if d.is_dir():
-                for p in d.iterdir():
-                    if p.name.startswith(("ckpt-", "superseded-")) or p.name == "latest":
-                        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if self.checkpoint_url is not None:
+        if self.checkpoint_dir is not None or self.checkpoint_url is not None:
             self._store().clear()
             self._store("global").clear()
 
@@ -404,21 +400,6 @@ def _a_run_inside(path: Path) -> Path | None:
     return None
 
 
-def _whose_checkpoints(ckpt_dir: Path) -> Path | None:
-    """The run dir that wrote the latest checkpoint in ``ckpt_dir`` (its state.json's config),
-    or None where there is none or it cannot be read."""
-    from common.checkpoint import list_checkpoints
-
-    written = [c for c in list_checkpoints(ckpt_dir) if (c / "state.json").is_file()]
-    if not written:
-        return None
-    try:
-        experiment = json.loads((written[-1] / "state.json").read_text())["config"]["experiment"]
-        return Path(experiment["output_dir"]) / experiment["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
     """Refuse a run dir inside another run's directory (its checkpoints, its policy), and a
     checkpoint dir that is another run's (inside its run dir, or holding its checkpoints):
@@ -434,26 +415,19 @@ def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
         raise ConfigError(
             f"run dir {path} holds the run dir {inner} of another run; choose an experiment.name beside it"
         )
-    url = cfg.learner.checkpoint_dir if ckpt_dir is None else None
-    if url is not None and cfg.resume is None:  # a URL (s3://, gs://): no lock there; its writer is recorded
+    url = checkpoint_url(cfg)
+    if url is None and (ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute())):
+        return
+    other = _inside_a_run(ckpt_dir, path) if ckpt_dir is not None else None
+    if other is None and cfg.resume is None:  # the run that wrote its newest checkpoint (a URL takes no lock)
         from common.checkpoint import CheckpointStore
 
-        writer = CheckpointStore(url).writer()
-        if writer is not None and writer.absolute() != path.absolute():
-            raise ConfigError(
-                f"learner.checkpoint_dir {url} holds the checkpoints of another run ({writer}); give this run a"
-                " checkpoint dir of its own (--overwrite would delete that run's checkpoints)"
-            )
-    if ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute()):
-        return
-    other = _inside_a_run(ckpt_dir, path)
-    if other is None and cfg.resume is None:
-        writer = _whose_checkpoints(ckpt_dir)
+        writer = CheckpointStore(url or str(ckpt_dir)).writer()
         other = writer if writer is not None and writer.absolute() != path.absolute() else None
     if other is not None:
         raise ConfigError(
-            f"learner.checkpoint_dir {ckpt_dir} holds the checkpoints of another run ({other}); give this run a"
-            " checkpoint dir of its own (--overwrite would delete that run's checkpoints)"
+            f"learner.checkpoint_dir {url or ckpt_dir} holds the checkpoints of another run ({other}); give this run"
+            " a checkpoint dir of its own (--overwrite would delete that run's checkpoints)"
         )
 
 
@@ -462,6 +436,11 @@ def local_checkpoint_dir(cfg: Config) -> Path | None:
     if d is None:
         return None
     return None if "://" in d and not d.startswith("file://") else Path(d.removeprefix("file://"))
+
+
+def checkpoint_url(cfg: Config) -> str | None:
+    """``learner.checkpoint_dir`` where it is on shared storage (s3://, gs://), not a local path."""
+    return cfg.learner.checkpoint_dir if local_checkpoint_dir(cfg) is None else None
 
 
 def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
@@ -486,8 +465,7 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
     except ConfigError:
         _remove_if_empty(made)
         raise
-    url = cfg.learner.checkpoint_dir if ckpt_dir is None else None
-    rd = RunDir(path, ckpt_dir, log, made, url)
+    rd = RunDir(path, ckpt_dir, log, made, checkpoint_url(cfg))
     rd._acquire()
     try:
         found = rd.artefacts()

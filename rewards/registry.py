@@ -100,18 +100,21 @@ def _kwargs_problem(cls: Any, label: str, kwargs: dict[str, Any], sampler: dict[
     """Why ``cls`` cannot be built with the config's ``kwargs`` (an unknown or a missing argument),
     or None (it can, or it has no signature to check: the call says). A class that declares
     ``uses_sampler_config`` gets ``sampler`` as well, never from the config."""
-    given = kwargs
-    if getattr(cls, "uses_sampler_config", False):
-        if "sampler" in kwargs:
-            return f"{label}: kwargs 'sampler' is given by the run (its sampler section); remove it"
-        kwargs = {**kwargs, "sampler": sampler}
+    if getattr(cls, "uses_sampler_config", False) and "sampler" in kwargs:
+        return f"{label}: kwargs 'sampler' is given by the run (its sampler section); remove it"
     try:
-        inspect.signature(cls).bind(**kwargs)
+        inspect.signature(cls).bind(**_with_sampler(cls, kwargs, sampler))
     except TypeError as e:
-        return f"{label}: bad kwargs {sorted(given)}: {e}"
+        return f"{label}: bad kwargs {sorted(kwargs)}: {e}"
     except ValueError:
         pass
     return None
+
+
+def _with_sampler(cls: Any, kwargs: dict[str, Any], sampler: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments ``cls`` is built with: the config's, and the run's sampler section
+    for a class that declares ``uses_sampler_config``."""
+    return {**kwargs, "sampler": sampler} if getattr(cls, "uses_sampler_config", False) else kwargs
 
 
 def _lookup(name: str, table: dict[str, type], kind: str) -> Any:
@@ -170,7 +173,7 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
     problem = _kwargs_problem(cls, f"reward {name!r}", kwargs, sampler)  # a TypeError inside __init__ is its own bug
     if problem is not None:
         raise ValueError(problem)
-    return cls(**kwargs, **({"sampler": sampler} if getattr(cls, "uses_sampler_config", False) else {}))
+    return cls(**_with_sampler(cls, kwargs, sampler))
 
 
 def limit_torch_threads(n: int) -> None:
