@@ -23,6 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The property tests draw new examples on every run (a failure found is replayed from
+# .hypothesis/ until fixed); CI (HYPOTHESIS_PROFILE=ci) draws the same ones each time, so a
+# clean checkout's result does not depend on the draw.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(1)
 
