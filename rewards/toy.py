@@ -22,18 +22,39 @@ class ToyReward:
     #: the reward server hands it the run's sampler section: it scores against the sampler's mixture
     uses_sampler_config = True
 
-    def __init__(self, sampler: dict[str, Any] | None = None, floor: float = -10.0, **problem: Any):
+    def __init__(
+        self,
+        sampler: dict[str, Any] | None = None,
+        floor: float = -10.0,
+        *,
+        dim: int | None = None,
+        num_classes: int | None = None,
+        modes_per_class: int | None = None,
+        mode_scale: float | None = None,
+        spread: float | None = None,
+        seed: int | None = None,
+    ):
         """``sampler``: the run's sampler section (given by the reward server), whose ``toy``
-        settings define the mixture; or the mixture's settings directly as ``problem``."""
+        settings define the mixture. The mixture's settings given here override it (standalone,
+        without a sampler section, they are the mixture; unset ones keep ``ToyMixture``'s
+        defaults): written out, so a misspelt one is refused before the run starts."""
+        mixture: dict[str, Any] = {}
         if sampler is not None:
             if sampler.get("backend") != "toy":
                 raise ValueError(
                     f"the toy reward scores the toy backend's samples; sampler.backend is {sampler.get('backend')!r}"
                 )
             mixture = {k: v for k, v in sampler["toy"].items() if k not in ("token_len", "token_dim")}
-            problem = {**mixture, **problem}
+        given = {
+            "dim": dim,
+            "num_classes": num_classes,
+            "modes_per_class": modes_per_class,
+            "mode_scale": mode_scale,
+            "spread": spread,
+            "seed": seed,
+        }
         self.floor = floor
-        self.mixture = ToyMixture(**problem)
+        self.mixture = ToyMixture(**{**mixture, **{k: v for k, v in given.items() if v is not None}})
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         cls = np.array([self.mixture.parse(p) for p in prompts])

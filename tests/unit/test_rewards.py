@@ -89,6 +89,8 @@ def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
     prompts = ["class 1", "class 2", "class 3", "class 4"]
     assert np.array_equal(r(x, prompts), direct(x, prompts))
+    overridden = build("toy", {"spread": 0.3}, sampler=sampler)  # the reward's own setting wins
+    assert overridden.mixture.spread == 0.3 and np.array_equal(overridden.mixture.means, direct.mixture.means)
     with pytest.raises(ValueError, match="needs the sampler's config"):
         build("toy", {})
     with pytest.raises(ValueError, match="scores the toy backend's samples; sampler.backend is 'digits'"):
@@ -124,6 +126,8 @@ def test_a_reward_declares_the_side_it_reads():
         ("reward", "hsp", {}, "sd", r"unknown reward 'hsp': use one of \[.*'hps'"),
         ("metric", "digits_fd", {}, "toy", r"reads only the samples of the digits backend; this run samples with toy"),
         ("reward", "toy", {"sampler": {"backend": "toy"}}, "toy", r"kwargs 'sampler' is given by the run"),
+        ("reward", "toy", {"sprad": 0.2}, "toy", r"reward 'toy': bad kwargs \['sprad'\]: .*'sprad'"),
+        ("reward", "toy", {"floor": -5.0, "spread": 0.2}, "toy", None),
         ("reward", "clip", {"batch_size": 4, "dtype": "float16"}, "sd", None),
         ("reward", "my_pkg.rewards:Mine", {"anything": 1}, "sd", None),  # its server imports and checks it
     ],
