@@ -4,13 +4,14 @@
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
 - takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically (and the same in
-  a local ``learner.checkpoint_dir`` outside the run dir: two runs sharing one would write each
-  other's checkpoints), and renews it
-  (its mtime) every ``LEASE_RENEW_S`` while the run lives. A lock whose process is gone is stale
-  and taken over with a warning: on this host, a pid not running; from another host (a pod that was
-  preempted or a node lost: its pid cannot be asked), a lock not renewed for ``LEASE_S``, judged by
-  the filesystem's clock, not this host's. A lock from another host that has missed its renewals
-  but not yet its lease is waited for. Any other lock is a refusal that names its owner;
+  a local ``learner.checkpoint_dir`` outside the run dir, and as an object ``<url>/.lock`` in one
+  on an object store: two runs sharing one would write each other's checkpoints), and renews it
+  (its mtime; a lock object is written again) every ``LEASE_RENEW_S`` while the run lives. A lock
+  whose process is gone is stale and taken over with a warning: on this host, a pid not running;
+  from another host (a pod that was preempted or a node lost: its pid cannot be asked), a lock not
+  renewed for ``LEASE_S``, judged by the storage's clock, not this host's. A lock from another
+  host that has missed its renewals but not yet its lease is waited for. Any other lock is a
+  refusal that names its owner;
 - refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
   says what to do with it: ``--resume auto`` to continue it, ``--overwrite`` to replace it, or a
   new ``experiment.name``;
@@ -39,12 +40,15 @@ from common.config import Config, ConfigError
 LOCK = ".lock"
 #: the locks this process holds (absolute paths): a lock naming this process's pid that is not
 #: one of them was left by an earlier process that had the same pid (a restarted container's)
-_HELD: set[Path] = set()
+_HELD: set[str] = set()
 #: Seconds between an owner's renewals of its lock.
 LEASE_RENEW_S = 15.0
 #: Seconds without a renewal after which a lock from another host is its run's end (a shared
 #: filesystem may show an mtime a minute late: NFS caches attributes).
 LEASE_S = 120.0
+#: Seconds a run waits after writing a lock object (a URL has no exclusive create) before it reads
+#: it back to see whether another run wrote it meanwhile.
+SETTLE_S = 0.5
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
 #: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
@@ -118,78 +122,35 @@ def _lock_owner(lock: Path) -> dict[str, Any] | None:
         return None
 
 
-class _Lease:
-    """The lock ``<directory>/.lock`` of one directory a run writes (``what``: "run dir",
-    "checkpoint dir"), taken atomically, renewed while held (see the module docstring)."""
+class _LockFile:
+    """The lock ``<directory>/.lock`` on a filesystem (local, or shared by NFS): created with
+    O_EXCL, so of two runs that create it at once one gets it."""
 
-    def __init__(self, directory: Path, what: str, instead: str, log: Callable[[str], None], holder: str = "run"):
-        self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
-        self.lock = directory / LOCK
-        self.held = False
+    def __init__(self, directory: Path):
+        self.directory, self.path = directory, directory / LOCK
 
-    def owner(self) -> dict[str, Any] | None:
-        return _lock_owner(self.lock)
+    def __str__(self) -> str:
+        return str(self.path)
 
-    def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        lock = self.lock
-        for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if lock.is_symlink():  # never one this program wrote; O_EXCL will not follow it
-                    raise RunDirInUse(
-                        f"{lock} is a symbolic link, not a lock; delete it if no run uses the {self.what}"
-                    ) from None
-                owner = self.owner()
-                if owner is None:
-                    # written by a process that died between create and write, or not ours at all
-                    age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
-                    if age < 10:
-                        time.sleep(1.0)  # a claim being written right now
-                        continue
-                    self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
-                    lock.unlink(missing_ok=True)
-                    continue
-                pid = int(owner.get("pid", -1))
-                here = owner.get("host") == me["host"]
-                earlier = here and pid == os.getpid() and lock.absolute() not in _HELD
-                if here and (earlier or not _pid_alive(pid)):
-                    gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
-                    self.log(
-                        f"warning: taking over the stale lock of pid {owner.get('pid')}"
-                        f" (started {owner.get('started')}, {gone}) on the {self.what}"
-                    )
-                    lock.unlink(missing_ok=True)
-                    continue
-                if here and pid != os.getpid() and self._ran_out(owner):
-                    # a container restarted in its pod keeps the host name and starts its pids again: the
-                    # pid is another process's now
-                    self.log(
-                        f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}):"
-                        f" not renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
-                    )
-                    lock.unlink(missing_ok=True)
-                    continue
-                if owner.get("host") != me["host"] and self._ran_out(owner):
-                    self.log(
-                        f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
-                        f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is"
-                        " gone"
-                    )
-                    lock.unlink(missing_ok=True)
-                    continue
-                raise RunDirInUse(
-                    f"{self.what} {self.directory} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
-                    f" (since {owner.get('started')}); use another {self.instead}, or delete {lock} if that"
-                    f" {self.holder} is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            _HELD.add(lock.absolute())
-            return
-        raise RunDirInUse(f"could not take the lock {lock}: others took and released it meanwhile; try again")
+    def key(self) -> str:
+        return str(self.path.absolute())
+
+    def create(self, record: bytes) -> bool:
+        """Write ``record`` as the lock where there is none: False where there is one."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(record)
+        return True
+
+    def is_link(self) -> bool:
+        """A symbolic link is never a lock this program wrote (O_EXCL will not follow it)."""
+        return self.path.is_symlink()
+
+    def read(self) -> dict[str, Any] | None:
+        return _lock_owner(self.path)
 
     def age(self) -> float:
         """Seconds since the lock was last written or renewed, on the filesystem's clock (the
@@ -200,7 +161,164 @@ class _Lease:
             now = probe.stat().st_mtime
         finally:
             probe.unlink(missing_ok=True)
-        return now - self.lock.stat().st_mtime
+        return now - self.path.stat().st_mtime
+
+    def renew(self) -> None:
+        with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
+            os.utime(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _LockObject:
+    """The lock object ``<url>/.lock`` of a checkpoint dir on an object store (s3://, gs://), where
+    nothing is created exclusively: the lock is written where there is none and read back
+    ``SETTLE_S`` later, and of two runs that wrote it at once the one that reads the other's record
+    gives way. Its age is judged by the store's clock (the modification time of an object written
+    now), and a renewal writes it again."""
+
+    def __init__(self, url: str):
+        from common.checkpoint import storage
+
+        self.url = url.rstrip("/")
+        self.fs, root = storage(self.url)
+        self.path = f"{root.rstrip('/')}/{LOCK}"
+        self.record = b""
+
+    def __str__(self) -> str:
+        return f"{self.url}/{LOCK}"
+
+    def key(self) -> str:
+        return str(self)
+
+    def create(self, record: bytes) -> bool:
+        if self.read_bytes() is not None:
+            return False
+        self.fs.pipe(self.path, record)
+        time.sleep(SETTLE_S)
+        if self.read_bytes() != record:
+            return False
+        self.record = record
+        return True
+
+    def read_bytes(self) -> bytes | None:
+        """The lock's bytes, read from the store itself (never a listing cached by the filesystem
+        object: s3fs caches them), or None where there is none."""
+        try:
+            return self.fs.cat(self.path)
+        except FileNotFoundError:
+            return None
+
+    def is_link(self) -> bool:
+        return False
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat(self.path))
+        except (OSError, ValueError):
+            return None
+
+    def age(self) -> float:
+        """As a lock file's, on the store's clock. A store that cannot say when an object was
+        written (``modified`` not implemented) gives 0: its locks are never taken over, and the
+        refusal names the object to delete."""
+        probe = f"{self.path.rsplit('/', 1)[0]}/.lease-probe-{socket.gethostname()}-{os.getpid()}"
+        self.fs.invalidate_cache(self.path.rsplit("/", 1)[0])
+        try:
+            self.fs.pipe(probe, b"")
+            now = self.fs.modified(probe)
+            return (now - self.fs.modified(self.path)).total_seconds()
+        except NotImplementedError:
+            return 0.0
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(probe)
+
+    def renew(self) -> None:
+        """Write the lock again where it is still this run's (one taken over meanwhile, after
+        renewals failed for ``LEASE_S``, is left to its new owner)."""
+        with contextlib.suppress(Exception):  # noqa: BLE001 - any store error: the next renewal tries again
+            if self.read_bytes() == self.record:
+                self.fs.pipe(self.path, self.record)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path)
+
+
+class _Lease:
+    """The lock of one directory a run writes (``what``: "run dir", "checkpoint dir"): a lock file
+    in a local directory, a lock object under a URL; taken, renewed while held, judged stale and
+    taken over as the module docstring says."""
+
+    def __init__(self, directory: Path | str, what: str, instead: str, log: Callable[[str], None], holder: str = "run"):
+        self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
+        self.lock = _LockObject(directory) if isinstance(directory, str) else _LockFile(directory)
+        self.held = False
+
+    def owner(self) -> dict[str, Any] | None:
+        return self.lock.read()
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        lock = self.lock
+        for _ in range(3):
+            if not lock.create(json.dumps(me).encode()):
+                if lock.is_link():
+                    raise RunDirInUse(
+                        f"{lock} is a symbolic link, not a lock; delete it if no run uses the {self.what}"
+                    )
+                owner = self.owner()
+                if owner is None:
+                    # written by a process that died between create and write, or not ours at all
+                    try:
+                        age = lock.age()
+                    except FileNotFoundError:  # released while we looked: the next attempt takes it
+                        continue
+                    if age < 10:
+                        time.sleep(1.0)  # a claim being written right now
+                        continue
+                    self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
+                    lock.remove()
+                    continue
+                pid = int(owner.get("pid", -1))
+                here = owner.get("host") == me["host"]
+                earlier = here and pid == os.getpid() and lock.key() not in _HELD
+                if here and (earlier or not _pid_alive(pid)):
+                    gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
+                    self.log(
+                        f"warning: taking over the stale lock of pid {owner.get('pid')}"
+                        f" (started {owner.get('started')}, {gone}) on the {self.what}"
+                    )
+                    lock.remove()
+                    continue
+                if here and pid != os.getpid() and self._ran_out(owner):
+                    # a container restarted in its pod keeps the host name and starts its pids again: the
+                    # pid is another process's now
+                    self.log(
+                        f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}):"
+                        f" not renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
+                    )
+                    lock.remove()
+                    continue
+                if owner.get("host") != me["host"] and self._ran_out(owner):
+                    self.log(
+                        f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
+                        f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is"
+                        " gone"
+                    )
+                    lock.remove()
+                    continue
+                raise RunDirInUse(
+                    f"{self.what} {self.directory} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
+                    f" (since {owner.get('started')}); use another {self.instead}, or delete {lock} if that"
+                    f" {self.holder} is gone"
+                ) from None
+            self.held = True
+            _HELD.add(lock.key())
+            return
+        raise RunDirInUse(f"could not take the lock {lock}: others took and released it meanwhile; try again")
 
     def _ran_out(self, owner: dict[str, Any]) -> bool:
         """Whether another host's lock has gone ``LEASE_S`` without a renewal. One renewed lately
@@ -209,7 +327,7 @@ class _Lease:
         said = False
         while True:
             try:
-                age = self.age()
+                age = self.lock.age()
             except FileNotFoundError:  # released while we looked: the next attempt takes it
                 return False
             if age > LEASE_S:
@@ -225,16 +343,15 @@ class _Lease:
             time.sleep(min(LEASE_RENEW_S, LEASE_S - age) / 2)
 
     def renew(self) -> None:
-        with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
-            os.utime(self.lock)
+        self.lock.renew()
 
     def release(self) -> None:
         if self.held:
             owner = self.owner()
-            if owner is None or owner.get("pid") == os.getpid():
-                self.lock.unlink(missing_ok=True)
+            if owner is None or (owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
+                self.lock.remove()
             self.held = False
-            _HELD.discard(self.lock.absolute())
+            _HELD.discard(self.lock.key())
 
 
 class Held:
@@ -244,7 +361,10 @@ class Held:
     another, who holds such a lock)."""
 
     def __init__(
-        self, dirs: list[tuple[Path, str, str, str]], log: Callable[[str], None] = print, made: list[Path] | None = None
+        self,
+        dirs: list[tuple[Path | str, str, str, str]],
+        log: Callable[[str], None] = print,
+        made: list[Path] | None = None,
     ):
         self.dirs, self.log = dirs, log
         self.made = made or []
@@ -307,10 +427,12 @@ class RunDir(Held):
         checkpoint_url: str | None = None,
     ):
         """``checkpoint_url``: a learner.checkpoint_dir on shared storage (s3://, gs://), whose
-        checkpoints are the run's artefacts too (an object store takes no lock)."""
-        dirs = [(path, "run dir", "experiment.name", "run")]
+        checkpoints are the run's artefacts too, held by a lock object there."""
+        dirs: list[tuple[Path | str, str, str, str]] = [(path, "run dir", "experiment.name", "run")]
         if checkpoint_dir is not None and not checkpoint_dir.resolve().is_relative_to(path.resolve()):
             dirs.append((checkpoint_dir, "checkpoint dir", "learner.checkpoint_dir", "run"))
+        if checkpoint_url is not None:  # two runs on other hosts given one URL would write each other's checkpoints
+            dirs.append((checkpoint_url, "checkpoint dir", "learner.checkpoint_dir", "run"))
         super().__init__(dirs, log, made)
         self.path, self.checkpoint_dir, self.checkpoint_url = path, checkpoint_dir, checkpoint_url
 

@@ -215,7 +215,7 @@ def test_a_live_owner_renews_its_lease_until_it_releases_the_dir(tmp_path, monke
         os.utime(lock, (old, old))
         time.sleep(0.5)
         assert lock.stat().st_mtime > old + 590, "renewed"
-        assert rd.leases[0].age() < 1
+        assert rd.leases[0].lock.age() < 1
     assert not lock.exists()
     threads = [t for t in threading.enumerate() if t.name == "run-dir-lease"]
     for t in threads:
@@ -230,7 +230,7 @@ def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
     first = load_config(_flags(tmp_path, f"--learner.checkpoint_dir={shared}"))
     second = load_config(_flags(tmp_path, "--experiment.name=other", f"--learner.checkpoint_dir={shared}"))
     with claim(first) as rd:
-        assert [lease.lock for lease in rd.leases] == [first.run_dir / LOCK, shared / LOCK]
+        assert [lease.lock.path for lease in rd.leases] == [first.run_dir / LOCK, shared / LOCK]
         with pytest.raises(RunDirInUse) as e:
             claim(second)
         assert str(e.value) == (
@@ -297,7 +297,7 @@ def test_another_runs_files_are_never_this_runs_to_overwrite(tmp_path):
     with claim(load_config(_flags(tmp_path, "--experiment.name=mine"))):
         (tmp_path / "mine" / "config.yaml").write_text("experiment: {name: mine}\n")
         with claim(load_config(_flags(tmp_path, "--experiment.name=mine/global"))) as rd:
-            assert rd.leases[0].lock == tmp_path / "mine" / "global" / LOCK
+            assert rd.leases[0].lock.path == tmp_path / "mine" / "global" / LOCK
 
 
 def test_a_run_dir_neither_holds_another_run_nor_is_a_link_into_one(capsys, tmp_path):
@@ -558,7 +558,73 @@ def test_a_checkpoint_dir_on_shared_storage_is_owned_by_its_run(tmp_path):
         assert fs.exists(f"/ck-{tmp_path.name}/ckpt-00000006/state.json")
     with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--overwrite"))):
         root = f"/ck-{tmp_path.name}"
-        assert not fs.exists(root) or fs.ls(root, detail=False) == [], "the earlier run's checkpoints are removed"
+        left = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        assert left == [LOCK], "the earlier run's checkpoints are removed; the run's lock is there"
+    assert not fs.exists(f"{root}/{LOCK}"), "and released with the run"
+
+
+def _foreign_lock_object(url: str) -> None:
+    """A lock object another host's run wrote under ``url`` (its modification time: now)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe(f"{root}/{LOCK}", json.dumps({"host": "a-pod-of-another-job", "pid": 4242, "started": "t"}).encode())
+
+
+def test_two_live_runs_cannot_share_a_checkpoint_url(tmp_path, monkeypatch):
+    """Two jobs on other clusters (a RayJob submitted again while the first still ran; each head
+    with a run dir of its own) given one learner.checkpoint_dir URL, both with --resume auto: the
+    run dir locks are on different disks, an object store takes no lock, and both wrote ckpt-* into
+    one line. The URL now holds a lock object, renewed while the run lives and taken over once its
+    lease runs out, judged by the store's clock."""
+    import fsspec
+
+    url = f"memory://ck-{tmp_path.name}"
+    fs, root = fsspec.core.url_to_fs(url)
+    _foreign_lock_object(url)
+    t0 = time.monotonic()
+    with pytest.raises(
+        RunDirInUse,
+        match=rf"^checkpoint dir {url} is in use by pid 4242 on host a-pod-of-another-job \(since t\); use another"
+        rf" learner.checkpoint_dir, or delete {url}/{LOCK} if that run is gone$",
+    ):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--resume=auto")))
+    assert time.monotonic() - t0 < 5
+    assert json.loads(fs.cat(f"{root}/{LOCK}"))["pid"] == 4242, "the owner's lock stays"
+    assert not (tmp_path / "r" / LOCK).exists(), "and the run dir's lock is released"
+
+    # the other run was preempted: its lock is no longer renewed, and is taken over once its lease runs out
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.1)
+    monkeypatch.setattr(rundir, "LEASE_S", 0.6)
+    time.sleep(0.7)
+    said: list[str] = []
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")), log=said.append) as rd:
+        assert any(s.startswith("warning: taking over the lock of pid 4242 on host a-pod-of-another-job") for s in said)
+        mine = json.loads(fs.cat(f"{root}/{LOCK}"))
+        assert (mine["pid"], mine["host"]) == (os.getpid(), socket.gethostname())
+        stamp = fs.modified(f"{root}/{LOCK}")
+        time.sleep(0.5)
+        assert fs.modified(f"{root}/{LOCK}") > stamp, "renewed while the run lives"
+        assert rd.leases[-1].lock.age() < 0.5
+        # a second run of this process's host is refused at once while this one renews it
+        with pytest.raises(RunDirInUse, match=rf"checkpoint dir {url} is in use by pid {os.getpid()}"):
+            claim(load_config(_flags(tmp_path, "--experiment.name=s", f"--learner.checkpoint_dir={url}")))
+    assert not fs.exists(f"{root}/{LOCK}"), "released with the run"
+
+
+def test_of_two_runs_that_write_a_checkpoint_url_s_lock_at_once_one_gives_way(tmp_path, monkeypatch):
+    """An object store has no exclusive create: each run writes the lock where there is none and
+    reads it back; the one that finds the other's record there gives way."""
+    url = f"memory://ck-{tmp_path.name}"
+    real_sleep = time.sleep
+
+    def the_other_writes_meanwhile(seconds: float) -> None:
+        _foreign_lock_object(url)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(rundir.time, "sleep", the_other_writes_meanwhile)
+    with pytest.raises(RunDirInUse, match="is in use by pid 4242 on host a-pod-of-another-job"):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
 
 
 def test_overwrite_clears_the_global_schedule_s_checkpoints_in_a_checkpoint_dir_of_its_own(tmp_path):
