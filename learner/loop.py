@@ -311,6 +311,27 @@ def _device(name: str) -> torch.device:
         raise ConfigError(f"learner.device: {e}") from None
 
 
+def _learner_gpu_shared(device: torch.device, ray_cfg: RayConfig) -> str | None:
+    """A warning where the learner runs on a GPU of a joined cluster's node that offers GPUs to
+    Ray (docs/deploy.md): the driver's GPU is outside Ray's accounting, so Ray may hand the same
+    device to a rollout worker of this run or an actor of another job. A cluster the run starts
+    itself (one machine: the learner shares its GPUs by design) and a CPU learner are fine."""
+    if device.type != "cuda" or not (os.environ.get("RAY_ADDRESS") or ray_cfg.init_kwargs.get("address")):
+        return None
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and n.get("NodeID") == here)
+    except Exception:  # noqa: BLE001 - a client connection (ray://) has no node of its own: nothing to say
+        return None
+    if gpus <= 0:
+        return None
+    return (
+        f"warning: the learner runs on {device} of this node, whose {gpus:g} GPU(s) Ray also hands to actors (this"
+        " run's rollout workers, or another job's): keep its GPU out of Ray's pool (ray start --num-gpus=0 on this"
+        ' node, or num-gpus: "0" in its rayStartParams) or set learner.device=cpu (docs/deploy.md)'
+    )
+
+
 class Diverged(RunStopped):
     """An update left the policy with non-finite weights or alphas out of range."""
 
@@ -559,6 +580,9 @@ def _train(
         torch.set_num_threads(lc.torch_threads)
         torch.manual_seed(cfg.experiment.seed)
         device = _device(lc.device)
+        shared = _learner_gpu_shared(device, cfg.ray)
+        if shared is not None:
+            print(shared)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
         params = FlatState(policy)  # the parameters in one buffer: what each version sends, what AdamW steps
         optimizer = optimizer_for(params, lc.lr, lc.weight_decay)
