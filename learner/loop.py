@@ -55,6 +55,7 @@ from common.config import (
     RayConfig,
     RewardSpec,
     resume_conflicts,
+    reward_keys,
     shape_changes,
 )
 from common.devices import resolve_device
@@ -78,6 +79,7 @@ from learner.groups import (
     answer,
     check_room,
 )
+from learner.idle import IdleNote
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
 from learner.update import optimizer_for, reinforce_step
 
@@ -651,6 +653,8 @@ def _train(
             range(start, lc.iterations), initial=start, total=lc.iterations, disable=not lc.progress, desc="train"
         )
         last_put: float | None = None  # when the previous iteration's weights went out
+        servers = {key: spec.num_servers for key, spec in zip(reward_keys(cfg.rewards), cfg.rewards, strict=True)}
+        idle = None if lc.pipeline else IdleNote(servers, device.type)  # one step off policy nothing waits
         for it in bar:
             t0 = time.perf_counter() if last_put is None else last_put
             for group in optimizer.param_groups:  # a function of the iteration: a resumed run gets the same
@@ -728,12 +732,13 @@ def _train(
 
             # LOGGING
             step_s = last_put - t0  # from one broadcast to the next: what happened in between included
+            sampled_s, tail_s = got.sampling_seconds(), got.scoring_tail()
             m.update(
                 {
                     "rollout/reward_mean": float(r.mean()),
                     "learner/lr": optimizer.param_groups[0]["lr"],
                     "rollout/reward_std": float(r.std()),
-                    "rollout/images_per_s": C * K / max(got.sampling_seconds(), 1e-9),  # the workers' rate
+                    "rollout/images_per_s": C * K / max(sampled_s, 1e-9),  # the workers' rate
                     "rollout/worker_seconds": float(sum(bt.seconds for bt in batches)),
                     "baseline/adv_std": float(adv.std()),
                     "system/step_seconds": step_s,
@@ -750,7 +755,7 @@ def _train(
                     ),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": got.dispatch_skew(),
-                    "system/scoring_tail_s": got.scoring_tail(),  # scoring after the last image: workers idle on policy
+                    "system/scoring_tail_s": tail_s,  # scoring after the last image: workers idle on policy
                     "system/collect_latency_s": got.collect_latency(),  # last result on an actor to the learner
                     **{f"reward/{k}": float(v.mean()) for k, v in scores.per_reward.items()},
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
@@ -758,6 +763,9 @@ def _train(
             )
             loggers.log(it + 1, m)
             bar.set_postfix(reward=f"{r.mean():.3f}")
+            note = None if idle is None else idle.add(it + 1, step_s, sampled_s, tail_s, learner_s)
+            if note is not None:
+                tqdm.write(note)
             if lc.rollout_log:
                 append_records(run_dir / "rollouts.msgpack", _records(batches, r, b, adv, scores.per_reward, K))
                 logged += C * K

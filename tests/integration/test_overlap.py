@@ -197,3 +197,29 @@ def test_every_sampling_call_goes_out_before_the_scoring_calls():
     assert list(live) == [r.request_id for r in requests]
     # a worker's second request has the time of the one queued ahead of it as well
     assert live["r3"].deadline - live["r3"].launched == pytest.approx(20.0)
+
+
+def test_a_run_whose_workers_sit_idle_on_policy_says_where_the_time_goes(ray_local, tmp_path, monkeypatch, capsys):
+    """Each worker samples 4 contexts x 2 images (0.48 s) in one request, and the one reward
+    server scores the 16 images after them (0.03 s each: about 0.5 s the workers wait out on
+    policy). After a
+    few iterations the run says so, once, naming the setting; the threshold of 1 s of sampling
+    that keeps the toy's and digits' runs quiet is lowered for it."""
+    from learner import idle
+
+    monkeypatch.setattr(idle, "MIN_SAMPLING_S", 0.1)
+    over = _simulated(tmp_path, None)
+    over["sampler"]["simulated"]["seconds_per_image_step"] = 0.03
+    over["rewards"] = [{"name": "simulated", "kwargs": {"seconds_per_image": 0.03}, "num_cpus": 0.25}]
+    over["learner"]["iterations"] = idle.WINDOW + 2
+    train(load_config([], **over), final_eval=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: on policy")]
+    assert len(notes) == 1, notes
+    note = notes[0]
+    assert (
+        f"(iterations 2-{idle.WINDOW + 1}, medians: " in note
+        and "(more rewards[].num_servers shorten it: simulated: 1)" in note
+    )
+    tail = float(note.split("scoring after the last image ")[1].split(" s")[0])
+    assert 0.3 < tail < 1.0, note
+    assert note.endswith("learner.pipeline: true samples the next rollouts meanwhile (docs/performance.md)")
