@@ -303,22 +303,32 @@ def _request_resources(workers: int, num_cpus: float, num_gpus: float) -> None:
             print(f"warning: could not ask the autoscaler for {workers} rollout workers: {e}")
 
 
-def _alive(actor: Any, timeout_s: float) -> bool:
+def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None) -> bool:
     """True once ``actor`` answers (after a restart if it had one); False if it is dead for good
     (restarts exhausted) or not back within ``timeout_s``. Right after a death, calls fail for a
     while even when a restart is coming, so a failed call is retried until the deadline unless
-    the cluster already reports the actor DEAD."""
+    the cluster already reports the actor DEAD. ``stop``: set while it waits (SIGTERM, Ctrl-C),
+    the wait is given up (``Cancelled``) within ``STOP_POLL_S``, not at the deadline."""
     deadline = time.monotonic() + timeout_s
+    ref = actor.pid.remote()
     while True:
+        if stop is not None and stop.is_set():
+            raise Cancelled("the run was stopped while a failed actor was asked whether it is back")
+        left = deadline - time.monotonic()
         try:
-            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            ray.get(ref, timeout=max(0.1, min(left, STOP_POLL_S) if stop is not None else left))
             return True
         except GetTimeoutError:
-            return False
+            if time.monotonic() >= deadline:
+                return False
         except RayActorError:
             if _dead_for_good(actor) or time.monotonic() > deadline:
                 return False
-            time.sleep(0.5)
+            if stop is not None:
+                stop.wait(0.5)
+            else:
+                time.sleep(0.5)
+            ref = actor.pid.remote()
 
 
 def _dead_for_good(actor: Any) -> bool:
@@ -587,9 +597,10 @@ class RolloutGroup:
         batch, images, references = self.workers[worker].sample.options(num_returns=3).remote(request, weights)
         return Pending(request, worker, batch, images, references)
 
-    def check(self, worker: int) -> None:
-        """After a fault on ``worker``: keep it if it came back, else drop it from the group."""
-        if worker in self.alive and not _alive(self.workers[worker], self.restart_timeout_s):
+    def check(self, worker: int, stop: threading.Event | None = None) -> None:
+        """After a fault on ``worker``: keep it if it came back, else drop it from the group
+        (``stop``: as ``_alive``'s)."""
+        if worker in self.alive and not _alive(self.workers[worker], self.restart_timeout_s, stop):
             self.alive.remove(worker)
         if len(self.alive) < self.min_workers:
             raise WorkersLost(
@@ -712,10 +723,11 @@ class RewardGroup:
         """Kill every server for good (the run is over)."""
         stop_actors([server for servers in self.servers for server in servers])
 
-    def check(self) -> None:
-        """After a scoring fault: drop servers that stay dead; stop if a reward has none left."""
+    def check(self, stop: threading.Event | None = None) -> None:
+        """After a scoring fault: drop servers that stay dead; stop if a reward has none left
+        (``stop``: as ``_alive``'s)."""
         for j, servers in enumerate(self.servers):
-            self.alive[j] = [i for i in self.alive[j] if _alive(servers[i], self.restart_timeout_s)]
+            self.alive[j] = [i for i in self.alive[j] if _alive(servers[i], self.restart_timeout_s, stop)]
             if not self.alive[j]:
                 raise WorkersLost(f"every reward server of {self.specs[j].name!r} is dead; restarts are exhausted")
 
@@ -1055,9 +1067,9 @@ class Dispatcher:
                     if attempts[rid] >= self.max_attempts:
                         raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
                     if j < 0:
-                        self.rollouts.check(p.worker)
+                        self.rollouts.check(p.worker, stop)
                     else:
-                        self.rewards.check()
+                        self.rewards.check(stop)
                     resend(p)
                     continue
                 except RayTaskError as e:  # our own code raised in the actor: the same unit would again
@@ -1080,7 +1092,7 @@ class Dispatcher:
             for p in list(live.values()):
                 stalled = self._stalled(p, now)
                 if stalled is not None:
-                    self._on_stalled(p, stalled, timeouts)
+                    self._on_stalled(p, stalled, timeouts, stop)
                     faults += 1
                     resend(p)
         self.faults += faults
@@ -1095,9 +1107,10 @@ class Dispatcher:
             finished_at=time.time(),
         )
 
-    def _on_stalled(self, p: Pending, e: _Stalled, timeouts: dict[str, int]) -> None:
+    def _on_stalled(self, p: Pending, e: _Stalled, timeouts: dict[str, int], stop: threading.Event | None) -> None:
         """A unit past its time: the second time for this unit stops the run (``TimedOut``, naming
-        the actor and the prompts); the first restarts the stalled actor (the caller re-sends)."""
+        the actor and the prompts); the first restarts the stalled actor (the caller re-sends) and
+        waits for it to come back (``stop``: as ``_alive``'s)."""
         rid = p.request.request_id
         timeouts[rid] += 1
         name = f"rollout worker {e.who}" if e.kind == "worker" else f"reward {self.rewards.specs[e.who].name!r}"
@@ -1111,7 +1124,7 @@ class Dispatcher:
         print(f"warning: {name} did not finish {doing} within {e.limit:.0f} s: restarting it and re-sending the unit")
         if e.kind == "worker":
             self.rollouts.restart(e.who)
-            self.rollouts.check(e.who)
+            self.rollouts.check(e.who, stop)
         else:
             self.rewards.restart(e.who, p.servers[e.who])
-            self.rewards.check()
+            self.rewards.check(stop)

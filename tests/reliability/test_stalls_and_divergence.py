@@ -518,3 +518,32 @@ def test_a_frozen_worker_is_timed_out_restarted_and_its_unit_resent(ray_local, t
     assert faults >= 1
     ids = [(r.iteration, r.context, r.k) for r in read_records(res.run_dir / "rollouts.msgpack", RolloutRecord)]
     assert len(ids) == 6 * 4 * 2 and len(set(ids)) == len(ids)
+
+
+def test_a_stop_while_a_failed_actor_is_asked_whether_it_is_back_ends_the_wait(ray_local):
+    """After a fault the dispatcher asks the actor whether it came back, for up to
+    rollout.restart_timeout_s; a stop (SIGTERM, Ctrl-C) in that moment waited it out, past a job
+    stop's grace period. Now the wait ends within moments of the stop."""
+    import threading
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    class NeverAnswers:
+        def pid(self) -> int:
+            time.sleep(3600)
+            return 0
+
+    actor = NeverAnswers.remote()
+    try:
+        t0 = time.monotonic()
+        assert groups._alive(actor, 1.0) is False, "no answer within the time: not back"
+        assert 0.9 < time.monotonic() - t0 < 5
+        stop = threading.Event()
+        threading.Timer(0.5, stop.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(groups.Cancelled, match="stopped while a failed actor was asked"):
+            groups._alive(actor, 600.0, stop)
+        assert time.monotonic() - t0 < 3
+    finally:
+        ray.kill(actor)
