@@ -316,9 +316,11 @@ class CheckpointStore:
 
     def clean(self) -> None:
         """Remove the temporaries of uploads cut short (``.ckpt-*.tmp-<pid>``: a learner that died
-        while it uploaded a checkpoint leaves its staging copy)."""
+        while it uploaded a checkpoint leaves its staging copy) and of lock checks (a
+        ``.lease-probe-*`` that a run killed while it timed a lock left)."""
         for path in self._entries():
-            if ".tmp-" in path.rsplit("/", 1)[-1]:
+            name = path.rsplit("/", 1)[-1]
+            if ".tmp-" in name or name.startswith(".lease-probe-"):
                 self.fs.rm(path, recursive=True)
 
     def _entries(self) -> list[str]:

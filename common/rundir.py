@@ -38,8 +38,8 @@ from typing import Any
 from common.config import Config, ConfigError
 
 LOCK = ".lock"
-#: the locks this process holds (absolute paths): a lock naming this process's pid that is not
-#: one of them was left by an earlier process that had the same pid (a restarted container's)
+#: the locks this process holds (absolute paths, URLs): a lock naming this process's pid that is
+#: not one of them was left by an earlier process that had the same pid (a restarted container's)
 _HELD: set[str] = set()
 #: Seconds between an owner's renewals of its lock.
 LEASE_RENEW_S = 15.0
@@ -126,6 +126,9 @@ class _LockFile:
     """The lock ``<directory>/.lock`` on a filesystem (local, or shared by NFS): created with
     O_EXCL, so of two runs that create it at once one gets it."""
 
+    #: A lock file is created, then written: one that cannot be read is being written for this long.
+    UNREADABLE_S = 10.0
+
     def __init__(self, directory: Path):
         self.directory, self.path = directory, directory / LOCK
 
@@ -170,13 +173,24 @@ class _LockFile:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    def release(self, me: dict[str, Any]) -> None:
+        """Remove the lock where it is still ``me``'s (or unreadable)."""
+        owner = self.read()
+        if owner is None or (owner.get("pid"), owner.get("host")) == (me["pid"], me["host"]):
+            self.remove()
+
 
 class _LockObject:
-    """The lock object ``<url>/.lock`` of a checkpoint dir on an object store (s3://, gs://), where
-    nothing is created exclusively: the lock is written where there is none and read back
-    ``SETTLE_S`` later, and of two runs that wrote it at once the one that reads the other's record
-    gives way. Its age is judged by the store's clock (the modification time of an object written
-    now), and a renewal writes it again."""
+    """The lock object ``<url>/.lock`` of a checkpoint dir on an object store (s3://, gs://). It is
+    created only where there is none (``pipe_file(mode="create")``: S3's and GCS's conditional
+    writes, where s3fs and gcsfs have them) and read back ``SETTLE_S`` later (fsspec's fallback
+    for that mode looks, then writes): of two runs that wrote it at once, the one that reads the
+    other's record gives way. An object
+    is written whole, so one that cannot be read is never a claim being written. Its age is
+    judged by the store's clock (the modification time of an object written now), and a renewal
+    writes it again, only while it is still this run's."""
+
+    UNREADABLE_S = LEASE_S
 
     def __init__(self, url: str):
         from common.checkpoint import storage
@@ -195,7 +209,14 @@ class _LockObject:
     def create(self, record: bytes) -> bool:
         if self.read_bytes() is not None:
             return False
-        self.fs.pipe(self.path, record)
+        try:
+            self.fs.pipe_file(self.path, record, mode="create")
+        except FileExistsError:
+            return False
+        except Exception:  # noqa: BLE001 - a filesystem (or an older s3fs) without the mode: a plain write
+            self.fs.pipe(self.path, record)
+        # fsspec's own fallback for the mode looks, then writes: read it back once another run's
+        # write would have landed
         time.sleep(SETTLE_S)
         if self.read_bytes() != record:
             return False
@@ -206,7 +227,7 @@ class _LockObject:
         """The lock's bytes, read from the store itself (never a listing cached by the filesystem
         object: s3fs caches them), or None where there is none."""
         try:
-            return self.fs.cat(self.path)
+            return self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None
 
@@ -214,55 +235,78 @@ class _LockObject:
         return False
 
     def read(self) -> dict[str, Any] | None:
+        """Its owner, or None where there is none or it is not a lock's record; a store that
+        cannot be read raises (one failed read is not evidence that a lock is abandoned)."""
+        data = self.read_bytes()
         try:
-            return json.loads(self.fs.cat(self.path))
-        except (OSError, ValueError):
+            return None if data is None else json.loads(data)
+        except ValueError:
             return None
 
     def age(self) -> float:
-        """As a lock file's, on the store's clock. A store that cannot say when an object was
-        written (``modified`` not implemented) gives 0: its locks are never taken over, and the
-        refusal names the object to delete."""
-        probe = f"{self.path.rsplit('/', 1)[0]}/.lease-probe-{socket.gethostname()}-{os.getpid()}"
-        self.fs.invalidate_cache(self.path.rsplit("/", 1)[0])
+        folder = self.path.rsplit("/", 1)[0]
+        probe = f"{folder}/.lease-probe-{socket.gethostname()}-{os.getpid()}"
+        self.fs.invalidate_cache(folder)
         try:
             self.fs.pipe(probe, b"")
             now = self.fs.modified(probe)
             return (now - self.fs.modified(self.path)).total_seconds()
         except NotImplementedError:
-            return 0.0
+            raise RunDirInUse(
+                f"{self} is held, and this storage cannot say when it was last renewed; delete it if no run uses"
+                " the checkpoint dir"
+            ) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(probe)
 
     def renew(self) -> None:
-        """Write the lock again where it is still this run's (one taken over meanwhile, after
-        renewals failed for ``LEASE_S``, is left to its new owner)."""
         with contextlib.suppress(Exception):  # noqa: BLE001 - any store error: the next renewal tries again
-            if self.read_bytes() == self.record:
+            if self.read_bytes() == self.record:  # one taken over meanwhile (renewals failed for LEASE_S) is left
                 self.fs.pipe(self.path, self.record)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path)
 
+    def release(self, me: dict[str, Any]) -> None:
+        if self.read_bytes() == self.record:
+            self.remove()
+
 
 class _Lease:
     """The lock of one directory a run writes (``what``: "run dir", "checkpoint dir"): a lock file
-    in a local directory, a lock object under a URL; taken, renewed while held, judged stale and
-    taken over as the module docstring says."""
+    in a local directory, a lock object under a URL; taken, renewed by a thread of its own while
+    held, judged stale and taken over as the module docstring says."""
 
     def __init__(self, directory: Path | str, what: str, instead: str, log: Callable[[str], None], holder: str = "run"):
         self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
         self.lock = _LockObject(directory) if isinstance(directory, str) else _LockFile(directory)
         self.held = False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": ""}
+        self._guard = threading.Lock()  # a renewal and the release never interleave
+        self._stop = threading.Event()
 
     def owner(self) -> dict[str, Any] | None:
         return self.lock.read()
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        lock = self.lock
+        if isinstance(self.lock, _LockFile):
+            self._acquire()
+        else:
+            try:
+                self._acquire()
+            except (RunDirInUse, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - a store's errors are its SDK's (botocore's, google's)
+                raise ConfigError(
+                    f"{self.what} {self.directory}: its lock {self.lock} cannot be taken: {type(e).__name__}: {e}"
+                ) from None
+        threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
+
+    def _acquire(self) -> None:
+        self.me["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        me, lock = self.me, self.lock
         for _ in range(3):
             if not lock.create(json.dumps(me).encode()):
                 if lock.is_link():
@@ -271,14 +315,19 @@ class _Lease:
                     )
                 owner = self.owner()
                 if owner is None:
-                    # written by a process that died between create and write, or not ours at all
+                    # a lock file: written by a process that died between create and write, or not ours at all
                     try:
                         age = lock.age()
                     except FileNotFoundError:  # released while we looked: the next attempt takes it
                         continue
-                    if age < 10:
+                    if age < lock.UNREADABLE_S and isinstance(lock, _LockFile):
                         time.sleep(1.0)  # a claim being written right now
                         continue
+                    if age < lock.UNREADABLE_S:
+                        raise RunDirInUse(
+                            f"{lock} is not a lock this program wrote ({age:.0f} s old); delete it if no run uses"
+                            f" the {self.what}"
+                        )
                     self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
                     lock.remove()
                     continue
@@ -342,23 +391,35 @@ class _Lease:
                 said = True
             time.sleep(min(LEASE_RENEW_S, LEASE_S - age) / 2)
 
-    def renew(self) -> None:
-        self.lock.renew()
+    def _renew(self) -> None:
+        """The lock renewed every LEASE_RENEW_S until the release (a thread per lease: a store that
+        hangs a call delays no other lock's renewal)."""
+        while not self._stop.wait(LEASE_RENEW_S):
+            with self._guard:
+                if self.held:
+                    self.lock.renew()
 
     def release(self) -> None:
-        if self.held:
-            owner = self.owner()
-            if owner is None or (owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
-                self.lock.remove()
+        self._stop.set()
+        with self._guard:
+            if not self.held:
+                return
             self.held = False
             _HELD.discard(self.lock.key())
+            try:
+                self.lock.release(self.me)
+            except Exception as e:  # noqa: BLE001 - a store that cannot be reached now: its lease runs out
+                self.log(
+                    f"warning: the lock {self.lock} could not be removed ({type(e).__name__}: {e}); the next run"
+                    " takes it over as a stale lock"
+                )
 
 
 class Held:
-    """Directories held under their locks (``<dir>/.lock``), each renewed by one thread until the
-    release; the directories the claim made are removed then if they are still empty (a context
-    manager: the locks go on exit). ``dirs``: (directory, what it is, the setting that chooses
-    another, who holds such a lock)."""
+    """Directories held under their locks (``<dir>/.lock``), each renewed by a thread of its own
+    until the release; the directories the claim made are removed then if they are still empty (a
+    context manager: the locks go on exit). ``dirs``: (directory or URL, what it is, the setting
+    that chooses another, who holds such a lock)."""
 
     def __init__(
         self,
@@ -369,30 +430,21 @@ class Held:
         self.dirs, self.log = dirs, log
         self.made = made or []
         self.leases: list[_Lease] = []
-        self._renewing = threading.Event()  # set: stop renewing
 
     def _acquire(self) -> None:
         try:
             for directory, what, instead, holder in self.dirs:
                 lease = _Lease(directory, what, instead, self.log, holder)
-                lease.acquire()
+                lease.acquire()  # renewed from now on, while the next ones are taken
                 self.leases.append(lease)
         except BaseException:
             self.release()
             raise
-        threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
-
-    def _renew(self) -> None:
-        """The owner's leases: each lock's mtime set every LEASE_RENEW_S until the release."""
-        while not self._renewing.wait(LEASE_RENEW_S):
-            for lease in self.leases:
-                lease.renew()
 
     def release(self) -> None:
-        self._renewing.set()
-        for lease in self.leases:
-            lease.release()
-        self.leases = []
+        leases, self.leases = self.leases, []
+        for lease in leases:
+            lease.release()  # one that cannot be removed says so and keeps no other
         _remove_if_empty(self.made)
 
     def __enter__(self) -> Held:
@@ -414,9 +466,10 @@ def hold(directory: Path, what: str, instead: str, holder: str) -> Held:
 
 
 class RunDir(Held):
-    """The claim on one run directory, and on its checkpoint directory where that is a local one
-    of its own: two runs that share a ``learner.checkpoint_dir`` would write each other's ckpt-*
-    (an --overwrite would delete the other's)."""
+    """The claim on one run directory, and on its checkpoint directory where that is one of its
+    own (a local path outside the run dir, or a URL): two runs that share a
+    ``learner.checkpoint_dir`` would write each other's ckpt-* (an --overwrite would delete the
+    other's)."""
 
     def __init__(
         self,
@@ -541,7 +594,7 @@ def _check_not_anothers(cfg: Config, ckpt_dir: Path | None) -> None:
     if url is None and (ckpt_dir is None or ckpt_dir.absolute().is_relative_to(path.absolute())):
         return
     other = _inside_a_run(ckpt_dir, path) if ckpt_dir is not None else None
-    if other is None and cfg.resume is None:  # the run that wrote its newest checkpoint (a URL takes no lock)
+    if other is None and cfg.resume is None:  # the run that wrote its newest checkpoint (a run since gone)
         from common.checkpoint import CheckpointStore
 
         writer = CheckpointStore(url or str(ckpt_dir)).writer()

@@ -313,17 +313,24 @@ def _device(name: str) -> torch.device:
         raise ConfigError(f"learner.device: {e}") from None
 
 
-def _learner_gpu_shared(device: torch.device, ray_cfg: RayConfig) -> str | None:
-    """A warning where the learner runs on a GPU of a joined cluster's node that offers GPUs to
-    Ray (docs/deploy.md): the driver's GPU is outside Ray's accounting, so Ray may hand the same
-    device to a rollout worker of this run or an actor of another job. A cluster the run starts
-    itself (one machine: the learner shares its GPUs by design) and a CPU learner are fine."""
-    if device.type != "cuda" or not (os.environ.get("RAY_ADDRESS") or ray_cfg.init_kwargs.get("address")):
+def _learner_gpu_shared(device: torch.device) -> str | None:
+    """A warning where the learner runs on a GPU of a node that this process joined (a cluster
+    started before it: ``ray start``, a RayJob's head) and that offers GPUs to Ray (docs/deploy.md):
+    the driver's GPU is outside Ray's accounting, so Ray may hand the same device to a rollout
+    worker of this run or an actor of another job. A cluster the run started itself (one machine:
+    the learner shares its GPUs by design), a Ray Client driver (on a machine of its own) and a
+    CPU learner are fine."""
+    if device.type != "cuda":
         return None
     try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node  # this process's node: None for a Ray Client driver
+        if node is None or node.head:  # a client, or the head this process started
+            return None
         here = ray.get_runtime_context().get_node_id()
         gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and n.get("NodeID") == here)
-    except Exception:  # noqa: BLE001 - a client connection (ray://) has no node of its own: nothing to say
+    except Exception:  # noqa: BLE001 - a Ray without these internals: nothing is said
         return None
     if gpus <= 0:
         return None
@@ -332,6 +339,10 @@ def _learner_gpu_shared(device: torch.device, ray_cfg: RayConfig) -> str | None:
         " run's rollout workers, or another job's): keep its GPU out of Ray's pool (ray start --num-gpus=0 on this"
         ' node, or num-gpus: "0" in its rayStartParams) or set learner.device=cpu (docs/deploy.md)'
     )
+
+
+#: warnings given once per process (a run and its learned global baseline share the driver)
+_SAID: set[str] = set()
 
 
 class Diverged(RunStopped):
@@ -582,8 +593,9 @@ def _train(
         torch.set_num_threads(lc.torch_threads)
         torch.manual_seed(cfg.experiment.seed)
         device = _device(lc.device)
-        shared = _learner_gpu_shared(device, cfg.ray)
-        if shared is not None:
+        shared = _learner_gpu_shared(device)
+        if shared is not None and shared not in _SAID:
+            _SAID.add(shared)
             print(shared)
         policy = SchedulePolicy(**rollouts.policy_kwargs()).to(device).eval()
         params = FlatState(policy)  # the parameters in one buffer: what each version sends, what AdamW steps

@@ -35,17 +35,10 @@ class ToyReward:
         seed: int | None = None,
     ):
         """``sampler``: the run's sampler section (given by the reward server), whose ``toy``
-        settings define the mixture. The mixture's settings given here override it (standalone,
-        without a sampler section, they are the mixture; unset ones keep ``ToyMixture``'s
-        defaults): written out, so a misspelt one is refused before the run starts."""
-        mixture: dict[str, Any] = {}
-        if sampler is not None:
-            if sampler.get("backend") != "toy":
-                raise ValueError(
-                    f"the toy reward scores the toy backend's samples; sampler.backend is {sampler.get('backend')!r}"
-                )
-            mixture = {k: v for k, v in sampler["toy"].items() if k not in ("token_len", "token_dim")}
-        given = {
+        settings define the mixture the reward scores against: the sampler's own. Without one (a
+        reward built on its own), the mixture's settings are given here (unset ones keep
+        ``ToyMixture``'s defaults). Written out, so a misspelt one is refused before a run starts."""
+        given: dict[str, Any] = {
             "dim": dim,
             "num_classes": num_classes,
             "modes_per_class": modes_per_class,
@@ -53,8 +46,20 @@ class ToyReward:
             "spread": spread,
             "seed": seed,
         }
+        given = {k: v for k, v in given.items() if v is not None}
+        if sampler is not None:
+            if sampler.get("backend") != "toy":
+                raise ValueError(
+                    f"the toy reward scores the toy backend's samples; sampler.backend is {sampler.get('backend')!r}"
+                )
+            if given:
+                raise ValueError(
+                    f"the toy reward scores against the sampler's own mixture: set {sorted(given)} in sampler.toy,"
+                    " not in the reward's kwargs"
+                )
+            given = {k: v for k, v in sampler["toy"].items() if k not in ("token_len", "token_dim")}
         self.floor = floor
-        self.mixture = ToyMixture(**{**mixture, **{k: v for k, v in given.items() if v is not None}})
+        self.mixture = ToyMixture(**given)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         cls = np.array([self.mixture.parse(p) for p in prompts])

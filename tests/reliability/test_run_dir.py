@@ -637,3 +637,63 @@ def test_overwrite_clears_the_global_schedule_s_checkpoints_in_a_checkpoint_dir_
     (ck / "global" / "latest").write_text("ckpt-00000004\n")
     with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={ck}", "--overwrite"))):
         assert not list(ck.rglob("ckpt-*")) and not (ck / "global" / "latest").exists()
+
+
+def test_a_checkpoint_url_s_lock_survives_a_failed_read_and_its_store_s_errors_are_one_line(tmp_path, monkeypatch):
+    """A store's error (S3's 503 SlowDown as an OSError) read as "unreadable lock" deleted a live
+    run's lock, and any other error (a bucket that is not there, no credentials) was a traceback."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    url = f"memory://ck-{tmp_path.name}"
+    _foreign_lock_object(url)
+    real_cat = MemoryFileSystem.cat_file
+
+    def slow_down(self, path, *args, **kwargs):
+        if path.endswith(LOCK):
+            raise OSError(16, "Please reduce your request rate (SlowDown)")
+        return real_cat(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", slow_down)
+    with pytest.raises(ConfigError, match=rf"^checkpoint dir {url}: its lock {url}/{LOCK} cannot be taken: OSError: "):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", real_cat)
+    assert json.loads(real_cat(MemoryFileSystem(), f"/ck-{tmp_path.name}/{LOCK}"))["pid"] == 4242, "still the owner's"
+    assert not (tmp_path / "r").exists(), "the run dir it made is removed"
+
+    # an object that is not a lock's record, written lately: never taken for a claim being written
+    MemoryFileSystem().pipe(f"/ck-{tmp_path.name}/{LOCK}", b"\x00garbage")
+    with pytest.raises(RunDirInUse, match=rf"{url}/{LOCK} is not a lock this program wrote \(0 s old\)"):
+        claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
+
+
+def test_a_checkpoint_url_s_lock_is_never_renewed_after_its_release(tmp_path, monkeypatch):
+    """The renewals ran on a thread the release did not wait for: one under way as the run ended
+    wrote the lock object again after it was removed, and a job submitted again elsewhere was
+    refused, then waited out the lease."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.05)
+    real_pipe = MemoryFileSystem.pipe_file
+
+    def slow_pipe(self, path, value, *args, **kwargs):
+        if path.endswith(LOCK):
+            time.sleep(0.3)  # a PUT to a far store
+        return real_pipe(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", slow_pipe)
+    url = f"memory://ck-{tmp_path.name}"
+    said: list[str] = []
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")), log=said.append):
+        time.sleep(0.1)  # a renewal is writing it now
+    time.sleep(0.6)
+    assert not MemoryFileSystem().exists(f"/ck-{tmp_path.name}/{LOCK}"), "released, and left released"
+
+    # a store that cannot be reached as the run ends: a warning, and every other lock released
+    monkeypatch.setattr(MemoryFileSystem, "rm", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError("denied")))
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")), log=said.append) as rd:
+        pass
+    assert said[-1] == (
+        f"warning: the lock {url}/{LOCK} could not be removed (PermissionError: denied); the next run takes it"
+        " over as a stale lock"
+    )
+    assert not (rd.path / LOCK).exists()

@@ -157,14 +157,14 @@ def test_the_dockerfile_builds_what_the_manifests_run():
 
 
 def test_a_learner_on_a_gpu_ray_also_hands_out_is_warned_about(monkeypatch):
-    """The learner runs in the driver, outside Ray's accounting: on a joined cluster whose node
-    offers its GPUs to Ray, the learner's GPU may be given to a rollout worker or another job's
-    actor (docs/deploy.md said so, and nothing told the operator)."""
+    """The learner runs in the driver, outside Ray's accounting: on a node of a cluster the driver
+    joined, which offers its GPUs to Ray, the learner's GPU may be given to a rollout worker or
+    another job's actor (docs/deploy.md said so, and nothing told the operator)."""
     import types
 
+    import ray._private.worker as ray_worker
     import torch
 
-    from common.config import RayConfig
     from learner import loop
 
     nodes = [
@@ -174,17 +174,19 @@ def test_a_learner_on_a_gpu_ray_also_hands_out_is_warned_about(monkeypatch):
     monkeypatch.setattr(loop.ray, "nodes", lambda: nodes)
     here = types.SimpleNamespace(get_node_id=lambda: "head")
     monkeypatch.setattr(loop.ray, "get_runtime_context", lambda: here)
-    cuda, joined = torch.device("cuda"), RayConfig(init_kwargs={"address": "10.0.0.1:6379"})
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(ray_worker, "_global_node", types.SimpleNamespace(head=False))  # joined: ray start, a RayJob
 
-    line = loop._learner_gpu_shared(cuda, joined)
+    line = loop._learner_gpu_shared(cuda)
     assert line is not None and line.startswith(
         "warning: the learner runs on cuda of this node, whose 2 GPU(s) Ray also hands to actors"
     )
     assert "ray start --num-gpus=0" in line and "learner.device=cpu" in line
-    assert loop._learner_gpu_shared(torch.device("cpu"), joined) is None, "a CPU learner takes no GPU"
-    assert loop._learner_gpu_shared(cuda, RayConfig()) is None, "a cluster of its own: one machine, shared by design"
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert loop._learner_gpu_shared(cuda, RayConfig()) is not None, "joined through RAY_ADDRESS (ray job submit)"
+    assert loop._learner_gpu_shared(torch.device("cpu")) is None, "a CPU learner takes no GPU"
     nodes[0]["Resources"]["GPU"] = 0.0  # the head started with --num-gpus=0, as docs/deploy.md says
-    assert loop._learner_gpu_shared(cuda, joined) is None
+    assert loop._learner_gpu_shared(cuda) is None
+    nodes[0]["Resources"]["GPU"] = 2.0
+    monkeypatch.setattr(ray_worker, "_global_node", types.SimpleNamespace(head=True))
+    assert loop._learner_gpu_shared(cuda) is None, "a cluster this run started: one machine, shared by design"
+    monkeypatch.setattr(ray_worker, "_global_node", None)
+    assert loop._learner_gpu_shared(cuda) is None, "a Ray Client driver: the learner is on a machine of its own"

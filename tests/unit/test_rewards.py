@@ -89,8 +89,8 @@ def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
     prompts = ["class 1", "class 2", "class 3", "class 4"]
     assert np.array_equal(r(x, prompts), direct(x, prompts))
-    overridden = build("toy", {"spread": 0.3}, sampler=sampler)  # the reward's own setting wins
-    assert overridden.mixture.spread == 0.3 and np.array_equal(overridden.mixture.means, direct.mixture.means)
+    with pytest.raises(ValueError, match=r"against the sampler's own mixture: set \['seed', 'spread'\] in sampler.toy"):
+        build("toy", {"spread": 0.3, "seed": 1}, sampler=sampler)  # another mixture than the one sampled
     with pytest.raises(ValueError, match="needs the sampler's config"):
         build("toy", {})
     with pytest.raises(ValueError, match="scores the toy backend's samples; sampler.backend is 'digits'"):
