@@ -13,6 +13,7 @@ checkpoints are kept.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -321,7 +322,8 @@ class CheckpointStore:
         for path in self._entries():
             name = path.rsplit("/", 1)[-1]
             if ".tmp-" in name or name.startswith(".lease-probe-"):
-                self.fs.rm(path, recursive=True)
+                with contextlib.suppress(FileNotFoundError):  # its writer removed it meanwhile
+                    self.fs.rm(path, recursive=True)
 
     def _entries(self) -> list[str]:
         if not self.fs.exists(self.root):

@@ -25,6 +25,7 @@ leaves a stale lock that the next claim takes over.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ LEASE_S = 120.0
 #: Seconds a run waits after writing a lock object (a URL has no exclusive create) before it reads
 #: it back to see whether another run wrote it meanwhile.
 SETTLE_S = 0.5
+#: Seconds a release waits for a renewal under way (one a store holds up is not waited out).
+RELEASE_WAIT_S = 5.0
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
 #: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
@@ -213,13 +216,22 @@ class _LockObject:
             self.fs.pipe_file(self.path, record, mode="create")
         except FileExistsError:
             return False
-        except Exception:  # noqa: BLE001 - a filesystem (or an older s3fs) without the mode: a plain write
+        except (TypeError, NotImplementedError):  # a filesystem without the mode: a plain write
             self.fs.pipe(self.path, record)
-        # fsspec's own fallback for the mode looks, then writes: read it back once another run's
-        # write would have landed
-        time.sleep(SETTLE_S)
-        if self.read_bytes() != record:
-            return False
+        except OSError as e:
+            if e.errno != errno.ENOSYS:  # a conflict or an error of the store: never overwrite another's
+                raise
+            self.fs.pipe(self.path, record)
+        try:  # fsspec's own fallback for the mode looks, then writes: read it back once another
+            # run's write would have landed
+            time.sleep(SETTLE_S)
+            if self.read_bytes() != record:
+                return False
+        except BaseException:  # interrupted, or the store failed: the object written is nobody's
+            with contextlib.suppress(Exception):
+                if self.read_bytes() == record:
+                    self.remove()
+            raise
         self.record = record
         return True
 
@@ -399,13 +411,24 @@ class _Lease:
                 if self.held:
                     self.lock.renew()
 
-    def release(self) -> None:
+    def stop_renewing(self) -> None:
         self._stop.set()
-        with self._guard:
+
+    def release(self) -> None:
+        self.stop_renewing()
+        if not self.held:
+            return
+        # a renewal under way finishes first (so it never writes the lock after its removal); one
+        # that a store holds up is not waited out: the lock is left to run out its lease
+        guarded = self._guard.acquire(timeout=RELEASE_WAIT_S)
+        try:
             if not self.held:
                 return
             self.held = False
             _HELD.discard(self.lock.key())
+            if not guarded:
+                self.log(f"warning: the lock {self.lock} is left to run out its lease: its renewal did not return")
+                return
             try:
                 self.lock.release(self.me)
             except Exception as e:  # noqa: BLE001 - a store that cannot be reached now: its lease runs out
@@ -413,6 +436,9 @@ class _Lease:
                     f"warning: the lock {self.lock} could not be removed ({type(e).__name__}: {e}); the next run"
                     " takes it over as a stale lock"
                 )
+        finally:
+            if guarded:
+                self._guard.release()
 
 
 class Held:
@@ -435,17 +461,26 @@ class Held:
         try:
             for directory, what, instead, holder in self.dirs:
                 lease = _Lease(directory, what, instead, self.log, holder)
+                self.leases.append(lease)  # released with the others whatever happens from here
                 lease.acquire()  # renewed from now on, while the next ones are taken
-                self.leases.append(lease)
         except BaseException:
             self.release()
             raise
 
     def release(self) -> None:
-        leases, self.leases = self.leases, []
-        for lease in leases:
-            lease.release()  # one that cannot be removed says so and keeps no other
+        """Every lock released, even if one release is interrupted (its error raised after)."""
+        for lease in self.leases:
+            lease.stop_renewing()
+        first: BaseException | None = None
+        for lease in self.leases:
+            try:
+                lease.release()
+            except BaseException as e:  # noqa: BLE001 - raised below, once the others are released
+                first = first or e
+        self.leases = [lease for lease in self.leases if lease.held]
         _remove_if_empty(self.made)
+        if first is not None:
+            raise first
 
     def __enter__(self) -> Held:
         return self

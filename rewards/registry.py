@@ -102,6 +102,9 @@ def _kwargs_problem(cls: Any, label: str, kwargs: dict[str, Any], sampler: dict[
     ``uses_sampler_config`` gets ``sampler`` as well, never from the config."""
     if getattr(cls, "uses_sampler_config", False) and "sampler" in kwargs:
         return f"{label}: kwargs 'sampler' is given by the run (its sampler section); remove it"
+    owned = sorted(set(kwargs) & set(getattr(cls, "sampler_owned", ())))
+    if owned and sampler is not None:
+        return f"{label}: kwargs {owned} are the sampler's settings (the reward scores its samples): set them there"
     try:
         inspect.signature(cls).bind(**_with_sampler(cls, kwargs, sampler))
     except TypeError as e:

@@ -21,6 +21,8 @@ class ToyReward:
     backends = ("toy",)  # the toy's vectors, scored against its mixture
     #: the reward server hands it the run's sampler section: it scores against the sampler's mixture
     uses_sampler_config = True
+    #: the mixture's settings: the sampler's in a run (refused in the reward's kwargs there)
+    sampler_owned = ("dim", "num_classes", "modes_per_class", "mode_scale", "spread", "seed")
 
     def __init__(
         self,

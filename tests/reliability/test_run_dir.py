@@ -640,28 +640,36 @@ def test_overwrite_clears_the_global_schedule_s_checkpoints_in_a_checkpoint_dir_
 
 
 def test_a_checkpoint_url_s_lock_survives_a_failed_read_and_its_store_s_errors_are_one_line(tmp_path, monkeypatch):
-    """A store's error (S3's 503 SlowDown as an OSError) read as "unreadable lock" deleted a live
-    run's lock, and any other error (a bucket that is not there, no credentials) was a traceback."""
+    """A store's error (S3's 503 SlowDown, an OSError) on reading a live run's lock was read as
+    "unreadable lock": one renewed 20 s ago was removed and taken. Any other error (a bucket that
+    is not there, no credentials) was a traceback."""
+    from datetime import timedelta
+
     from fsspec.implementations.memory import MemoryFileSystem
 
     url = f"memory://ck-{tmp_path.name}"
     _foreign_lock_object(url)
+    path = f"/ck-{tmp_path.name}/{LOCK}"
+    MemoryFileSystem.store[path].modified -= timedelta(seconds=20)  # renewed 20 s ago: its run lives
     real_cat = MemoryFileSystem.cat_file
+    reads = []
 
-    def slow_down(self, path, *args, **kwargs):
-        if path.endswith(LOCK):
-            raise OSError(16, "Please reduce your request rate (SlowDown)")
-        return real_cat(self, path, *args, **kwargs)
+    def slow_down(self, p, *args, **kwargs):
+        if p.endswith(LOCK):
+            reads.append(p)
+            if len(reads) > 1:  # the first read sees the lock; the next one meets the store's error
+                raise OSError(16, "Please reduce your request rate (SlowDown)")
+        return real_cat(self, p, *args, **kwargs)
 
     monkeypatch.setattr(MemoryFileSystem, "cat_file", slow_down)
     with pytest.raises(ConfigError, match=rf"^checkpoint dir {url}: its lock {url}/{LOCK} cannot be taken: OSError: "):
         claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
     monkeypatch.setattr(MemoryFileSystem, "cat_file", real_cat)
-    assert json.loads(real_cat(MemoryFileSystem(), f"/ck-{tmp_path.name}/{LOCK}"))["pid"] == 4242, "still the owner's"
+    assert json.loads(real_cat(MemoryFileSystem(), path))["pid"] == 4242, "still the owner's"
     assert not (tmp_path / "r").exists(), "the run dir it made is removed"
 
     # an object that is not a lock's record, written lately: never taken for a claim being written
-    MemoryFileSystem().pipe(f"/ck-{tmp_path.name}/{LOCK}", b"\x00garbage")
+    MemoryFileSystem().pipe(path, b"\x00garbage")
     with pytest.raises(RunDirInUse, match=rf"{url}/{LOCK} is not a lock this program wrote \(0 s old\)"):
         claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}")))
 

@@ -89,8 +89,10 @@ def test_the_toy_reward_takes_its_mixture_from_the_sampler_section():
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
     prompts = ["class 1", "class 2", "class 3", "class 4"]
     assert np.array_equal(r(x, prompts), direct(x, prompts))
-    with pytest.raises(ValueError, match=r"against the sampler's own mixture: set \['seed', 'spread'\] in sampler.toy"):
+    with pytest.raises(ValueError, match=r"kwargs \['seed', 'spread'\] are the sampler's settings"):
         build("toy", {"spread": 0.3, "seed": 1}, sampler=sampler)  # another mixture than the one sampled
+    with pytest.raises(ValueError, match=r"against the sampler's own mixture: set \['spread'\] in sampler.toy"):
+        ToyReward(sampler=sampler, spread=0.3)  # built directly, as the bench scripts do
     with pytest.raises(ValueError, match="needs the sampler's config"):
         build("toy", {})
     with pytest.raises(ValueError, match="scores the toy backend's samples; sampler.backend is 'digits'"):
@@ -127,7 +129,8 @@ def test_a_reward_declares_the_side_it_reads():
         ("metric", "digits_fd", {}, "toy", r"reads only the samples of the digits backend; this run samples with toy"),
         ("reward", "toy", {"sampler": {"backend": "toy"}}, "toy", r"kwargs 'sampler' is given by the run"),
         ("reward", "toy", {"sprad": 0.2}, "toy", r"reward 'toy': bad kwargs \['sprad'\]: .*'sprad'"),
-        ("reward", "toy", {"floor": -5.0, "spread": 0.2}, "toy", None),
+        ("reward", "toy", {"floor": -5.0, "spread": 0.2}, "toy", r"kwargs \['spread'\] are the sampler's settings"),
+        ("reward", "toy", {"floor": -5.0}, "toy", None),
         ("reward", "clip", {"batch_size": 4, "dtype": "float16"}, "sd", None),
         ("reward", "my_pkg.rewards:Mine", {"anything": 1}, "sd", None),  # its server imports and checks it
     ],
