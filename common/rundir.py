@@ -129,8 +129,12 @@ class _LockFile:
     """The lock ``<directory>/.lock`` on a filesystem (local, or shared by NFS): created with
     O_EXCL, so of two runs that create it at once one gets it."""
 
-    #: A lock file is created, then written: one that cannot be read is being written for this long.
+    #: A lock file is created, then written: one that cannot be read is being written for this long
+    #: (waited for), and abandoned after it.
     UNREADABLE_S = 10.0
+    WAITS_WHILE_UNREADABLE = True
+    #: errors of taking it that are the storage's own (a local filesystem's OSError: the caller's)
+    STORAGE_ERRORS: tuple[type[Exception], ...] = ()
 
     def __init__(self, directory: Path):
         self.directory, self.path = directory, directory / LOCK
@@ -188,12 +192,15 @@ class _LockObject:
     created only where there is none (``pipe_file(mode="create")``: S3's and GCS's conditional
     writes, where s3fs and gcsfs have them) and read back ``SETTLE_S`` later (fsspec's fallback
     for that mode looks, then writes): of two runs that wrote it at once, the one that reads the
-    other's record gives way. An object
-    is written whole, so one that cannot be read is never a claim being written. Its age is
-    judged by the store's clock (the modification time of an object written now), and a renewal
-    writes it again, only while it is still this run's."""
+    other's record gives way. An object is written whole, so one that cannot be read is never a
+    claim being written: it is refused until it has gone ``LEASE_S`` unrenewed. Its age is judged
+    by the store's clock (the modification time of an object written now), and a renewal writes it
+    again, only while it is still this run's."""
 
     UNREADABLE_S = LEASE_S
+    WAITS_WHILE_UNREADABLE = False
+    #: a store's errors are its SDK's (botocore's, google's): one line naming the lock
+    STORAGE_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
     def __init__(self, url: str):
         from common.checkpoint import storage
@@ -303,17 +310,14 @@ class _Lease:
         return self.lock.read()
 
     def acquire(self) -> None:
-        if isinstance(self.lock, _LockFile):
+        try:
             self._acquire()
-        else:
-            try:
-                self._acquire()
-            except (RunDirInUse, KeyboardInterrupt):
-                raise
-            except Exception as e:  # noqa: BLE001 - a store's errors are its SDK's (botocore's, google's)
-                raise ConfigError(
-                    f"{self.what} {self.directory}: its lock {self.lock} cannot be taken: {type(e).__name__}: {e}"
-                ) from None
+        except RunDirInUse:
+            raise
+        except self.lock.STORAGE_ERRORS as e:
+            raise ConfigError(
+                f"{self.what} {self.directory}: its lock {self.lock} cannot be taken: {type(e).__name__}: {e}"
+            ) from None
         threading.Thread(target=self._renew, name="run-dir-lease", daemon=True).start()
 
     def _acquire(self) -> None:
@@ -326,13 +330,12 @@ class _Lease:
                         f"{lock} is a symbolic link, not a lock; delete it if no run uses the {self.what}"
                     )
                 owner = self.owner()
-                if owner is None:
-                    # a lock file: written by a process that died between create and write, or not ours at all
+                if owner is None:  # being written, left half-written by a process that died, or not ours
                     try:
                         age = lock.age()
                     except FileNotFoundError:  # released while we looked: the next attempt takes it
                         continue
-                    if age < lock.UNREADABLE_S and isinstance(lock, _LockFile):
+                    if age < lock.UNREADABLE_S and lock.WAITS_WHILE_UNREADABLE:
                         time.sleep(1.0)  # a claim being written right now
                         continue
                     if age < lock.UNREADABLE_S:

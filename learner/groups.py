@@ -141,18 +141,31 @@ _OWN_CLUSTER = (
 )
 
 
+def _this_node() -> Any | None:
+    """This process's Ray node: None for a Ray Client driver (on no node of the cluster), or where
+    Ray has no such private attribute."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node
+    except Exception:  # noqa: BLE001 - a private attribute
+        return None
+
+
 def own_cluster() -> bool:
     """Whether this process started the Ray cluster it is connected to (``ray.init`` with no
     cluster to join): this machine alone, with no autoscaler and no node joining it, so the
     resources it started with are all it will ever have. A joined cluster (``RAY_ADDRESS``,
     ``ray start``, ``ray job submit``, KubeRay) may grow: there an actor waits for room."""
-    try:
-        from ray._private import worker
+    node = _this_node()
+    return bool(node is not None and node.head)
 
-        node = worker._global_node
-        return bool(node is not None and node.head)
-    except Exception:  # noqa: BLE001 - a private attribute; without it, every cluster is one that may grow
-        return False
+
+def joined_cluster() -> bool:
+    """Whether this process runs on a node of a cluster it joined (one started before it), not on
+    the head of one it started nor as a Ray Client driver."""
+    node = _this_node()
+    return bool(node is not None and not node.head)
 
 
 def check_room(asks: list[tuple[str, int, dict[str, float]]]) -> None:

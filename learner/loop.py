@@ -78,6 +78,7 @@ from learner.groups import (
     actor_asks,
     answer,
     check_room,
+    joined_cluster,
 )
 from learner.idle import IdleNote
 from learner.metrics import JsonlLogger, Loggers, TensorBoardLogger, read_jsonl, scan_jsonl
@@ -320,18 +321,10 @@ def _learner_gpu_shared(device: torch.device) -> str | None:
     worker of this run or an actor of another job. A cluster the run started itself (one machine:
     the learner shares its GPUs by design), a Ray Client driver (on a machine of its own) and a
     CPU learner are fine."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not joined_cluster():
         return None
-    try:
-        import ray._private.worker as ray_worker
-
-        node = ray_worker._global_node  # this process's node: None for a Ray Client driver
-        if node is None or node.head:  # a client, or the head this process started
-            return None
-        here = ray.get_runtime_context().get_node_id()
-        gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and n.get("NodeID") == here)
-    except Exception:  # noqa: BLE001 - a Ray without these internals: nothing is said
-        return None
+    here = ray.get_runtime_context().get_node_id()
+    gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and n.get("NodeID") == here)
     if gpus <= 0:
         return None
     return (

@@ -40,15 +40,8 @@ class ToyReward:
         settings define the mixture the reward scores against: the sampler's own. Without one (a
         reward built on its own), the mixture's settings are given here (unset ones keep
         ``ToyMixture``'s defaults). Written out, so a misspelt one is refused before a run starts."""
-        given: dict[str, Any] = {
-            "dim": dim,
-            "num_classes": num_classes,
-            "modes_per_class": modes_per_class,
-            "mode_scale": mode_scale,
-            "spread": spread,
-            "seed": seed,
-        }
-        given = {k: v for k, v in given.items() if v is not None}
+        settings = (dim, num_classes, modes_per_class, mode_scale, spread, seed)
+        given: dict[str, Any] = {k: v for k, v in zip(self.sampler_owned, settings, strict=True) if v is not None}
         if sampler is not None:
             if sampler.get("backend") != "toy":
                 raise ValueError(
