@@ -27,6 +27,7 @@ with loading(__name__):
         EVAL_SEEDS,
         MAX_STEPS,
         CommandLine,
+        Config,
         ConfigError,
         changed_fields,
         given_path,
@@ -281,24 +282,40 @@ def sweep(
     if len(by_l) != len(runs):
         raise ConfigError("two runs share one L; give one run per L")
     all_l = sorted(set(steps or []) | set(by_l))
+
+    def workers_config(i: int) -> Config:
+        """The config of run ``i``'s workers: their policy copy is the run's, whatever L is evaluated."""
+        cfg = cfgs[i].model_copy(deep=True)
+        cfg.rollout.steps = policies[i].steps
+        return cfg
+
     started = init_ray(first.ray)
     restore_sigterm = end_on_sigterm()
     rewards: RewardGroup | None = None
     metrics: MetricGroup | None = None
+    rollouts: RolloutGroup | None = None
     bar = tqdm(total=0, unit="sample", desc="evaluate", disable=None)  # on a terminal: samples done of those known
     try:
         check_room(actor_asks(first))  # one run's workers at a time, with the rewards and metrics
-        rewards = RewardGroup.from_config(first)
+        # the first run's workers build their samplers while the rewards and metrics load, as a run's
+        # do (learner.loop.start_actors): the evaluation starts in the longest of the loads, not their sum
+        rewards = RewardGroup.from_config(first, wait=False)
         if first.learner.eval_metrics:
-            metrics = MetricGroup(first.learner.eval_metrics)
+            metrics = MetricGroup(first.learner.eval_metrics, wait=False)
+        rollouts = RolloutGroup(workers_config(0), wait=False)
+        rewards.wait_started()  # a reward that cannot start is said first, then a metric, then a worker
+        if metrics is not None:
+            metrics.wait_started()
         lc = first.learner
         out: dict[int, EvalResult] = {}
         contexts: list[Context] = []
         served = {i: [n for n in all_l if (by_l[n][0] if n in by_l else runs[0]) == r] for i, r in enumerate(runs)}
         for i, ls in served.items():  # one set of workers per run, for every L it serves
-            run, cfg, policy = runs[i], cfgs[i].model_copy(deep=True), policies[i]
-            cfg.rollout.steps = policy.steps  # the workers' policy copy is the run's, whatever L is evaluated
-            rollouts = RolloutGroup(cfg)
+            run, cfg, policy = runs[i], workers_config(i), policies[i]
+            if rollouts is None:
+                rollouts = RolloutGroup(cfg)
+            else:  # the first run's, started with the rewards
+                rollouts.wait_started()
             rollouts.serve(reference_steps_for(cfg, rewards))  # evaluation images go as made
             try:
                 dispatcher = Dispatcher(rollouts, rewards, cfg.rollout.max_attempts)
@@ -339,10 +356,11 @@ def sweep(
                     out[n] = evaluate(dispatcher, metrics, contexts, n, 0, weights, schedules, bar.update)
             finally:
                 rollouts.stop()
+                rollouts = None
         return Sweep(dict(sorted(out.items())), contexts)
     finally:
         bar.close()
-        for group in (rewards, metrics):
+        for group in (rewards, metrics, rollouts):  # a start that failed: what did start is stopped
             if group is not None:
                 group.stop()
         if started:

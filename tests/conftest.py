@@ -71,12 +71,14 @@ def load_bench(script: str):
 
 
 def tiny_overrides(tmp_path: Path, **sections) -> dict:
-    """Config overrides for a run that takes seconds: tiny policy, few iterations, output in tmp."""
+    """Config overrides for a run that takes seconds: tiny policy, few iterations, output in tmp, one
+    rollout worker (each worker is a process that loads torch: seconds of a 2-core machine); a test
+    of what several workers do says ``rollout={"num_workers": 2}``."""
     base = {
         "experiment": {"name": "t", "seed": 0, "output_dir": str(tmp_path)},
         "sampler": {"backend": "toy", "toy": {"dim": 4}},
         "policy": {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16},
-        "rollout": {"num_workers": 2, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
+        "rollout": {"num_workers": 1, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
         "rewards": [{"name": "toy", "num_cpus": 0.5}],
         "learner": {
             "iterations": 3,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 
 
 def _run(tmp_path, **learner):
-    over = tiny_overrides(tmp_path, learner={"iterations": 4, **learner}, rollout={"max_restarts": 5})
+    over = tiny_overrides(tmp_path, learner={"iterations": 4, **learner}, rollout={"num_workers": 2, "max_restarts": 5})
     return train(load_config([], **over))
 
 

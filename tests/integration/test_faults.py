@@ -61,7 +61,8 @@ def training_started(run_dir, rows: int = 2):
 def _run(tmp_path, name, **sections):
     over = tiny_overrides(tmp_path, experiment={"name": name, "seed": 0, "output_dir": str(tmp_path)}, **sections)
     over["learner"] = {**over["learner"], "iterations": ITERS, "checkpoint_every": 10}
-    over["rollout"] = {**over["rollout"], **sections.get("rollout", {}), "contexts_per_iter": C, "k": K}
+    rollout = {"num_workers": 2, **sections.get("rollout", {}), "contexts_per_iter": C, "k": K}  # one killed, one on
+    over["rollout"] = {**over["rollout"], **rollout}
     return train(load_config([], **over))
 
 
@@ -106,7 +107,7 @@ def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
     t0 = time.perf_counter()
     try:
         with pytest.raises(WorkersLost, match="rollout workers are alive"):
-            over = tiny_overrides(tmp_path, rollout={"max_restarts": 0, "restart_timeout_s": 20.0})
+            over = tiny_overrides(tmp_path, rollout={"num_workers": 2, "max_restarts": 0, "restart_timeout_s": 20.0})
             over["learner"] = {**over["learner"], "iterations": 100000}
             train(load_config([], **over))
     finally:

@@ -13,7 +13,7 @@ from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
 from common.policy import SchedulePolicy
-from learner import baselines
+from learner import baselines, evaluate
 from learner.groups import StepFailed
 from learner.loop import train
 from learner.main import run
@@ -21,6 +21,8 @@ from learner.metrics import read_jsonl
 from tests.conftest import actors_now, final_weights, left_alive, same_weights, tiny_overrides
 
 pytestmark = pytest.mark.ray
+
+SLOW = "tests.integration.rewards_for_tests:SlowStart"
 
 
 def _run(tmp_path, argv=(), **sections):
@@ -86,7 +88,7 @@ def test_the_global_baseline_and_the_policy_train_on_the_same_actors(ray_local, 
     cfg = load_config([], **tiny_overrides(tmp_path / "shared", learner={"global_baseline": True}))
     run(cfg)
     started = sorted(a["ActorClassName"] for aid, a in state.actors().items() if aid not in before)
-    assert started == ["RewardServer", "RolloutWorker", "RolloutWorker"]
+    assert started == ["RewardServer", "RolloutWorker"], "one set of actors for both"
     assert left_alive(before) == [], "the run stops the actors it started when it ends"
     for run_dir in (cfg.run_dir / "global", cfg.run_dir):
         rows = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
@@ -172,14 +174,16 @@ def test_workers_build_their_samplers_while_the_rewards_load(ray_local, tmp_path
     """A reward model that takes seconds to load does not hold the rollout workers back: they
     start with the reward servers and have built their samplers before the reward is loaded, so
     that a run starts in the longer of the two loads, not their sum (a Flux worker's weights and
-    an HPS model each take their minute on a cluster)."""
+    an HPS model each take their minute on a cluster). An evaluation of the run (``python -m
+    learner.evaluate``) started its rewards, then its metrics, then its workers, one after the
+    other: it starts them together too."""
     sampler_stamp, reward_stamp = tmp_path / "sampler", tmp_path / "reward"
     over = tiny_overrides(
         tmp_path,
         sampler={"backend": "tests.integration.samplers_for_tests:StampedToy", "kwargs": {"stamp": str(sampler_stamp)}},
         rewards=[
             {
-                "name": "tests.integration.rewards_for_tests:SlowStart",
+                "name": SLOW,
                 "kwargs": {"seconds": 8.0, "stamp": str(reward_stamp)},
                 "num_cpus": 0.5,
             }
@@ -190,5 +194,13 @@ def test_workers_build_their_samplers_while_the_rewards_load(ray_local, tmp_path
     assert [m["step"] for m in read_jsonl(res.run_dir / "metrics.jsonl") if "learner/pg_loss" in m] == [1]
     ((began, loaded),) = [tuple(map(float, line.split())) for line in reward_stamp.read_text().splitlines()]
     built = [float(t) for t in sampler_stamp.read_text().split()]
-    # started in the old order (the rewards waited for first) both would be built after `loaded`
-    assert len(built) == 2 and max(built) < loaded and loaded - began >= 8.0, (began, built, loaded)
+    # started in the old order (the rewards waited for first) the sampler would be built after `loaded`
+    assert len(built) == 1 and max(built) < loaded and loaded - began >= 8.0, (began, built, loaded)
+
+    again = tmp_path / "reward_again"
+    slow = f"--rewards=[{{name: '{SLOW}', kwargs: {{seconds: 4.0, stamp: '{again}'}}, num_cpus: 0.5}}]"
+    ev = ["--run", str(res.run_dir), "--seeds", "2", "--out", str(tmp_path / "ev"), "--", slow]
+    assert evaluate.main(ev) == 0
+    ((began, loaded),) = [tuple(map(float, line.split())) for line in again.read_text().splitlines()]
+    built = [float(t) for t in sampler_stamp.read_text().split()]
+    assert len(built) == 2 and built[1] < loaded, (began, built, loaded)

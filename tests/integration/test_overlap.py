@@ -29,15 +29,17 @@ def _records(run_dir):
 
 
 def test_micro_batches_give_the_same_rollouts_and_resume_exactly(ray_local, tmp_path):
-    whole = train(load_config([], **tiny_overrides(tmp_path / "a")), final_eval=False)
-    micro = train(load_config([], **tiny_overrides(tmp_path / "b", rollout={"micro_batch": 1})), final_eval=False)
+    two = {"num_workers": 2}  # the units split between them
+    whole = train(load_config([], **tiny_overrides(tmp_path / "a", rollout=two)), final_eval=False)
+    micro_over = tiny_overrides(tmp_path / "b", rollout={**two, "micro_batch": 1})
+    micro = train(load_config([], **micro_over), final_eval=False)
     a, b = _records(whole.run_dir), _records(micro.run_dir)
     assert [(r.iteration, r.context, r.k, r.seed) for r in a] == [(r.iteration, r.context, r.k, r.seed) for r in b]
     # the draws are keyed by ids, not by the split; only float32 batch-size effects in the policy remain
     np.testing.assert_allclose([r.tau for r in a], [r.tau for r in b], rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose([r.reward for r in a], [r.reward for r in b], rtol=1e-4, atol=1e-6)
     # micro-batched, a resumed run is still the uninterrupted one, bit for bit
-    over = {"micro_batch": 1}
+    over = {**two, "micro_batch": 1}
     train(load_config([], **tiny_overrides(tmp_path / "c", rollout=over, learner={"iterations": 2})), final_eval=False)
     resumed = train(load_config(["--resume", "auto"], **tiny_overrides(tmp_path / "c", rollout=over)), final_eval=False)
     assert [r.tau for r in _records(resumed.run_dir)] == [r.tau for r in b]

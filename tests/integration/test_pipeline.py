@@ -127,7 +127,7 @@ def test_resume_is_exact_mid_run_and_extending(ray_local, tmp_path):
 
 
 def test_killed_workers_change_nothing(ray_local, tmp_path):
-    over = {"learner": {"iterations": 30, "checkpoint_every": 10}, "rollout": {"max_restarts": 5}}
+    over = {"learner": {"iterations": 30, "checkpoint_every": 10}, "rollout": {"num_workers": 2, "max_restarts": 5}}
     ref = _run(tmp_path / "ref", **over)
     started = training_started(tmp_path / "faulty" / "t")
     killer = Killer("RolloutWorker", kills=2, every_s=0.5, first_after_s=0.0, when=started)
@@ -151,7 +151,7 @@ def test_learns_the_toy_as_the_on_policy_loop_does(ray_local, tmp_path):
         cfg = load_config(
             ["--config", "configs/toy.yaml"],
             experiment={"name": f"pipeline-{pipeline}", "seed": 0, "output_dir": str(tmp_path)},
-            rollout={"k": 4, "k_schedule": {}},
+            rollout={"k": 4, "k_schedule": {}, "num_workers": 1},
             policy={"concentration_schedule": {}},
             learner={
                 "iterations": 100,

@@ -30,6 +30,8 @@ from tests.conftest import REPO, actors_now, interrupt_at, left_alive, live_pids
 pytestmark = pytest.mark.ray
 
 HANG = "tests.integration.rewards_for_tests"
+#: configs/toy.yaml with one rollout worker (a test of several says so)
+TOY = [f"--config={REPO / 'configs' / 'toy.yaml'}", "--rollout.num_workers=1"]
 
 
 def _cfg(tmp_path, reward: dict, **sections):
@@ -128,7 +130,7 @@ def test_a_grown_worker_that_finds_no_room_is_given_up_and_the_run_goes_on(ray_l
 def test_an_actor_that_does_not_answer_a_question_is_one_line(ray_local, tmp_path, capsys):
     """The control-plane calls (the workers' prompt check, a reward's needs, a metric's distance)
     let Ray's GetTimeoutError through: a 42-line traceback, exit 1."""
-    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    flags = [*TOY, f"--experiment.output_dir={tmp_path}"]
     code = main([*flags, "--rollout.sample_timeout_s=0.001", "--learner.global_baseline=false"])
     err = capsys.readouterr().err
     assert code == 1, err
@@ -150,7 +152,7 @@ def test_actors_that_cannot_start_are_one_line_on_the_terminal_not_rays_tracebac
             sys.executable,
             "-m",
             "learner.main",
-            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            *TOY,
             f"--experiment.output_dir={tmp_path}",
             "--sampler.backend=sd",
             f"--sampler.sd.model={tmp_path / 'no-model'}",
@@ -179,7 +181,7 @@ def test_an_eval_metric_that_cannot_start_stops_the_run_before_the_global_baseli
     before = actors_now()
     code = main(
         [
-            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            *TOY,
             f"--experiment.output_dir={tmp_path}",
             "--learner.iterations=2",
             # an import path: its server imports it (an unknown registered name is refused before Ray starts)
@@ -203,7 +205,7 @@ def test_a_reward_that_raises_is_one_line_and_exit_1_not_a_ray_traceback(ray_loc
     RayTaskError traceback of the dispatcher's thread."""
     code = main(
         [
-            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            *TOY,
             f"--experiment.output_dir={tmp_path}",
             "--learner.global_baseline=false",
             '--rewards=[{"name": "toy", "kwargs": {"floor": "x"}}]',
@@ -223,7 +225,7 @@ def test_a_run_a_reward_stopped_says_what_it_keeps(ray_local, tmp_path, capsys):
     the checkpoint the run keeps, which Ctrl-C, SIGTERM and a full disk all name."""
     reward = "[{name: toy, kwargs: {floor: -10.0}}, {name: 'tests.integration.rewards_for_tests:RaisesOnCall',"
     reward += " kwargs: {after: 6}, weight: 0.0}]"
-    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    flags = [*TOY, f"--experiment.output_dir={tmp_path}"]
     flags += ["--learner.global_baseline=false", "--learner.iterations=8", "--learner.checkpoint_every=2"]
     assert main([*flags, f"--rewards={reward}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -327,7 +329,7 @@ def test_an_interrupted_run_is_one_line_saying_what_it_keeps(ray_local, tmp_path
 
     interrupt_at(monkeypatch, loop, "reinforce_step", at=4)
     argv = [
-        f"--config={REPO / 'configs' / 'toy.yaml'}",
+        *TOY,
         f"--experiment.output_dir={tmp_path}",
         "--learner.global_baseline=false",
         "--learner.progress=false",
