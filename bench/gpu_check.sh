@@ -112,7 +112,7 @@ EOF
         if [ ${#files[@]} -eq 0 ]; then
             skip 1 "gpu-marked tests" "no test file could be imported"
         else
-            run 1 150 "gpu-marked tests" python -m pytest -q -m gpu -p no:cacheprovider "${files[@]}"
+            run 1 150 "gpu-marked tests" python -m pytest -q -n 0 -m gpu -p no:cacheprovider "${files[@]}"
         fi
         ;;
     2)

@@ -120,17 +120,28 @@ class SideProbe:
 
 
 class SlowStart:
-    """A reward whose model takes ``seconds`` to load (slept), writing when its load began and
-    ended (time.time()) to the file ``stamp``; it prefers samples near the origin."""
+    """A reward whose model loads until the file ``until`` holds ``lines`` lines (the stamps of
+    the samplers a test waits to see built: StampedToy's), or ``seconds`` have passed; it writes
+    when its load began and ended (time.time()) to the file ``stamp``. It prefers samples near
+    the origin."""
 
-    def __init__(self, seconds: float, stamp: str):
+    def __init__(self, seconds: float, stamp: str, until: str, lines: int = 1):
         began = time.time()
-        time.sleep(seconds)
+        while time.time() - began < seconds and _lines(until) < lines:
+            time.sleep(0.05)
         with open(stamp, "a") as f:
             f.write(f"{began} {time.time()}\n")
 
     def __call__(self, images, prompts):
         return (-np.linalg.norm(np.asarray(images), axis=1)).astype(np.float32)
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return len(f.read().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 class RaisesOnCall:
