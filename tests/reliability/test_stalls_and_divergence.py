@@ -244,10 +244,9 @@ def test_a_worker_a_joined_cluster_has_no_room_for_is_announced_and_named(ray_lo
     monkeypatch.setattr(groups, "own_cluster", lambda: False)
     code = main(
         [
-            f"--config={REPO / 'configs' / 'toy.yaml'}",
+            *TOY,
             f"--experiment.output_dir={tmp_path}",
             "--learner.global_baseline=false",
-            "--rollout.num_workers=1",
             "--rollout.num_cpus=64",
             "--rollout.start_timeout_s=4",
         ]
@@ -271,9 +270,9 @@ def test_actors_that_cannot_fit_in_the_runs_own_cluster_stop_it_at_once(ray_loca
     than it has, or actors that do not fit in it together, stop the run at once, before any actor
     starts, where they would wait their whole start timeout (600 s by default)."""
     assert groups.own_cluster(), "the tests' cluster is this process's own"
-    flags = [f"--config={REPO / 'configs' / 'toy.yaml'}", f"--experiment.output_dir={tmp_path}"]
+    flags = [*TOY, f"--experiment.output_dir={tmp_path}"]
     t0, before = time.perf_counter(), actors_now()
-    code = main([*flags, "--rollout.num_workers=1", "--rollout.num_gpus=1"])
+    code = main([*flags, "--rollout.num_gpus=1"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.strip() == (
