@@ -7,10 +7,12 @@ against the collective (``learner.broadcast``), on the real actors and the real 
 The workers are ``RolloutWorker`` actors on the simulated backend (``flux`` preset: the paper's
 20M-parameter policy, 8x8 images, no sampling cost). One trial publishes a version (the flat
 buffer, ``ray.put``, and for the collective one ``torch.distributed`` broadcast: gloo here, NCCL
-where the learner is on a GPU) and has every worker sample one context under it, which loads it;
-the same request again, with the version already loaded, is subtracted. Per worker count and
-dtype it prints the median seconds of each path and their ratio; the last line is
-``collective / object store at W workers (bfloat16): X``.
+where the learner is on a GPU) and has every worker sample one context under it, which loads it.
+A trial's time is the learner's publishing plus the slowest worker's read of the version (its
+``weights_s``: the fetch from the object store or the staged broadcast, the copy into its
+policy), both timed where they happen, so it never includes the sampling and is never below
+zero. Per worker count and dtype it prints the median seconds of each path and their ratio; the
+last line is ``collective / object store at W workers (bfloat16): X``.
 """
 
 from __future__ import annotations
@@ -59,34 +61,33 @@ def _measure(args: argparse.Namespace, w: int) -> list[dict]:
         contexts = [Context(index=i, prompt=rollouts.spec().train_prompts[0], seed=i) for i in range(w)]
         version = 0
 
-        def trial(path: str, dtype: str, load: bool) -> float:
-            """Seconds to publish a new version and have every worker sample under it (``load``), or
-            to sample again under the version the workers hold."""
+        def trial(path: str, dtype: str) -> float:
+            """Seconds from publishing a new version to every worker holding it: the learner's
+            side, timed here, plus the slowest worker's read of it, timed on the worker."""
             nonlocal version
+            version += 1
+            with torch.no_grad():
+                next(policy.parameters()).add_(1e-3)  # a new version
             t0 = time.perf_counter()
-            arg = None
-            if load:
-                version += 1
-                with torch.no_grad():
-                    next(policy.parameters()).add_(1e-3)  # a new version
-                weights = state_to_numpy(policy, dtype)
-                ref = ray.put(weights)
-                arg = ref if path == "object_store" else WeightsHandle(ref, collective.send(version, weights))
+            weights = state_to_numpy(policy, dtype)
+            ref = ray.put(weights)
+            # in a handle either way, so the worker fetches the ref itself, within its timing (a ref
+            # passed bare is fetched by Ray before the call starts)
+            sent = path == "collective" and collective.send(version, weights)  # returns once every worker has it
+            arg = WeightsHandle(ref, sent)
+            published = time.perf_counter() - t0
             requests = rollouts.requests(contexts, 1, 5, 0, version)
             units = [rollouts.submit(r, arg, i) for i, r in enumerate(requests)]
             batches = ray.get([u.batch for u in units], timeout=600)
-            if load:
-                got = {b.weights_from for b in batches}
-                want = "collective" if path == "collective" else "argument"
-                assert got == {want}, f"{path}: the workers read the weights from {got}"
-            return time.perf_counter() - t0
+            got, want = {b.weights_from for b in batches}, path
+            assert got == {want}, f"{path}: the workers read the weights from {got}"
+            return published + max(b.weights_s for b in batches)
 
         for dtype in args.dtypes:
             secs = {}
             for path in ("object_store", "collective"):
-                trial(path, dtype, True)  # warm-up: the group forms, the buffers are allocated
-                runs = [trial(path, dtype, True) - trial(path, dtype, False) for _ in range(args.repeats)]
-                secs[path] = statistics.median(runs)
+                trial(path, dtype)  # warm-up: the group forms, the buffers are allocated
+                secs[path] = statistics.median(trial(path, dtype) for _ in range(args.repeats))
             rows.append({"workers": w, "dtype": dtype, "mib": state_to_numpy(policy, dtype).nbytes / 2**20, **secs})
             print(
                 f"W={w} {dtype}: object store {secs['object_store']:.3f} s, collective {secs['collective']:.3f} s"

@@ -113,6 +113,7 @@ class RolloutBatch(ArrayMessage):
     seconds: float = 0.0  # time the worker spent on the request
     started_at: float = 0.0  # wall-clock time (time.time()) the worker started it: dispatch skew
     weights_from: str = ""  # where the worker read this version: 'collective', 'object_store', 'argument'; '' had it
+    weights_s: float = 0.0  # seconds the worker spent reading it (waiting for it included); 0 if it had it
 
     @property
     def prompts(self) -> list[str]:

@@ -758,6 +758,8 @@ def _train(
                     "system/weights_from_object_store": float(
                         sum(bt.weights_from in ("object_store", "argument") for bt in batches)
                     ),
+                    # the slowest worker's read of that version (a wait for its broadcast included)
+                    "system/weights_load_seconds": max(bt.weights_s for bt in batches),
                     "system/scoring_overlap": got.scoring_overlap(),  # share of scoring hidden behind sampling
                     "system/dispatch_skew_s": got.dispatch_skew(),
                     "system/scoring_tail_s": tail_s,  # scoring after the last image: workers idle on policy

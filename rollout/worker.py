@@ -145,13 +145,14 @@ class RolloutWorker(Actor):
         Both are downscaled to ``request.image_size`` where it is set (the rewards read no more).
         """
         start, started_at = time.perf_counter(), time.time()
-        weights_from = ""  # the version was loaded already (or the request needs no policy)
+        weights_from, weights_s = "", 0.0  # the version was loaded already (or the request needs no policy)
         variant = request.variant or self._policy_cfg.variant  # carried by the request: a restarted worker knows it too
         if request.mode in ("sample", "mean") and variant != self.variant:
             self._use_policy(variant)
         if request.mode in ("sample", "mean") and request.version != self.version:
+            t_load = time.perf_counter()
             weights_from = self._load(request, weights)
-            self.version = request.version
+            self.version, weights_s = request.version, time.perf_counter() - t_load
         if request.max_concentration is not None:  # the cap in force at this iteration (a schedule)
             self.policy.set_max_concentration(request.max_concentration)
         ctxs, k, steps = request.contexts, request.k, request.steps
@@ -208,5 +209,6 @@ class RolloutWorker(Actor):
             seconds=time.perf_counter() - start,
             started_at=started_at,
             weights_from=weights_from,
+            weights_s=weights_s,
         )
         return batch, images, references

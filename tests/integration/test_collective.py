@@ -41,6 +41,11 @@ def test_collective_run_equals_the_object_store_run(ray_local, tmp_path, pipelin
     over_group, from_store = _loads(got.run_dir)
     assert from_store == 0 and over_group >= 4, (over_group, from_store)  # every load came over the group
     assert _loads(ref.run_dir)[0] == 0
+    for run in (ref, got):  # the slowest read of the iteration's version: 0 where every worker held it already
+        rows = [m for m in read_jsonl(run.run_dir / "metrics.jsonl") if "learner/pg_loss" in m]
+        loaded = [m["system/weights_from_collective"] + m["system/weights_from_object_store"] > 0 for m in rows]
+        assert sum(loaded) >= 3, loaded
+        assert all((0 < m["system/weights_load_seconds"] < 60) == ld for m, ld in zip(rows, loaded, strict=True))
 
 
 def test_a_killed_worker_changes_nothing_and_the_group_is_formed_again(ray_local, tmp_path, capsys):

@@ -18,7 +18,7 @@ def test_broadcast_bench_measures_both_paths(ray_local, capsys):
     bench = load_bench("broadcast.py")
     rows = bench.main(["--workers", "2", "--dtypes", "bfloat16", "--repeats", "1", "--preset", "tiny", "--config", TOY])
     assert [(r["workers"], r["dtype"]) for r in rows] == [(2, "bfloat16")]
-    assert rows[0]["mib"] > 0 and rows[0]["collective"] > 0
+    assert rows[0]["mib"] > 0 and rows[0]["object_store"] > 0 and rows[0]["collective"] > 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "| workers | dtype | MiB | object store (s) | collective (s) | collective / object store |" in out
     ratio = rows[0]["collective"] / max(rows[0]["object_store"], 1e-9)
