@@ -10,8 +10,10 @@
   whose process is gone is stale and taken over with a warning: on this host, a pid not running;
   from another host (a pod that was preempted or a node lost: its pid cannot be asked), a lock not
   renewed for ``LEASE_S``, judged by the storage's clock, not this host's. A lock from another
-  host that has missed its renewals but not yet its lease is waited for. Any other lock is a
-  refusal that names its owner;
+  host that has missed its renewals but not yet its lease is waited for. A stale lock is removed
+  only while it still holds what was judged (a file is renamed aside, atomically, then checked),
+  so of two runs that take one over at once, one holds the dir and the other is refused. Any
+  other lock is a refusal that names its owner;
 - refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
   says what to do with it: ``--resume auto`` to continue it, ``--overwrite`` to replace it, or a
   new ``experiment.name``;
@@ -39,6 +41,9 @@ from typing import Any
 from common.config import Config, ConfigError
 
 LOCK = ".lock"
+#: A lock judged stale is renamed to this (and the host and pid) to be taken over; one older than
+#: ``LEASE_S`` was left by a process killed in that instant and is removed when a run claims the dir.
+TAKEOVER = ".lock.takeover-"
 #: the locks this process holds (absolute paths, URLs): a lock naming this process's pid that is
 #: not one of them was left by an earlier process that had the same pid (a restarted container's)
 _HELD: set[str] = set()
@@ -117,12 +122,31 @@ def _remove_if_empty(dirs: list[Path]) -> None:
             d.rmdir()
 
 
-def _lock_owner(lock: Path) -> dict[str, Any] | None:
-    """What a lock file says of its owner (host, pid, started), or None where it cannot be read."""
+def _file_bytes(path: Path) -> bytes | None:
     try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
+        return path.read_bytes()
+    except OSError:
         return None
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
+def _owner(record: bytes | None) -> dict[str, Any] | None:
+    """What a lock's record says of its owner (host, pid, started), or None where it says nothing."""
+    try:
+        return None if record is None else json.loads(record)
+    except ValueError:
+        return None
+
+
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    """What a lock file says of its owner, or None where it cannot be read."""
+    return _owner(_file_bytes(lock))
 
 
 class _LockFile:
@@ -161,6 +185,34 @@ class _LockFile:
 
     def read(self) -> dict[str, Any] | None:
         return _lock_owner(self.path)
+
+    def read_bytes(self) -> bytes | None:
+        """The lock's bytes, or None where there is none or it cannot be read."""
+        return _file_bytes(self.path)
+
+    def take_over(self, seen: bytes | None) -> bool:
+        """Remove the lock judged stale from its bytes ``seen``, only where it still holds them:
+        renamed aside first (one atomic step), so that of two runs taking over one stale lock only
+        one removes it. A lock that the other created meanwhile is put back (linked: never over a
+        lock a third created in that instant). False where there was nothing of ``seen`` to take."""
+        aside = self.directory / f"{TAKEOVER}{socket.gethostname()}-{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # taken over (or released) by another meanwhile
+            return False
+        try:
+            if _file_bytes(aside) == seen:
+                return True
+            try:
+                os.link(aside, self.path)  # the same file: its owner's renewals and release work on
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links
+                if not self.path.exists():
+                    os.rename(aside, self.path)
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
 
     def age(self) -> float:
         """Seconds since the lock was last written or renewed, on the filesystem's clock (the
@@ -253,14 +305,19 @@ class _LockObject:
     def is_link(self) -> bool:
         return False
 
+    def take_over(self, seen: bytes | None) -> bool:
+        """Remove the lock judged stale from its bytes ``seen`` where it still holds them (read
+        again just before: a store has no delete-if-unchanged that fsspec reaches, so two runs
+        taking over one stale lock at the same instant are told apart only by ``create``'s check)."""
+        if self.read_bytes() != seen:
+            return False
+        self.remove()
+        return True
+
     def read(self) -> dict[str, Any] | None:
         """Its owner, or None where there is none or it is not a lock's record; a store that
         cannot be read raises (one failed read is not evidence that a lock is abandoned)."""
-        data = self.read_bytes()
-        try:
-            return None if data is None else json.loads(data)
-        except ValueError:
-            return None
+        return _owner(self.read_bytes())
 
     def age(self) -> float:
         folder = self.path.rsplit("/", 1)[0]
@@ -306,9 +363,6 @@ class _Lease:
         self._guard = threading.Lock()  # a renewal and the release never interleave
         self._stop = threading.Event()
 
-    def owner(self) -> dict[str, Any] | None:
-        return self.lock.read()
-
     def acquire(self) -> None:
         try:
             self._acquire()
@@ -329,7 +383,8 @@ class _Lease:
                     raise RunDirInUse(
                         f"{lock} is a symbolic link, not a lock; delete it if no run uses the {self.what}"
                     )
-                owner = self.owner()
+                seen = lock.read_bytes()
+                owner = _owner(seen)
                 if owner is None:  # being written, left half-written by a process that died, or not ours
                     try:
                         age = lock.age()
@@ -343,36 +398,13 @@ class _Lease:
                             f"{lock} is not a lock this program wrote ({age:.0f} s old); delete it if no run uses"
                             f" the {self.what}"
                         )
-                    self.log(f"warning: removing an unreadable lock file {lock} ({age:.0f} s old)")
-                    lock.remove()
+                    if lock.take_over(seen):
+                        self.log(f"warning: removed an unreadable lock file {lock} ({age:.0f} s old)")
                     continue
-                pid = int(owner.get("pid", -1))
-                here = owner.get("host") == me["host"]
-                earlier = here and pid == os.getpid() and lock.key() not in _HELD
-                if here and (earlier or not _pid_alive(pid)):
-                    gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
-                    self.log(
-                        f"warning: taking over the stale lock of pid {owner.get('pid')}"
-                        f" (started {owner.get('started')}, {gone}) on the {self.what}"
-                    )
-                    lock.remove()
-                    continue
-                if here and pid != os.getpid() and self._ran_out(owner):
-                    # a container restarted in its pod keeps the host name and starts its pids again: the
-                    # pid is another process's now
-                    self.log(
-                        f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}):"
-                        f" not renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
-                    )
-                    lock.remove()
-                    continue
-                if owner.get("host") != me["host"] and self._ran_out(owner):
-                    self.log(
-                        f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
-                        f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is"
-                        " gone"
-                    )
-                    lock.remove()
+                why = self._gone(owner)
+                if why is not None:
+                    if lock.take_over(seen):  # else another run took it over first: the next attempt sees its lock
+                        self.log(why)
                     continue
                 raise RunDirInUse(
                     f"{self.what} {self.directory} is in use by pid {owner.get('pid')} on host {owner.get('host')}"
@@ -383,6 +415,32 @@ class _Lease:
             _HELD.add(lock.key())
             return
         raise RunDirInUse(f"could not take the lock {lock}: others took and released it meanwhile; try again")
+
+    def _gone(self, owner: dict[str, Any]) -> str | None:
+        """The warning that takes over the lock of ``owner``, whose run is gone; None while it lives."""
+        me, lock = self.me, self.lock
+        pid = int(owner.get("pid", -1))
+        here = owner.get("host") == me["host"]
+        earlier = here and pid == os.getpid() and lock.key() not in _HELD
+        if here and (earlier or not _pid_alive(pid)):
+            gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
+            return (
+                f"warning: taking over the stale lock of pid {owner.get('pid')}"
+                f" (started {owner.get('started')}, {gone}) on the {self.what}"
+            )
+        if here and pid != os.getpid() and self._ran_out(owner):
+            # a container restarted in its pod keeps the host name and starts its pids again: the pid is
+            # another process's now
+            return (
+                f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}): not"
+                f" renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
+            )
+        if not here and self._ran_out(owner):
+            return (
+                f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
+                f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is gone"
+            )
+        return None
 
     def _ran_out(self, owner: dict[str, Any]) -> bool:
         """Whether another host's lock has gone ``LEASE_S`` without a renewal. One renewed lately
@@ -546,7 +604,9 @@ class RunDir(Held):
         return CheckpointStore(f"{root}/{sub}" if sub else root)
 
     def clean_temporaries(self) -> None:
-        """Remove what an interrupted writer left: checkpoint and log temporaries."""
+        """Remove what an interrupted writer left: checkpoint and log temporaries, and a lock that a
+        run killed while taking it over had renamed aside (once its lease has run out: a younger one
+        is a live run's lock on its way back)."""
         roots = [self.path, self.path / "checkpoints", self.path / "global", self.path / "global" / "checkpoints"]
         if self.checkpoint_dir is not None:
             roots += [self.checkpoint_dir, self.checkpoint_dir / "global"]
@@ -559,6 +619,8 @@ class RunDir(Held):
                         shutil.rmtree(p, ignore_errors=True)
                     else:
                         p.unlink(missing_ok=True)
+                elif p.name.startswith(TAKEOVER) and _older_than(p, LEASE_S):  # a taker killed mid-way left it
+                    p.unlink(missing_ok=True)
         if self.checkpoint_url is not None:
             self._store().clean()
 

@@ -137,6 +137,61 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     assert not (tmp_path / "r" / LOCK).exists()
 
 
+def test_of_two_runs_taking_over_one_stale_lock_one_holds_the_dir(tmp_path, monkeypatch, capsys):
+    """Both judged the lock of a dead pid stale. The first took it over and holds the dir; the
+    second, coming after with what it judged, must not remove the first's fresh lock (it did:
+    two runs held one run dir) but see it and be refused."""
+    d = tmp_path / "ev"
+    d.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t"}))
+    alive, first, calls = rundir._pid_alive, [], []
+
+    def judged(pid: int) -> bool:  # the second run's judgment of the stale lock ends after the first took it
+        calls.append(pid)
+        if len(calls) == 1:
+            first.append(rundir.hold(d, "evaluation dir", "--out", "evaluation"))
+        return alive(pid)
+
+    monkeypatch.setattr(rundir, "_pid_alive", judged)
+    with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()}"):
+        rundir.hold(d, "evaluation dir", "--out", "evaluation")
+    try:
+        assert json.loads((d / LOCK).read_text())["pid"] == os.getpid(), "the first run's lock was removed"
+        assert capsys.readouterr().out.count("taking over the stale lock") == 1
+        assert sorted(p.name for p in d.iterdir()) == [LOCK], "the lock taken aside was left"
+    finally:
+        first[0].release()
+    assert not (d / LOCK).exists()
+
+
+def test_a_stale_lock_is_taken_over_only_while_it_holds_what_was_judged(tmp_path):
+    (tmp_path / LOCK).write_bytes(b'{"pid": 1}')
+    lock = rundir._LockFile(tmp_path)
+    inode = (tmp_path / LOCK).stat().st_ino
+    assert lock.take_over(b'{"pid": 2}') is False  # another run's lock meanwhile: put back, the same file
+    assert (tmp_path / LOCK).read_bytes() == b'{"pid": 1}' and (tmp_path / LOCK).stat().st_ino == inode
+    assert lock.take_over(b'{"pid": 1}') is True and not (tmp_path / LOCK).exists()
+    assert lock.take_over(b'{"pid": 1}') is False  # gone: taken over by another
+    assert list(tmp_path.iterdir()) == []
+    url = f"memory://ck-{tmp_path.name}"  # a lock object: read again just before it is removed
+    on_store = rundir._LockObject(url)
+    on_store.fs.pipe(on_store.path, b'{"pid": 1}')
+    assert on_store.take_over(b'{"pid": 2}') is False and on_store.read_bytes() == b'{"pid": 1}'
+    assert on_store.take_over(b'{"pid": 1}') is True and on_store.read_bytes() is None
+    # one left aside by a run killed while taking it over goes with the next claim, once its lease ran out
+    left = tmp_path / "r" / f"{rundir.TAKEOVER}a-host-7"
+    left.parent.mkdir()
+    left.write_bytes(b"{}")
+    fresh = tmp_path / "r" / f"{rundir.TAKEOVER}a-host-8"
+    fresh.write_bytes(b"{}")
+    stamp = time.time() - rundir.LEASE_S - 30
+    os.utime(left, (stamp, stamp))
+    with claim(load_config(_flags(tmp_path))):
+        assert not left.exists() and fresh.exists()
+
+
 def _foreign_lock(run: Path, age_s: float) -> Path:
     """A lock another host's run wrote and last renewed ``age_s`` ago."""
     run.mkdir(parents=True, exist_ok=True)
