@@ -3,14 +3,16 @@
 ``claim(cfg)`` is called before anything is written for a run. It
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
-- takes the lock ``<run dir>/.lock`` (host, pid, start time), created atomically (and the same in
-  a local ``learner.checkpoint_dir`` outside the run dir, and as an object ``<url>/.lock`` in one
-  on an object store: two runs sharing one would write each other's checkpoints), and renews it
-  (its mtime; a lock object is written again) every ``LEASE_RENEW_S`` while the run lives. A lock
-  whose process is gone is stale and taken over with a warning: on this host, a pid not running;
-  from another host (a pod that was preempted or a node lost: its pid cannot be asked), a lock not
-  renewed for ``LEASE_S``, judged by the storage's clock, not this host's. A lock from another
-  host that has missed its renewals but not yet its lease is waited for. A stale lock is removed
+- takes the lock ``<run dir>/.lock`` (host, pid, start time, and where the pid is a number: the
+  machine's boot id and the pid namespace), created atomically (and the same in a local
+  ``learner.checkpoint_dir`` outside the run dir, and as an object ``<url>/.lock`` in one on an
+  object store: two runs sharing one would write each other's checkpoints), and renews it (its
+  mtime; a lock object is written again) every ``LEASE_RENEW_S`` while the run lives. A lock
+  whose process is gone is stale and taken over with a warning: in this host's pid space, a pid
+  not running; from another host, or a container of the same host name (a pod that was
+  preempted, a node lost, a container with host networking: its pid cannot be asked), a lock not
+  renewed for ``LEASE_S``, judged by the storage's clock, not this host's. Such a lock that has
+  missed its renewals but not yet its lease is waited for. A stale lock is removed
   only while it still holds what was judged (a file is renamed aside, atomically, then checked),
   so of two runs that take one over at once, one holds the dir and the other is refused. Any
   other lock is a refusal that names its owner;
@@ -65,6 +67,28 @@ EVALUATION = "evaluation"
 
 class RunDirInUse(ConfigError):
     """Another live process holds the run directory."""
+
+
+def _process_space() -> dict[str, str]:
+    """What makes a pid name one process: the host name, and on Linux the kernel's boot id (two
+    machines given one name) and the pid namespace (containers sharing the host's name, as with
+    host networking, each number their pids from 1). A part that cannot be read is left out."""
+    space = {"host": socket.gethostname()}
+    with contextlib.suppress(OSError):
+        space["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        space["pidns"] = os.readlink("/proc/self/ns/pid")
+    return space
+
+
+def _same_space(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two lock records' pids are numbers in one space (a part only one of them recorded
+    is not compared: a lock written before it was)."""
+    return a.get("host") == b.get("host") and all(a[k] == b[k] for k in ("boot", "pidns") if k in a and k in b)
+
+
+def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("pid") == b.get("pid") and _same_space(a, b)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,7 +259,7 @@ class _LockFile:
     def release(self, me: dict[str, Any]) -> None:
         """Remove the lock where it is still ``me``'s (or unreadable)."""
         owner = self.read()
-        if owner is None or (owner.get("pid"), owner.get("host")) == (me["pid"], me["host"]):
+        if owner is None or _same_owner(owner, me):
             self.remove()
 
 
@@ -359,7 +383,7 @@ class _Lease:
         self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
         self.lock = _LockObject(directory) if isinstance(directory, str) else _LockFile(directory)
         self.held = False
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": ""}
+        self.me = {**_process_space(), "pid": os.getpid(), "started": ""}
         self._guard = threading.Lock()  # a renewal and the release never interleave
         self._stop = threading.Event()
 
@@ -420,7 +444,7 @@ class _Lease:
         """The warning that takes over the lock of ``owner``, whose run is gone; None while it lives."""
         me, lock = self.me, self.lock
         pid = int(owner.get("pid", -1))
-        here = owner.get("host") == me["host"]
+        here = _same_space(owner, me)  # its pid can be asked here
         earlier = here and pid == os.getpid() and lock.key() not in _HELD
         if here and (earlier or not _pid_alive(pid)):
             gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
@@ -429,21 +453,22 @@ class _Lease:
                 f" (started {owner.get('started')}, {gone}) on the {self.what}"
             )
         if here and pid != os.getpid() and self._ran_out(owner):
-            # a container restarted in its pod keeps the host name and starts its pids again: the pid is
-            # another process's now
+            # its pid is another process's now (reused; or a lock that did not record its pid namespace,
+            # of a container since restarted in its pod: the host name kept, the pids numbered again)
             return (
                 f"warning: taking over the lock of pid {owner.get('pid')} (started {owner.get('started')}): not"
                 f" renewed for more than {LEASE_S:g} s, its run is gone (pid {pid} is another process)"
             )
         if not here and self._ran_out(owner):
+            namesake = " (another machine or container of this name)" if owner.get("host") == me["host"] else ""
             return (
-                f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}"
+                f"warning: taking over the lock of pid {owner.get('pid')} on host {owner.get('host')}{namesake}"
                 f" (started {owner.get('started')}): not renewed for more than {LEASE_S:g} s, its run is gone"
             )
         return None
 
     def _ran_out(self, owner: dict[str, Any]) -> bool:
-        """Whether another host's lock has gone ``LEASE_S`` without a renewal. One renewed lately
+        """Whether a lock whose pid cannot be asked here has gone ``LEASE_S`` without a renewal. One renewed lately
         is its live run's (False at once); one that has missed two renewals is waited for, until it
         is renewed (False) or its lease runs out (True)."""
         said = False
@@ -649,7 +674,7 @@ def _a_run(d: Path) -> bool:
     if not (d / "config.yaml").is_file() or not (artefacts(d) or (d / LOCK).exists()):
         return False
     owner = _lock_owner(d / LOCK)
-    return not (owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname())
+    return not (owner and _same_owner(owner, {**_process_space(), "pid": os.getpid()}))
 
 
 def _inside_a_run(d: Path, mine: Path) -> Path | None:

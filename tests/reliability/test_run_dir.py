@@ -240,6 +240,47 @@ def test_a_lock_of_this_host_whose_pid_is_another_process_now_is_taken_over(tmp_
         claim(load_config(_flags(tmp_path)))
 
 
+def test_a_lock_of_a_namesake_machine_or_container_is_judged_by_its_lease(tmp_path, monkeypatch):
+    """Containers with host networking share the node's host name and number their pids from 1;
+    so may two machines given one name. A lock whose pid is not running here (or is this very
+    process's number) was taken over at once, though it may be a live run's in another pid space:
+    two runs held one dir. The boot id and the pid namespace say whose pids they are."""
+    host = socket.gethostname()
+    monkeypatch.setattr(rundir, "_process_space", lambda: {"host": host, "boot": "b1", "pidns": "pid:[41]"})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "r"
+    run.mkdir()
+
+    def lock(pid: int, boot: str, pidns: str, age_s: float = 0.0) -> None:
+        (run / LOCK).write_text(json.dumps({"host": host, "boot": boot, "pidns": pidns, "pid": pid, "started": "t"}))
+        stamp = (run / LOCK).stat().st_mtime - age_s
+        os.utime(run / LOCK, (stamp, stamp))
+
+    for pid, boot, pidns in [
+        (dead.pid, "b1", "pid:[42]"),
+        (os.getpid(), "b1", "pid:[42]"),
+        (dead.pid, "b2", "pid:[41]"),
+    ]:
+        lock(pid, boot, pidns)  # renewed lately in another pid space: a live run's, refused at once
+        with pytest.raises(RunDirInUse, match=f"in use by pid {pid} on host {host}"):
+            claim(load_config(_flags(tmp_path)))
+        assert json.loads((run / LOCK).read_text())["pidns"] == pidns, "the owner's lock stays"
+    lock(dead.pid, "b1", "pid:[42]", rundir.LEASE_S + 30)  # its lease ran out: its run is gone
+    said: list[str] = []
+    with claim(load_config(_flags(tmp_path)), log=said.append):
+        mine = json.loads((run / LOCK).read_text())
+        assert (mine["pid"], mine["boot"], mine["pidns"]) == (os.getpid(), "b1", "pid:[41]")
+    assert said == [
+        f"warning: taking over the lock of pid {dead.pid} on host {host} (another machine or container of this"
+        f" name) (started t): not renewed for more than {rundir.LEASE_S:g} s, its run is gone"
+    ]
+    lock(dead.pid, "b1", "pid:[41]")  # in this pid space, not running: stale at once
+    with claim(load_config(_flags(tmp_path)), log=said.append):
+        pass
+    assert "no longer running" in said[-1]
+
+
 def test_a_lock_renewed_lately_by_another_host_is_refused_at_once(tmp_path):
     lock = _foreign_lock(tmp_path / "r", 1.0)
     t0 = time.monotonic()
