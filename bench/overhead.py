@@ -14,15 +14,16 @@ Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction o
 Per worker count it prints: wall / ideal (the mean over iterations after the first; one step off
 policy, after the second); the same without the learner's update and broadcast (what the system
 costs around a learner that takes no time, as a GPU learner nearly does); the learner side as a
-share of the iteration; the share of scoring time that overlapped sampling; the scoring tail (the
-last score's end minus the last image's: on policy every worker waits it out, and it is at least
-the last wave's images x the reward's cost / reward servers, since every worker's last request
-ends at once); the collect latency (the last result on an actor to the learner having them all);
-the broadcast's bytes and seconds; and the dispatch skew (the last worker's start minus the
-first's); and wall / ideal
-again one step off policy (``learner.pipeline``: the next rollouts sample while the learner
-updates, so its time hides behind sampling). It writes a PNG of the ratios. The last line is
-``overhead ratio at 16 workers: X`` (on policy; or at the largest W if 16 is not measured).
+share of the iteration; the share of scoring time that overlapped sampling; the scoring tail
+(the last score's end minus the last image's: on policy every worker waits it out, and it is at
+least the last wave's images x the reward's cost / reward servers, since every worker's last
+request ends at once); the collect latency (the last result on an actor to the learner having
+them all); the broadcast's bytes and seconds, and the slowest worker's read of the new version
+(its copy into the worker's policy; on policy it delays that worker's sampling); and the
+dispatch skew (the last worker's start minus the first's); and wall / ideal again one step off
+policy (``learner.pipeline``: the next rollouts sample while the learner updates, so its time
+hides behind sampling). It writes a PNG of the ratios. The last line is ``overhead ratio at 16
+workers: X`` (on policy; or at the largest W if 16 is not measured).
 
     python bench/overhead.py --micro-batch 0 --broadcast-dtype float32   # one request per worker, fp32
     python bench/overhead.py                                              # micro-batches of 1, bf16
@@ -61,6 +62,7 @@ class Row:
     scoring_overlap: float  # share of scoring time during which a worker was sampling
     broadcast_mb: float
     broadcast_s: float
+    weights_load_s: float  # the slowest worker's read of a new version (0 where the workers held it)
     dispatch_skew_s: float
     scoring_tail_s: float  # scoring after the last image (on policy the workers wait it out)
     collect_latency_s: float  # the last result on an actor to the learner having them all
@@ -139,6 +141,7 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
         scoring_overlap=float(np.nanmean([m["system/scoring_overlap"] for m in rows])),
         broadcast_mb=float(rows[-1]["system/broadcast_bytes"]) / 2**20,
         broadcast_s=float(np.mean([m["system/broadcast_seconds"] for m in rows])),
+        weights_load_s=float(np.mean([m["system/weights_load_seconds"] for m in rows])),
         dispatch_skew_s=float(np.mean([m["system/dispatch_skew_s"] for m in rows])),
         scoring_tail_s=float(np.mean([m["system/scoring_tail_s"] for m in rows])),
         collect_latency_s=float(np.mean([m["system/collect_latency_s"] for m in rows])),
@@ -149,9 +152,9 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
 def table(rows: list[Row]) -> str:
     lines = [
         "| workers | reward servers | wall (s) | ideal (s) | wall / ideal | without the learner | learner share"
-        " | scoring overlapped | scoring tail (ms) | collect (ms) | broadcast (MB, s) | dispatch skew (ms)"
-        " | one step off: wall / ideal |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | scoring overlapped | scoring tail (ms) | collect (ms) | broadcast (MB, s) | worker read (ms)"
+        " | dispatch skew (ms) | one step off: wall / ideal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         off = "-" if r.pipelined_ratio is None else f"{r.pipelined_ratio:.3f}"
@@ -159,7 +162,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.workers} | {r.reward_servers} | {r.wall_s:.3f} | {r.ideal_s:.3f} | {r.ratio:.3f} |"
             f" {r.outside_learner:.3f} | {r.learner_share:.1%} | {r.scoring_overlap:.0%} |"
             f" {1000 * r.scoring_tail_s:.0f} | {1000 * r.collect_latency_s:.0f} |"
-            f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.dispatch_skew_s:.0f} | {off} |"
+            f" {r.broadcast_mb:.2f}, {r.broadcast_s:.3f} | {1000 * r.weights_load_s:.0f} |"
+            f" {1000 * r.dispatch_skew_s:.0f} | {off} |"
         )
     return "\n".join(lines)
 

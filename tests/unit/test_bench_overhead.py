@@ -42,6 +42,7 @@ def test_overhead_bench_runs_the_real_loop(ray_local, tmp_path, capsys):
         assert r.ratio >= 0.95 and 0 < r.learner_share < 1 and r.broadcast_mb > 0 and r.dispatch_skew_s >= 0
         assert 0 <= r.scoring_overlap <= 1 and r.outside_learner < r.ratio and r.reward_servers == 1
         assert 0 <= r.scoring_tail_s < r.wall_s and 0 <= r.collect_latency_s < r.wall_s
+        assert 0 < r.weights_load_s < r.wall_s  # on policy every iteration's version is new to the workers
         assert r.pipelined_ratio is not None and r.pipelined_ratio >= 0.95
     assert "one step off: wall / ideal" in out
     assert (tmp_path / "overhead.png").stat().st_size > 0 and (tmp_path / "rows.json").exists()
