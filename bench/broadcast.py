@@ -71,8 +71,7 @@ def _measure(args: argparse.Namespace, w: int) -> list[dict]:
             t0 = time.perf_counter()
             weights = state_to_numpy(policy, dtype)
             ref = ray.put(weights)
-            # in a handle either way, so the worker fetches the ref itself, within its timing (a ref
-            # passed bare is fetched by Ray before the call starts)
+            # in a handle either way, as the loop sends it: the worker fetches the ref itself, within its timing
             sent = path == "collective" and collective.send(version, weights)  # returns once every worker has it
             arg = WeightsHandle(ref, sent)
             published = time.perf_counter() - t0

@@ -34,9 +34,10 @@ FETCH_TIMEOUT_S = 300.0
 
 @dataclass
 class WeightsHandle:
-    """A request's weights in a run that broadcasts over a collective: the version's object ref
-    (nested in this object, so Ray does not fetch it with the call) and whether the version went
-    out over the group (if not, the worker reads the ref at once instead of waiting for it)."""
+    """A request's weights: the version's object ref (nested in this object, so Ray does not fetch
+    it with the call: a worker that holds the version reads nothing) and whether the version went
+    out over a collective's group as well (if not, the worker reads the ref at once instead of
+    waiting for it)."""
 
     ref: Any
     broadcast: bool

@@ -97,23 +97,23 @@ class RunResult:
 @dataclass
 class _Sent:
     """One version of the weights as broadcast: its number, the arrays, and what requests carry:
-    their object ref, or with a collective broadcast a ``WeightsHandle`` (the ref as fallback)."""
+    a ``WeightsHandle``, the object ref that a worker lacking the version reads itself (within its
+    ``weights_s``, with a time-out, and once per version however many requests it gets), and
+    whether the version went out over the collective as well."""
 
     version: int
     weights: Weights
-    arg: ray.ObjectRef | WeightsHandle
+    arg: WeightsHandle
 
     @property
     def collective(self) -> bool:
         """The version went out over the collective."""
-        return isinstance(self.arg, WeightsHandle) and self.arg.broadcast
+        return self.arg.broadcast
 
     @classmethod
     def put(cls, version: int, weights: Weights, collective: CollectiveBroadcast | None = None) -> _Sent:
         ref = ray.put(weights)
-        if collective is None:
-            return cls(version, weights, ref)
-        return cls(version, weights, WeightsHandle(ref, collective.send(version, weights)))
+        return cls(version, weights, WeightsHandle(ref, collective is not None and collective.send(version, weights)))
 
 
 @dataclass

@@ -116,8 +116,8 @@ class RolloutWorker(Actor):
 
     def _load(self, request: RolloutRequest, weights: Weights | dict[str, np.ndarray] | WeightsHandle | None) -> str:
         """Load the weights of ``request.version``; returns where they came from: 'collective',
-        'object_store' (a handle's ref, read because the version did not arrive over the group)
-        or 'argument'."""
+        'object_store' (a handle's ref: the version went by the object store alone, or did not
+        arrive over the group) or 'argument' (the weights themselves)."""
         if isinstance(weights, WeightsHandle):
             staged = self._receiver.get(request.version) if weights.broadcast else None
             if staged is not None:
