@@ -112,7 +112,7 @@ def evaluate(
     contexts: list[Context],
     steps: int,
     version: int,
-    weights: Any,  # an object ref, or a WeightsHandle (learner.broadcast: collective)
+    weights: Any,  # an object ref (learner.evaluate), or a WeightsHandle (the training loop's)
     schedules: dict[str, Schedule],
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
