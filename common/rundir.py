@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -69,6 +70,7 @@ class RunDirInUse(ConfigError):
     """Another live process holds the run directory."""
 
 
+@functools.cache
 def _process_space() -> dict[str, str]:
     """What makes a pid name one process: the host name, and on Linux the kernel's boot id (two
     machines given one name) and the pid namespace (containers sharing the host's name, as with
@@ -153,11 +155,16 @@ def _file_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _older_than(path: Path, seconds: float) -> bool:
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last written or renewed, on its filesystem's clock (the mtime of
+    a file written now beside it), which other hosts' renewals are stamped with too."""
+    probe = path.parent / f".lease-probe-{socket.gethostname()}-{os.getpid()}"
     try:
-        return time.time() - path.stat().st_mtime > seconds
-    except FileNotFoundError:
-        return False
+        probe.write_bytes(b"")
+        now = probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
+    return now - path.stat().st_mtime
 
 
 def _owner(record: bytes | None) -> dict[str, Any] | None:
@@ -207,9 +214,6 @@ class _LockFile:
         """A symbolic link is never a lock this program wrote (O_EXCL will not follow it)."""
         return self.path.is_symlink()
 
-    def read(self) -> dict[str, Any] | None:
-        return _lock_owner(self.path)
-
     def read_bytes(self) -> bytes | None:
         """The lock's bytes, or None where there is none or it cannot be read."""
         return _file_bytes(self.path)
@@ -239,15 +243,7 @@ class _LockFile:
             aside.unlink(missing_ok=True)
 
     def age(self) -> float:
-        """Seconds since the lock was last written or renewed, on the filesystem's clock (the
-        mtime of a file written now), which other hosts' renewals are stamped with too."""
-        probe = self.directory / f".lease-probe-{socket.gethostname()}-{os.getpid()}"
-        try:
-            probe.write_bytes(b"")
-            now = probe.stat().st_mtime
-        finally:
-            probe.unlink(missing_ok=True)
-        return now - self.path.stat().st_mtime
+        return _age(self.path)
 
     def renew(self) -> None:
         with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
@@ -258,7 +254,7 @@ class _LockFile:
 
     def release(self, me: dict[str, Any]) -> None:
         """Remove the lock where it is still ``me``'s (or unreadable)."""
-        owner = self.read()
+        owner = _owner(self.read_bytes())
         if owner is None or _same_owner(owner, me):
             self.remove()
 
@@ -320,7 +316,8 @@ class _LockObject:
 
     def read_bytes(self) -> bytes | None:
         """The lock's bytes, read from the store itself (never a listing cached by the filesystem
-        object: s3fs caches them), or None where there is none."""
+        object: s3fs caches them), or None where there is none; a store that cannot be read raises
+        (one failed read is not evidence that a lock is abandoned)."""
         try:
             return self.fs.cat_file(self.path)
         except FileNotFoundError:
@@ -337,11 +334,6 @@ class _LockObject:
             return False
         self.remove()
         return True
-
-    def read(self) -> dict[str, Any] | None:
-        """Its owner, or None where there is none or it is not a lock's record; a store that
-        cannot be read raises (one failed read is not evidence that a lock is abandoned)."""
-        return _owner(self.read_bytes())
 
     def age(self) -> float:
         folder = self.path.rsplit("/", 1)[0]
@@ -644,8 +636,10 @@ class RunDir(Held):
                         shutil.rmtree(p, ignore_errors=True)
                     else:
                         p.unlink(missing_ok=True)
-                elif p.name.startswith(TAKEOVER) and _older_than(p, LEASE_S):  # a taker killed mid-way left it
-                    p.unlink(missing_ok=True)
+                elif p.name.startswith(TAKEOVER):  # a taker killed mid-way left it
+                    with contextlib.suppress(FileNotFoundError):
+                        if _age(p) > LEASE_S:
+                            p.unlink(missing_ok=True)
         if self.checkpoint_url is not None:
             self._store().clean()
 
