@@ -60,6 +60,9 @@ LEASE_S = 120.0
 SETTLE_S = 0.5
 #: Seconds a release waits for a renewal under way (one a store holds up is not waited out).
 RELEASE_WAIT_S = 5.0
+#: Seconds a release that finds no lock file waits before it looks once more: a run taking over a
+#: stale lock holds it renamed aside for a rename, a read and a link (``_LockFile.take_over``).
+PUT_BACK_S = 0.5
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
 #: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
@@ -253,7 +256,12 @@ class _LockFile:
         self.path.unlink(missing_ok=True)
 
     def release(self, me: dict[str, Any]) -> None:
-        """Remove the lock where it is still ``me``'s (or unreadable)."""
+        """Remove the lock where it is still ``me``'s (or unreadable). One that is not there may be
+        set aside for a moment by a run taking over a stale lock, which puts it back where it was not
+        the stale one: it is looked for once more after PUT_BACK_S, so that it is not left put back
+        (naming this run, until this process ends or, to another host, until its lease runs out)."""
+        if not os.path.lexists(self.path):
+            time.sleep(PUT_BACK_S)
         owner = _owner(self.read_bytes())
         if owner is None or _same_owner(owner, me):
             self.remove()

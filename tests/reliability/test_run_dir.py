@@ -192,6 +192,23 @@ def test_a_stale_lock_is_taken_over_only_while_it_holds_what_was_judged(tmp_path
         assert not left.exists() and fresh.exists()
 
 
+def test_a_lock_released_while_another_run_has_it_aside_is_not_left_put_back(tmp_path):
+    """A run taking over a stale lock renames the lock aside, and puts it back where it is not the
+    stale one (another run's, created meanwhile). Where that run released its lock in that moment,
+    the released lock came back, naming it, and refused every run of another host for a lease."""
+    run = tmp_path / "r"
+    held = rundir.hold(run, "run dir", "--experiment.name", "run")
+    aside = run / f"{rundir.TAKEOVER}a-taker-1"
+    os.rename(run / LOCK, aside)  # the taker's rename; then it finds the lock is not the stale one
+    releasing = threading.Thread(target=held.release)
+    releasing.start()
+    time.sleep(rundir.PUT_BACK_S / 5)
+    os.link(aside, run / LOCK)  # put back, as the taker does
+    aside.unlink()
+    releasing.join()
+    assert not (run / LOCK).exists(), "released, not left put back"
+
+
 def _foreign_lock(run: Path, age_s: float) -> Path:
     """A lock another host's run wrote and last renewed ``age_s`` ago."""
     run.mkdir(parents=True, exist_ok=True)
