@@ -283,11 +283,14 @@ def sweep(
         raise ConfigError("two runs share one L; give one run per L")
     all_l = sorted(set(steps or []) | set(by_l))
 
-    def workers_config(i: int) -> Config:
-        """The config of run ``i``'s workers: their policy copy is the run's, whatever L is evaluated."""
-        cfg = cfgs[i].model_copy(deep=True)
-        cfg.rollout.steps = policies[i].steps
+    def workers_config(cfg: Config, steps: int) -> Config:
+        """The config of a run's workers: their policy copy is the run's (of L ``steps``), whatever
+        L is evaluated."""
+        cfg = cfg.model_copy(deep=True)
+        cfg.rollout.steps = steps
         return cfg
+
+    workers = [workers_config(c, p.steps) for c, p in zip(cfgs, policies, strict=True)]
 
     started = init_ray(first.ray)
     restore_sigterm = end_on_sigterm()
@@ -302,7 +305,7 @@ def sweep(
         rewards = RewardGroup.from_config(first, wait=False)
         if first.learner.eval_metrics:
             metrics = MetricGroup(first.learner.eval_metrics, wait=False)
-        rollouts = RolloutGroup(workers_config(0), wait=False)
+        rollouts = RolloutGroup(workers[0], wait=False)
         rewards.wait_started()  # a reward that cannot start is said first, then a metric, then a worker
         if metrics is not None:
             metrics.wait_started()
@@ -311,7 +314,7 @@ def sweep(
         contexts: list[Context] = []
         served = {i: [n for n in all_l if (by_l[n][0] if n in by_l else runs[0]) == r] for i, r in enumerate(runs)}
         for i, ls in served.items():  # one set of workers per run, for every L it serves
-            run, cfg, policy = runs[i], workers_config(i), policies[i]
+            run, cfg, policy = runs[i], workers[i], policies[i]
             if rollouts is None:
                 rollouts = RolloutGroup(cfg)
             else:  # the first run's, started with the rewards
