@@ -275,15 +275,22 @@ def actor_asks(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
     return asks
 
 
-def _placed(actor: Any) -> bool | None:
-    """Whether the cluster has given ``actor`` a process (its constructor may still be running);
-    None where the cluster's actor table cannot be read."""
+def _entry(actor: Any) -> dict[str, Any] | None:
+    """``actor``'s row of the cluster's actor table (the GCS's: its State, Pid, NumRestarts); None
+    where it cannot be read (a private table: what reads it is only less precise without it)."""
     try:
         from ray._private import state
 
-        return bool(state.actors(actor._actor_id.hex()).get("Pid"))
-    except Exception:  # noqa: BLE001 - a private table; without it the message is only less precise
+        return state.actors(actor_id=actor._actor_id.hex())
+    except Exception:  # noqa: BLE001 - a private table
         return None
+
+
+def _placed(actor: Any) -> bool | None:
+    """Whether the cluster has given ``actor`` a process (its constructor may still be running);
+    None where the cluster's actor table cannot be read."""
+    entry = _entry(actor)
+    return None if entry is None else bool(entry.get("Pid"))
 
 
 def _no_room(need: dict[str, float]) -> str:
@@ -316,12 +323,16 @@ def _request_resources(workers: int, num_cpus: float, num_gpus: float) -> None:
             print(f"warning: could not ask the autoscaler for {workers} rollout workers: {e}")
 
 
-def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None) -> bool:
-    """True once ``actor`` answers (after a restart if it had one); False if it is dead for good
-    (restarts exhausted) or not back within ``timeout_s``. Right after a death, calls fail for a
-    while even when a restart is coming, so a failed call is retried until the deadline unless
-    the cluster already reports the actor DEAD. ``stop``: set while it waits (SIGTERM, Ctrl-C),
-    the wait is given up (``Cancelled``) within ``STOP_POLL_S``, not at the deadline."""
+def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None, restarts: int = 0) -> int | None:
+    """Whether ``actor`` is back after a fault: the restarts it has had, once it answers (after a
+    restart if it had one); None if it is dead for good (restarts exhausted) or not back within
+    ``timeout_s``. Its answer comes only after the calls queued on it (a worker's sampling: a unit
+    re-sent to it, the next iteration's requests), so the cluster's actor table is read while it
+    is awaited: an actor the table shows alive after more than ``restarts`` (those it had when it
+    was last seen back) is back. Right after a death, calls fail for a while even when a restart is
+    coming, so a failed call is retried until the deadline unless the cluster already reports the
+    actor DEAD. ``stop``: set while it waits (SIGTERM, Ctrl-C), the wait is given up
+    (``Cancelled``) within ``STOP_POLL_S``, not at the deadline."""
     deadline = time.monotonic() + timeout_s
     ref = actor.pid.remote()
     while True:
@@ -329,14 +340,18 @@ def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None) ->
             raise Cancelled("the run was stopped while a failed actor was asked whether it is back")
         left = deadline - time.monotonic()
         try:
-            ray.get(ref, timeout=max(0.1, min(left, STOP_POLL_S) if stop is not None else left))
-            return True
+            ray.get(ref, timeout=max(0.1, min(left, STOP_POLL_S if stop is not None else RESTART_POLL_S)))
+            entry = _entry(actor)
+            return restarts if entry is None else int(entry.get("NumRestarts", restarts))
         except GetTimeoutError:
+            entry = _entry(actor)
+            if entry is not None and entry.get("State") == "ALIVE" and entry.get("NumRestarts", 0) > restarts:
+                return int(entry["NumRestarts"])  # restarted, and busy with what was queued on it since
             if time.monotonic() >= deadline:
-                return False
+                return None
         except RayActorError:
             if _dead_for_good(actor) or time.monotonic() > deadline:
-                return False
+                return None
             if stop is not None:
                 stop.wait(0.5)
             else:
@@ -345,12 +360,8 @@ def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None) ->
 
 
 def _dead_for_good(actor: Any) -> bool:
-    try:  # the GCS's view of the actor: DEAD only once its restarts are exhausted
-        from ray._private import state
-
-        return state.actors(actor_id=actor._actor_id.hex()).get("State") == "DEAD"
-    except Exception:  # noqa: BLE001 - an unanswerable query is not evidence of death
-        return False
+    entry = _entry(actor)  # the GCS's view of the actor: DEAD only once its restarts are exhausted
+    return entry is not None and entry.get("State") == "DEAD"  # an unanswerable query is no evidence of death
 
 
 def stop_actors(actors: list[Any]) -> None:
@@ -430,6 +441,7 @@ class RolloutGroup:
         self.timeout_s, self.timeout_per_nfe_s = r.sample_timeout_s, r.sample_timeout_per_nfe_s
         self.workers: list[Any] = []
         self.alive: list[int] = []
+        self._restarts: dict[int, int] = {}  # each worker's restarts when it was last seen back (``_alive``)
         self._starting: list[int] = []  # started, not yet waited for
         # grown workers (``grow``) not yet answering: the ref of their first answer, and when they give up
         self._joining: dict[int, tuple[Any, float]] = {}
@@ -611,10 +623,16 @@ class RolloutGroup:
         return Pending(request, worker, batch, images, references)
 
     def check(self, worker: int, stop: threading.Event | None = None) -> None:
-        """After a fault on ``worker``: keep it if it came back, else drop it from the group
-        (``stop``: as ``_alive``'s)."""
-        if worker in self.alive and not _alive(self.workers[worker], self.restart_timeout_s, stop):
-            self.alive.remove(worker)
+        """After a fault on ``worker``: keep it if it came back, else drop it from the group and
+        kill it for good (one still restarting holds its CPUs and GPUs otherwise) (``stop``: as
+        ``_alive``'s)."""
+        if worker in self.alive:
+            back = _alive(self.workers[worker], self.restart_timeout_s, stop, self._restarts.get(worker, 0))
+            if back is None:
+                self.alive.remove(worker)
+                stop_actors([self.workers[worker]])
+            else:
+                self._restarts[worker] = back
         if len(self.alive) < self.min_workers:
             raise WorkersLost(
                 f"only {len(self.alive)} of {len(self.workers)} rollout workers are alive "
@@ -664,6 +682,7 @@ class RewardGroup:
                 [actor.remote(spec.name, spec.kwargs, sampler=sampler) for _ in range(spec.num_servers)]
             )
         self.alive = [list(range(len(s))) for s in self.servers]
+        self._restarts: dict[tuple[int, int], int] = {}  # (reward, server): restarts when last seen back
         self.keys = reward_keys(specs)
         #: per reward: whether it compares with the many-step reference (rollout.reference_steps)
         self.needs_reference: list[bool] = []
@@ -737,10 +756,16 @@ class RewardGroup:
         stop_actors([server for servers in self.servers for server in servers])
 
     def check(self, stop: threading.Event | None = None) -> None:
-        """After a scoring fault: drop servers that stay dead; stop if a reward has none left
-        (``stop``: as ``_alive``'s)."""
+        """After a scoring fault: drop the servers that are not back, and kill them for good; stop
+        if a reward has none left (``stop``: as ``_alive``'s)."""
         for j, servers in enumerate(self.servers):
-            self.alive[j] = [i for i in self.alive[j] if _alive(servers[i], self.restart_timeout_s, stop)]
+            for i in list(self.alive[j]):
+                back = _alive(servers[i], self.restart_timeout_s, stop, self._restarts.get((j, i), 0))
+                if back is None:
+                    self.alive[j].remove(i)
+                    stop_actors([servers[i]])
+                else:
+                    self._restarts[j, i] = back
             if not self.alive[j]:
                 raise WorkersLost(f"every reward server of {self.specs[j].name!r} is dead; restarts are exhausted")
 
@@ -888,6 +913,8 @@ class Cancelled(RuntimeError):
 
 #: How often a background run looks at its stop event (seconds).
 STOP_POLL_S = 0.2
+#: How often the cluster's actor table is read while a failed actor is asked whether it is back.
+RESTART_POLL_S = 0.5
 
 
 class InFlight:

@@ -538,7 +538,7 @@ def test_a_stop_while_a_failed_actor_is_asked_whether_it_is_back_ends_the_wait(r
     actor = NeverAnswers.remote()
     try:
         t0 = time.monotonic()
-        assert groups._alive(actor, 1.0) is False, "no answer within the time: not back"
+        assert groups._alive(actor, 1.0) is None, "no answer within the time: not back"
         assert 0.9 < time.monotonic() - t0 < 5
         stop = threading.Event()
         threading.Timer(0.5, stop.set).start()
@@ -546,5 +546,43 @@ def test_a_stop_while_a_failed_actor_is_asked_whether_it_is_back_ends_the_wait(r
         with pytest.raises(groups.Cancelled, match="stopped while a failed actor was asked"):
             groups._alive(actor, 600.0, stop)
         assert time.monotonic() - t0 < 3
+    finally:
+        ray.kill(actor)
+
+
+def test_a_restarted_actor_busy_with_what_was_queued_on_it_is_back(ray_local):
+    """After a fault the dispatcher asks the actor whether it came back, and its answer comes after
+    the calls queued on it. Two units of one worker failed at its death; the first was re-sent to
+    it, restarted, and the question about the second waited behind that unit's sampling: past
+    rollout.restart_timeout_s the worker was dropped as dead (alive, and idle for the rest of the
+    run; with rollout.min_workers of them all, the run stopped). The cluster's actor table now
+    says that it restarted."""
+    import os
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    from common.actors import Actor
+
+    @ray.remote(num_cpus=0.1, max_restarts=1, max_task_retries=0)
+    class Samples(Actor):
+        def sample(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    actor = Samples.remote()
+    try:
+        pid = ray.get(actor.pid.remote())
+        first = actor.sample.remote(60.0)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RayActorError):
+            ray.get(first, timeout=60)
+        actor.sample.remote(60.0)  # a unit re-sent to it, ahead of the question
+        t0 = time.monotonic()
+        assert groups._alive(actor, 30.0) == 1, "back, after one restart"
+        assert time.monotonic() - t0 < 15, "without waiting for the unit queued on it"
+        os.kill(groups._entry(actor)["Pid"], signal.SIGKILL)  # again: its restarts are exhausted
+        t0 = time.monotonic()
+        assert groups._alive(actor, 30.0, restarts=1) is None
+        assert time.monotonic() - t0 < 15
     finally:
         ray.kill(actor)
