@@ -33,7 +33,8 @@ def hub_problem(e: BaseException) -> str | None:
     if not any(isinstance(x, LocalEntryNotFoundError) for x in chain):
         return None
     for x in chain:
-        if type(x).__module__.split(".")[0].rstrip("0123456789") in _NETWORK:
+        top = type(x).__module__.split(".")[0]  # a client's major version may end its name (httpx2)
+        if top in _NETWORK or top.rstrip("0123456789") in _NETWORK:
             return f"the hub cannot be reached ({type(x).__name__}: {' '.join(str(x).split())})"
     return "downloads are off (local_files_only, or HF_HUB_OFFLINE=1)"
 

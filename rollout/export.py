@@ -66,6 +66,10 @@ def _sampler_for(pipe: Any, height: int | None, width: int | None, call: dict[st
         "height": height,
         "width": width,
         "max_batch_size": 1,
+        # the encoder outputs of the last prompt only (the pipeline encodes each call's again): the
+        # several seeds of one prompt encode it once, and no more is held on the device (with T5,
+        # megabytes per prompt: the default cache of 256 prompts held a GiB)
+        "prompt_cache": 1,
     }
     if name == "FluxPipeline":
         from rollout.backends.flux import FluxFamily
@@ -109,7 +113,23 @@ def _saved_policy(where: str) -> SchedulePolicy:
     parts = where.split("/")
     if path.is_absolute() or where.startswith((".", "~")) or len(parts) > 2 or "\\" in where:
         raise ValueError(f"policy {where!r}: no such directory; give the directory of a saved policy (<run>/policy)")
-    with fetched(f"policy {where!r}", "give the directory of a saved policy (<run>/policy)"):
+    instead = "give the directory of a saved policy (<run>/policy)"
+    with fetched(f"policy {where!r}", instead):
+        import huggingface_hub
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:  # first: a repo without it would be built as a policy of no arguments (a TypeError)
+            huggingface_hub.hf_hub_download(where, "config.json")
+        except LocalEntryNotFoundError:
+            raise  # the hub out of reach, or downloads off: ``fetched`` says which
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+            why = "no such repo (or a private one)" if isinstance(e, RepositoryNotFoundError) else "no config.json"
+            raise ValueError(f"policy {where!r}: no such directory, and on the hub {why}; {instead}") from None
         return SchedulePolicy.from_pretrained(where).eval()
 
 

@@ -219,6 +219,20 @@ def _unreachable(*args, **kwargs):
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
 
 
+def _not_on_the_hub(error: str):
+    """A hub download answered 404 with ``error`` (RepositoryNotFoundError, EntryNotFoundError: the
+    client's remote kind where it has one)."""
+    from huggingface_hub import errors
+
+    kind = getattr(errors, "RemoteEntryNotFoundError" if error == "EntryNotFoundError" else error, None)
+    kind = kind or getattr(errors, error)
+
+    def download(*args, **kwargs):
+        raise kind.__new__(kind)  # not built from an HTTP response: nothing here reads one
+
+    return download
+
+
 def test_a_saved_policy_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
     """A policy given by where it was saved: read as the command-line tools read it. Before, a
     missing directory was huggingface_hub's 'Repo id must be in the form ...', a damaged file the
@@ -247,9 +261,17 @@ def test_a_saved_policy_that_cannot_be_read_is_one_line_naming_it(tmp_path, monk
         PipelineSchedule(saved, flux.pipe, **args)
     assert "\n" not in str(e.value)
     # a hub id, with the hub out of reach: one line, not five retries and the client's message
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _unreachable)
     monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", _unreachable)
     with pytest.raises(OSError, match=r"^policy 'someone/policy' is neither a local path nor in the hub cache, and"):
         PipelineSchedule("someone/policy", flux.pipe, **args)
+    # a mistyped directory taken for a hub id the hub does not have (or a repo without the policy's
+    # config): before, the hub mixin built the policy without arguments, a TypeError of its __init__
+    for error, why in (("RepositoryNotFoundError", "no such repo"), ("EntryNotFoundError", "no config.json")):
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", _not_on_the_hub(error))
+        monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", _not_on_the_hub(error))
+        with pytest.raises(ValueError, match=rf"^policy 'run/policy': no such directory, and on the hub {why}"):
+            PipelineSchedule("run/policy", flux.pipe, **args)
 
 
 def test_the_training_settings_are_saved_with_the_policy_and_overridable():
@@ -292,7 +314,8 @@ def _roundtrip(policy: SchedulePolicy) -> SchedulePolicy:
 
 def test_the_user_s_pipeline_is_left_as_it_is():
     """Building a PipelineSchedule turned every module's gradients and the process's progress bars
-    off and moved the pipeline (``pipe.to``: with CPU offload, the whole model onto the GPU)."""
+    off and moved the pipeline (``pipe.to``: with CPU offload, the whole model onto the GPU); its
+    calls kept the encoder outputs of up to 256 prompts on the pipeline's device."""
     import diffusers
 
     case = build("flux")
@@ -301,7 +324,12 @@ def test_the_user_s_pipeline_is_left_as_it_is():
     case.pipe.transformer.requires_grad_(True)
     case.pipe.set_progress_bar_config(disable=False)
     try:
-        PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)(PROMPT, seed=0)
+        schedule = PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+        for prompt in (PROMPT, "a red cube", "a blue sphere", PROMPT):
+            schedule(prompt, seed=0)
+        # the encoder outputs of the last prompt only are kept on the pipeline's device (the cache
+        # of the training's workers, 256 prompts, held a GiB of T5 outputs for Flux)
+        assert len(schedule.sampler._cache) == 1
         assert all(p.requires_grad for p in case.pipe.transformer.parameters())
         assert diffusers.utils.logging.is_progress_bar_enabled()
         assert case.pipe._progress_bar_config == {"disable": False}

@@ -66,6 +66,17 @@ def test_other_errors_pass_as_they_are():
         wrapped = OSError("X does not appear to have a file named model_index.json.")
         wrapped.__cause__ = e
         assert hub_problem(wrapped) == "the hub cannot be reached (gaierror: [Errno -2] Name or service not known)"
+    # a client whose module name ends in digits of its own (urllib3, under requests): not taken for
+    # another name (its digits stripped, it was "urllib", and the line said downloads were off)
+    import urllib3  # requests' (ray[default] brings it)
+
+    try:
+        try:
+            raise urllib3.exceptions.ProtocolError("Connection aborted.")
+        except urllib3.exceptions.ProtocolError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
+    except LocalEntryNotFoundError as e:
+        assert hub_problem(e) == "the hub cannot be reached (ProtocolError: Connection aborted.)"
 
 
 def test_the_hub_clients_retries_are_counted_in_the_line_not_printed(monkeypatch, tmp_path, capfd):
