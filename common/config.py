@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, NoReturn, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from common.prompts import check_prompts, read_capped, read_prompt_file
 
@@ -663,6 +663,21 @@ class Config(BaseSettings):
         cli_implicit_flags=False,
         cli_avoid_json=False,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The file and the flags only (the command line's source comes first on its own): no
+        variable of the environment changes a run. A settings class reads one per field, in any
+        case, so a stray ``OVERWRITE=1`` (or ``RESUME``, ``CONFIG``, ``POLICY``...) deleted a run,
+        resumed one, or read no file, without a word."""
+        return (init_settings,)
 
     config: Path | None = Field(None, description="YAML file with any of the sections below; flags override it.")
     resume: str | None = Field(

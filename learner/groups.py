@@ -1011,12 +1011,13 @@ class Dispatcher:
             self.rewards.chain(p)
         return live
 
-    def _load(self, live: dict[str, Pending]) -> list[list[int]]:
-        """Scoring calls in flight per reward server, ``[reward][server]``: those whose images
-        exist (a call sent at launch waits for them and holds back no other)."""
+    def _load(self, live: dict[str, Pending], but: Pending) -> list[list[int]]:
+        """Scoring calls in flight per reward server, ``[reward][server]``, besides ``but``'s (the
+        unit to be placed, whose images just came): those whose images exist (a call sent at launch
+        waits for them and holds back no other)."""
         load = [[0] * len(servers) for servers in self.rewards.servers]
         for u in live.values():
-            if u.sampled is not None:
+            if u.sampled is not None and u is not but:
                 for j, (i, got) in enumerate(zip(u.servers, u.got, strict=True)):
                     load[j][i] += got is None
         return load
@@ -1117,7 +1118,7 @@ class Dispatcher:
                     raise StepFailed(f"{who} raised {actor_error_line(e)}; the step stopped, nothing of it used") from e
                 if j < 0:  # the worker is done: its images go to the least loaded reward servers
                     p.sampled = got
-                    self.rewards.score(p, self._load(live))
+                    self.rewards.score(p, self._load(live, p))
                 else:
                     scores, began, ended = got
                     p.got[j] = scores

@@ -112,6 +112,24 @@ def test_reward_servers_are_chosen_by_readiness(ray_local):
     assert scores.shape == (1,) and began <= ended
 
 
+def test_a_unit_is_placed_by_the_calls_in_flight_besides_its_own():
+    """The unit whose images just came was counted in the load it is placed by: for a reward of
+    several servers a call on the last server (its server not chosen yet, -1), which held it back
+    from ties; for one server, its own call, which doubled its time to score."""
+    dispatcher = Dispatcher.__new__(Dispatcher)
+    dispatcher.rewards = SimpleNamespace(servers=[[0, 1, 2], [0]])
+
+    def unit(servers, got, sampled=True):
+        return SimpleNamespace(sampled=object() if sampled else None, servers=servers, got=got)
+
+    scoring = unit([1, 0], [None, None])  # in flight on server 1 of reward 0 and on reward 1's
+    scored = unit([2, 0], [np.zeros(1), np.zeros(1)])  # done: no load
+    sampling = unit([-1, 0], [None, None], sampled=False)  # its images do not exist yet
+    new = unit([-1, 0], [None, None])  # its images just came: to be placed
+    live = {"a": scoring, "b": scored, "c": sampling, "d": new}
+    assert dispatcher._load(live, new) == [[0, 1, 0], [1]]
+
+
 def test_one_server_is_sent_the_images_at_launch_and_scores_them_as_they_come(ray_local):
     @ray_local.remote(num_cpus=0.1)
     def late_images(seconds: float) -> np.ndarray:  # a worker still sampling

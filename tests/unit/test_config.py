@@ -221,6 +221,25 @@ def test_a_yes_no_flag_alone_is_true():
         load_config(["--overwrite", "--resume=auto"])
 
 
+def test_no_environment_variable_changes_a_run(monkeypatch):
+    """The config is a settings class, which read a variable for every field, in any case: a
+    stray OVERWRITE=1 deleted the run in the dir, RESUME=auto resumed one, CONFIG named a file
+    that was never read, and a bad POLICY was an error about a 'source' no flag had set."""
+    for name, value in (
+        ("OVERWRITE", "1"),
+        ("resume", "auto"),
+        ("CONFIG", "elsewhere.yaml"),
+        ("POLICY", "conditional"),
+        ("EXPERIMENT", '{"name": "zz"}'),
+        ("ROLLOUT", '{"k": 7}'),
+    ):
+        monkeypatch.setenv(name, value)
+    cfg = load_config(["--config", "configs/toy.yaml"])
+    assert (cfg.overwrite, cfg.resume, cfg.config) == (False, None, Path("configs/toy.yaml"))
+    assert (cfg.experiment.name, cfg.rollout.k, cfg.policy.variant) == ("toy", 2, "conditional")  # the file's
+    assert load_config(["--overwrite"]).overwrite is True  # the flags still count
+
+
 def test_ray_init_kwargs_are_arguments_of_ray_init():
     with pytest.raises(ConfigError, match=r"ray.init_kwargs: 'bogus': not an argument of ray.init \(it takes address,"):
         load_config(['--ray.init_kwargs={"bogus": 1}'])
