@@ -33,6 +33,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -65,6 +66,11 @@ RELEASE_WAIT_S = 5.0
 PUT_BACK_S = 0.5
 #: What a run leaves in its directory; any of them (non-empty) means "a run is here".
 ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.msgpack", "global")
+#: A temporary of a run's writers: ``.<name>.tmp-<pid>`` (a file or a checkpoint being written),
+#: ``.<name>.old-<pid>`` (a directory being replaced: ``common.checkpoint.replace_dir``).
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+")
+#: The logs' temporaries in the run dir (a log rewritten without its torn tail: learner.loop).
+_LOG_TEMPORARIES = ("rollouts.tmp", "metrics.tmp")
 #: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
 EVALUATION = "evaluation"
 
@@ -631,7 +637,8 @@ class RunDir(Held):
     def clean_temporaries(self) -> None:
         """Remove what an interrupted writer left: checkpoint and log temporaries, and a lock that a
         run killed while taking it over had renamed aside (once its lease has run out: a younger one
-        is a live run's lock on its way back)."""
+        is a live run's lock on its way back). Only the names a run writes: a checkpoint dir of a
+        user's own may hold their ``notes.tmp`` or ``report.old-2023``."""
         roots = [self.path, self.path / "checkpoints", self.path / "global", self.path / "global" / "checkpoints"]
         if self.checkpoint_dir is not None:
             roots += [self.checkpoint_dir, self.checkpoint_dir / "global"]
@@ -639,7 +646,7 @@ class RunDir(Held):
             if not root.is_dir():
                 continue
             for p in root.iterdir():
-                if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp"):
+                if _TEMPORARY.fullmatch(p.name) or (root == self.path and p.name in _LOG_TEMPORARIES):
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
                     else:

@@ -472,6 +472,17 @@ def test_stale_temporaries_are_cleaned_when_claimed(tmp_path):
     with claim(load_config(_flags(tmp_path, "--resume=auto"))):
         pass
     assert not (run / "checkpoints" / ".ckpt-00000004.tmp-999").exists() and not (run / "rollouts.tmp").exists()
+    # only the names a run writes: a checkpoint dir given by the user may hold files of theirs
+    # (before, whatever had .tmp, .tmp- or .old- in its name went: notes.tmp, report.old-2023)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    theirs = ["notes.tmp", "report.old-2023", "build.tmp-cache", "thesis.tex", "rollouts.tmp"]
+    for name in theirs:
+        (shared / name).write_text("theirs")
+    (shared / ".ckpt-00000002.tmp-77").mkdir()  # an upload cut short: the run's
+    with claim(load_config(_flags(tmp_path, "--experiment.name=s", f"--learner.checkpoint_dir={shared}"))):
+        pass
+    assert sorted(p.name for p in shared.iterdir()) == sorted(theirs)
 
 
 # -- with Ray: runs, resumes, damage ------------------------------------------------------------------
