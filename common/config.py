@@ -92,7 +92,7 @@ class ExperimentConfig(Section):
     @field_validator("output_dir", mode="before")
     @classmethod
     def _output_dir_given(cls, value: Any) -> Any:
-        return _not_blank(value, "give a directory, '.' for the current one")
+        return home(_not_blank(value, "give a directory, '.' for the current one"))
 
     @field_validator("name")
     @classmethod
@@ -105,6 +105,15 @@ class ExperimentConfig(Section):
         if any(len(p.encode()) > 255 for p in parts):  # NAME_MAX of every common filesystem
             raise ValueError(f"each part must be at most 255 bytes (a directory name), got {name[:40]!r}...")
         return name
+
+
+def home(value: Any) -> Any:
+    """A path given as ``~/runs`` (or ``~user/runs``) with the home directory in place, as the shell
+    puts it where the path is a word of its own: after ``=`` (``--experiment.output_dir=~/runs``)
+    the shell leaves it, and the run dir was ``./~/runs``, a directory named ``~`` here."""
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return Path(value).expanduser() if isinstance(value, Path) else str(Path(value).expanduser())
+    return value
 
 
 def _not_blank(value: Any, instead: str) -> Any:
@@ -208,6 +217,11 @@ class DiffusersSection(Section):
     eval_prompt_file: Path | None = Field(
         None, description="Held-out prompts, one per line (None: the built-in held-out list)."
     )
+
+    @field_validator("prompt_file", "eval_prompt_file", mode="before")
+    @classmethod
+    def _prompt_file_home(cls, value: Any) -> Any:
+        return home(value)
 
     @field_validator("prompt_file", "eval_prompt_file")
     @classmethod
@@ -558,7 +572,7 @@ class LearnerConfig(Section):
     @field_validator("checkpoint_dir", mode="before")
     @classmethod
     def _checkpoint_dir_given(cls, value: Any) -> Any:
-        return _not_blank(value, "give a path or a URL, or leave it out for <run dir>/checkpoints")
+        return home(_not_blank(value, "give a path or a URL, or leave it out for <run dir>/checkpoints"))
 
     eval_every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     eval_prompts: list[str] | None = Field(None, description="Held-out prompts (None: the backend's eval prompts).")
@@ -1081,7 +1095,7 @@ def given_path(text: str) -> Path:
     flag given an unset variable (``--out "$OUT"``) would write there without a word."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is blank (an unset variable in the command?): give a path, '.' for here")
-    return Path(text)
+    return home(Path(text))
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

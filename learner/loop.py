@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -144,8 +144,9 @@ def init_ray(cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, **cfg.init_kwargs}
-    if "RAY_ADDRESS" not in os.environ and "address" not in kwargs:
-        # resources only describe a cluster this call starts; a joined cluster has its own
+    if "RAY_ADDRESS" not in os.environ and "address" not in kwargs and _running_cluster() is None:
+        # resources only describe a cluster this call starts; a joined cluster has its own (one that
+        # ``ray start`` started on this machine too: ray.init refused them there, a traceback)
         kwargs.update({k: v for k, v in (("num_cpus", cfg.num_cpus), ("num_gpus", cfg.num_gpus)) if v is not None})
     source = "ray.init_kwargs.address" if kwargs.get("address") else "RAY_ADDRESS"
     address = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
@@ -160,6 +161,18 @@ def init_ray(cfg: RayConfig) -> bool:
         ray.shutdown()
         raise Terminated if signal.SIGTERM in stopped else KeyboardInterrupt
     return True
+
+
+def _running_cluster() -> str | None:
+    """The address of the cluster that ``ray.init()`` with no address joins (one that ``ray start``
+    started on this machine), as Ray finds it; None where it starts its own (or Ray cannot say)."""
+    try:
+        from ray._private import services
+
+        find: Any = services.canonicalize_bootstrap_address  # typed for a str; None is what ray.init passes
+        return find(None)
+    except Exception:  # noqa: BLE001 - a private function: without it, ray.init decides alone
+        return None
 
 
 @contextlib.contextmanager
@@ -358,7 +371,7 @@ def train(
     ``actors`` (``start_actors``, for the same config but the policy's variant), which the caller
     keeps. It resumes where ``cfg.resume`` says (``find_resume``), or from ``resume`` where the
     caller has found it already."""
-    check_scorers(cfg)
+    check_before_start(cfg)
     if actors is not None:
         actors.check_fits(cfg)
     rd = owner or claim(cfg)
@@ -367,6 +380,14 @@ def train(
     finally:
         if owner is None:
             rd.release()
+
+
+def check_before_start(cfg: Config) -> None:
+    """What can be refused before the run dir is claimed (where ``--overwrite`` clears the earlier
+    run) and Ray starts: the rewards and metrics (``check_scorers``), and the learner's device, a
+    GPU this process does not see (it was found after the actors had started)."""
+    check_scorers(cfg)
+    _device(cfg.learner.device)
 
 
 def check_scorers(cfg: Config) -> None:

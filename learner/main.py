@@ -36,9 +36,9 @@ def run(cfg: Config) -> None:
 
     from common.rundir import claim
     from learner.evaluate import Schedule
-    from learner.loop import check_scorers, find_resume, init_ray, start_actors, train
+    from learner.loop import check_before_start, find_resume, init_ray, start_actors, train
 
-    check_scorers(cfg)  # before the run dir is claimed
+    check_before_start(cfg)  # before the run dir is claimed (--overwrite clears it)
     owner = claim(cfg)  # the whole run dir, the global run's too, is this process's until it ends
     started = False
     actors = None

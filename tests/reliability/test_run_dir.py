@@ -72,6 +72,17 @@ def test_a_finished_run_is_not_overwritten_without_being_told(capsys, tmp_path):
     assert _snapshot(tmp_path / "r") == before and not (tmp_path / "r" / LOCK).exists()
 
 
+def test_overwrite_with_a_device_this_process_does_not_see_keeps_the_earlier_run(capsys, tmp_path):
+    """learner.device was resolved once the actors had started, after --overwrite had removed the
+    earlier run: a mistyped device cost the run it was meant to replace only once the new one ran."""
+    _fake_run(tmp_path / "r")
+    before = _snapshot(tmp_path / "r")
+    assert main(_flags(tmp_path, "--overwrite", "--learner.device=cuda:99")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: learner.device: device 'cuda:99': this process sees ") and err.count("\n") == 1
+    assert _snapshot(tmp_path / "r") == before, "nothing removed"
+
+
 def test_a_second_live_run_is_refused(capsys, tmp_path):
     (tmp_path / "r").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

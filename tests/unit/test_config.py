@@ -240,6 +240,37 @@ def test_no_environment_variable_changes_a_run(monkeypatch):
     assert load_config(["--overwrite"]).overwrite is True  # the flags still count
 
 
+def test_a_cluster_running_on_this_machine_is_joined_without_the_resources_of_one_to_start(monkeypatch):
+    """``ray start --head``, then a run with ray.num_cpus: ray.init() joins that cluster, and refused
+    the resources (a traceback: 'When connecting to an existing cluster, num_cpus and num_gpus must
+    not be provided'); they describe a cluster the run starts, as the field says."""
+    import ray
+
+    from learner import loop
+
+    calls: list[dict] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    ray_cfg = load_config(["--ray.num_cpus=2", "--ray.num_gpus=0"]).ray
+    monkeypatch.setattr(loop, "_running_cluster", lambda: None)
+    assert loop.init_ray(ray_cfg) is True
+    monkeypatch.setattr(loop, "_running_cluster", lambda: "10.0.0.1:6379")
+    assert loop.init_ray(ray_cfg) is True
+    assert calls == [{"include_dashboard": False, "num_cpus": 2, "num_gpus": 0}, {"include_dashboard": False}]
+
+
+def test_a_path_given_from_the_home_directory_is_read_from_there():
+    """After '=' the shell leaves '~' as it is: --experiment.output_dir=~/runs made a directory
+    named '~' in the current one (a later 'rm -rf ~' to clean it up removes the home)."""
+    from common.config import given_path
+
+    cfg = load_config(["--experiment.output_dir=~/runs", "--learner.checkpoint_dir=~/ck"])
+    assert (cfg.experiment.output_dir, cfg.learner.checkpoint_dir) == (Path.home() / "runs", str(Path.home() / "ck"))
+    assert load_config(["--learner.checkpoint_dir=s3://bucket/~run"]).learner.checkpoint_dir == "s3://bucket/~run"
+    assert given_path("~/runs/x") == Path.home() / "runs" / "x"  # the tools' --run, --out
+
+
 def test_ray_init_kwargs_are_arguments_of_ray_init():
     with pytest.raises(ConfigError, match=r"ray.init_kwargs: 'bogus': not an argument of ray.init \(it takes address,"):
         load_config(['--ray.init_kwargs={"bogus": 1}'])
