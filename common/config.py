@@ -1028,8 +1028,10 @@ def format_validation_error(e: ValidationError) -> str:
             got[where] = f" (got {err['input']!r})"
         said = lines.setdefault(where, [])
         said.append(msg.removeprefix("Input should be ") if said and msg.startswith("Input should be ") else msg)
-    out = [f"  {w}: {' or '.join(m)}{got.get(w, '')}" if w else f"  {' '.join(m)}" for w, m in lines.items()]
-    return "invalid config:\n" + "\n".join(out)  # a check of the whole config (no location) names its fields
+    out = [f"{w}: {' or '.join(m)}{got.get(w, '')}" if w else " ".join(m) for w, m in lines.items()]
+    if len(out) == 1:  # one mistake: one line
+        return f"invalid config: {out[0]}"
+    return "invalid config:\n" + "\n".join(f"  {line}" for line in out)  # a whole-config check names its fields
 
 
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
@@ -1181,7 +1183,8 @@ def _field_kind(path: list[str]) -> str | None:
 def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str], Any]]]:
     """Take the flags that give a list or a mapping (``--rollout.k_schedule={5000: 32}``,
     ``--rewards=[{name: hps}]``, ``--rollout.k_schedule={}``) out of ``argv``, each value read as
-    the config file is read: YAML, so flow style or JSON. Each replaces what the file gives there,
+    the config file is read: YAML, so flow style or JSON (a list of texts given one bare text: that
+    text, commas and all: a prompt). Each replaces what the file gives there,
     as a number given as a flag does; pydantic-settings would merge a mapping key by key into the
     file's (``{}`` would change nothing), read ``[]`` as a list of one empty string and refuse
     YAML. A mapping given for a section (``--rollout={k: 4}``) sets what it names, as the
@@ -1198,6 +1201,19 @@ def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str],
         name, eq, text = arg.partition("=")
         path = name[2:].split(".")
         kind = _field_kind(path) if eq and name.startswith("--") else None
+        if kind == "value" and _field_annotation(path) == list[str] and not text.lstrip().startswith("["):
+            # a list of texts (prompts) given one bare text: that text, whole; pydantic-settings
+            # split it at its commas ('a red fox, oil painting' was two prompts)
+            rest = [a for a in rest if not sets(a, path)]
+            found.append((path, [text]))
+            continue
+        mapping = _field_annotation(path) if kind == "value" else None
+        if typing.get_origin(mapping) is dict and not text.lstrip().startswith("{") and "=" not in text:
+            example = "{3000: 8}" if typing.get_args(mapping)[0] is int else "{key: value}"
+            raise ConfigError(  # pydantic-settings read it as key=value pairs: "not enough values to unpack"
+                f"invalid command line: {name}={text}: give a mapping as in the file, e.g. {name}='{example}'"
+                f" ({name}='{{}}' for none)"
+            )
         if kind is None or not text.lstrip().startswith(("[", "{")):
             rest.append(arg)
             continue

@@ -74,13 +74,14 @@ def read_capped(path: Path, what: str, limit: int, hint: str = "") -> bytes:
 
 
 def read_prompt_file(path: Path | str) -> list[str]:
-    """The prompts of a UTF-8 text file, one per line, blank lines skipped; checked as above."""
+    """The prompts of a UTF-8 text file, one per line, blank lines skipped; checked as above. A
+    byte-order mark at its start (a file saved by Notepad) is not part of its first prompt."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"prompt file {path} does not exist")
     data = read_capped(path, "prompt file", MAX_PROMPT_FILE_BYTES)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}, line {line})") from None

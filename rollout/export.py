@@ -95,7 +95,8 @@ def _settings(section: Any, common: dict[str, Any], call: dict[str, Any]) -> Any
     try:
         return section(**common, **extra)
     except ValidationError as e:  # the config's own wording, its lines after the heading in one
-        why = "; ".join(line.strip() for line in format_validation_error(e).splitlines()[1:])
+        said = format_validation_error(e).removeprefix("invalid config:")
+        why = "; ".join(line.strip() for line in said.splitlines() if line.strip())
         raise ValueError(f"PipelineSchedule: {why}") from None
 
 

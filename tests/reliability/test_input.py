@@ -102,8 +102,8 @@ def test_a_field_of_either_kind_is_one_line_without_pydantic_s_names_for_them(ca
     """A number or 'auto': was two lines, 'rollout.num_workers.constrained-int: ...' and
     "rollout.num_workers.literal['auto']: ..."."""
     err = _fails(capsys, [f"--experiment.output_dir={tmp_path}", "--rollout.num_workers=-3"], "rollout.num_workers")
-    assert err.strip().splitlines()[1:] == [
-        "  rollout.num_workers: Input should be greater than or equal to 1 or 'auto' (got '-3')"
+    assert err.strip().splitlines() == [
+        "error: invalid config: rollout.num_workers: Input should be greater than or equal to 1 or 'auto' (got '-3')"
     ]
 
 
@@ -260,6 +260,16 @@ def test_bad_prompt_files_fail_at_startup(capsys, tmp_path, data, needle):
         ["--sampler.backend=flux", f"--sampler.flux.eval_prompt_file={tmp_path / 'missing.txt'}"],
         "does not exist",
     )
+
+
+def test_a_prompt_file_s_byte_order_mark_is_not_part_of_its_first_prompt(tmp_path):
+    """A file saved by Notepad starts with a byte-order mark, which was kept in its first prompt
+    ('\ufeffa cat'): another prompt for T5 and CLIP, without a word."""
+    from common.prompts import read_prompt_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a cat\r\na dog\r\n".encode("utf-8-sig"))
+    assert read_prompt_file(path) == ["a cat", "a dog"]
 
 
 def test_resume_takes_auto_or_a_checkpoint_and_excludes_overwrite(capsys, tmp_path):

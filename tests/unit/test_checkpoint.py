@@ -170,7 +170,7 @@ def test_a_damaged_run_is_one_line_naming_its_file(tmp_path):
     config = run / "config.yaml"
     config.write_text(config.read_text() + "old_section: {a: 1}\n")
     with pytest.raises(
-        ConfigError, match=r"^the run's config .*/run/config.yaml: invalid config:\n  old_section: unknown key"
+        ConfigError, match=r"^the run's config .*/run/config.yaml: invalid config: old_section: unknown key"
     ):
         load_run_config(run)
     config.write_text("")

@@ -184,6 +184,10 @@ def test_cli_mistakes_exit_2_without_traceback(tmp_path: Path):
     assert res.returncode == 2
     assert "rollout.k" in res.stderr and "rollout.colour: unknown key" in res.stderr
     assert "Traceback" not in res.stderr
+    res = _cli("--rollout.k=0")  # one mistake: one line (it was a heading, then the field)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: invalid config: rollout.k: Input should be greater than or equal to 2 (got '0')"
+    ]
     res = _cli("--rollout.nope=3")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     # one line, not the usage of every field before it
@@ -269,6 +273,33 @@ def test_a_path_given_from_the_home_directory_is_read_from_there():
     assert (cfg.experiment.output_dir, cfg.learner.checkpoint_dir) == (Path.home() / "runs", str(Path.home() / "ck"))
     assert load_config(["--learner.checkpoint_dir=s3://bucket/~run"]).learner.checkpoint_dir == "s3://bucket/~run"
     assert given_path("~/runs/x") == Path.home() / "runs" / "x"  # the tools' --run, --out
+
+
+def test_a_prompt_given_bare_on_the_command_line_is_one_prompt_commas_and_all():
+    """pydantic-settings splits a bare list value at its commas: the docs' own prompt 'a red fox in
+    the snow, oil painting' became two prompts, 'a red fox in the snow' and 'oil painting'."""
+    fox = "a red fox in the snow, oil painting"
+    assert load_config([f"--learner.eval_prompts={fox}"]).learner.eval_prompts == [fox]
+    assert load_config(["--learner.train_prompts", fox]).learner.train_prompts == [fox]
+    assert load_config([f'--learner.eval_prompts=["{fox}", "a cat"]']).learner.eval_prompts == [fox, "a cat"]
+    assert load_config(["--learner.eval_prompts=a", "--learner.eval_prompts=b"]).learner.eval_prompts == ["b"]
+    assert load_config(["--policy.widths=8,8,16,16"]).policy.widths == [8, 8, 16, 16]  # numbers: as before
+    with pytest.raises(ConfigError, match="eval_prompts"):
+        load_config(["--learner.eval_prompts= "])
+
+
+def test_a_mapping_flag_given_a_bare_value_says_how_to_give_one():
+    """--rollout.k_schedule=3 said 'Parsing error encountered for rollout.k_schedule: not enough
+    values to unpack (expected 2, got 1)'."""
+    with pytest.raises(ConfigError) as e:
+        load_config(["--rollout.k_schedule=3"])
+    assert str(e.value) == (
+        "invalid command line: --rollout.k_schedule=3: give a mapping as in the file, e.g."
+        " --rollout.k_schedule='{3000: 8}' (--rollout.k_schedule='{}' for none)"
+    )
+    with pytest.raises(ConfigError, match=r"--ray.init_kwargs='\{key: value\}'"):
+        load_config(["--ray.init_kwargs=x"])
+    assert load_config(["--rollout.k_schedule=3000=8"]).rollout.k_schedule == {3000: 8}  # pydantic-settings' own
 
 
 def test_ray_init_kwargs_are_arguments_of_ray_init():
