@@ -211,6 +211,38 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
     return json.loads((ckpt / "state.json").read_text())
 
 
+def check_policy_fits(ckpt: Path, policy_kwargs: dict[str, Any]) -> None:
+    """A ConfigError, as ``load_checkpoint`` words it, where the weights of ``ckpt`` do not fit the
+    policy that ``policy_kwargs`` build: found before anything is trained or written (a sampler
+    setting that changes the policy's inputs, the toy's token_dim or an SD model of another
+    family, is no field of the config's own that a resume compares). Read from the file's header
+    and a policy built on the meta device: no weights are loaded or allocated."""
+    from safetensors import safe_open
+
+    from common.policy import SchedulePolicy
+
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in SchedulePolicy(**policy_kwargs).state_dict().items()}
+    with safe_open(str(ckpt / "policy" / "model.safetensors"), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - a safetensors handle
+    if saved != wanted:
+        from common.config import ConfigError
+
+        shapes = [
+            f"{k} of shape {saved[k]} where this policy has {wanted[k]}"
+            for k in wanted
+            if saved.get(k, wanted[k]) != wanted[k]
+        ]
+        names = [f"{k} not in this policy" for k in sorted(set(saved) - set(wanted))]
+        names += [f"no {k}" for k in sorted(set(wanted) - set(saved))]
+        differ = shapes + names
+        why = f"{len(differ)} of its tensors differ, e.g. {differ[0]}" if len(differ) > 1 else differ[0]
+        raise ConfigError(
+            f"checkpoint {ckpt} holds another policy's weights ({why}): a sampler setting that shapes the policy's"
+            " inputs changed since (resume with the run's own sampler settings)"
+        )
+
+
 def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     """The ``extra`` tensors ``name`` of checkpoint ``ckpt`` (None if it has none)."""
     path = ckpt / f"{name}.safetensors"

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import (
     CheckpointStore,
+    check_policy_fits,
     fsync_path,
     load_checkpoint,
     load_run_config,
@@ -573,17 +574,29 @@ def _train(
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(cfg.checkpoint_root)
-    logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
-    if resume is not None and not (resume.fork and resume.source is None):
-        logged = _trim_logs(run_dir, resume.state, resume.source)
-        if not resume.fork and resume.store is not None and str(resume.store) == str(store):
-            aside = store.set_aside_after(resume.checkpoint.name)  # an earlier checkpoint: the line after it is left
-            if aside is not None:
-                print(f"resuming from {resume.checkpoint.name}: the later checkpoints of the run are moved to {aside}")
-    else:
-        for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted: the run dir is written from here
+
+    def begin() -> int:
+        """The run dir is written from here, once the actors are up, the checks passed and the
+        checkpoint resumed from is loaded (a run that cannot start leaves the run dir as it was:
+        before, a resume refused at the checkpoint's weights had its logs trimmed and the run's
+        config.yaml replaced by the config refused). Returns the rollouts in the log so far."""
+        logged = 0
+        if resume is not None and not (resume.fork and resume.source is None):
+            logged = _trim_logs(run_dir, resume.state, resume.source)
+            if not resume.fork and resume.store is not None and str(resume.store) == str(store):
+                aside = store.set_aside_after(
+                    resume.checkpoint.name
+                )  # an earlier checkpoint: the line after it is left
+                if aside is not None:
+                    print(
+                        f"resuming from {resume.checkpoint.name}: the later checkpoints of the run are moved to {aside}"
+                    )
+        else:
+            for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted
+        return logged
+
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     # rollouts under way, in iteration order: the next iteration's (on policy), the next two (one
@@ -623,12 +636,14 @@ def _train(
         _warn_prompt_overlap(stream.prompts, [c.prompt for c in held_out])
         start, version = 0, 0
         if resume is not None:
+            check_policy_fits(resume.checkpoint, rollouts.policy_kwargs())  # a sampler setting changed since: named
             state = load_checkpoint(resume.checkpoint, policy, optimizer)
             start, version, stream.cursor = state["iteration"], state["version"], state["cursor"]
             print(f"resumed from {resume.checkpoint} at iteration {start}")
             if resume.fork:
                 logs = _copied_logs(resume.source)
                 print(f"a new run from another run's checkpoint: {run_dir} starts at iteration {start}, {logs}")
+        logged = begin()  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 

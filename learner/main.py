@@ -34,6 +34,7 @@ STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 def run(cfg: Config) -> None:
     import ray
 
+    from common.checkpoint import check_policy_fits
     from common.rundir import claim
     from learner.evaluate import Schedule
     from learner.loop import check_before_start, find_resume, init_ray, start_actors, train
@@ -54,6 +55,8 @@ def run(cfg: Config) -> None:
         to_beat = {}
         if g is not None:
             actors = start_actors(cfg)  # both policies are trained on them: each model loads once
+            if resume is not None:  # the run's checkpoint fits its policy: found before the global baseline trains
+                check_policy_fits(resume.checkpoint, actors.rollouts.policy_kwargs())
             print("training the learned global schedule (the baseline to beat) ...")
             res = train(g, final_eval=False, actors=actors, resume=g_resume)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())

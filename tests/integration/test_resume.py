@@ -194,6 +194,33 @@ def test_resume_refuses_a_config_that_matters(ray_local, tmp_path):
     assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_resume_across_a_sampler_setting_that_reshapes_the_policy_leaves_the_run_as_it_was(
+    ray_local, tmp_path, capsys
+):
+    """A sampler setting that changes the policy's inputs (the toy's token_dim; digits' emb_dim; an
+    SD model of another family) is no field a resume compares by name: with --resume_changes
+    the global baseline trained on, then the checkpoint's weights were refused, after the logs
+    had been trimmed and config.yaml replaced by the refused config (generate then failed in a
+    traceback, a plain --resume auto was refused)."""
+    flags = [*FLAGS, f"--experiment.output_dir={tmp_path}", "--learner.iterations=2", "--learner.global_baseline=true"]
+    assert main(flags) == 0
+    run = tmp_path / "r"
+    before = {
+        str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts
+    }
+    capsys.readouterr()
+    reshaped = ["--resume=auto", "--resume_changes=true", "--sampler.toy.token_dim=32", "--learner.iterations=4"]
+    assert main([*flags, *reshaped]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {run / 'checkpoints' / 'ckpt-00000002'} holds another")
+    assert "a sampler setting that shapes the policy's inputs changed since" in err[0]
+    after = {
+        str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts
+    }
+    assert after == before, "nothing of the run changed: its logs, config, checkpoints, the global baseline's"
+    assert main([*flags, "--resume=auto", "--learner.iterations=3"]) == 0  # the run goes on as it was
+
+
 def test_resume_from_checkpoints_on_an_fsspec_url(uninterrupted, tmp_path):
     flags = FLAGS + [f"--experiment.output_dir={tmp_path}", f"--learner.checkpoint_dir=memory://ck-{tmp_path.name}"]
     train(load_config(flags + ["--learner.iterations=3"]))
