@@ -703,7 +703,8 @@ class Config(BaseSettings):
         False, description="Allow --resume with a config that differs from the checkpoint's in a field that matters."
     )
     overwrite: bool = Field(
-        False, description="Delete what an earlier run left in the run dir (and its checkpoints) and start afresh."
+        False,
+        description="Replace the earlier run in the run dir (its checkpoints too): removed once this run has started.",
     )
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Name, seed, output.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="The frozen sampler.")

@@ -615,6 +615,8 @@ class RunDir(Held):
             dirs.append((checkpoint_url, "checkpoint dir", "learner.checkpoint_dir", "run"))
         super().__init__(dirs, log, made)
         self.path, self.checkpoint_dir, self.checkpoint_url = path, checkpoint_dir, checkpoint_url
+        #: --overwrite: the earlier run is here until this one has started (``clear_earlier``)
+        self.earlier = False
 
     def __enter__(self) -> RunDir:
         return self
@@ -658,12 +660,28 @@ class RunDir(Held):
         if self.checkpoint_url is not None:
             self._store().clean()
 
-    def clear(self) -> None:
-        """--overwrite: remove every artefact of the earlier run (its checkpoints too, and its
-        evaluation: refused, before anything is removed, while an evaluation writes it)."""
+    def _check_evaluation_free(self) -> None:
+        """A ConfigError naming the live evaluation that writes the earlier run's evaluation dir."""
         evaluation = self.path / EVALUATION
         if evaluation.is_dir():
             hold(evaluation, "the earlier run's evaluation dir", "experiment.name", "evaluation").release()
+
+    def clear_earlier(self) -> None:
+        """--overwrite: the earlier run is removed now, once this one has started (its actors up, its
+        checks passed), so that a run that cannot start leaves it as it was (before, the claim
+        removed it: a device, a GPU share or a reward that could not start cost the run it was to
+        replace, and no run took its place). Nothing where there was no earlier run."""
+        if self.earlier:
+            self.log(f"--overwrite: removing the earlier run in {self.path}")
+            self.clear()
+            self.earlier = False
+
+    def clear(self) -> None:
+        """--overwrite: remove every artefact of the earlier run (its checkpoints too, and its
+        evaluation: refused, before anything is removed, while an evaluation writes it)."""
+        self._check_evaluation_free()
+        evaluation = self.path / EVALUATION
+        if evaluation.is_dir():
             shutil.rmtree(evaluation)
         for name in (*ARTEFACTS, "config.yaml", "tb", "schedules.png", "reward_curve.png", "samples.png"):
             p = self.path / name
@@ -784,8 +802,9 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
                     f"run dir {path} already holds a run ({', '.join(found)}): pass --resume auto to continue it,"
                     " --overwrite to replace it, or choose a new experiment.name"
                 )
-            log(f"--overwrite: removing the earlier run in {path}")
-            rd.clear()
+            rd._check_evaluation_free()  # refused now, before anything starts
+            log(f"--overwrite: the earlier run in {path} is removed once this run has started")
+            rd.earlier = True
         rd.clean_temporaries()
     except BaseException:
         rd.release()

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -377,7 +377,8 @@ def train(
         actors.check_fits(cfg)
     rd = owner or claim(cfg)
     try:
-        return _train(cfg, find_resume(cfg) if resume == "find" else resume, baselines_to_beat, final_eval, actors)
+        resumed = find_resume(cfg) if resume == "find" else resume
+        return _train(cfg, resumed, baselines_to_beat, final_eval, actors, rd.clear_earlier)
     finally:
         if owner is None:
             rd.release()
@@ -570,7 +571,10 @@ def _train(
     baselines_to_beat: dict[str, Schedule] | None,
     final_eval: bool,
     actors: Actors | None,
+    started: Callable[[], None],
 ) -> RunResult:
+    """``started``: called once the run has started (its actors up, its checks passed, its
+    checkpoint loaded), before it writes its run dir (--overwrite removes the earlier run then)."""
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(cfg.checkpoint_root)
@@ -580,6 +584,7 @@ def _train(
         checkpoint resumed from is loaded (a run that cannot start leaves the run dir as it was:
         before, a resume refused at the checkpoint's weights had its logs trimmed and the run's
         config.yaml replaced by the config refused). Returns the rollouts in the log so far."""
+        started()
         logged = 0
         if resume is not None and not (resume.fork and resume.source is None):
             logged = _trim_logs(run_dir, resume.state, resume.source)

@@ -57,6 +57,7 @@ def run(cfg: Config) -> None:
             actors = start_actors(cfg)  # both policies are trained on them: each model loads once
             if resume is not None:  # the run's checkpoint fits its policy: found before the global baseline trains
                 check_policy_fits(resume.checkpoint, actors.rollouts.policy_kwargs())
+            owner.clear_earlier()  # --overwrite: the actors are up; the global baseline's dir is cleared for it
             print("training the learned global schedule (the baseline to beat) ...")
             res = train(g, final_eval=False, actors=actors, resume=g_resume)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
@@ -81,7 +82,7 @@ def global_run(cfg: Config) -> Config | None:
     g.learner.lr = cfg.learner.global_lr
     g.experiment.name = f"{cfg.experiment.name}/global"
     g.resume = None  # set by the caller: the global run resumes from its own checkpoints
-    g.overwrite = False  # the run's claim cleared its run dir, the global one's too, where asked to
+    g.overwrite = False  # the run clears its run dir, the global one's too, where asked to (RunDir.clear_earlier)
     if cfg.learner.checkpoint_dir is not None:  # its checkpoints apart from the main run's
         g.learner.checkpoint_dir = cfg.learner.checkpoint_dir.rstrip("/") + "/global"
     return g

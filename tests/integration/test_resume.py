@@ -212,7 +212,8 @@ def test_a_resume_across_a_sampler_setting_that_reshapes_the_policy_leaves_the_r
     reshaped = ["--resume=auto", "--resume_changes=true", "--sampler.toy.token_dim=32", "--learner.iterations=4"]
     assert main([*flags, *reshaped]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {run / 'checkpoints' / 'ckpt-00000002'} holds another")
+    checkpoint = run / "checkpoints" / "ckpt-00000002"
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {checkpoint} holds another policy's weights")
     assert "a sampler setting that shapes the policy's inputs changed since" in err[0]
     after = {
         str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts

@@ -128,7 +128,9 @@ def test_overwrite_removes_the_earlier_runs_evaluation_unless_one_is_writing_it(
     finally:
         holder.kill()
         holder.wait()
-    with claim(load_config(_flags(tmp_path, "--overwrite"))):  # its evaluation gone: the earlier run's with it
+    with claim(load_config(_flags(tmp_path, "--overwrite"))) as rd:  # its evaluation gone: the earlier run's with it
+        assert (run / "metrics.jsonl").exists(), "kept until the run has started"
+        rd.clear_earlier()
         assert not (run / "evaluation").exists() and not (run / "metrics.jsonl").exists()
 
 
@@ -414,8 +416,8 @@ def test_another_runs_files_are_never_this_runs_to_overwrite(tmp_path):
     assert _snapshot(tmp_path) == before, "nothing of the other runs changed"
     with claim(
         load_config(_flags(tmp_path, "--experiment.name=a", f"--learner.checkpoint_dir={shared}", "--overwrite"))
-    ):
-        pass  # its own checkpoints, elsewhere: replaced as asked
+    ) as rd:
+        rd.clear_earlier()  # its own checkpoints, elsewhere: replaced as asked, once the run has started
     assert not list(shared.glob("ckpt-*"))
     # the run dir of this process's own run holds its global baseline's run
     with claim(load_config(_flags(tmp_path, "--experiment.name=mine"))):
@@ -525,6 +527,20 @@ def test_overwrite_replaces_the_run(finished, tmp_path, capsys):
     assert max(r.iteration for r in recs) == 1 and len(recs) == 2 * 4 * 2
     assert not (out / "r" / "tb" / "junk").exists()
     assert sorted(p.name for p in (out / "r" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002"]
+
+
+@ray_needed
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_started(finished, tmp_path, capsys):
+    """--overwrite removed the earlier run as the run dir was claimed, before Ray and the actors
+    started: a worker that could not start (a device it does not see, a GPU share, a sampler's
+    model) cost the run it was to replace, and no run took its place."""
+    out = _copy(finished, tmp_path)
+    before = _snapshot(out / "r")
+    flags = _flags(out, "--overwrite", "--learner.iterations=2", "--ray.num_cpus=2", "--rollout.policy_device=cuda:99")
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: rollout worker 0 could not start: ") and "cuda:99" in err[0]
+    assert _snapshot(out / "r") == before, "the earlier run is as it was"
 
 
 @ray_needed
@@ -691,7 +707,8 @@ def test_a_checkpoint_dir_on_shared_storage_is_owned_by_its_run(tmp_path):
     with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--resume=auto"))):
         assert not fs.exists(f"/ck-{tmp_path.name}/.ckpt-00000008.tmp-99"), "an upload cut short is removed"
         assert fs.exists(f"/ck-{tmp_path.name}/ckpt-00000006/state.json")
-    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--overwrite"))):
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={url}", "--overwrite"))) as rd:
+        rd.clear_earlier()
         root = f"/ck-{tmp_path.name}"
         left = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
         assert left == [LOCK], "the earlier run's checkpoints are removed; the run's lock is there"
@@ -770,7 +787,8 @@ def test_overwrite_clears_the_global_schedule_s_checkpoints_in_a_checkpoint_dir_
     for d in (ck / "ckpt-00000002", ck / "global" / "ckpt-00000004"):
         d.mkdir(parents=True)
     (ck / "global" / "latest").write_text("ckpt-00000004\n")
-    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={ck}", "--overwrite"))):
+    with claim(load_config(_flags(tmp_path, f"--learner.checkpoint_dir={ck}", "--overwrite"))) as rd:
+        rd.clear_earlier()
         assert not list(ck.rglob("ckpt-*")) and not (ck / "global" / "latest").exists()
 
 
