@@ -58,6 +58,11 @@ class WorkersLost(RunStopped):
     """Fewer live rollout workers (or reward servers) than the run needs."""
 
 
+class AttemptsSpent(WorkersLost):
+    """A unit of work failed on dead actors ``rollout.max_attempts`` times: the message names the
+    actor, the prompts and the last error, in one line."""
+
+
 class TimedOut(RunStopped):
     """A unit of work stalled twice on an actor: the message names the actor and the prompts."""
 
@@ -1106,7 +1111,12 @@ class Dispatcher:
                 except ACTOR_FAULTS as e:  # a dead worker or reward server: the unit is re-sent whole
                     faults += 1
                     if attempts[rid] >= self.max_attempts:
-                        raise WorkersLost(f"request {rid} failed {attempts[rid]} times; last error: {e}") from e
+                        who = f"rollout worker {p.worker}" if j < 0 else f"reward {self.rewards.specs[j].name!r}"
+                        said = " ".join(str(e).split("\n", 1)[0].split())  # Ray's first line: the rest is ids
+                        raise AttemptsSpent(
+                            f"prompts {shown_prompts(p.prompts)} failed {attempts[rid]} times (rollout.max_attempts;"
+                            f" request {rid}), the last on {who}: {type(e).__name__}: {said}"
+                        ) from e
                     if j < 0:
                         self.rollouts.check(p.worker, stop)
                     else:

@@ -69,6 +69,7 @@ from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
 from learner.groups import (
+    AttemptsSpent,
     Dispatcher,
     InFlight,
     MetricGroup,
@@ -692,6 +693,14 @@ def _train(
                 extra = {"behaviour": drawn_under.weights.tensors()}
             return store.save(iteration, policy, optimizer, state, keep=lc.keep_checkpoints, extra=extra)
 
+        def save_after(i: int, previous: _Sent) -> str:
+            """The checkpoint of the state after iteration ``i`` (``previous``: the weights its update
+            started from)."""
+            if ahead:  # the next rollouts are under way: a resume draws them again, the same
+                return save(i + 1, ahead[0].plan.cursor, ahead[0].sent)
+            # one step off policy, a longer run would draw the next ones under the weights before this update
+            return save(i + 1, stream.cursor, previous if lc.pipeline else None)
+
         if resume is not None and resume.fork:  # the new run's own first checkpoint: --resume auto continues it
             save(start, stream.cursor, behaviour)
 
@@ -724,10 +733,12 @@ def _train(
             try:
                 got = now.job.result()
                 collecting = None  # collected: nothing of it is under way
-            except WorkersLost:
-                # too few actors left: keep what was learned (the state before this iteration)
+            except WorkersLost as e:
+                # too few actors left, or a unit that failed on every try: keep what was learned
+                # (the state before this iteration)
                 ckpt = save(it, now.plan.cursor, now.sent)
-                print(f"stopping: too few live actors; checkpoint {ckpt} written, resume with --resume auto")
+                why = "a unit failed on every try" if isinstance(e, AttemptsSpent) else "too few live actors"
+                print(f"stopping: {why}; checkpoint {ckpt} written, resume with --resume auto")
                 raise
             batches = got.batches
             scores = rewards.combine(got.scored)
@@ -819,23 +830,27 @@ def _train(
                 logged += C * K
 
             # CHECKPOINT and EVALUATION
+            checkpointed = None
             if (it + 1) % lc.checkpoint_every == 0 or it + 1 == lc.iterations:
-                if ahead:  # the next rollouts are under way: a resume draws them again, the same
-                    save(it + 1, ahead[0].plan.cursor, ahead[0].sent)
-                else:  # one step off policy, a longer run would draw the next ones under the weights before this update
-                    save(it + 1, stream.cursor, before if lc.pipeline else None)
+                checkpointed = save_after(it, before)
             if lc.eval_every and (it + 1) % lc.eval_every == 0 and it + 1 < lc.iterations:
                 for under_way in ahead:
                     under_way.job.wait()  # one run at a time on the dispatcher
-                res = evaluate(
-                    dispatcher,
-                    None,
-                    held_out,
-                    L,
-                    version,
-                    current.arg,
-                    {DEFAULT: Schedule("default"), learned: Schedule("mean")},
-                )
+                try:
+                    res = evaluate(
+                        dispatcher,
+                        None,
+                        held_out,
+                        L,
+                        version,
+                        current.arg,
+                        {DEFAULT: Schedule("default"), learned: Schedule("mean")},
+                    )
+                except WorkersLost as e:  # in the evaluation: what was learned is kept, as in a step
+                    ckpt = checkpointed or save_after(it, before)
+                    why = "a unit failed on every try" if isinstance(e, AttemptsSpent) else "too few live actors"
+                    print(f"stopping in an evaluation: {why}; checkpoint {ckpt} written, resume with --resume auto")
+                    raise
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
         made = run_dir / f".policy.tmp-{os.getpid()}"

@@ -13,7 +13,8 @@ import pytest
 from common.codec import read_records
 from common.config import load_config
 from common.messages import RolloutRecord
-from learner.groups import WorkersLost
+from learner import loop
+from learner.groups import AttemptsSpent, WorkersLost
 from learner.loop import train
 from learner.metrics import read_jsonl
 from tests.conftest import actors_now, final_weights, live_pids, same_weights, tiny_overrides
@@ -117,3 +118,44 @@ def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
     assert time.perf_counter() - t0 < 120
     ckpts = sorted((tmp_path / "t" / "checkpoints").glob("ckpt-*"))
     assert ckpts, "the run stops only after writing a checkpoint"
+
+
+def _dying_reward(tmp_path, told, **learner):
+    over = tiny_overrides(
+        tmp_path,
+        rewards=[{"name": "tests.integration.rewards_for_tests:DiesWhenTold", "kwargs": {"told": str(told)}}],
+        rollout={"max_attempts": 2, "max_restarts": 10},
+    )
+    over["learner"] = {**over["learner"], **learner}
+    return load_config([], **over)
+
+
+def test_a_unit_that_fails_on_every_try_is_one_line_naming_it(ray_local, tmp_path, capsys):
+    """A unit whose reward server died on every try stopped the run with 'request <id> failed 2
+    times; last error: ' and Ray's message of the death over several lines (class, actor id, pid,
+    ...), said to be 'too few live actors' though every actor was back."""
+    told = tmp_path / "die"
+    told.touch()
+    with pytest.raises(AttemptsSpent) as e:
+        train(_dying_reward(tmp_path, told))
+    said = str(e.value)
+    assert "\n" not in said and said.startswith("prompts ['class ")
+    assert " failed 2 times (rollout.max_attempts; " in said
+    assert "the last on reward 'tests.integration.rewards_for_tests:DiesWhenTold': Actor" in said
+    assert "stopping: a unit failed on every try; checkpoint" in capsys.readouterr().out
+
+
+def test_a_unit_that_fails_on_every_try_in_an_evaluation_keeps_what_was_learned(ray_local, tmp_path, monkeypatch):
+    """Actors lost in a mid-run evaluation (learner.eval_every) stopped the run without the
+    checkpoint a step writes: the iterations since the last one were lost."""
+    told = tmp_path / "die"
+    real = loop.evaluate
+
+    def evaluate_then_die(*args, **kwargs):
+        told.touch()  # the reward dies from the evaluation on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_die)
+    with pytest.raises(AttemptsSpent):
+        train(_dying_reward(tmp_path, told, iterations=4, checkpoint_every=100, eval_every=3))
+    assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000003"]
