@@ -976,6 +976,24 @@ class Dispatcher:
         # the units of runs sent and not yet over (``start``): a unit sent later waits behind theirs on its worker
         self._sent: list[dict[str, Pending]] = []
         self._sent_lock = threading.Lock()
+        # the scoring calls of attempts given up (re-sent): their results, errors mostly (their
+        # images died with a worker), are read and dropped, or Ray prints each as an "Unhandled
+        # error" traceback on the terminal, over a fault the run survived
+        self._abandoned: list[ray.ObjectRef] = []
+
+    def _abandon(self, p: Pending) -> None:
+        """``p``'s attempt is given up: its scoring calls' results are read as they come (``_drop``)."""
+        self._abandoned += [ref for ref, got in zip(p.scores, p.got, strict=True) if ref is not None and got is None]
+        self._drop()
+
+    def _drop(self, timeout_s: float = 0.0) -> None:
+        """Read, and drop, the results of the abandoned calls that are over (within ``timeout_s``)."""
+        if not self._abandoned:
+            return
+        over, self._abandoned = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=timeout_s)
+        for ref in over:
+            with contextlib.suppress(Exception):  # whatever it is, it is not used
+                ray.get(ref, timeout=0)
 
     def thread(self) -> futures.ThreadPoolExecutor:
         """The one thread that runs ``start``'s requests, kept for the dispatcher's life: handing
@@ -986,10 +1004,13 @@ class Dispatcher:
         return self._thread
 
     def close(self) -> None:
-        """End the thread (after the run on it, if one is under way)."""
+        """End the thread (after the run on it, if one is under way), and drop what is left of the
+        abandoned calls (those over within a second: the rest are the actors')."""
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+        with contextlib.suppress(Exception):  # Ray going down
+            self._drop(timeout_s=1.0)
 
     def _launch(self, request: RolloutRequest, weights: Any, turn: int, live: dict[str, Pending]) -> Pending:
         """Send ``request`` to a live worker (its sampling call only: the caller chains the scoring
@@ -1082,6 +1103,7 @@ class Dispatcher:
 
         def resend(p: Pending) -> None:
             rid = p.request.request_id
+            self._abandon(p)
             attempts[rid] += 1
             del live[rid]
             spans.pop(rid, None)
@@ -1147,6 +1169,7 @@ class Dispatcher:
                     faults += 1
                     resend(p)
         self.faults += faults
+        self._drop()
         kept = [done[r.request_id] for r in requests]
         return Collected(
             batches=[b for b, _, _ in kept],

@@ -80,7 +80,7 @@ def reference(ray_local, tmp_path_factory):
 
 
 @pytest.mark.parametrize("victim", ["RolloutWorker", "RewardServer"])
-def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
+def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim, capfd):
     killer = Killer(victim, kills=3, every_s=1.0, first_after_s=0.0, when=training_started(tmp_path / "faulty"))
     killer.start()
     try:
@@ -94,6 +94,37 @@ def test_killed_actors_change_nothing(ray_local, reference, tmp_path, victim):
     _assert_every_rollout_once(res.run_dir)
     w = final_weights(res.run_dir)
     assert same_weights(reference, w), "faults changed the trained weights"
+    # the scoring calls of the attempts given up are read and dropped: Ray printed each as an
+    # "Unhandled error" traceback on the terminal, over faults the run survived
+    assert "Unhandled error" not in capfd.readouterr().err
+
+
+def test_the_calls_of_an_attempt_given_up_are_read_as_they_end(ray_local):
+    """A unit re-sent after a fault leaves the scoring calls of its first attempt, which fail (their
+    images died with the worker): Ray printed them, unread, as "Unhandled error" tracebacks on
+    the terminal (the run's own check is in test_killed_actors_change_nothing). They are kept
+    and read as they end; a call still under way is kept until it ends."""
+    from types import SimpleNamespace
+
+    from learner.groups import Dispatcher
+
+    @ray_local.remote(num_cpus=0.1)
+    def images_of_a_dead_worker():
+        raise ray_local.exceptions.ActorUnavailableError("the worker is gone", None)
+
+    @ray_local.remote(num_cpus=0.1)
+    def score(images, seconds=0.0):
+        time.sleep(seconds)
+        return images
+
+    dispatcher = Dispatcher.__new__(Dispatcher)
+    dispatcher._abandoned = []
+    failed, slow, done = score.remote(images_of_a_dead_worker.remote()), score.remote(1, 3.0), score.remote(1)
+    ray_local.wait([failed, done], num_returns=2, timeout=30)
+    dispatcher._abandon(SimpleNamespace(scores=[failed, slow, done, None], got=[None, None, 1.0, None]))
+    assert dispatcher._abandoned == [slow], "those over are read at once; a scored one is not the attempt's to drop"
+    dispatcher._drop(timeout_s=30)
+    assert dispatcher._abandoned == []
 
 
 def test_all_workers_dead_is_a_clear_error_not_a_hang(ray_local, tmp_path):
