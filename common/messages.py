@@ -37,6 +37,10 @@ class SamplerSpec(Message):
         default_factory=dict,
         description="The stock pipeline's __call__ settings under which it makes this sampler's images (guidance).",
     )
+    reads: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The pipeline's settings its policy inputs and images are made of (SD's scheduler betas).",
+    )
 
 
 class Context(Message):

@@ -127,13 +127,15 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         time_convention: str | None = None,
         x_shape: Sequence[int] | None = None,
         call_kwargs: dict[str, Any] | None = None,
+        reads: dict[str, Any] | None = None,
     ):
-        """``backbone``, ``pipeline``, ``time_convention``, ``x_shape``, ``call_kwargs``: what the
-        policy was trained for (the sampler backend, the diffusers pipeline class, what its times
-        mean, the shape of the noise it read: the image size, and the pipeline's call settings its
-        images were made under: the guidance), recorded in the saved config so that an export
-        refuses a pipeline it was not trained for, says so at another size, and runs the pipeline
-        as training did (``rollout.export``)."""
+        """``backbone``, ``pipeline``, ``time_convention``, ``x_shape``, ``call_kwargs``, ``reads``:
+        what the policy was trained for (the sampler backend, the diffusers pipeline class, what its
+        times mean, the shape of the noise it read: the image size, the pipeline's call settings its
+        images were made under: the guidance, and the pipeline's settings its inputs and images
+        were made of: SD's scheduler betas, SD3's T5 tokens), recorded in the saved config so that
+        an export refuses a pipeline it was not trained for, says so at another size, and runs the
+        pipeline as training did (``rollout.export``)."""
         super().__init__()
         if input_kind not in ("image", "vector"):
             raise ValueError(f"unknown input_kind {input_kind!r}; expected 'image' ([C, H, W] noise) or 'vector' ([D])")
@@ -153,6 +155,7 @@ class SchedulePolicy(nn.Module, PyTorchModelHubMixin, library_name="steinsched",
         self.backbone, self.pipeline, self.time_convention = backbone, pipeline, time_convention
         self.x_shape = [int(d) for d in x_shape] if x_shape is not None else None
         self.call_kwargs = dict(call_kwargs or {})
+        self.reads = dict(reads) if reads else None  # None: a policy saved before it was recorded
         n_out = steps + 1
         if variant == "global":
             self.h = nn.Parameter(torch.zeros(n_out))
@@ -569,4 +572,5 @@ def policy_kwargs(cfg: PolicyConfig, spec: SamplerSpec, steps: int, default_tau:
         "time_convention": spec.time_convention,
         "x_shape": list(spec.x_shape),
         "call_kwargs": dict(spec.call_kwargs) or None,
+        "reads": dict(spec.reads) or None,
     }

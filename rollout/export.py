@@ -206,6 +206,36 @@ class PipelineSchedule:
         # what the training images were made under, in the pipeline's own names
         self.call_kwargs = {**takes, **given} if trained else given
         self._check_scheduler()
+        self._check_reads()
+
+    def _check_reads(self) -> None:
+        """The pipeline's settings the policy's inputs and its times' images are made of, as in
+        training (``DiffusersFamily.reads``): SD's scheduler betas and initial-noise rule, SD3's T5
+        tokens. Otherwise the same schedule is another image than in training, without a word
+        (SDXL with timestep_spacing='trailing' scaled its initial noise by sigma, not sqrt(sigma^2 + 1);
+        SD3 loaded with text_encoder_3=None gave the policy CLIP tokens for T5 ones)."""
+        trained = getattr(self.policy, "reads", None)
+        if not trained:  # saved before they were recorded
+            return
+        now = self.family.reads()
+        differ = {k: (v, now.get(k)) for k, v in trained.items() if now.get(k) != v}
+        if not differ:
+            return
+        if "text_tokens" in differ:
+            was, has = differ.pop("text_tokens")
+            encoder = "no text_encoder_3" if has == "clip" else "a text_encoder_3"
+            raise ValueError(
+                f"this policy read the {str(was).upper()} text tokens in training; this pipeline has {encoder}, whose"
+                f" {str(has).upper()} tokens the policy never read: load the pipeline with its text encoders as in"
+                " training"
+            )
+        wanted = ", ".join(f"{k}={v!r}" for k, (v, _) in differ.items())
+        has = ", ".join(f"{k}={n!r}" for k, (_, n) in differ.items())
+        raise ValueError(
+            f"this policy was trained with the scheduler's {wanted}; this pipeline's has {has}, under which its"
+            f" times are another image: set pipe.scheduler = {type(self.pipe.scheduler).__name__}.from_config("
+            f"pipe.scheduler.config, {wanted})"
+        )
 
     def _check_text_widths(self) -> None:
         """The policy reads the text encoders' outputs: another width is another model's pipeline

@@ -175,6 +175,12 @@ class DiffusersFamily(Protocol):
         guidance, the negative prompt, the T5 length): a policy records them, an export returns them."""
         ...
 
+    def reads(self) -> dict[str, Any]:
+        """The pipeline's settings the policy's inputs and the images of its times are made of,
+        beyond its class and sizes (SD: the scheduler's betas and initial-noise rule; SD3: whether
+        the text tokens are T5's): a policy records them, an export compares them."""
+        ...
+
     def encode_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
         """Per prompt: the denoiser's conditioning, with ``embeds`` [T, E], ``pooled`` [P] and
         ``span`` (start, length) of the prompt's real tokens in ``embeds``."""
@@ -221,6 +227,7 @@ class DiffusersSampler:
             pipeline=type(self.pipe).__name__,
             time_convention=f.time_convention,
             call_kwargs=f.call_kwargs(),
+            reads=f.reads(),
         )
 
     def default_tau(self, steps: int) -> np.ndarray:

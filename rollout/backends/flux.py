@@ -56,6 +56,10 @@ class FluxFamily:
     def call_kwargs(self) -> dict[str, Any]:
         return {"guidance_scale": self.cfg.guidance_scale, "max_sequence_length": self.cfg.max_sequence_length}
 
+    def reads(self) -> dict[str, Any]:
+        """Nothing beyond the class and the size: the export undoes any shift of the scheduler."""
+        return {}
+
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler given exactly what
         FluxPipeline.__call__ gives it (sigmas = linspace(1, 1/L, L) and mu)."""

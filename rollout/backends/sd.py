@@ -47,6 +47,18 @@ def sd_sampler(cfg: SDConfig) -> DiffusersSampler:
     )
 
 
+#: The scheduler settings an SD policy's times become images under (``SDFamily.reads``).
+SCHEDULE_SETTINGS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+)
+
+
 class SDFamily:
     """SD1.x/2.x and SDXL: their encoders, time map and Euler loop with CFG (``DiffusersFamily``)."""
 
@@ -92,6 +104,12 @@ class SDFamily:
 
     def call_kwargs(self) -> dict[str, Any]:
         return {"guidance_scale": self.cfg.guidance_scale, "negative_prompt": self.cfg.negative_prompt}
+
+    def reads(self) -> dict[str, Any]:
+        """The scheduler settings of the time map and the initial noise: the betas (sigma of a
+        timestep) and the spacing (its rule for the initial noise's scale)."""
+        c = self.euler.config
+        return {k: c.get(k) for k in SCHEDULE_SETTINGS}
 
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock EulerDiscreteScheduler grid at ``steps`` (from the model's scheduler config)."""

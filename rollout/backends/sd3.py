@@ -62,6 +62,11 @@ class SD3Family:
             "max_sequence_length": c.max_sequence_length,
         }
 
+    def reads(self) -> dict[str, Any]:
+        """Whose text tokens the policy reads: T5's, or CLIP's where the pipeline has no T5 encoder
+        (loaded with text_encoder_3=None)."""
+        return {"text_tokens": "t5" if self.pipe.text_encoder_3 is not None else "clip"}
+
     def default_tau(self, steps: int) -> np.ndarray:
         """The stock schedule, read from a fresh copy of the pipeline's scheduler called as
         StableDiffusion3Pipeline.__call__ calls it (no sigmas; mu only with dynamic shifting)."""

@@ -312,6 +312,43 @@ def _roundtrip(policy: SchedulePolicy) -> SchedulePolicy:
         return SchedulePolicy.from_pretrained(d).eval()
 
 
+def test_a_pipeline_set_up_otherwise_than_in_training_is_refused_saying_how_to_set_it():
+    """An SD scheduler of other settings (the initial noise's spacing rule, the betas), or SD3
+    without its T5 encoder, gave another image than training's from the same schedule, or the
+    policy CLIP tokens for T5 ones, without a word (SDXL with 'trailing': 8e-3 off its image)."""
+    from diffusers import EulerDiscreteScheduler
+
+    case = build("sdxl")
+    policy = _roundtrip(_policy(case.sampler))  # what it records survives its saving
+    spacing = case.pipe.scheduler.config.timestep_spacing
+    assert policy.reads is not None and policy.reads["timestep_spacing"] == spacing
+    other = "trailing" if spacing != "trailing" else "leading"
+    stock = case.pipe.scheduler
+    try:
+        case.pipe.scheduler = EulerDiscreteScheduler.from_config(stock.config, timestep_spacing=other)
+        with pytest.raises(ValueError) as e:
+            PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+        assert str(e.value) == (
+            f"this policy was trained with the scheduler's timestep_spacing={spacing!r}; this pipeline's has"
+            f" timestep_spacing={other!r}, under which its times are another image: set pipe.scheduler ="
+            f" EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing={spacing!r})"
+        )
+        case.pipe.scheduler = EulerDiscreteScheduler.from_config(stock.config, timestep_spacing=spacing)
+        PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)  # as in training: taken
+    finally:
+        case.pipe.scheduler = stock
+    case = build("sd3")
+    policy = _policy(case.sampler)
+    assert policy.reads == {"text_tokens": "t5"}
+    t5 = case.pipe.text_encoder_3
+    try:
+        case.pipe.text_encoder_3 = None  # as diffusers suggests to save memory
+        with pytest.raises(ValueError, match=r"^this policy read the T5 text tokens in training; this pipeline has no"):
+            PipelineSchedule(policy, case.pipe, **_export_args("sd3"))
+    finally:
+        case.pipe.text_encoder_3 = t5
+
+
 def test_the_user_s_pipeline_is_left_as_it_is():
     """Building a PipelineSchedule turned every module's gradients and the process's progress bars
     off and moved the pipeline (``pipe.to``: with CPU offload, the whole model onto the GPU); its
