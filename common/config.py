@@ -19,7 +19,16 @@ from types import UnionType
 from typing import Annotated, Any, Literal, NoReturn, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from common.prompts import check_prompts, read_capped, read_prompt_file
@@ -32,6 +41,27 @@ class Section(BaseModel):
     every float is finite (inf and nan are refused)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A yes/no given for a number is refused: pydantic takes true as 1, and YAML reads yes, no,
+        on and off as true and false (``max_restarts: yes`` was one restart, silently)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                said = str(value).lower()
+                raise ValueError(f"a number, not {said} (YAML reads yes, no, on and off as true and false)")
+        return value
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (through Optional, unions and Annotated)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation}
 
 
 def _finite_numbers(value: Any, at: str = "") -> Any:
@@ -220,8 +250,8 @@ class DiffusersSection(Section):
 
     @field_validator("prompt_file", "eval_prompt_file", mode="before")
     @classmethod
-    def _prompt_file_home(cls, value: Any) -> Any:
-        return home(value)
+    def _prompt_file_given(cls, value: Any) -> Any:
+        return home(_not_blank(value, "give a file of prompts, or leave it out for the built-in list"))
 
     @field_validator("prompt_file", "eval_prompt_file")
     @classmethod
@@ -1044,10 +1074,13 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """
     argv = _with_values(list(sys.argv[1:] if argv is None else argv))
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, action="append", default=[])
-    files: list[Path] = pre.parse_known_args(argv)[0].config
-    if len(files) > 1:
-        raise ConfigError(f"--config given {len(files)} times ({', '.join(map(str, files))}): give one file")
+    pre.add_argument("--config", action="append", default=[])
+    given: list[str] = pre.parse_known_args(argv)[0].config
+    if len(given) > 1:
+        raise ConfigError(f"--config given {len(given)} times ({', '.join(given)}): give one file")
+    if given and not given[0].strip():  # Path("") is the current directory: 'is not a regular file'
+        raise ConfigError("--config is blank (an unset variable in the command?): give a YAML file")
+    files = [home(Path(f)) for f in given]
     argv, flagged = _structured_flags(argv)
     data: dict[str, Any] = _read_yaml(files[0]) if files else {}
     for path, value, _ in _fields([], overrides):
@@ -1089,7 +1122,14 @@ class CommandLine(argparse.ArgumentParser):
     command line: <what> (--help lists every flag)``, exit 2), not argparse's usage block first:
     the command-line tools' own flags (learner.evaluate, rollout.generate, rewards.http_server)."""
 
+    #: whether it takes config flags after ``--`` (learner.evaluate): one given before is said so
+    takes_config_flags = False
+
     def error(self, message: str) -> NoReturn:
+        unknown = message.removeprefix("unrecognized arguments: ").split() if "unrecognized" in message else []
+        flags = [a for a in unknown if a.startswith("--") and "." in a.partition("=")[0]]
+        if self.takes_config_flags and flags:  # a config flag before '--' is argparse's unknown flag
+            message += f"; config flags go after '--': {self.prog} ... -- {' '.join(flags)}"
         self.exit(2, f"error: invalid command line: {message} (--help lists every flag)\n")
 
 
@@ -1212,7 +1252,7 @@ def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str],
         if typing.get_origin(mapping) is dict and not text.lstrip().startswith("{") and "=" not in text:
             example = "{3000: 8}" if typing.get_args(mapping)[0] is int else "{key: value}"
             raise ConfigError(  # pydantic-settings read it as key=value pairs: "not enough values to unpack"
-                f"invalid command line: {name}={text}: give a mapping as in the file, e.g. {name}='{example}'"
+                f"invalid command line: {name}={text!r}: give a mapping as in the file, e.g. {name}='{example}'"
                 f" ({name}='{{}}' for none)"
             )
         if kind is None or not text.lstrip().startswith(("[", "{")):

@@ -134,6 +134,8 @@ def artefacts(run_dir: Path, checkpoint_dir: Path | None = None) -> list[str]:
 def _check_writable(d: Path, what: str) -> None:
     if d.exists() and not d.is_dir():
         raise ConfigError(f"{what} {d} is not a directory")
+    if d.is_symlink() and not d.exists():  # mkdir would say 'File exists'
+        raise ConfigError(f"{what} {d} is a symbolic link to {os.readlink(d)}, which does not exist")
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".write-test-{os.getpid()}"

@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "overrides", nargs="*", help="Config flags for the evaluation, e.g. --rollout.num_workers=4 (after --)."
     )
+    p.takes_config_flags = True
     args = p.parse_args(argv)
     out = args.out or args.run[0] / EVALUATION
     held = None

@@ -189,11 +189,22 @@ def test_unreadable_config_files(capsys, tmp_path):
         _fails(capsys, ["--config", _yaml(tmp_path, text)], "holds no settings (it is empty, or comments only)")
 
 
-@pytest.mark.parametrize("flag", ["--experiment.output_dir=", "--experiment.output_dir= ", "--learner.checkpoint_dir="])
-def test_a_blank_directory_is_refused_not_read_as_this_one(capsys, flag):
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--experiment.output_dir=", "experiment.output_dir: is blank"),
+        ("--experiment.output_dir= ", "experiment.output_dir: is blank"),
+        ("--learner.checkpoint_dir=", "learner.checkpoint_dir: is blank"),
+        ("--sampler.flux.prompt_file=", "sampler.flux.prompt_file: is blank"),
+        ("--sampler.sd.eval_prompt_file= ", "sampler.sd.eval_prompt_file: is blank"),
+        ("--config=", "--config is blank"),
+    ],
+)
+def test_a_blank_directory_is_refused_not_read_as_this_one(capsys, flag, said):
     """``--experiment.output_dir=$OUT`` with OUT unset ran in the current directory; a blank
-    checkpoint dir was the run dir's own, silently."""
-    _fails(capsys, [flag], f"{flag.split('=')[0][2:]}: is blank (an unset variable in the command?)")
+    checkpoint dir was the run dir's own, silently; a blank config or prompt file was 'the config
+    file . is not a regular file (it is a directory)'."""
+    _fails(capsys, [flag], f"{said} (an unset variable in the command?)")
 
 
 def test_config_files_that_would_hang_or_exhaust_memory_are_refused_at_once(capsys, tmp_path, monkeypatch):

@@ -449,6 +449,7 @@ def test_a_run_dir_neither_holds_another_run_nor_is_a_link_into_one(capsys, tmp_
         "output dir cannot be written",
         "checkpoint dir is a device",
         "the lock is a symbolic link",
+        "run dir is a dangling link",
     ],
 )
 def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
@@ -463,6 +464,9 @@ def test_run_dir_paths_that_cannot_work(capsys, tmp_path, what):
         out, needle = Path("/proc/steinsched-no-such-dir"), "cannot be written"
     elif what == "checkpoint dir is a device":  # was 'cannot be written: File exists'
         extra, needle = ["--learner.checkpoint_dir=/dev/null"], "error: checkpoint dir /dev/null is not a directory"
+    elif what == "run dir is a dangling link":  # was 'cannot be written: File exists'
+        (tmp_path / "r").symlink_to(tmp_path / "moved")
+        needle = f"error: run dir {tmp_path / 'r'} is a symbolic link to {tmp_path / 'moved'}, which does not exist"
     else:  # a dangling link: was 'could not take the lock' after three seconds
         (tmp_path / "r").mkdir()
         (tmp_path / "r" / LOCK).symlink_to(tmp_path / "nowhere")

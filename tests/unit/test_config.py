@@ -294,12 +294,29 @@ def test_a_mapping_flag_given_a_bare_value_says_how_to_give_one():
     with pytest.raises(ConfigError) as e:
         load_config(["--rollout.k_schedule=3"])
     assert str(e.value) == (
-        "invalid command line: --rollout.k_schedule=3: give a mapping as in the file, e.g."
+        "invalid command line: --rollout.k_schedule='3': give a mapping as in the file, e.g."
         " --rollout.k_schedule='{3000: 8}' (--rollout.k_schedule='{}' for none)"
     )
     with pytest.raises(ConfigError, match=r"--ray.init_kwargs='\{key: value\}'"):
         load_config(["--ray.init_kwargs=x"])
     assert load_config(["--rollout.k_schedule=3000=8"]).rollout.k_schedule == {3000: 8}  # pydantic-settings' own
+
+
+def test_a_yes_or_no_given_for_a_number_is_refused(tmp_path):
+    """pydantic takes true for 1, and YAML reads yes, no, on and off as true and false: a file's
+    'max_restarts: yes' was one restart, silently."""
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  max_restarts: yes\n  num_workers: on\nlearner:\n  progress: no\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(p)])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "invalid config:" and sorted(lines[1:]) == [
+        "  rollout.max_restarts: a number, not true (YAML reads yes, no, on and off as true and false)",
+        "  rollout.num_workers: a number, not true (YAML reads yes, no, on and off as true and false)",
+    ]
+    p.write_text("learner:\n  progress: no\nrollout:\n  max_restarts: 1\n")  # a yes/no where one is asked
+    cfg = load_config(["--config", str(p)])
+    assert (cfg.learner.progress, cfg.rollout.max_restarts) == (False, 1)
 
 
 def test_ray_init_kwargs_are_arguments_of_ray_init():
@@ -482,6 +499,12 @@ def test_elastic_growth_never_replaces_a_worker_that_died_for_good(monkeypatch):
     [
         ("learner.evaluate", [], "the following arguments are required: --run"),
         ("learner.evaluate", ["--run", "r", "--seeds", "0"], "argument --seeds: must be from 2 to"),
+        (  # a config flag before '--' was only "unrecognized arguments"
+            "learner.evaluate",
+            ["--run", "r", "--rollout.num_workers=4"],
+            "unrecognized arguments: --rollout.num_workers=4; config flags go after '--': python -m learner.evaluate"
+            " ... -- --rollout.num_workers=4",
+        ),
         ("rollout.generate", ["--run", "r"], "the following arguments are required: --prompt"),
         ("rollout.generate", ["--run", "r", "--prompt", "x", "--sed", "0"], "unrecognized arguments: --sed 0"),
         ("rewards.http_server", ["--reward", "toy", "--port", "http"], "argument --port: expected an integer"),
