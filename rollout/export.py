@@ -395,3 +395,12 @@ def pipeline_kwargs(
     for (prompt, the noise of ``seed`` or ``generator``). ``kwargs`` go to ``PipelineSchedule``;
     to make many images, build one ``PipelineSchedule`` and call it."""
     return PipelineSchedule(policy, pipe, **kwargs)(prompt, seed=seed, generator=generator)
+
+
+if __name__ == "__main__":  # a Python API, not a command: it did nothing and said nothing
+    import sys
+
+    sys.exit(
+        "rollout.export is used from Python: schedule = PipelineSchedule(policy, pipe); pipe(prompt,"
+        " **schedule(prompt, seed=0)) (docs/use.md); for images from a run, python -m rollout.generate --run DIR"
+    )

@@ -418,3 +418,18 @@ def test_an_sd_time_below_the_least_noisy_timestep_is_said_and_runs_at_timestep_
         warnings.simplefilter("error")
         assert schedule.schedule_kwargs(np.array([0.9, 0.3, 0.001]))["timesteps"][-1] == pytest.approx(0.0)
         assert schedule.schedule_kwargs(np.array([0.9, 0.3, 0.000999]))["timesteps"][-1] == 0.0  # 0.1% below
+
+
+def test_run_as_a_command_it_says_how_it_is_used():
+    """``python -m rollout.export`` did nothing and exited 0: it is a Python API."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    command = [sys.executable, "-m", "rollout.export"]
+    res = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "rollout.export is used from Python: schedule = PipelineSchedule(policy, pipe); pipe(prompt,"
+        " **schedule(prompt, seed=0)) (docs/use.md); for images from a run, python -m rollout.generate --run DIR"
+    ]
