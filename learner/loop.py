@@ -590,13 +590,11 @@ def _train(
         if resume is not None and not (resume.fork and resume.source is None):
             logged = _trim_logs(run_dir, resume.state, resume.source)
             if not resume.fork and resume.store is not None and str(resume.store) == str(store):
-                aside = store.set_aside_after(
-                    resume.checkpoint.name
-                )  # an earlier checkpoint: the line after it is left
+                # an earlier checkpoint: the line after it is left
+                aside = store.set_aside_after(resume.checkpoint.name)
                 if aside is not None:
-                    print(
-                        f"resuming from {resume.checkpoint.name}: the later checkpoints of the run are moved to {aside}"
-                    )
+                    moved = f"the later checkpoints of the run are moved to {aside}"
+                    print(f"resuming from {resume.checkpoint.name}: {moved}")
         else:
             for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
