@@ -313,13 +313,20 @@ def reference_steps_for(cfg: Config, rewards: RewardGroup) -> int:
     a reward compares with it and 0 where none does."""
     needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference, strict=True) if need]
     steps = cfg.rollout.reference_steps
-    if steps is None:
-        return DEFAULT_REFERENCE_STEPS if needing else 0
-    if needing and steps == 0:
+    if not needing:
+        return steps or 0
+    if steps == 0:
         raise ConfigError(
             f"reward {needing[0]!r} compares with a many-step reference sample, but rollout.reference_steps=0"
         )
-    return steps
+    made = DEFAULT_REFERENCE_STEPS if steps is None else steps
+    if made <= cfg.rollout.steps:  # a reference no better than what it judges: the reward would teach nothing
+        given = "rollout.reference_steps" if steps is not None else "rollout.reference_steps (unset)"
+        raise ConfigError(
+            f"reward {needing[0]!r} compares with a many-step reference sample, but {given}={made} is not more"
+            f" than the rollouts' rollout.steps={cfg.rollout.steps}: give reference_steps of more steps"
+        )
+    return made
 
 
 def _device(name: str) -> torch.device:

@@ -42,3 +42,11 @@ def test_reference_steps_zero_with_fidelity_is_a_config_error(ray_local, tmp_pat
     over["rollout"]["reference_steps"] = 0
     with pytest.raises(ConfigError, match="fidelity.*reference_steps=0"):
         train(load_config([], **over), final_eval=False)
+    # a reference of no more steps than the rollouts it judges (L = 3 here) was taken, silently
+    over["rollout"]["reference_steps"] = 3
+    with pytest.raises(ConfigError) as e:
+        train(load_config([], **over), final_eval=False)
+    assert str(e.value) == (
+        "reward 'fidelity' compares with a many-step reference sample, but rollout.reference_steps=3 is not more"
+        " than the rollouts' rollout.steps=3: give reference_steps of more steps"
+    )
