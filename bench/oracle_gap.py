@@ -434,8 +434,10 @@ def oracle_gap(
     candidates: int,
     train_contexts: int,
     eval_seeds: int,
+    held_out_seed: int | None = None,
 ) -> GapResult:
-    """Every method of the module docstring on the same held-out contexts of ``backend``."""
+    """Every method of the module docstring on the same held-out contexts of ``backend``: the
+    run's (its seed's), or those of ``held_out_seed`` (noises no config was chosen on)."""
     clock, seconds = time.perf_counter(), {}
 
     def lap(name: str) -> None:
@@ -444,7 +446,8 @@ def oracle_gap(
         seconds[name] = now - clock
         clock = now
 
-    held = make_contexts(backend, eval_contexts(backend.eval_prompts, eval_seeds, backend.seed))
+    seed = backend.seed if held_out_seed is None else held_out_seed
+    held = make_contexts(backend, eval_contexts(backend.eval_prompts, eval_seeds, seed))
     train = make_contexts(backend, ContextStream(backend.train_prompts, backend.seed).next(train_contexts))
     lap("contexts")
 
@@ -559,6 +562,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--eval-seeds", type=int, help="Held-out noises per eval prompt (default: the run's learner.eval_seeds)."
     )
     p.add_argument(
+        "--held-out-seed",
+        type=int,
+        help="Draw the held-out noises from this seed, not the run's: noises that no config or setting was chosen"
+        " on (the shipped configs were picked on their runs' own held-out contexts).",
+    )
+    p.add_argument(
         "--out", type=Path, default=REPO / "runs" / "oracle_gap.json", help="Where the JSON of every figure goes."
     )
     args = p.parse_args(argv)
@@ -590,7 +599,12 @@ def main(argv: list[str] | None = None) -> dict[str, GapResult]:
         eval_seeds = args.eval_seeds or cfg.learner.eval_seeds
         candidates, train_contexts = SEARCH[name]
         results[name] = oracle_gap(
-            backend, run_dir, args.candidates or candidates, args.train_contexts or train_contexts, eval_seeds
+            backend,
+            run_dir,
+            args.candidates or candidates,
+            args.train_contexts or train_contexts,
+            eval_seeds,
+            args.held_out_seed,
         )
         print(results[name].format() + "\n", flush=True)
     _mkdir(args.out.parent)
