@@ -21,6 +21,12 @@ ARRAY_EXT = 1
 DTYPES = {"bool", "uint8", "int32", "int64", "float16", "float32", "float64"}
 MAX_BYTES = 256 * 2**20  # default bound on one decoded payload
 MAX_DIMS = 8
+#: The most items of one list or mapping in a message (a scoring request's prompts are one per
+#: image). A byte of msgpack is an empty list, 56 bytes of Python, and each wrong item a validation
+#: error: a body of [[]] * N cost gigabytes of the server's memory within --max-bytes.
+MAX_ITEMS = 65_536
+#: Validation errors a DecodeError shows (the first; their count is said).
+SHOWN_ERRORS = 3
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,7 +85,14 @@ def unpack_raw(data: bytes, max_bytes: int = MAX_BYTES) -> Any:
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise DecodeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
-    unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
+    unpacker = msgpack.Unpacker(
+        ext_hook=_ext_hook,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max(len(data), 1),
+        max_array_len=MAX_ITEMS,
+        max_map_len=MAX_ITEMS,
+    )
     try:
         unpacker.feed(data)
         obj = unpacker.unpack()
@@ -99,8 +112,11 @@ def unpack(data: bytes, model: type[M], max_bytes: int = MAX_BYTES) -> M:
     raw = unpack_raw(data, max_bytes)
     try:
         return model.model_validate(raw)
-    except ValidationError as e:
-        raise DecodeError(f"invalid {model.__name__}: {e}") from None
+    except ValidationError as e:  # the first few: a list of a thousand wrong items is a thousand errors
+        errors = e.errors(include_url=False, include_input=False, include_context=False)
+        said = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'the message'}: {x['msg']}" for x in errors[:SHOWN_ERRORS])
+        more = f" (and {len(errors) - SHOWN_ERRORS} more)" if len(errors) > SHOWN_ERRORS else ""
+        raise DecodeError(f"invalid {model.__name__}: {said}{more}") from None
 
 
 # --- append-only record logs -----------------------------------------------------------------

@@ -66,6 +66,24 @@ def test_rejects_oversized_and_wrong_types():
         unpack("not bytes", RolloutRecord)  # type: ignore[arg-type]
 
 
+def test_a_small_body_cannot_cost_gigabytes_to_decode():
+    """A byte of msgpack is an empty list (56 bytes of Python) or a wrong item (a validation error
+    of its own, all of them in the message): a 1.5 MB body of 1.5M items took the HTTP reward
+    server from 53 MB to 1 GB, and 4 MB made a 719 MB error string."""
+    from rewards.http import ScoreRequest
+
+    with pytest.raises(DecodeError, match=r"1500000 exceeds max_array_len\(65536\)"):
+        unpack(msgpack.packb({"images": None, "prompts": [[]] * 1_500_000}), ScoreRequest)
+    with pytest.raises(DecodeError, match=r"exceeds max_map_len"):
+        unpack_raw(msgpack.packb({str(i): 0 for i in range(70_000)}))
+    with pytest.raises(DecodeError) as e:
+        unpack(msgpack.packb({"images": None, "prompts": [0] * 60_000}), ScoreRequest)
+    assert str(e.value) == (
+        "invalid ScoreRequest: images: Input should be an instance of ndarray; prompts.0: Input should be a valid"
+        " string; prompts.1: Input should be a valid string (and 59998 more)"
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_never_crash(data):
