@@ -45,6 +45,9 @@ MAX_REQUEST_BYTES = 256 * 2**20
 MAX_RESPONSE_BYTES = 2**20
 MAX_SIDE = 8192
 RETRY_STATUS = {429, 502, 503, 504}
+#: The longest wait between two attempts, unless ``backoff`` itself is longer: the doubling waits
+#: of 20 retries at 0.5 s came to six days (and past sixty, an OverflowError of time.sleep).
+MAX_BACKOFF_S = 60.0
 
 
 class ScoreRequest(ArrayMessage):
@@ -169,6 +172,9 @@ class HttpReward:
         watchdog.daemon = True
         watchdog.start()
         try:
+            conn.connect()  # the name lookup and the connection, before the watchdog has a socket to cut
+            if expired.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
             conn.request("POST", f"{u.path}/score", body=body, headers=self._headers)
             resp = conn.getresponse()
             data = resp.read(self.max_response_bytes + 1)
@@ -197,8 +203,8 @@ class HttpReward:
         body = pack(ScoreRequest(images=stack_uint8(images), prompts=list(prompts)))
         last = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if attempt:  # doubling, up to MAX_BACKOFF_S (or backoff, if longer) a wait
+                time.sleep(min(self.backoff * 2.0 ** (attempt - 1), max(self.backoff, MAX_BACKOFF_S)))
             self.attempts += 1
             try:
                 status, data = self._post(body)

@@ -17,8 +17,10 @@ belongs to a reverse proxy in front (nginx, Envoy, a cloud load balancer), which
 
 Resource limits: a client has ``--client-timeout`` seconds to send a whole request (headers and
 body: a trickling client is cut off, not waited for); at most ``--max-concurrent`` requests are
-read and decoded at a time (others wait, then get 503), so memory is bounded by that many bodies;
-error bodies are cut to ``MAX_ERROR_CHARS`` (an error never echoes a large request back).
+read and decoded at a time (others wait, until just before their client's time is up, then get
+503), so memory is bounded by that many bodies (a body's lists hold at most ``MAX_ITEMS`` items);
+a request whose client left while it waited is not scored; error bodies are cut to
+``MAX_ERROR_CHARS`` (an error never echoes a large request back).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import math
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
 
@@ -49,6 +52,9 @@ from rewards.registry import build, check_scores, limit_torch_threads, shown_pro
 
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1000
+#: Seconds an error sent before the body was read (413, 503) waits, reading and dropping the body,
+#: before the connection closes: a client still sending gets the answer, not a broken pipe.
+LINGER_S = 2.0
 
 
 class RewardHTTPServer(ThreadingHTTPServer):
@@ -82,6 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self._watchdog: threading.Timer | None = None
+        self._deadline = math.inf
 
     def _arm(self) -> None:
         """Cut the connection unless the request is read within client_timeout."""
@@ -90,6 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
 
+        self._deadline = time.monotonic() + self.server.client_timeout
         self._watchdog = threading.Timer(self.server.client_timeout, expire)
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -107,14 +115,48 @@ class _Handler(BaseHTTPRequestHandler):
             self._disarm()
 
     def log_message(self, fmt: str, *args: Any) -> None:  # one line per request on stderr
-        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+        line = fmt % args  # a client's path or header: its control characters escaped, not played
+        line = "".join(f"\\x{ord(c):02x}" if c < " " or "\x7f" <= c <= "\x9f" else c for c in line)
+        sys.stderr.write(f"{self.address_string()} {line}\n")
 
     def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: one line, not a traceback
+            self.close_connection = True
+            self.log_message("%s %s: the client left before its answer (%d)", self.command, self.path, status)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its side while its request waited (it gave up: its time-out):
+        then it is not scored, which would take the reward's time for an answer no one reads."""
+        timeout = self.connection.gettimeout()
+        self.connection.settimeout(0)  # a look, not a wait (a socket with a time-out waits for data)
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing to read: still there
+            return False
+        except OSError:
+            return True
+        finally:
+            self.connection.settimeout(timeout)
+
+    def _refuse_unread(self, status: int, msg: str, length: int) -> None:
+        """An error sent before the body was read; the body is then read and dropped for up to
+        LINGER_S, so that a client still sending it reads the answer (its send failed on the
+        closed socket: a broken pipe, which it retried as a connection error)."""
+        self._error(status, msg)
+        until = time.monotonic() + LINGER_S
+        with contextlib.suppress(OSError):
+            while length > 0 and time.monotonic() < until:
+                self.connection.settimeout(max(0.05, until - time.monotonic()))
+                chunk = self.rfile.read1(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
 
     def _error(self, status: int, msg: str) -> None:
         self.close_connection = True
@@ -155,9 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._error(411, "Content-Length required")
         if length < 0 or length > self.server.max_bytes:
-            return self._error(413, f"body of {length} bytes exceeds the limit of {self.server.max_bytes}")
-        if not self.server.slots.acquire(timeout=self.server.queue_timeout):
-            return self._error(503, "busy: too many requests in flight, retry later")
+            limit = f"body of {length} bytes exceeds the limit of {self.server.max_bytes}"
+            return self._refuse_unread(413, limit, max(length, 0))
+        # a request waits for a slot until just before its client_timeout, so that it gets its 503
+        # (the watchdog cut it at client_timeout: 'Remote end closed connection without response')
+        wait = min(self.server.queue_timeout, self._deadline - time.monotonic() - 1.0)
+        if wait <= 0 or not self.server.slots.acquire(timeout=wait):
+            return self._refuse_unread(503, "busy: too many requests in flight, retry later", length)
         try:
             data = self.rfile.read(length)
             if len(data) != length:
@@ -175,6 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _score(self, req: ScoreRequest) -> None:
         try:
             with self.server.lock:
+                if self._client_gone():  # it waited for the reward and gave up meanwhile
+                    self.close_connection = True
+                    self.log_message("%s %s: the client left before its turn; not scored", self.command, self.path)
+                    return
                 raw = self.server.reward(req.images, req.prompts)
             scores = check_scores(self.server.name, raw, req.prompts)
         except Exception as e:  # noqa: BLE001 - any failure of the reward goes back as a 500

@@ -3,6 +3,7 @@ bodies are small, and concurrent large requests queue instead of multiplying mem
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -61,7 +62,9 @@ def _post(port: int, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_client_bounds_the_whole_request_against_a_trickling_server():
+@contextlib.contextmanager
+def _trickling_server():
+    """A server that answers one byte every 0.1 s: each read is quick, the answer never ends."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
@@ -71,7 +74,7 @@ def test_client_bounds_the_whole_request_against_a_trickling_server():
         conn, _ = listener.accept()
         conn.recv(1 << 20)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/msgpack\r\nContent-Length: 100000\r\n\r\n")
-        while not stop.is_set():  # one byte every 0.1 s: each read is quick, the answer never ends
+        while not stop.is_set():
             try:
                 conn.sendall(b"\x00")
             except OSError:
@@ -79,17 +82,65 @@ def test_client_bounds_the_whole_request_against_a_trickling_server():
             time.sleep(0.1)
         conn.close()
 
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
+    threading.Thread(target=trickle, daemon=True).start()
     try:
-        r = HttpReward(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0, retries=0)
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_client_bounds_the_whole_request_against_a_trickling_server():
+    with _trickling_server() as port:
+        r = HttpReward(f"http://127.0.0.1:{port}", timeout=1.0, retries=0)
         t0 = time.perf_counter()
         with pytest.raises(RemoteRewardError, match=r"no complete answer within 1 s"):
             r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
         assert time.perf_counter() - t0 < 3.0
-    finally:
-        stop.set()
-        listener.close()
+
+
+def test_the_client_s_deadline_holds_when_it_passes_before_the_connection_exists(monkeypatch):
+    """The watchdog shuts the socket at the deadline; one that passed during a slow name lookup
+    found no socket to shut, and the answer's reads were then bounded one by one (7.2 s for a
+    1 s time-out against a trickling server)."""
+    import http.client
+
+    real = http.client.HTTPConnection.connect
+
+    def slow_lookup(self):
+        time.sleep(1.2)
+        return real(self)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "connect", slow_lookup)
+    with _trickling_server() as port:
+        r = HttpReward(f"http://127.0.0.1:{port}", timeout=1.0, retries=0)
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match=r"no complete answer within 1 s"):
+            r(np.zeros((1, 4, 4, 3), np.uint8), ["a"])
+        assert time.perf_counter() - t0 < 2.5  # the lookup, and not the trickle after it
+
+
+def test_the_waits_between_attempts_stop_doubling_at_a_minute(monkeypatch):
+    """retries=20 at backoff 0.5 s waited 0.5 x (2^20 - 1) s (six days) against a server that is
+    down, and past sixty retries time.sleep raised OverflowError."""
+    import rewards.http as http_reward
+
+    with socket.socket() as s:  # nobody listening: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    waits: list[float] = []
+    monkeypatch.setattr(http_reward.time, "sleep", waits.append)
+    with pytest.raises(RemoteRewardError, match="no answer after 6 attempts"):
+        HttpReward(f"http://127.0.0.1:{port}", timeout=1, retries=5, backoff=20)(
+            np.zeros((1, 4, 4, 3), np.uint8), ["a"]
+        )
+    assert waits == [20, 40, 60, 60, 60]
+    waits.clear()
+    with pytest.raises(RemoteRewardError):
+        HttpReward(f"http://127.0.0.1:{port}", timeout=1, retries=2, backoff=100)(
+            np.zeros((1, 4, 4, 3), np.uint8), ["a"]
+        )
+    assert waits == [100, 100]  # a backoff longer than the cap is its own cap
 
 
 def test_server_cuts_off_a_client_that_trickles_its_header(server):
@@ -140,6 +191,78 @@ def test_concurrent_requests_queue_and_the_excess_gets_503(server):
     first.join()
     assert results == [200]
     assert status == 503 and "busy" in unpack(data, ErrorResponse).error
+
+
+def test_a_request_that_waits_gets_its_503_before_its_client_time_is_up(server):
+    """A request waiting for a slot was cut by the client watchdog at --client-timeout, before the
+    503 (queue wait 300 s): the client read 'Remote end closed connection without response'."""
+    import http.client
+
+    slow = _Slow(4.0)
+    srv = server(slow, max_concurrent=1, client_timeout=2.0)
+    body = pack(ScoreRequest(images=np.zeros((1, 4, 4, 3), np.uint8), prompts=["a"]))
+    first = threading.Thread(target=lambda: _post(srv.server_address[1], body))
+    first.start()
+    assert slow.started.wait(10)
+    try:
+        status, data = _post(srv.server_address[1], body)
+    except http.client.RemoteDisconnected as e:  # the behaviour before
+        pytest.fail(f"no answer: {e}")
+    first.join()
+    assert status == 503 and "busy" in unpack(data, ErrorResponse).error
+
+
+class _Counting(_Slow):
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        return super().__call__(images, prompts)
+
+
+def test_a_request_whose_client_gave_up_is_not_scored_and_says_so_in_one_line(server, capfd):
+    """A client that timed out while its request waited for the reward: the server scored it all
+    the same (the reward's time for an answer no one reads) and printed a 22-line BrokenPipeError
+    traceback as it answered."""
+    slow = _Counting(2.0)
+    srv = server(slow, max_concurrent=2)
+    body = pack(ScoreRequest(images=np.zeros((1, 4, 4, 3), np.uint8), prompts=["a"]))
+    first = threading.Thread(target=lambda: _post(srv.server_address[1], body))
+    first.start()
+    assert slow.started.wait(10)
+    r = HttpReward(f"http://127.0.0.1:{srv.server_address[1]}", timeout=0.8, retries=0)
+    with pytest.raises(RemoteRewardError, match="no complete answer within 0.8 s"):
+        r(np.zeros((1, 4, 4, 3), np.uint8), ["b"])
+    first.join()
+    time.sleep(0.5)  # the second request's turn comes after the first's scoring
+    err = capfd.readouterr().err
+    assert slow.calls == 1, "the request of the client that left was scored"
+    assert "the client left before its turn; not scored" in err and "Traceback" not in err
+
+
+def test_a_body_over_the_limit_is_answered_413_not_a_broken_pipe_retried(server):
+    """The server answered 413 and closed without reading the body: the client, still sending a
+    7.8 MB body, saw a broken pipe and retried it as a connection error, three times."""
+    srv = server(_Slow(0), max_bytes=100_000)
+    r = HttpReward(f"http://127.0.0.1:{srv.server_address[1]}", timeout=10, retries=2, backoff=0.01)
+    with pytest.raises(RemoteRewardError, match=r"HTTP 413: body of \d+ bytes exceeds the limit of 100000"):
+        r(np.zeros((40, 256, 256, 3), np.uint8), ["a"] * 40)
+    assert r.attempts == 1
+
+
+def test_a_client_s_control_characters_are_escaped_in_the_log(server, capfd):
+    """A path of terminal escape codes was written to the server's log as it came: it cleared the
+    operator's screen and coloured what followed."""
+    srv = server(_Slow(0), token="t")
+    with socket.create_connection(srv.server_address[:2]) as s:
+        s.sendall(b"GET /\x1b[2J\x1b[31mFAKE\x07 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        s.recv(4096)
+    time.sleep(0.2)
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J\\x1b[31mFAKE\\x07" in err
 
 
 def test_a_token_protected_server_refuses_and_logs_requests_without_it(server, tmp_path, capfd):
