@@ -1242,15 +1242,15 @@ def _structured_flags(argv: list[str]) -> tuple[list[str], list[tuple[list[str],
         name, eq, text = arg.partition("=")
         path = name[2:].split(".")
         kind = _field_kind(path) if eq and name.startswith("--") else None
-        if kind == "value" and _field_annotation(path) == list[str] and not text.lstrip().startswith("["):
+        annotation = _field_annotation(path) if kind == "value" else None
+        if annotation == list[str] and not text.lstrip().startswith("["):
             # a list of texts (prompts) given one bare text: that text, whole; pydantic-settings
             # split it at its commas ('a red fox, oil painting' was two prompts)
             rest = [a for a in rest if not sets(a, path)]
             found.append((path, [text]))
             continue
-        mapping = _field_annotation(path) if kind == "value" else None
-        if typing.get_origin(mapping) is dict and not text.lstrip().startswith("{") and "=" not in text:
-            example = "{3000: 8}" if typing.get_args(mapping)[0] is int else "{key: value}"
+        if typing.get_origin(annotation) is dict and not text.lstrip().startswith("{") and "=" not in text:
+            example = "{3000: 8}" if typing.get_args(annotation)[0] is int else "{key: value}"
             raise ConfigError(  # pydantic-settings read it as key=value pairs: "not enough values to unpack"
                 f"invalid command line: {name}={text!r}: give a mapping as in the file, e.g. {name}='{example}'"
                 f" ({name}='{{}}' for none)"

@@ -57,10 +57,15 @@ class RunStopped(RuntimeError):
 class WorkersLost(RunStopped):
     """Fewer live rollout workers (or reward servers) than the run needs."""
 
+    #: why the run stops, as the line that names its checkpoint says it
+    why = "too few live actors"
+
 
 class AttemptsSpent(WorkersLost):
     """A unit of work failed on dead actors ``rollout.max_attempts`` times: the message names the
     actor, the prompts and the last error, in one line."""
+
+    why = "a unit failed on every try"
 
 
 class TimedOut(RunStopped):
@@ -364,6 +369,20 @@ def _alive(actor: Any, timeout_s: float, stop: threading.Event | None = None, re
             ref = actor.pid.remote()
 
 
+def _kept_if_back(
+    actor: Any, key: Any, restarts: dict[Any, int], timeout_s: float, stop: threading.Event | None
+) -> bool:
+    """After a fault: whether ``actor`` is back (``_alive``), its restarts recorded under ``key``
+    in ``restarts``; one that is not back is killed for good (one still restarting would hold its
+    CPUs and GPUs)."""
+    back = _alive(actor, timeout_s, stop, restarts.get(key, 0))
+    if back is None:
+        stop_actors([actor])
+        return False
+    restarts[key] = back
+    return True
+
+
 def _dead_for_good(actor: Any) -> bool:
     entry = _entry(actor)  # the GCS's view of the actor: DEAD only once its restarts are exhausted
     return entry is not None and entry.get("State") == "DEAD"  # an unanswerable query is no evidence of death
@@ -631,13 +650,10 @@ class RolloutGroup:
         """After a fault on ``worker``: keep it if it came back, else drop it from the group and
         kill it for good (one still restarting holds its CPUs and GPUs otherwise) (``stop``: as
         ``_alive``'s)."""
-        if worker in self.alive:
-            back = _alive(self.workers[worker], self.restart_timeout_s, stop, self._restarts.get(worker, 0))
-            if back is None:
-                self.alive.remove(worker)
-                stop_actors([self.workers[worker]])
-            else:
-                self._restarts[worker] = back
+        if worker in self.alive and not _kept_if_back(
+            self.workers[worker], worker, self._restarts, self.restart_timeout_s, stop
+        ):
+            self.alive.remove(worker)
         if len(self.alive) < self.min_workers:
             raise WorkersLost(
                 f"only {len(self.alive)} of {len(self.workers)} rollout workers are alive "
@@ -764,13 +780,11 @@ class RewardGroup:
         """After a scoring fault: drop the servers that are not back, and kill them for good; stop
         if a reward has none left (``stop``: as ``_alive``'s)."""
         for j, servers in enumerate(self.servers):
-            for i in list(self.alive[j]):
-                back = _alive(servers[i], self.restart_timeout_s, stop, self._restarts.get((j, i), 0))
-                if back is None:
-                    self.alive[j].remove(i)
-                    stop_actors([servers[i]])
-                else:
-                    self._restarts[j, i] = back
+            self.alive[j] = [
+                i
+                for i in self.alive[j]
+                if _kept_if_back(servers[i], (j, i), self._restarts, self.restart_timeout_s, stop)
+            ]
             if not self.alive[j]:
                 raise WorkersLost(f"every reward server of {self.specs[j].name!r} is dead; restarts are exhausted")
 

@@ -69,7 +69,6 @@ from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
 from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
 from learner.groups import (
-    AttemptsSpent,
     Dispatcher,
     InFlight,
     MetricGroup,
@@ -587,27 +586,6 @@ def _train(
     lc = cfg.learner
     store = CheckpointStore(cfg.checkpoint_root)
 
-    def begin() -> int:
-        """The run dir is written from here, once the actors are up, the checks passed and the
-        checkpoint resumed from is loaded (a run that cannot start leaves the run dir as it was:
-        before, a resume refused at the checkpoint's weights had its logs trimmed and the run's
-        config.yaml replaced by the config refused). Returns the rollouts in the log so far."""
-        started()
-        logged = 0
-        if resume is not None and not (resume.fork and resume.source is None):
-            logged = _trim_logs(run_dir, resume.state, resume.source)
-            if not resume.fork and resume.store is not None and str(resume.store) == str(store):
-                # an earlier checkpoint: the line after it is left
-                aside = store.set_aside_after(resume.checkpoint.name)
-                if aside is not None:
-                    moved = f"the later checkpoints of the run are moved to {aside}"
-                    print(f"resuming from {resume.checkpoint.name}: {moved}")
-        else:
-            for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted
-        return logged
-
     started_ray = init_ray(cfg.ray)
     L, C = cfg.rollout.steps, cfg.rollout.contexts_per_iter
     # rollouts under way, in iteration order: the next iteration's (on policy), the next two (one
@@ -654,7 +632,23 @@ def _train(
             if resume.fork:
                 logs = _copied_logs(resume.source)
                 print(f"a new run from another run's checkpoint: {run_dir} starts at iteration {start}, {logs}")
-        logged = begin()  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
+        # the run dir is written from here, once the actors are up, the checks passed and the
+        # checkpoint resumed from is loaded: a run that cannot start leaves it as it was (a resume
+        # refused at the checkpoint's weights had its logs trimmed and config.yaml replaced)
+        started()
+        logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
+        if resume is not None and not (resume.fork and resume.source is None):
+            logged = _trim_logs(run_dir, resume.state, resume.source)
+            if not resume.fork and resume.store is not None and str(resume.store) == str(store):
+                # an earlier checkpoint: the line after it is left
+                aside = store.set_aside_after(resume.checkpoint.name)
+                if aside is not None:
+                    moved = f"the later checkpoints of the run are moved to {aside}"
+                    print(f"resuming from {resume.checkpoint.name}: {moved}")
+        else:
+            for stale in (run_dir / "tb", run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted
         print(f"{describe(policy)}; run dir {run_dir}")
         learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
 
@@ -742,8 +736,7 @@ def _train(
                 # too few actors left, or a unit that failed on every try: keep what was learned
                 # (the state before this iteration)
                 ckpt = save(it, now.plan.cursor, now.sent)
-                why = "a unit failed on every try" if isinstance(e, AttemptsSpent) else "too few live actors"
-                print(f"stopping: {why}; checkpoint {ckpt} written, resume with --resume auto")
+                print(f"stopping: {e.why}; checkpoint {ckpt} written, resume with --resume auto")
                 raise
             batches = got.batches
             scores = rewards.combine(got.scored)
@@ -853,8 +846,7 @@ def _train(
                     )
                 except WorkersLost as e:  # in the evaluation: what was learned is kept, as in a step
                     ckpt = checkpointed or save_after(it, before)
-                    why = "a unit failed on every try" if isinstance(e, AttemptsSpent) else "too few live actors"
-                    print(f"stopping in an evaluation: {why}; checkpoint {ckpt} written, resume with --resume auto")
+                    print(f"stopping in an evaluation: {e.why}; checkpoint {ckpt} written, resume with --resume auto")
                     raise
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
