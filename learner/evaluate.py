@@ -59,6 +59,7 @@ class EvalResult:
     taus: dict[str, np.ndarray] = field(default_factory=dict)  # schedule -> [N, L+1] executed schedules
     prompts: list[str] | None = None  # [N] each context's prompt: the clusters of the standard errors
     per_reward: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # schedule -> reward -> [N]
+    lower_is_better: dict[str, bool] = field(default_factory=dict)  # set metric -> which way is better
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {name: {**mean_se(r, self.prompts), **self.metrics.get(name, {})} for name, r in self.rewards.items()}
@@ -71,7 +72,7 @@ class EvalResult:
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
         head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(
-            f"{m + ' (lower better)':>26}" for m in metric_names
+            f"{m + ' (' + better(self.lower_is_better[m]) + ')':>26}" for m in metric_names
         )
         rows = [title, head]
         for name, s in self.summary().items():
@@ -84,6 +85,11 @@ class EvalResult:
         if self.prompts is not None and len(set(self.prompts)) < 2:
             rows.append("(no standard error: it is clustered by prompt and needs two held-out prompts or more)")
         return "\n".join(rows)
+
+
+def better(lower: bool) -> str:
+    """Which way a measure is better, as the tables and plots say it."""
+    return "lower better" if lower else "higher better"
 
 
 def _metric_cell(s: dict[str, float], m: str) -> str:
@@ -131,6 +137,7 @@ def evaluate(
         result.taus[name] = tau[np.arange(len(best)), best]
         if metrics is not None and metrics.names and sched.k == 1:
             result.metrics[name] = metrics.measure(got.pending)
+            result.lower_is_better = dict(metrics.lower_is_better)
     return result
 
 
@@ -173,6 +180,11 @@ class Sweep:
             out += [m for v in res.metrics.values() for m in v if not m.endswith("_se")]
         return list(dict.fromkeys(out))
 
+    def label(self, measure: str) -> str:
+        """``measure`` with which way is better: a reward's higher, a set metric's as its class says."""
+        lower = any(res.lower_is_better.get(measure, False) for res in self.results.values())
+        return f"{measure} ({better(lower)})"
+
     def value(self, res: EvalResult, method: str, measure: str) -> tuple[float, float] | None:
         """(mean, s.e.) of ``measure`` for ``method`` in ``res`` (a set metric: its bootstrap noise)."""
         if measure == "reward":
@@ -201,7 +213,7 @@ class Sweep:
             " error, clustered by prompt (a set metric's: its bootstrap noise); every method on the same noises"
         ]
         for measure in self.measures():
-            lines += ["", f"**{measure}**", "", "| method | " + " | ".join(f"L = {n}" for n in ls) + " |"]
+            lines += ["", f"**{self.label(measure)}**", "", "| method | " + " | ".join(f"L = {n}" for n in ls) + " |"]
             lines.append("| --- |" + " --- |" * len(ls))
             for method, by_l in self.table(measure).items():
                 cells = [f"{by_l[n][0]:.4g} +- {by_l[n][1]:.2g}" if n in by_l else "-" for n in ls]
@@ -239,7 +251,9 @@ class Sweep:
         tb = TensorBoardLogger(tb_dir) if tb_dir is not None else None
         try:
             for measure in self.measures():
-                plots.plot_against_steps(out / f"{measure}_vs_L.png", self.table(measure), measure, tb=tb)
+                plots.plot_against_steps(
+                    out / f"{measure}_vs_L.png", self.table(measure), measure, self.label(measure), tb=tb
+                )
         finally:
             if tb is not None:
                 tb.close()

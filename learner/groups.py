@@ -821,6 +821,7 @@ class MetricGroup:
         self.names = [m.name for m in specs]
         self.resamples = [m.noise_resamples for m in specs]
         self.timeouts = [m.timeout_s for m in specs]
+        self.lower_is_better: dict[str, bool] = {}  # metric -> which way is better, its class's word
         self.servers: list[Any] = [
             ray.remote(MetricServer).options(num_cpus=m.num_cpus, num_gpus=m.num_gpus).remote(m.name, m.kwargs)
             for m in specs
@@ -841,6 +842,15 @@ class MetricGroup:
             [f"eval metric {m.name!r}" for m in self.specs],
             [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in self.specs],
         )
+        self.lower_is_better = {
+            m.name: answer(
+                server.lower_is_better.remote(),
+                m.start_timeout_s,
+                f"eval metric {m.name!r}",
+                "learner.eval_metrics[].start_timeout_s",
+            )
+            for m, server in zip(self.specs, self.servers, strict=True)
+        }
 
     def measure(self, pending: list[Pending]) -> dict[str, float]:
         """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""

@@ -139,10 +139,15 @@ def plot_reward_curve(path: Path, rows: list[dict], tb: Any = None, step: int = 
 
 
 def plot_against_steps(
-    path: Path, table: dict[str, dict[int, tuple[float, float]]], measure: str, tb: Any = None, step: int = 0
+    path: Path,
+    table: dict[str, dict[int, tuple[float, float]]],
+    measure: str,
+    label: str,
+    tb: Any = None,
+    step: int = 0,
 ) -> None:
     """``table[method][L] = (mean, s.e.)``: one line per method against L, with +- 1 s.e. bars
-    (the paper's Figure 4)."""
+    (the paper's Figure 4); ``label``: the measure with which way is better."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, by_l in table.items():
         ls = sorted(by_l)
@@ -150,7 +155,7 @@ def plot_against_steps(
         se = [by_l[n][1] for n in ls]
         ax.errorbar(ls, mean, yerr=se, marker="o", capsize=3, label=name, color=COLORS.get(name))
     ax.set_xlabel("L (model evaluations per sample)")
-    ax.set_ylabel(measure)
+    ax.set_ylabel(label)
     ax.set_xticks(sorted({n for by_l in table.values() for n in by_l}))
     ax.legend(fontsize=8)
     ax.set_title(f"held-out {measure} against L")

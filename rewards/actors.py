@@ -74,6 +74,10 @@ class MetricServer(Actor):
         self.name = name
         self.metric = build_metric(name, kwargs)
 
+    def lower_is_better(self) -> bool:
+        """Which way the metric is better: its class says (``build_metric`` checked it)."""
+        return bool(self.metric.lower_is_better)
+
     def features(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.metric.features(images, list(prompts)))
 

@@ -61,7 +61,8 @@ def register(name: str) -> Callable[[type], type]:
 
 def register_metric(name: str) -> Callable[[type], type]:
     """Class decorator for a set-level evaluation metric (not a reward): a class with
-    ``features(images, prompts) -> [N, F]`` and ``distance(*features) -> float``."""
+    ``features(images, prompts) -> [N, F]``, ``distance(*features) -> float`` and the class
+    attribute ``lower_is_better`` (True for a distance such as the FD, False for a score)."""
     return _registrar(_METRICS, "metric", name)
 
 
@@ -139,6 +140,11 @@ def build_metric(name: str, kwargs: dict[str, Any]) -> Any:
     for method in ("features", "distance"):
         if not callable(getattr(cls, method, None)):
             raise ValueError(f"metric {name!r} has no {method}() method")
+    if not isinstance(getattr(cls, "lower_is_better", None), bool):
+        raise ValueError(
+            f"metric {name!r} does not say which way is better: give its class lower_is_better = True"
+            " (a distance, such as the FD) or False (a score)"
+        )
     problem = _kwargs_problem(cls, f"metric {name!r}", kwargs, None)
     if problem is not None:
         raise ValueError(problem)

@@ -95,7 +95,7 @@ def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys, 
     assert (3, "best of 2 (x2 NFE)", "reward") in summary and (2, "best of 2 (x2 NFE)", "reward") not in summary
     assert "AYS" not in {m for _, m, _ in summary}  # digits is a flow model: diffusers has no AYS for it
     table = (out / "table.md").read_text()
-    assert "| method | L = 2 | L = 3 |" in table and "**digits_fd**" in table
+    assert "| method | L = 2 | L = 3 |" in table and "**digits_fd (lower better)**" in table
     assert (out / "reward_vs_L.png").stat().st_size > 0 and (out / "digits_fd_vs_L.png").stat().st_size > 0
     assert not (out / ".lock").exists(), "the evaluation dir is released"
     contexts = _rows(out / "contexts.csv")

@@ -25,6 +25,22 @@ class NoPromptsReward:
         return np.zeros(len(images))
 
 
+class Agreement:
+    """A set metric where higher is better: the share of features above zero."""
+
+    lower_is_better = False
+
+    def features(self, images, prompts):
+        return np.asarray(images, dtype=np.float64).reshape(len(prompts), -1)
+
+    def distance(self, *features):
+        return float((np.concatenate(features) > 0).mean())
+
+
+class NoDirection(Agreement):
+    lower_is_better = None  # says nothing: a table would have to guess which way is better
+
+
 class NanReward:
     def __call__(self, images, prompts):
         out = np.zeros(len(prompts), dtype=np.float32)
@@ -51,6 +67,15 @@ def test_import_path_plugins():
         resolve("hpsv9")
     with pytest.raises(ValueError, match="bad kwargs"):
         build("tests.unit.test_rewards:GoodReward", {"colour": 1})
+
+
+def test_a_metric_says_which_way_is_better_or_is_refused_naming_the_fix():
+    from rewards.registry import build_metric
+
+    assert build_metric("tests.unit.test_rewards:Agreement", {}).lower_is_better is False
+    assert build_metric("digits_fd", {}).lower_is_better is True
+    with pytest.raises(ValueError, match=r"'tests.unit.test_rewards:NoDirection' does not say which way is better"):
+        build_metric("tests.unit.test_rewards:NoDirection", {})
 
 
 def test_non_finite_and_wrong_shape_name_reward_and_prompt():

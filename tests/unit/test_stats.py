@@ -54,3 +54,20 @@ def test_the_table_says_why_one_held_out_prompt_has_no_standard_error():
     assert "+- nan" in table and table.endswith("needs two held-out prompts or more)")
     two = EvalResult({DEFAULT: np.arange(4.0), "x": np.arange(4.0) + 1}, prompts=["a cat", "a dog"] * 2)
     assert "nan" not in two.table("held out") and "needs two" not in two.table("held out")
+
+
+def test_each_set_metric_is_labelled_with_the_way_its_class_says_is_better(tmp_path):
+    from learner.evaluate import DEFAULT, EvalResult, Sweep
+
+    rewards = {DEFAULT: np.arange(4.0), "x": np.arange(4.0) + 1}
+    metrics = {DEFAULT: {"fd": 3.0, "agreement": 0.5}, "x": {"fd": 2.0, "agreement": 0.75}}
+    res = EvalResult(rewards, metrics, prompts=["a", "b"] * 2, lower_is_better={"fd": True, "agreement": False})
+    head = res.table("held out").splitlines()[1]
+    assert "agreement (higher better)" in head and "fd (lower better)" in head
+    sweep = Sweep({2: res}, [])
+    assert [sweep.label(m) for m in sweep.measures()] == [
+        "reward (higher better)",
+        "fd (lower better)",
+        "agreement (higher better)",
+    ]
+    assert "**agreement (higher better)**" in sweep.markdown()
