@@ -55,7 +55,8 @@ class Schedule:
 @dataclass
 class EvalResult:
     rewards: dict[str, np.ndarray]  # schedule -> [N] total reward, same contexts in the same order
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # schedule -> metric -> value
+    # schedule (or 'schedule - default': the paired difference) -> metric -> value, and its noise as '<metric>_se'
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     taus: dict[str, np.ndarray] = field(default_factory=dict)  # schedule -> [N, L+1] executed schedules
     prompts: list[str] | None = None  # [N] each context's prompt: the clusters of the standard errors
     per_reward: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # schedule -> reward -> [N]
@@ -66,7 +67,8 @@ class EvalResult:
         if DEFAULT in self.rewards:
             for name, r in self.rewards.items():
                 if name != DEFAULT:
-                    out[f"{name} - {DEFAULT}"] = mean_se(r - self.rewards[DEFAULT], self.prompts)
+                    diff = f"{name} - {DEFAULT}"
+                    out[diff] = {**mean_se(r - self.rewards[DEFAULT], self.prompts), **self.metrics.get(diff, {})}
         return out
 
     def table(self, title: str) -> str:
@@ -80,7 +82,7 @@ class EvalResult:
             rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
         rows.append(
             "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
-            " a set metric's +- is its bootstrap noise)"
+            " a set metric's +- is its bootstrap noise, its difference's a paired bootstrap clustered by prompt)"
         )
         if self.prompts is not None and len(set(self.prompts)) < 2:
             rows.append("(no standard error: it is clustered by prompt and needs two held-out prompts or more)")
@@ -126,6 +128,7 @@ def evaluate(
     best-of-k schedule: the best of its k samples by the total reward; no set metrics).
     ``progress``: told the number of samples of each unit as it is done."""
     result = EvalResult({}, prompts=[c.prompt for c in contexts])
+    features = {}  # schedule -> each metric's features: its sets, and the paired differences to the default's
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, contexts, steps, version, weights, sched, progress)
         scores = dispatcher.rewards.combine(got.scored)
@@ -136,8 +139,14 @@ def evaluate(
         result.per_reward[name] = {key: v[rows] for key, v in scores.per_reward.items()}
         result.taus[name] = tau[np.arange(len(best)), best]
         if metrics is not None and metrics.names and sched.k == 1:
-            result.metrics[name] = metrics.measure(got.pending)
+            features[name] = metrics.features(got.pending)
+            result.metrics[name] = metrics.measure(features[name])
             result.lower_is_better = dict(metrics.lower_is_better)
+    if metrics is not None and DEFAULT in features:
+        for name in features:
+            if name != DEFAULT:
+                diff = metrics.difference(features[name], features[DEFAULT], [c.prompt for c in contexts])
+                result.metrics[f"{name} - {DEFAULT}"] = diff
     return result
 
 

@@ -852,18 +852,40 @@ class MetricGroup:
             for m, server in zip(self.specs, self.servers, strict=True)
         }
 
-    def measure(self, pending: list[Pending]) -> dict[str, float]:
-        """Each metric over the images of ``pending``, and its bootstrap noise as ``<name>_se``."""
-        refs = {}
-        for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True):
-            feats = [server.features.remote(p.images, p.prompts) for p in pending]
-            refs[name] = server.distance_with_se.remote(*feats, resamples=resamples)
+    def features(self, pending: list[Pending]) -> dict[str, list[Any]]:
+        """Each metric's features of the images of ``pending``: one ref per unit, on its server."""
+        return {
+            name: [server.features.remote(p.images, p.prompts) for p in pending]
+            for name, server in zip(self.names, self.servers, strict=True)
+        }
+
+    def measure(self, features: dict[str, list[Any]]) -> dict[str, float]:
+        """Each metric over a set (its ``features``), and its bootstrap noise as ``<name>_se``."""
+        return self._answers(
+            {
+                name: server.distance_with_se.remote(*features[name], resamples=resamples)
+                for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True)
+            }
+        )
+
+    def difference(self, a: dict[str, list[Any]], b: dict[str, list[Any]], clusters: list[str]) -> dict[str, float]:
+        """Each metric of set ``a`` minus that of set ``b`` (the same contexts, in the same order,
+        under two schedules), and its paired bootstrap standard error, clustered by ``clusters``
+        (each context's prompt), as ``<name>_se``."""
+        return self._answers(
+            {
+                name: server.difference_with_se.remote(
+                    len(a[name]), *a[name], *b[name], clusters=clusters, resamples=resamples
+                )
+                for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True)
+            }
+        )
+
+    def _answers(self, refs: dict[str, Any]) -> dict[str, float]:
+        """``{name: value, name_se: noise}`` from each metric's (value, noise or None) call."""
         out = {}
-        got = [
-            answer(ref, t, f"eval metric {name!r}", "learner.eval_metrics[].timeout_s")
-            for (name, ref), t in zip(refs.items(), self.timeouts, strict=True)
-        ]
-        for name, (value, se) in zip(refs, got, strict=True):
+        for (name, ref), t in zip(refs.items(), self.timeouts, strict=True):
+            value, se = answer(ref, t, f"eval metric {name!r}", "learner.eval_metrics[].timeout_s")
             out[name] = value
             if se is not None:
                 out[f"{name}_se"] = se

@@ -99,3 +99,30 @@ class MetricServer(Actor):
         rng = np.random.default_rng(seed)
         boot = [self.distance(pooled[rng.integers(0, len(pooled), len(pooled))]) for _ in range(resamples)]
         return value, float(np.std(boot, ddof=1))
+
+    def difference_with_se(
+        self, first: int, *features: np.ndarray, clusters: Sequence[str], resamples: int = 50, seed: int = 0
+    ) -> tuple[float, float | None]:
+        """distance(A) - distance(B), where ``features[:first]`` are A's and the rest B's, row i
+        of both the same context (same prompt, same noise), and its standard error: a paired
+        bootstrap clustered as the rewards' are, over the prompts (``clusters``, one per row), each
+        resample the same rows of A and of B. The noise the two share cancels, where the
+        difference of two +-s of ``distance_with_se`` counts it twice. None with fewer than 2
+        resamples or 2 clusters."""
+        a, b = np.concatenate(features[:first]), np.concatenate(features[first:])
+        if not len(a) == len(b) == len(clusters):
+            raise ValueError(
+                f"metric {self.name!r}: a paired difference needs one row per context of both:"
+                f" {len(a)} and {len(b)} rows, {len(clusters)} contexts"
+            )
+        value = self.distance(a) - self.distance(b)
+        labels = np.unique(np.asarray(clusters), return_inverse=True)[1]
+        members = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+        if resamples < 2 or len(members) < 2:
+            return value, None
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(resamples):
+            rows = np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+            boot.append(self.distance(a[rows]) - self.distance(b[rows]))
+        return value, float(np.std(boot, ddof=1))

@@ -68,6 +68,10 @@ def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
     summary = json.loads((run / "eval.json").read_text())
     assert summary["default"]["n"] == 60 and summary["default"]["digits_fd"] > 0
     assert summary["learned global"]["digits_fd"] > 0 and summary["learned instance-level"]["digits_fd"] > 0
+    for learned in ("learned global", "learned instance-level"):  # the gold metric's paired difference
+        diff = summary[f"{learned} - default"]
+        assert diff["digits_fd"] == pytest.approx(summary[learned]["digits_fd"] - summary["default"]["digits_fd"])
+        assert 0 < diff["digits_fd_se"] < summary["default"]["digits_fd_se"] + summary[learned]["digits_fd_se"]
     for png in ("schedules.png", "samples.png", "reward_curve.png"):
         assert (run / png).stat().st_size > 10_000, png
     assert (run / "global" / "policy" / "model.safetensors").is_file()

@@ -37,6 +37,14 @@ class Agreement:
         return float((np.concatenate(features) > 0).mean())
 
 
+class MeanOfFeatures(Agreement):
+    """A set metric whose value is the mean of its one feature: its paired difference is a mean
+    of per-context differences, whose clustered standard error is known in closed form."""
+
+    def distance(self, *features):
+        return float(np.concatenate(features).mean())
+
+
 class NoDirection(Agreement):
     lower_is_better = None  # says nothing: a table would have to guess which way is better
 
@@ -76,6 +84,32 @@ def test_a_metric_says_which_way_is_better_or_is_refused_naming_the_fix():
     assert build_metric("digits_fd", {}).lower_is_better is True
     with pytest.raises(ValueError, match=r"'tests.unit.test_rewards:NoDirection' does not say which way is better"):
         build_metric("tests.unit.test_rewards:NoDirection", {})
+
+
+def test_a_metric_difference_is_paired_and_clustered_by_prompt():
+    """The difference of two schedules' metric on the same contexts: its bootstrap resamples the
+    same rows of both, whole prompts at a time. For a mean it is the clustered standard error of
+    the per-context differences (up to the bootstrap's (G-1)/G and its own noise), far below the
+    two sets' own noises, which count the shared prompt effect twice."""
+    from learner.stats import mean_se
+    from rewards.actors import MetricServer
+
+    rng = np.random.default_rng(0)
+    clusters = [f"prompt {i}" for i in range(10) for _ in range(40)]
+    prompt_effect = np.repeat(rng.normal(size=10), 40)
+    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=400))[:, None]
+    b = (prompt_effect + 0.1 * rng.normal(size=400))[:, None]
+    server = MetricServer("tests.unit.test_rewards:MeanOfFeatures", {})
+    value, se = server.difference_with_se(2, a[:150], a[150:], b, clusters=clusters, resamples=2000)
+    assert value == pytest.approx(float(a.mean() - b.mean()), abs=1e-12)
+    expected = mean_se((a - b).ravel(), clusters)["se"] * np.sqrt(9 / 10)
+    assert se == pytest.approx(expected, rel=0.08)
+    unpaired = np.hypot(server.distance_with_se(a, resamples=200)[1], server.distance_with_se(b, resamples=200)[1])
+    assert se < unpaired / 5
+    assert server.difference_with_se(1, a, b, clusters=["one prompt"] * 400)[1] is None
+    assert server.difference_with_se(1, a, b, clusters=clusters, resamples=0) == (value, None)
+    with pytest.raises(ValueError, match="one row per context of both: 400 and 399 rows, 400 contexts"):
+        server.difference_with_se(1, a, b[1:], clusters=clusters)
 
 
 def test_non_finite_and_wrong_shape_name_reward_and_prompt():
