@@ -50,7 +50,10 @@ class PolicyInputs:
 
 
 def inverse_softplus(y: np.ndarray) -> np.ndarray:
-    return np.log(np.expm1(y))
+    """softplus^-1(y) = log(exp(y) - 1), written as y + log(1 - exp(-y)): finite for every y > 0,
+    where exp(y) overflows past y ~ 710 (a default init at concentration 5000 got alphas of inf)."""
+    y = np.asarray(y, dtype=np.float64)
+    return y + np.log(-np.expm1(-y))
 
 
 class _Block(nn.Module):

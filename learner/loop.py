@@ -363,6 +363,16 @@ class Diverged(RunStopped):
     """An update left the policy with non-finite weights or alphas out of range."""
 
 
+def _diverged_line(iteration: int, problem: str, store: Any, optimizer: Any) -> str:
+    """Why a run stopped at a diverged update, and how to go on from its last good checkpoint."""
+    return (
+        f"iteration {iteration}: the update diverged ({problem}); nothing of it was saved, the latest"
+        f" checkpoint in {store} is the last good state. Lower learner.lr (now"
+        f" {optimizer.param_groups[0]['lr']:g}) or learner.grad_clip, then continue with"
+        " --resume auto --resume_changes=true"
+    )
+
+
 def train(
     cfg: Config,
     baselines_to_beat: dict[str, Schedule] | None = None,
@@ -759,7 +769,10 @@ def _train(
                 device,
             )
             behaviour_logp = np.concatenate([bt.logp for bt in batches])
-            m = reinforce_step(policy, optimizer, inputs, log_tau, adv, behaviour_logp, lc.grad_clip, lc.pipeline)
+            try:
+                m = reinforce_step(policy, optimizer, inputs, log_tau, adv, behaviour_logp, lc.grad_clip, lc.pipeline)
+            except FloatingPointError as e:  # a non-finite gradient: the optimizer did not step
+                raise Diverged(_diverged_line(it + 1, str(e), store, optimizer)) from None
             # the previous update's alphas on this batch (computed by the step itself), then this
             # update's weights; its alphas too where a checkpoint or an evaluation is about to use them
             problem, when = _alpha_problem(m["policy/alpha_min"], m["policy/alpha_max"]), it
@@ -771,12 +784,7 @@ def _train(
                 evaluating = bool(lc.eval_every) and (it + 1) % lc.eval_every == 0
                 problem, when = _diverged(policy, weights, inputs if keep or evaluating else None), it + 1
             if problem is not None:  # nothing of this update is saved: the latest checkpoint stays the last good one
-                raise Diverged(
-                    f"iteration {when}: the update diverged ({problem}); nothing of it was saved, the latest"
-                    f" checkpoint in {store} is the last good state. Lower learner.lr (now"
-                    f" {optimizer.param_groups[0]['lr']:g}) or learner.grad_clip, then continue with"
-                    " --resume auto --resume_changes=true"
-                )
+                raise Diverged(_diverged_line(when, problem, store, optimizer))
             version += 1
             t_put = time.perf_counter()
             before, current = current, _Sent.put(version, weights, collective)

@@ -183,7 +183,7 @@ def reinforce_step(
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}); the update is skipped")
+        raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)}: the optimizer did not step")
     optimizer.step()
     with torch.no_grad():
         conc = alpha.sum(-1)

@@ -425,6 +425,30 @@ def test_a_diverged_update_is_never_checkpointed(ray_local, tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in res.policy.parameters())
 
 
+def test_a_non_finite_gradient_stops_the_run_as_a_diverged_update_does(ray_local, tmp_path, monkeypatch):
+    """A gradient of nan (the optimizer does not step): the run stopped with a bare
+    FloatingPointError that said the update was skipped; it is the diverged update's line, with
+    the last good checkpoint and how to go on from it."""
+    real = loop.reinforce_step
+    calls = []
+
+    def poisoned(policy, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            next(policy.parameters()).register_hook(lambda g: g * float("nan"))
+        return real(policy, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "reinforce_step", poisoned)
+    cfg = load_config([], **tiny_overrides(tmp_path, learner={"iterations": 6, "checkpoint_every": 2}))
+    with pytest.raises(
+        Diverged,
+        match=r"^iteration 3: the update diverged \(non-finite gradient norm nan: the optimizer did not step\);"
+        r" nothing of it was saved, .* continue with --resume auto",
+    ):
+        train(cfg)
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == "ckpt-00000002"
+
+
 def test_alphas_out_of_range_stop_the_run_before_the_next_checkpoint(ray_local, tmp_path, monkeypatch):
     """Finite weights whose alphas leave (0, 1e8] (a head bias of 1e9): caught by the next
     update's own forward pass, between checkpoints, and never saved."""

@@ -65,7 +65,8 @@ def test_vector_policy_sees_the_noise_scale():
     assert not torch.allclose(pol(inp), pol(scaled), rtol=1e-3, atol=1e-4)
 
 
-def test_default_init_mean_is_the_default_schedule():
+@pytest.mark.parametrize("concentration", [50.0, 1e6])  # 1e6: the config's largest (exp overflowed past ~710)
+def test_default_init_mean_is_the_default_schedule(concentration):
     tau0 = uniform_flow_tau(4)
     for variant in ("conditional", "global"):
         pol = SchedulePolicy(
@@ -76,12 +77,12 @@ def test_default_init_mean_is_the_default_schedule():
             variant=variant,
             init="default",
             default_tau=tau0.tolist(),
-            concentration=50.0,
+            concentration=concentration,
             **TINY,
         ).eval()
         alpha = pol(_inputs()).detach().double()
         mean = (alpha / alpha.sum(-1, keepdim=True)).numpy()
-        assert np.allclose(alpha.sum(-1).numpy(), 50.0, rtol=1e-4)
+        assert np.allclose(alpha.sum(-1).numpy(), concentration, rtol=1e-4)
         # tau_1 = 0 is floored at 1e-3 so the mean lies inside the simplex
         expected = np.maximum(tau0, 1e-3) / np.maximum(tau0, 1e-3).sum()
         np.testing.assert_allclose(mean, np.broadcast_to(expected, mean.shape), atol=1e-5)
