@@ -82,7 +82,7 @@ class EvalResult:
             rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
         rows.append(
             "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
-            " a set metric's +- is its bootstrap noise, its difference's a paired bootstrap clustered by prompt)"
+            " a set metric's +- is its bootstrap noise, its difference's a paired bootstrap of the noises)"
         )
         if self.prompts is not None and len(set(self.prompts)) < 2:
             rows.append("(no standard error: it is clustered by prompt and needs two held-out prompts or more)")

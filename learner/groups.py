@@ -868,16 +868,14 @@ class MetricGroup:
             }
         )
 
-    def difference(self, a: dict[str, list[Any]], b: dict[str, list[Any]], clusters: list[str]) -> dict[str, float]:
+    def difference(self, a: dict[str, list[Any]], b: dict[str, list[Any]], prompts: list[str]) -> dict[str, float]:
         """Each metric of set ``a`` minus that of set ``b`` (the same contexts, in the same order,
-        under two schedules), and its paired bootstrap standard error, clustered by ``clusters``
-        (each context's prompt), as ``<name>_se``."""
+        under two schedules; ``prompts``: each context's), and its paired bootstrap noise, the
+        noises resampled within each prompt, as ``<name>_se``."""
         return self._answers(
             {
-                name: server.difference_with_se.remote(
-                    len(a[name]), *a[name], *b[name], clusters=clusters, resamples=resamples
-                )
-                for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True)
+                name: server.difference_with_se.remote(len(a[name]), *a[name], *b[name], strata=prompts, resamples=n)
+                for name, server, n in zip(self.names, self.servers, self.resamples, strict=True)
             }
         )
 

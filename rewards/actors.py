@@ -101,28 +101,30 @@ class MetricServer(Actor):
         return value, float(np.std(boot, ddof=1))
 
     def difference_with_se(
-        self, first: int, *features: np.ndarray, clusters: Sequence[str], resamples: int = 50, seed: int = 0
+        self, first: int, *features: np.ndarray, strata: Sequence[str], resamples: int = 50, seed: int = 0
     ) -> tuple[float, float | None]:
         """distance(A) - distance(B), where ``features[:first]`` are A's and the rest B's, row i
-        of both the same context (same prompt, same noise), and its standard error: a paired
-        bootstrap clustered as the rewards' are, over the prompts (``clusters``, one per row), each
-        resample the same rows of A and of B. The noise the two share cancels, where the
-        difference of two +-s of ``distance_with_se`` counts it twice. None with fewer than 2
-        resamples or 2 clusters."""
+        of both the same context (same prompt, same noise), and its bootstrap noise, paired: each
+        resample takes the same rows of A and of B, drawn among each prompt's own (``strata``, one
+        per row), so the prompt mix the distance is measured on stays the held-out set's. The
+        noise the two sets share cancels, where the two ``distance_with_se`` +-s count it twice.
+        Whole prompts are not resampled: a distance to a fixed reference is not a sum over
+        prompts, and a resampled mix (three sevens, no two) moves both distances far more than
+        the schedules do. None with fewer than 2 resamples."""
         a, b = np.concatenate(features[:first]), np.concatenate(features[first:])
-        if not len(a) == len(b) == len(clusters):
+        if not len(a) == len(b) == len(strata):
             raise ValueError(
                 f"metric {self.name!r}: a paired difference needs one row per context of both:"
-                f" {len(a)} and {len(b)} rows, {len(clusters)} contexts"
+                f" {len(a)} and {len(b)} rows, {len(strata)} contexts"
             )
         value = self.distance(a) - self.distance(b)
-        labels = np.unique(np.asarray(clusters), return_inverse=True)[1]
-        members = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-        if resamples < 2 or len(members) < 2:
+        if resamples < 2:
             return value, None
+        labels = np.unique(np.asarray(strata), return_inverse=True)[1]
+        members = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
         rng = np.random.default_rng(seed)
         boot = []
         for _ in range(resamples):
-            rows = np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+            rows = np.concatenate([m[rng.integers(0, len(m), len(m))] for m in members])
             boot.append(self.distance(a[rows]) - self.distance(b[rows]))
         return value, float(np.std(boot, ddof=1))

@@ -86,30 +86,31 @@ def test_a_metric_says_which_way_is_better_or_is_refused_naming_the_fix():
         build_metric("tests.unit.test_rewards:NoDirection", {})
 
 
-def test_a_metric_difference_is_paired_and_clustered_by_prompt():
+def test_a_metric_difference_is_paired_with_the_noises_resampled_within_each_prompt():
     """The difference of two schedules' metric on the same contexts: its bootstrap resamples the
-    same rows of both, whole prompts at a time. For a mean it is the clustered standard error of
-    the per-context differences (up to the bootstrap's (G-1)/G and its own noise), far below the
-    two sets' own noises, which count the shared prompt effect twice."""
-    from learner.stats import mean_se
+    same rows of both, each prompt's noises among its own. For a mean it is the standard error of
+    the per-context differences stratified by prompt (up to the bootstrap's own noise), far below
+    the two sets' own noises, which count the shared prompt effect twice; and the prompt mix of a
+    resample is the set's (a mean over a resampled mix would move with the prompt effect)."""
     from rewards.actors import MetricServer
 
     rng = np.random.default_rng(0)
-    clusters = [f"prompt {i}" for i in range(10) for _ in range(40)]
-    prompt_effect = np.repeat(rng.normal(size=10), 40)
-    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=400))[:, None]
-    b = (prompt_effect + 0.1 * rng.normal(size=400))[:, None]
+    sizes = [20, 30, 40, 50, 60]
+    strata = [f"prompt {i}" for i, n in enumerate(sizes) for _ in range(n)]
+    prompt_effect = np.repeat(10 * rng.normal(size=len(sizes)), sizes)
+    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=200))[:, None]
+    b = (prompt_effect + 0.1 * rng.normal(size=200))[:, None]
     server = MetricServer("tests.unit.test_rewards:MeanOfFeatures", {})
-    value, se = server.difference_with_se(2, a[:150], a[150:], b, clusters=clusters, resamples=2000)
+    value, se = server.difference_with_se(2, a[:150], a[150:], b, strata=strata, resamples=2000)
     assert value == pytest.approx(float(a.mean() - b.mean()), abs=1e-12)
-    expected = mean_se((a - b).ravel(), clusters)["se"] * np.sqrt(9 / 10)
+    d, bounds = (a - b).ravel(), np.cumsum([0, *sizes])
+    expected = np.sqrt(sum(d[i:j].var() * (j - i) for i, j in zip(bounds[:-1], bounds[1:], strict=True))) / len(d)
     assert se == pytest.approx(expected, rel=0.08)
     unpaired = np.hypot(server.distance_with_se(a, resamples=200)[1], server.distance_with_se(b, resamples=200)[1])
-    assert se < unpaired / 5
-    assert server.difference_with_se(1, a, b, clusters=["one prompt"] * 400)[1] is None
-    assert server.difference_with_se(1, a, b, clusters=clusters, resamples=0) == (value, None)
-    with pytest.raises(ValueError, match="one row per context of both: 400 and 399 rows, 400 contexts"):
-        server.difference_with_se(1, a, b[1:], clusters=clusters)
+    assert se < unpaired / 20
+    assert server.difference_with_se(1, a, b, strata=strata, resamples=0) == (value, None)
+    with pytest.raises(ValueError, match="one row per context of both: 200 and 199 rows, 200 contexts"):
+        server.difference_with_se(1, a, b[1:], strata=strata)
 
 
 def test_non_finite_and_wrong_shape_name_reward_and_prompt():
