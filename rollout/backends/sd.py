@@ -190,7 +190,8 @@ class SDFamily:
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         pipe, vae = self.pipe, self.pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's fp16 VAE overflows
+        # SDXL's fp16 VAE overflows, and its pipeline decodes in float32; SD1.x's decodes in fp16
+        upcast = self.xl and vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             vae.to(dtype=torch.float32)
             latents = latents.to(torch.float32)
@@ -221,7 +222,9 @@ class SDFamily:
             )
             tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
         else:
-            embeds, neg = pipe.encode_prompt(prompts, device, 1, cfg_g, self.cfg.negative_prompt)
+            # SD1.x's encode_prompt takes a negative prompt of the prompt's type: one per prompt
+            negative = None if self.cfg.negative_prompt is None else [self.cfg.negative_prompt] * len(prompts)
+            embeds, neg = pipe.encode_prompt(prompts, device, 1, cfg_g, negative)
             neg_pooled = None
             tokenizers = [pipe.tokenizer]
         # real length of each prompt in CLIP tokens (with start and end of text)

@@ -122,8 +122,11 @@ class SD3Family:
             if self.cfg_guidance:
                 v_uncond, v_text = v.chunk(2)
                 v = v_uncond + self.cfg.guidance_scale * (v_text - v_uncond)
+            # Euler as the scheduler's step: the step size in the model's dtype times its output,
+            # added to the latents in float32, then cast back (in bfloat16 a float32 step size
+            # changed 4 in 10 of the pixels' uint8 values)
             dt = (sig_next[:, k] - sig[:, k]).view(-1, 1, 1, 1)
-            latents = (latents.float() + (dt * v.float()).to(v.dtype)).to(v.dtype)
+            latents = (latents.float() + dt.to(v.dtype) * v).to(v.dtype)
         latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="np")
