@@ -573,7 +573,8 @@ class MetricSpec(Section):
         ge=0,
         le=10_000,
         description="Bootstrap resamples that measure the metric's own sampling noise (reported as +-; each costs"
-        " one more distance: lower it for a 2048-dim FID); 0: not measured.",
+        " one more distance per schedule and two per paired difference to the default: lower it for a 2048-dim FID);"
+        " 0: not measured.",
     )
 
 
