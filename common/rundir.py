@@ -4,7 +4,7 @@
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
 - takes the lock ``<run dir>/.lock`` (host, pid, start time, and where the pid is a number: the
-  machine's boot id and the pid namespace), created atomically (and the same in a local
+  machine's boot id, the pid namespace and when the process started), created atomically (and the same in a local
   ``learner.checkpoint_dir`` outside the run dir, and as an object ``<url>/.lock`` in one on an
   object store: two runs sharing one would write each other's checkpoints), and renews it (its
   mtime; a lock object is written again) every ``LEASE_RENEW_S`` while the run lives. A lock
@@ -15,7 +15,10 @@
   missed its renewals but not yet its lease is waited for. A stale lock is removed
   only while it still holds what was judged (a file is renamed aside, atomically, then checked),
   so of two runs that take one over at once, one holds the dir and the other is refused. Any
-  other lock is a refusal that names its owner;
+  other lock is a refusal that names its owner, and so is one whose very process lives (the
+  same pid, started at the same time), stopped or suspended past its lease. A run whose lock
+  another took over (it was stopped that long) finds it at its next renewal or write
+  (``Held.check_held``) and stops without writing there again;
 - refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
   says what to do with it: ``--resume auto`` to continue it, ``--overwrite`` to replace it, or a
   new ``experiment.name``;
@@ -79,6 +82,11 @@ class RunDirInUse(ConfigError):
     """Another live process holds the run directory."""
 
 
+class RunDirLost(RunDirInUse):
+    """Another run took over this run's directory while this process did not renew its lock (it
+    was stopped, suspended or frozen past the lease): this run writes nothing there again."""
+
+
 @functools.cache
 def _process_space() -> dict[str, str]:
     """What makes a pid name one process: the host name, and on Linux the kernel's boot id (two
@@ -100,6 +108,17 @@ def _same_space(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("pid") == b.get("pid") and _same_space(a, b)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When the process ``pid`` started, in clock ticks after boot (Linux's /proc/<pid>/stat,
+    field 22): with the pid, it names one process, where a pid alone may be another's after a
+    reuse. None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -204,6 +223,7 @@ class _LockFile:
 
     def __init__(self, directory: Path):
         self.directory, self.path = directory, directory / LOCK
+        self.record = b""  # what this run wrote, once it holds the lock
 
     def __str__(self) -> str:
         return str(self.path)
@@ -212,13 +232,21 @@ class _LockFile:
         return str(self.path.absolute())
 
     def create(self, record: bytes) -> bool:
-        """Write ``record`` as the lock where there is none: False where there is one."""
+        """Write ``record`` as the lock where there is none: False where there is one. A record
+        that cannot be written (a full disk) leaves no lock: an empty one refused the next run."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(record)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(record)
+        except BaseException as e:
+            self.path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(self.path)
+            raise
+        self.record = record
         return True
 
     def is_link(self) -> bool:
@@ -256,9 +284,15 @@ class _LockFile:
     def age(self) -> float:
         return _age(self.path)
 
-    def renew(self) -> None:
+    def renew(self) -> bytes | None:
+        """Renew the lock while it is still this run's; else the record of the run that took it
+        over (None: renewed, or it cannot be told now)."""
+        found = self.read_bytes()
+        if found is not None and found != self.record:
+            return found
         with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
             os.utime(self.path)
+        return None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -368,10 +402,17 @@ class _LockObject:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(probe)
 
-    def renew(self) -> None:
-        with contextlib.suppress(Exception):  # noqa: BLE001 - any store error: the next renewal tries again
-            if self.read_bytes() == self.record:  # one taken over meanwhile (renewals failed for LEASE_S) is left
+    def renew(self) -> bytes | None:
+        """As ``_LockFile.renew``: one taken over meanwhile (renewals failed for LEASE_S) is left."""
+        try:
+            found = self.read_bytes()
+            if found is not None and found != self.record:
+                return found
+            if found == self.record:
                 self.fs.pipe(self.path, self.record)
+        except Exception:  # noqa: BLE001 - any store error: the next renewal tries again
+            pass
+        return None
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -391,9 +432,11 @@ class _Lease:
         self.directory, self.what, self.instead, self.log, self.holder = directory, what, instead, log, holder
         self.lock = _LockObject(directory) if isinstance(directory, str) else _LockFile(directory)
         self.held = False
-        self.me = {**_process_space(), "pid": os.getpid(), "started": ""}
+        self.me = {**_process_space(), "pid": os.getpid(), "pid_start": _start_ticks(os.getpid()), "started": ""}
         self._guard = threading.Lock()  # a renewal and the release never interleave
         self._stop = threading.Event()
+        self.renewed = time.monotonic()  # when the lock was last found this run's
+        self.lost: str | None = None  # why the lock is another run's now
 
     def acquire(self) -> None:
         try:
@@ -454,6 +497,8 @@ class _Lease:
         pid = int(owner.get("pid", -1))
         here = _same_space(owner, me)  # its pid can be asked here
         earlier = here and pid == os.getpid() and lock.key() not in _HELD
+        if here and not earlier and owner.get("pid_start") is not None and owner["pid_start"] == _start_ticks(pid):
+            return None  # its very process lives, stopped or suspended past its lease: its run, never taken over
         if here and (earlier or not _pid_alive(pid)):
             gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
             return (
@@ -502,8 +547,37 @@ class _Lease:
         hangs a call delays no other lock's renewal)."""
         while not self._stop.wait(LEASE_RENEW_S):
             with self._guard:
-                if self.held:
-                    self.lock.renew()
+                self._renew_once()
+
+    def _renew_once(self) -> None:
+        """One renewal (the guard held): a lock found another run's is this run's no more."""
+        if not self.held:
+            return
+        taker = self.lock.renew()
+        if taker is None:
+            self.renewed = time.monotonic()
+            return
+        owner = _owner(taker) or {}
+        self.held = False  # never renewed or removed again: the release leaves it to its new owner
+        _HELD.discard(self.lock.key())
+        self.lost = (
+            f"the {self.what} {self.directory} was taken over by pid {owner.get('pid')} on host {owner.get('host')}"
+            f" (since {owner.get('started')}): this process did not renew its lock for more than {LEASE_S:g} s"
+            " (stopped or suspended?); it stops without writing there again"
+        )
+
+    def check(self) -> None:
+        """Raise ``RunDirLost`` where the lock is another run's now. Where renewals were missed (the
+        process was stopped, its clock still ran), the lock is read here and now, before anything
+        more is written, not at the next renewal."""
+        missed = self.held and time.monotonic() - self.renewed > 2 * LEASE_RENEW_S
+        if missed and self._guard.acquire(timeout=RELEASE_WAIT_S):
+            try:
+                self._renew_once()
+            finally:
+                self._guard.release()
+        if self.lost is not None:
+            raise RunDirLost(self.lost)
 
     def stop_renewing(self) -> None:
         self._stop.set()
@@ -560,6 +634,12 @@ class Held:
         except BaseException:
             self.release()
             raise
+
+    def check_held(self) -> None:
+        """``RunDirLost`` where another run took over one of the locks: called before the run
+        writes its logs or a checkpoint."""
+        for lease in self.leases:
+            lease.check()
 
     def release(self) -> None:
         """Every lock released, even if one release is interrupted (its error raised after)."""

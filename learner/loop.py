@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -395,7 +395,7 @@ def train(
     rd = owner or claim(cfg)
     try:
         resumed = find_resume(cfg) if resume == "find" else resume
-        return _train(cfg, resumed, baselines_to_beat, final_eval, actors, rd.clear_earlier)
+        return _train(cfg, resumed, baselines_to_beat, final_eval, actors, rd)
     finally:
         if owner is None:
             rd.release()
@@ -588,10 +588,11 @@ def _train(
     baselines_to_beat: dict[str, Schedule] | None,
     final_eval: bool,
     actors: Actors | None,
-    started: Callable[[], None],
+    rd: RunDir,
 ) -> RunResult:
-    """``started``: called once the run has started (its actors up, its checks passed, its
-    checkpoint loaded), before it writes its run dir (--overwrite removes the earlier run then)."""
+    """``rd``: the claim on the run dir; its earlier run is cleared once the run has started (its
+    actors up, its checks passed, its checkpoint loaded), before it writes its run dir
+    (--overwrite removes the earlier run then), and it is checked still held before each write."""
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(cfg.checkpoint_root)
@@ -645,7 +646,7 @@ def _train(
         # the run dir is written from here, once the actors are up, the checks passed and the
         # checkpoint resumed from is loaded: a run that cannot start leaves it as it was (a resume
         # refused at the checkpoint's weights had its logs trimmed and config.yaml replaced)
-        started()
+        rd.clear_earlier()
         logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
         if resume is not None and not (resume.fork and resume.source is None):
             logged = _trim_logs(run_dir, resume.state, resume.source)
@@ -692,6 +693,7 @@ def _train(
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
             the next rollouts are (or would be) drawn under, kept where they are not the policy's."""
+            rd.check_held()
             state = _checkpoint_state(cfg, iteration, version, cursor, logged)
             for log in (run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
                 if log.exists():  # on the disk before the checkpoint that counts their records (a machine's crash)
@@ -826,6 +828,7 @@ def _train(
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }
             )
+            rd.check_held()  # a run that took the dir over while this process was stopped is never written over
             loggers.log(it + 1, m)
             bar.set_postfix(reward=f"{r.mean():.3f}")
             note = None if idle is None else idle.add(it + 1, step_s, sampled_s, tail_s, learner_s)
@@ -858,6 +861,7 @@ def _train(
                     raise
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
+        rd.check_held()
         made = run_dir / f".policy.tmp-{os.getpid()}"
         policy.save_pretrained(made)  # whole, then in place: a crash leaves the earlier policy or none
         replace_dir(made, run_dir / "policy")

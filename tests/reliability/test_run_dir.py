@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from common import rundir
 from common.codec import append_records, pack, read_records
 from common.config import ConfigError, load_config
 from common.messages import RolloutRecord
-from common.rundir import LOCK, RunDirInUse, claim
+from common.rundir import LOCK, RunDirInUse, RunDirLost, claim
 from learner.loop import train
 from learner.main import main
 from tests.conftest import actors_now, left_alive
@@ -331,6 +332,90 @@ def test_a_lock_that_missed_its_renewals_is_waited_for_then_taken_over(tmp_path,
     assert 0.8 < waited < 5, waited
     assert said[0].startswith("the run dir's lock, of pid 4242 on host a-preempted-pod, has not been renewed for ")
     assert said[0].endswith("s: waiting until 1.5 s to take it over") and "taking over" in said[1]
+
+
+def _aged(lock: Path, record: dict) -> None:
+    lock.write_text(json.dumps(record))
+    stamp = lock.stat().st_mtime - rundir.LEASE_S - 30  # its lease ran out a while ago
+    os.utime(lock, (stamp, stamp))
+
+
+def test_the_lock_of_a_stopped_run_is_its_own_past_its_lease_where_a_reused_pids_is_not(tmp_path):
+    """A driver stopped past the lease (SIGSTOP, a suspended job, a frozen VM) lives: its lock was
+    taken over ("pid N is another process", of the very same process) and, once it went on, two
+    runs wrote one run dir. The lock records when its process started: the same pid started then
+    is that process, never taken over; started at another time, the pid was reused."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        run = tmp_path / "r"
+        run.mkdir()
+        record = {**rundir._process_space(), "pid": sleeper.pid, "started": "t"}
+        record["pid_start"] = rundir._start_ticks(sleeper.pid)
+        assert record["pid_start"] is not None
+        _aged(run / LOCK, record)
+        with pytest.raises(RunDirInUse, match=f"in use by pid {sleeper.pid} on host"):
+            claim(load_config(_flags(tmp_path)))
+        _aged(run / LOCK, {**record, "pid_start": "1"})  # that pid, but another process's now
+        with claim(load_config(_flags(tmp_path)), log=lambda _: None) as rd:
+            assert json.loads((rd.path / LOCK).read_text())["pid_start"] == rundir._start_ticks(os.getpid())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_whose_dir_was_taken_over_writes_there_no_more(tmp_path, monkeypatch):
+    """Its renewals find another run's record: it neither renews nor removes that lock, and the
+    next write it checks stops it with one line naming the run that has the dir. Where its
+    renewals were missed (the process was stopped), the lock is read at that check, before the
+    write, not at the next renewal."""
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.05)
+    other = {"host": "elsewhere", "pid": 4242, "started": "later"}
+    with claim(load_config(_flags(tmp_path))) as rd:
+        rd.check_held()
+        (rd.path / LOCK).write_text(json.dumps(other))
+        time.sleep(0.5)
+        with pytest.raises(
+            RunDirLost, match=r"run dir .* was taken over by pid 4242 on host elsewhere \(since later\)"
+        ):
+            rd.check_held()
+    assert json.loads((tmp_path / "r" / LOCK).read_text()) == other, "left to its new owner"
+    (tmp_path / "r" / LOCK).unlink()
+    with claim(load_config(_flags(tmp_path))) as rd:
+        lease = rd.leases[0]
+        lease.stop_renewing()
+        time.sleep(0.2)  # a renewal under way is over
+        (rd.path / LOCK).write_text(json.dumps(other))
+        lease.renewed -= 60  # stopped for a minute: no renewal has looked since
+        with pytest.raises(RunDirLost, match="taken over by pid 4242"):
+            rd.check_held()
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
+    """A full disk at the claim left an empty lock, and the rerun the error line suggested was
+    refused ("others took and released it meanwhile") until it had aged 10 s."""
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fdopen", Full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        claim(load_config(_flags(tmp_path)))
+    assert e.value.filename == str(tmp_path / "r" / LOCK)
+    assert not (tmp_path / "r" / LOCK).exists()
+    monkeypatch.setattr(rundir.os, "fdopen", real)
+    claim(load_config(_flags(tmp_path))).release()  # the same command, at once
 
 
 def test_a_live_owner_renews_its_lease_until_it_releases_the_dir(tmp_path, monkeypatch):
@@ -652,6 +737,35 @@ def test_resume_rebuilds_tensorboard_without_duplicate_steps(finished, tmp_path)
 def test_claim_refuses_resume_and_overwrite_together(tmp_path):
     with pytest.raises(ConfigError, match="exclude each other"):
         load_config(_flags(tmp_path, "--resume=auto", "--overwrite=true"))
+
+
+@ray_needed
+def test_a_run_whose_dir_is_taken_over_mid_run_stops_before_its_next_write(ray_local, tmp_path, capsys, monkeypatch):
+    """The real entry point: the lock is another run's after the third update (as after this
+    process was stopped past its lease); the run stops with one line, exit 2, and writes no log
+    line, checkpoint or policy after it; the other run's lock stays."""
+    import learner.loop as loop
+
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.05)
+    real, calls = loop.reinforce_step, []
+    other = {"host": "elsewhere", "pid": 4242, "started": "later"}
+
+    def taken_over_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            (tmp_path / "r" / LOCK).write_text(json.dumps(other))
+            time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "reinforce_step", taken_over_at_the_third)
+    assert main(_flags(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the run dir {tmp_path / 'r'} was taken over by pid 4242 on host elsewhere"), err
+    run = tmp_path / "r"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002", "latest"]
+    assert not (run / "policy").exists()
+    assert json.loads((run / LOCK).read_text()) == other
 
 
 @ray_needed
