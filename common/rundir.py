@@ -78,6 +78,11 @@ _LOG_TEMPORARIES = ("rollouts.tmp", "metrics.tmp")
 EVALUATION = "evaluation"
 
 
+#: Where Ray unpacks a job's working dir (``--working-dir``, a runtime_env's ``working_dir``): it
+#: is deleted with the cluster's session, and every job of the same code runs in the same one.
+_RAY_PACKAGE = re.compile(r"/runtime_resources/working_dir_files/_ray_pkg_[^/]+")
+
+
 class RunDirInUse(ConfigError):
     """Another live process holds the run directory."""
 
@@ -861,6 +866,14 @@ def claim(cfg: Config, log: Callable[[str], None] = print) -> RunDir:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run dir {path} is a file, not a directory")
     ckpt_dir = local_checkpoint_dir(cfg)
+    for setting, where in (("experiment.output_dir", out), ("learner.checkpoint_dir", ckpt_dir)):
+        package = _RAY_PACKAGE.search(str(where.absolute())) if where is not None else None
+        if package is not None:  # a relative path, in a job submitted with its working dir
+            raise ConfigError(
+                f"{setting} {where} is in Ray's copy of the job's working dir ({package.string[: package.end()]}),"
+                " which Ray deletes with its session and shares with every job of the same code: give a path on"
+                f" storage that outlives the job, e.g. --{setting}=/mnt/runs"
+            )
     if ckpt_dir is None and cfg.learner.checkpoint_dir is not None:  # a URL: its filesystem can be opened
         from common.checkpoint import storage
 

@@ -145,19 +145,25 @@ def init_ray(cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, **cfg.init_kwargs}
-    if "RAY_ADDRESS" not in os.environ and "address" not in kwargs and _running_cluster() is None:
-        # resources only describe a cluster this call starts; a joined cluster has its own (one that
-        # ``ray start`` started on this machine too: ray.init refused them there, a traceback)
+    if kwargs.get("address"):
+        address, source = kwargs["address"], "ray.init_kwargs.address"
+    elif os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    else:  # a cluster that ``ray start`` started on this machine, as ray.init finds it, or none: its own
+        address, source = _running_cluster(), "the cluster `ray start` left running on this machine"
+    if address in (None, "local"):  # resources only describe a cluster this call starts; a joined one has its own
         kwargs.update({k: v for k, v in (("num_cpus", cfg.num_cpus), ("num_gpus", cfg.num_gpus)) if v is not None})
-    source = "ray.init_kwargs.address" if kwargs.get("address") else "RAY_ADDRESS"
-    address = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
-    if address:
+    else:
         _check_answers(str(address), source)
     try:
         with held(signal.SIGINT, signal.SIGTERM) as stopped, _ray_leaves_sigterm():
             ray.init(**kwargs)
-    except ConnectionError as e:  # e.g. it answered, but is not a Ray cluster's GCS
-        raise ConfigError(f"cannot join the Ray cluster at {address} ({source}): {e}") from None
+    except ConnectionError as e:  # e.g. it answered, but is not a Ray cluster's GCS, or wants a token
+        raise ConfigError(
+            f"cannot join the Ray cluster at {address} ({source}): {e}; a cluster with token authentication"
+            " takes RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token); a cluster of this"
+            ' run\'s own: --ray.init_kwargs=\'{"address": "local"}\''
+        ) from None
     if stopped:  # Ctrl-C or SIGTERM while Ray started: it stops whole, as after any later stop
         ray.shutdown()
         raise Terminated if signal.SIGTERM in stopped else KeyboardInterrupt

@@ -391,6 +391,25 @@ def test_a_run_whose_dir_was_taken_over_writes_there_no_more(tmp_path, monkeypat
             rd.check_held()
 
 
+def test_a_run_dir_in_rays_copy_of_the_jobs_working_dir_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir . -- python -m learner.main` with the default, relative
+    output dir wrote the run into Ray's unpacked copy of the code: deleted with the session, shared
+    by every job of the same code (the next one was refused, a changed checkout's --resume auto
+    started afresh)."""
+    package = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_035b8c"
+    package.mkdir(parents=True)
+    relative = load_config(_flags(tmp_path, "--experiment.output_dir=runs"))
+    with_ckpt = load_config(_flags(tmp_path, "--learner.checkpoint_dir=ck"))
+    absolute = load_config(_flags(tmp_path))
+    monkeypatch.chdir(package)
+    with pytest.raises(ConfigError, match=rf"^experiment.output_dir runs is in Ray's copy .* \({package}\), which"):
+        claim(relative)
+    with pytest.raises(ConfigError, match=r"^learner.checkpoint_dir ck is in Ray's copy .* --learner.checkpoint_dir="):
+        claim(with_ckpt)
+    assert list(package.iterdir()) == []
+    claim(absolute).release()  # an absolute path outside it
+
+
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
     """A full disk at the claim left an empty lock, and the rerun the error line suggested was
     refused ("others took and released it meanwhile") until it had aged 10 s."""

@@ -253,6 +253,7 @@ def test_a_cluster_running_on_this_machine_is_joined_without_the_resources_of_on
     from learner import loop
 
     calls: list[dict] = []
+    local = load_config(["--ray.num_cpus=2", '--ray.init_kwargs={"address": "local"}']).ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
@@ -260,8 +261,26 @@ def test_a_cluster_running_on_this_machine_is_joined_without_the_resources_of_on
     monkeypatch.setattr(loop, "_running_cluster", lambda: None)
     assert loop.init_ray(ray_cfg) is True
     monkeypatch.setattr(loop, "_running_cluster", lambda: "10.0.0.1:6379")
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(loop, "_check_answers", lambda address, source: asked.append((address, source)))
     assert loop.init_ray(ray_cfg) is True
     assert calls == [{"include_dashboard": False, "num_cpus": 2, "num_gpus": 0}, {"include_dashboard": False}]
+    assert asked == [("10.0.0.1:6379", "the cluster `ray start` left running on this machine")]
+    # a cluster of the run's own, asked for by name: its resources are the run's
+    assert loop.init_ray(local) is True and calls[-1]["num_cpus"] == 2 and len(asked) == 1
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    # another user's cluster on this machine that wants a token: said as where it was found ("at
+    # None (RAY_ADDRESS)" before, RAY_ADDRESS unset), with what joins it and what starts one's own
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ConfigError) as e:
+        loop.init_ray(ray_cfg)
+    assert str(e.value).startswith(
+        "cannot join the Ray cluster at 10.0.0.1:6379 (the cluster `ray start` left running on this machine):"
+    )
+    assert "RAY_AUTH_MODE=token" in str(e.value) and """--ray.init_kwargs='{"address": "local"}'""" in str(e.value)
 
 
 def test_a_path_given_from_the_home_directory_is_read_from_there():
