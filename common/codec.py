@@ -7,6 +7,7 @@ whitelist of dtypes, shape/size agreement, then pydantic validation. Nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,18 @@ def unpack(data: bytes, model: type[M], max_bytes: int = MAX_BYTES) -> M:
 MAX_RECORD = 16 * 2**20
 
 
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """A storage error within says which file it was (a file object's write does not): a run that
+    stops on it says "cannot write <file>", not "storage failed"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def append_records(path: Path, records: Sequence[BaseModel]) -> None:
     """Append records to a msgpack stream file, flushed to disk. A record larger than
     ``MAX_RECORD`` is refused before anything is written, so every record written can be read."""
@@ -132,7 +145,7 @@ def append_records(path: Path, records: Sequence[BaseModel]) -> None:
     for blob in blobs:
         if len(blob) > MAX_RECORD:
             raise ValueError(f"a log record of {len(blob)} bytes exceeds the limit of {MAX_RECORD}")
-    with open(path, "ab") as f:
+    with naming(path), open(path, "ab") as f:
         for blob in blobs:
             f.write(blob)
         f.flush()

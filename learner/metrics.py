@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Protocol
+
+from common.codec import naming
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes its events from a thread of its own, which prints the traceback of a
+    storage error (a disk full or gone read-only) before the writer's next call raises it again in
+    the learner, where the run stops on it in one line: that thread's OSErrors are left to that
+    call. Installed once per process, over the hook before it."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets", None) is _AsyncWriterThread:
+        return
+
+    def hook(args: Any) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets = _AsyncWriterThread  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class MetricLogger(Protocol):
@@ -16,14 +38,17 @@ class MetricLogger(Protocol):
 
 class JsonlLogger:
     def __init__(self, path: Path):
+        self.path = path
         self._f = open(path, "a", buffering=1)  # noqa: SIM115 - open for the run's life, closed by close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        self._f.write(json.dumps({"step": step, **clean}) + "\n")
+        with naming(self.path):
+            self._f.write(json.dumps({"step": step, **clean}) + "\n")
 
     def close(self) -> None:
-        self._f.close()
+        with naming(self.path):
+            self._f.close()
 
 
 class TensorBoardLogger:
@@ -34,13 +59,16 @@ class TensorBoardLogger:
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard.writer import FileWriter
 
+        _quiet_writer_threads()
         self._w = FileWriter(str(log_dir))
+        self.path = getattr(self._w.event_writer, "_file_name", str(log_dir))  # the event file
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
-        self._w.add_summary(Summary(value=values), step)
+        with naming(self.path):
+            self._w.add_summary(Summary(value=values), step)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
         """A matplotlib figure as an image (the run's pictures, also in TensorBoard's Images tab)."""
@@ -49,10 +77,12 @@ class TensorBoardLogger:
 
         fig.canvas.draw()
         rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-        self._w.add_summary(image(tag, rgb, dataformats="HWC"), step)
+        with naming(self.path):
+            self._w.add_summary(image(tag, rgb, dataformats="HWC"), step)
 
     def close(self) -> None:
-        self._w.close()
+        with naming(self.path):
+            self._w.close()
 
     def __enter__(self) -> TensorBoardLogger:
         return self

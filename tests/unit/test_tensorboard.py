@@ -4,8 +4,10 @@ and step (a non-finite one too), and figures in the Images tab."""
 from __future__ import annotations
 
 import math
+import time
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,3 +42,40 @@ def test_a_step_is_one_event_and_every_value_reads_back(tmp_path):
     assert all(math.isnan(s.value) for s in acc.Scalars("x/nan"))
     (image,) = acc.Images("pictures/schedules")
     assert (image.step, image.width, image.height) == (5, 200, 100)  # 2 x 1 inches at 100 dpi
+
+
+def test_a_storage_error_of_the_logs_names_the_file_and_is_no_thread_traceback(tmp_path, capfd):
+    """A disk full or gone read-only under the logs: the run's line said "storage failed" (no file:
+    a file object's write names none), after TensorBoard's writer thread printed a 16-line
+    traceback; the error names the file, and is raised once, in the learner."""
+    import errno
+
+    from learner.metrics import JsonlLogger
+
+    jsonl = JsonlLogger(tmp_path / "metrics.jsonl")
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    jsonl._f.close()
+    jsonl._f = Full()
+    with pytest.raises(OSError, match="No space left") as e:
+        jsonl.log(1, {"x": 1.0})
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")
+
+    tb = TensorBoardLogger(tmp_path / "tb")
+
+    def read_only(data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    tb._w.event_writer._async_writer._writer.write = read_only  # what the writer thread calls
+    with pytest.raises(OSError, match="Read-only file system") as e:
+        for step in range(200):
+            tb.log(step, {"x": 1.0})
+            time.sleep(0.01)
+    assert e.value.filename == tb.path and tb.path.startswith(str(tmp_path / "tb"))
+    assert "Traceback" not in capfd.readouterr().err
