@@ -91,6 +91,7 @@ def test_kuberay_manifests_fit_the_v1_5_1_schema_with_token_auth(name):
         (["spec", "rayClusterSpec", "workerGroupSpecs", 0, "replicas"], -1, "less than the minimum"),
         (["spec", "rayClusterSpec", "headGroupSpec", "rayStartParams", "num-cpus"], 2, "is not of type 'string'"),
         (["spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0, "imag"], "x", "imag"),
+        (["spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "securityContext", "fsGrop"], 1, "fsGrop"),
     ],
 )
 def test_the_kuberay_schema_refuses_what_the_operator_would(path, value, error):
@@ -139,6 +140,9 @@ def test_the_volume_the_runs_are_written_to():
         spec = _cluster_spec(_load(name))
         head = spec["headGroupSpec"]["template"]["spec"]
         assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "steinsched-runs"
+        # the image runs as ray (group users, gid 100): a provisioner's fresh volume is root's, and the
+        # run stopped at its claim with "run dir /mnt/runs/toy cannot be written: Permission denied"
+        assert head["securityContext"]["fsGroup"] == 100
         assert all("volumes" not in g["template"]["spec"] for g in spec["workerGroupSpecs"])  # one writer
 
 
