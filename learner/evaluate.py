@@ -40,6 +40,7 @@ with loading(__name__):
     from learner.stats import mean_se
 
 DEFAULT = "default"
+GLOBAL, INSTANCE = "learned global", "learned instance-level"
 
 
 @dataclass
@@ -55,20 +56,27 @@ class Schedule:
 @dataclass
 class EvalResult:
     rewards: dict[str, np.ndarray]  # schedule -> [N] total reward, same contexts in the same order
-    # schedule (or 'schedule - default': the paired difference) -> metric -> value, and its noise as '<metric>_se'
+    # schedule (or 'a - b': a paired difference of ``pairs``) -> metric -> value, and its noise as '<metric>_se'
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     taus: dict[str, np.ndarray] = field(default_factory=dict)  # schedule -> [N, L+1] executed schedules
     prompts: list[str] | None = None  # [N] each context's prompt: the clusters of the standard errors
     per_reward: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # schedule -> reward -> [N]
     lower_is_better: dict[str, bool] = field(default_factory=dict)  # set metric -> which way is better
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The paired differences reported, (a, b) for a - b: each schedule against the default,
+        and the instance-level policy against the learned global schedule, the best fixed schedule
+        training found (a gain a fixed schedule also gets is not instance-level)."""
+        out = [(name, DEFAULT) for name in self.rewards if name != DEFAULT and DEFAULT in self.rewards]
+        if INSTANCE in self.rewards and GLOBAL in self.rewards:
+            out.append((INSTANCE, GLOBAL))
+        return out
+
     def summary(self) -> dict[str, dict[str, float]]:
         out = {name: {**mean_se(r, self.prompts), **self.metrics.get(name, {})} for name, r in self.rewards.items()}
-        if DEFAULT in self.rewards:
-            for name, r in self.rewards.items():
-                if name != DEFAULT:
-                    diff = f"{name} - {DEFAULT}"
-                    out[diff] = {**mean_se(r - self.rewards[DEFAULT], self.prompts), **self.metrics.get(diff, {})}
+        for a, b in self.pairs():
+            diff = f"{a} - {b}"
+            out[diff] = {**mean_se(self.rewards[a] - self.rewards[b], self.prompts), **self.metrics.get(diff, {})}
         return out
 
     def table(self, title: str) -> str:
@@ -128,7 +136,7 @@ def evaluate(
     best-of-k schedule: the best of its k samples by the total reward; no set metrics).
     ``progress``: told the number of samples of each unit as it is done."""
     result = EvalResult({}, prompts=[c.prompt for c in contexts])
-    features = {}  # schedule -> each metric's features: its sets, and the paired differences to the default's
+    features = {}  # schedule -> each metric's features: its sets, and the paired differences of ``pairs``
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, contexts, steps, version, weights, sched, progress)
         scores = dispatcher.rewards.combine(got.scored)
@@ -142,11 +150,12 @@ def evaluate(
             features[name] = metrics.features(got.pending)
             result.metrics[name] = metrics.measure(features[name])
             result.lower_is_better = dict(metrics.lower_is_better)
-    if metrics is not None and DEFAULT in features:
-        for name in features:
-            if name != DEFAULT:
-                diff = metrics.difference(features[name], features[DEFAULT], [c.prompt for c in contexts])
-                result.metrics[f"{name} - {DEFAULT}"] = diff
+    if metrics is not None:
+        for a, b in result.pairs():
+            if a in features and b in features:
+                result.metrics[f"{a} - {b}"] = metrics.difference(
+                    features[a], features[b], [c.prompt for c in contexts]
+                )
     return result
 
 
@@ -194,24 +203,27 @@ class Sweep:
         lower = any(res.lower_is_better.get(measure, False) for res in self.results.values())
         return f"{measure} ({better(lower)})"
 
-    def value(self, res: EvalResult, method: str, measure: str) -> tuple[float, float] | None:
-        """(mean, s.e.) of ``measure`` for ``method`` in ``res`` (a set metric: its bootstrap noise)."""
-        if measure == "reward":
-            s = mean_se(res.rewards[method], res.prompts)
+    def value(self, res: EvalResult, method: str, measure: str, minus: str | None = None) -> tuple[float, float] | None:
+        """(mean, s.e.) of ``measure`` for ``method`` in ``res`` (a set metric: its bootstrap noise),
+        or of its paired difference to ``minus``."""
+        if measure == "reward" or measure in res.per_reward.get(method, {}):
+            x = res.rewards if measure == "reward" else {k: v[measure] for k, v in res.per_reward.items()}
+            s = mean_se(x[method] - (x[minus] if minus is not None else 0), res.prompts)
             return s["mean"], s["se"]
-        if measure in res.per_reward.get(method, {}):
-            s = mean_se(res.per_reward[method][measure], res.prompts)
-            return s["mean"], s["se"]
-        m = res.metrics.get(method, {})
+        m = res.metrics.get(method if minus is None else f"{method} - {minus}", {})
         return (m[measure], m.get(f"{measure}_se", float("nan"))) if measure in m else None
 
-    def table(self, measure: str) -> dict[str, dict[int, tuple[float, float]]]:
+    def table(self, measure: str, differences: bool = False) -> dict[str, dict[int, tuple[float, float]]]:
+        """``[row][L] = (mean, s.e.)``: a row per schedule, and (``differences``) per paired
+        difference of ``EvalResult.pairs``."""
         out: dict[str, dict[int, tuple[float, float]]] = {}
         for steps, res in sorted(self.results.items()):
-            for method in res.rewards:
-                v = self.value(res, method, measure)
+            rows: list[tuple[str, str, str | None]] = [(method, method, None) for method in res.rewards]
+            rows += [(f"{a} - {b}", a, b) for a, b in res.pairs()] if differences else []
+            for row, method, minus in rows:
+                v = self.value(res, method, measure, minus)
                 if v is not None:
-                    out.setdefault(method, {})[steps] = v
+                    out.setdefault(row, {})[steps] = v
         return out
 
     def markdown(self) -> str:
@@ -219,12 +231,13 @@ class Sweep:
         n_prompts = len({c.prompt for c in self.contexts})
         lines = [
             f"held-out: {n_prompts} prompts x {len(self.contexts) // max(n_prompts, 1)} seeds; +- one standard"
-            " error, clustered by prompt (a set metric's: its bootstrap noise); every method on the same noises"
+            " error, clustered by prompt (a set metric's: its bootstrap noise); every method on the same noises;"
+            " a row 'a - b' is their paired difference (a set metric's +-: a paired bootstrap of the noises)"
         ]
         for measure in self.measures():
             lines += ["", f"**{self.label(measure)}**", "", "| method | " + " | ".join(f"L = {n}" for n in ls) + " |"]
             lines.append("| --- |" + " --- |" * len(ls))
-            for method, by_l in self.table(measure).items():
+            for method, by_l in self.table(measure, differences=True).items():
                 cells = [f"{by_l[n][0]:.4g} +- {by_l[n][1]:.2g}" if n in by_l else "-" for n in ls]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -241,7 +254,7 @@ class Sweep:
             w = csv.writer(f)
             w.writerow(["L", "method", "measure", "mean", "se"])
             for measure in self.measures():
-                for method, by_l in self.table(measure).items():
+                for method, by_l in self.table(measure, differences=True).items():
                     for n, (mean, se) in sorted(by_l.items()):
                         w.writerow([n, method, measure, repr(mean), repr(se)])
         with open(out / "contexts.csv", "w", newline="") as f:

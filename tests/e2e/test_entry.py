@@ -61,17 +61,19 @@ def test_embedded_default_digits_run_ends_with_table_and_pictures(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "training the learned global schedule" in out
-    for row in ("default", "learned global", "learned instance-level", "learned instance-level - default"):
+    rows = ("default", "learned global", "learned instance-level", "learned instance-level - default")
+    for row in (*rows, "learned instance-level - learned global"):
         assert f"\n{row} " in out, row
     assert "digits_fd (lower better)" in out
     run = tmp_path / "digits"
     summary = json.loads((run / "eval.json").read_text())
     assert summary["default"]["n"] == 60 and summary["default"]["digits_fd"] > 0
     assert summary["learned global"]["digits_fd"] > 0 and summary["learned instance-level"]["digits_fd"] > 0
-    for learned in ("learned global", "learned instance-level"):  # the gold metric's paired difference
-        diff = summary[f"{learned} - default"]
-        assert diff["digits_fd"] == pytest.approx(summary[learned]["digits_fd"] - summary["default"]["digits_fd"])
-        assert 0 < diff["digits_fd_se"] < summary["default"]["digits_fd_se"] + summary[learned]["digits_fd_se"]
+    pairs = [("learned global", "default"), ("learned instance-level", "default")]
+    for a, b in [*pairs, ("learned instance-level", "learned global")]:  # the gold metric's paired differences
+        diff = summary[f"{a} - {b}"]
+        assert diff["digits_fd"] == pytest.approx(summary[a]["digits_fd"] - summary[b]["digits_fd"])
+        assert 0 < diff["digits_fd_se"] < summary[a]["digits_fd_se"] + summary[b]["digits_fd_se"]
     for png in ("schedules.png", "samples.png", "reward_curve.png"):
         assert (run / png).stat().st_size > 10_000, png
     assert (run / "global" / "policy" / "model.safetensors").is_file()

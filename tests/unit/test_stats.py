@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,3 +72,35 @@ def test_each_set_metric_is_labelled_with_the_way_its_class_says_is_better(tmp_p
         "agreement (higher better)",
     ]
     assert "**agreement (higher better)**" in sweep.markdown()
+
+
+def test_the_instance_level_policy_is_compared_paired_with_the_best_fixed_schedule_learned():
+    """Besides each schedule against the default, the table's rows and the sweep's show the
+    instance-level policy minus the learned global schedule, paired (same prompts and noises): the
+    gain a fixed schedule does not also get. Its s.e. is the clustered s.e. of the per-context
+    differences, far below either schedule's own where the prompts' effect is shared."""
+    from learner.evaluate import DEFAULT, GLOBAL, INSTANCE, EvalResult, Sweep
+
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(8) for _ in range(25)]
+    effect = np.repeat(rng.normal(size=8), 25)
+    glob = effect + 1.0 + 0.1 * rng.normal(size=200)
+    inst = glob + 0.05 + 0.02 * rng.normal(size=200)
+    rewards = {DEFAULT: effect + 0.1 * rng.normal(size=200), GLOBAL: glob, INSTANCE: inst}
+    metrics = {INSTANCE: {"fd": 2.0}, GLOBAL: {"fd": 3.0}, f"{INSTANCE} - {GLOBAL}": {"fd": -1.0, "fd_se": 0.1}}
+    res = EvalResult(rewards, metrics, prompts=prompts, lower_is_better={"fd": True})
+    assert res.pairs() == [(GLOBAL, DEFAULT), (INSTANCE, DEFAULT), (INSTANCE, GLOBAL)]
+    row = res.summary()[f"{INSTANCE} - {GLOBAL}"]
+    assert row["mean"] == pytest.approx(float((inst - glob).mean()))
+    assert (
+        row["se"] == pytest.approx(mean_se(inst - glob, prompts)["se"])
+        and row["se"] < mean_se(inst, prompts)["se"] / 10
+    )
+    assert (row["fd"], row["fd_se"]) == (-1.0, 0.1)
+    assert f"\n{INSTANCE} - {GLOBAL} " in res.table("held out")
+    sweep = Sweep({3: res}, [])
+    by_row = sweep.table("reward", differences=True)
+    assert by_row[f"{INSTANCE} - {GLOBAL}"][3] == pytest.approx((row["mean"], row["se"]))
+    assert f"{INSTANCE} - {GLOBAL}" not in sweep.table("reward")  # the plots: the schedules only
+    assert sweep.table("fd", differences=True)[f"{INSTANCE} - {GLOBAL}"][3] == (-1.0, 0.1)
+    assert f"| {INSTANCE} - {GLOBAL} | -1 +- 0.1 |" in sweep.markdown()
