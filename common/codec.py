@@ -133,7 +133,7 @@ def naming(path: Path | str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename is None:
+        if e.filename is None and e.errno is not None:  # one without an errno would print as "[Errno None]"
             e.filename = str(path)
         raise
 

@@ -15,8 +15,8 @@
   missed its renewals but not yet its lease is waited for. A stale lock is removed
   only while it still holds what was judged (a file is renamed aside, atomically, then checked),
   so of two runs that take one over at once, one holds the dir and the other is refused. Any
-  other lock is a refusal that names its owner, and so is one whose very process lives (the
-  same pid, started at the same time), stopped or suspended past its lease. A run whose lock
+  other lock is a refusal that names its owner, and so is one whose very process (the same pid,
+  started at the same time) is stopped (SIGSTOP, a suspended job) past its lease. A run whose lock
   another took over (it was stopped that long) finds it at its next renewal or write
   (``Held.check_held``) and stops without writing there again;
 - refuses to start a run over one that is there (checkpoints, logs, a policy) unless the user
@@ -115,15 +115,31 @@ def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("pid") == b.get("pid") and _same_space(a, b)
 
 
-def _start_ticks(pid: int) -> str | None:
-    """When the process ``pid`` started, in clock ticks after boot (Linux's /proc/<pid>/stat,
-    field 22): with the pid, it names one process, where a pid alone may be another's after a
-    reuse. None where it cannot be read."""
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start) of the process ``pid`` from Linux's /proc/<pid>/stat: its state letter
+    (field 3: R running, S sleeping, T stopped, Z a zombie, ...) and when it started, in clock
+    ticks after boot (field 22), which with the pid names one process where a pid alone may be
+    another's after a reuse. None where it cannot be read."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2 :].split()[19]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return fields[0], fields[19]
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    got = _stat(pid)
+    return None if got is None else got[1]
+
+
+def _stopped_owner(owner: dict[str, Any]) -> bool:
+    """Whether the lock's own process (its pid, started when it recorded) lives here, stopped
+    (SIGSTOP, a suspended job: state T, or t under a tracer): its run goes on when it is let go
+    on, so its lock is not taken over, however long it has gone unrenewed. A zombie, a reused pid
+    or a live process that stopped renewing it (a release that failed) is not."""
+    got = _stat(int(owner.get("pid", -1)))
+    return got is not None and owner.get("pid_start") == got[1] and got[0] in ("T", "t")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -243,12 +259,16 @@ class _LockFile:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        made = os.fstat(fd)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(record)
         except BaseException as e:
-            self.path.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.filename is None:
+            with contextlib.suppress(OSError):  # only the file made here: a stalled write's may be taken over
+                now = os.stat(self.path)
+                if (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+                    self.path.unlink()
+            if isinstance(e, OSError) and e.filename is None and e.errno is not None:
                 e.filename = str(self.path)
             raise
         self.record = record
@@ -289,15 +309,18 @@ class _LockFile:
     def age(self) -> float:
         return _age(self.path)
 
-    def renew(self) -> bytes | None:
-        """Renew the lock while it is still this run's; else the record of the run that took it
-        over (None: renewed, or it cannot be told now)."""
+    def renew(self) -> bytes | bool:
+        """Renew the lock while it is still this run's (True); else the record of the run that took
+        it over, or False where it could not be renewed now (gone, unreadable or unwritable for a
+        moment: the next renewal tries again)."""
         found = self.read_bytes()
         if found is not None and found != self.record:
             return found
-        with contextlib.suppress(OSError):  # gone or unwritable for a moment: the next renewal tries again
+        try:
             os.utime(self.path)
-        return None
+        except OSError:
+            return False
+        return found is not None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -407,17 +430,18 @@ class _LockObject:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(probe)
 
-    def renew(self) -> bytes | None:
+    def renew(self) -> bytes | bool:
         """As ``_LockFile.renew``: one taken over meanwhile (renewals failed for LEASE_S) is left."""
         try:
             found = self.read_bytes()
             if found is not None and found != self.record:
                 return found
-            if found == self.record:
-                self.fs.pipe(self.path, self.record)
+            if found is None:
+                return False
+            self.fs.pipe(self.path, self.record)
         except Exception:  # noqa: BLE001 - any store error: the next renewal tries again
-            pass
-        return None
+            return False
+        return True
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -502,9 +526,9 @@ class _Lease:
         pid = int(owner.get("pid", -1))
         here = _same_space(owner, me)  # its pid can be asked here
         earlier = here and pid == os.getpid() and lock.key() not in _HELD
-        if here and not earlier and owner.get("pid_start") is not None and owner["pid_start"] == _start_ticks(pid):
-            return None  # its very process lives, stopped or suspended past its lease: its run, never taken over
-        if here and (earlier or not _pid_alive(pid)):
+        if here and not earlier and _stopped_owner(owner):
+            return None  # its very process, stopped past its lease: its run, never taken over
+        if here and (earlier or not _pid_alive(pid) or (_stat(pid) or ("", ""))[0] in ("Z", "X")):
             gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
             return (
                 f"warning: taking over the stale lock of pid {owner.get('pid')}"
@@ -559,8 +583,9 @@ class _Lease:
         if not self.held:
             return
         taker = self.lock.renew()
-        if taker is None:
+        if taker is True:
             self.renewed = time.monotonic()
+        if isinstance(taker, bool):  # renewed, or not now: the next renewal (or check) looks again
             return
         owner = _owner(taker) or {}
         self.held = False  # never renewed or removed again: the release leaves it to its new owner
@@ -576,7 +601,7 @@ class _Lease:
         process was stopped, its clock still ran), the lock is read here and now, before anything
         more is written, not at the next renewal."""
         missed = self.held and time.monotonic() - self.renewed > 2 * LEASE_RENEW_S
-        if missed and self._guard.acquire(timeout=RELEASE_WAIT_S):
+        if missed and self._guard.acquire(blocking=False):  # else a renewal is looking (or stuck): not waited for
             try:
                 self._renew_once()
             finally:
@@ -757,7 +782,9 @@ class RunDir(Held):
         """--overwrite: the earlier run is removed now, once this one has started (its actors up, its
         checks passed), so that a run that cannot start leaves it as it was (before, the claim
         removed it: a device, a GPU share or a reward that could not start cost the run it was to
-        replace, and no run took its place). Nothing where there was no earlier run."""
+        replace, and no run took its place). Nothing where there was no earlier run. The claim is
+        checked first: the actors may have taken minutes to start, and the dir may be another's now."""
+        self.check_held()
         if self.earlier:
             self.log(f"--overwrite: removing the earlier run in {self.path}")
             self.clear()

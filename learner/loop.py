@@ -386,6 +386,7 @@ def train(
     owner: RunDir | None = None,
     actors: Actors | None = None,
     resume: Resume | None | Literal["find"] = "find",
+    within: RunDir | None = None,
 ) -> RunResult:
     """Train the policy of ``cfg``; at the end evaluate it against the default schedule and
     ``baselines_to_beat`` (e.g. a learned global schedule) on held-out contexts.
@@ -401,7 +402,7 @@ def train(
     rd = owner or claim(cfg)
     try:
         resumed = find_resume(cfg) if resume == "find" else resume
-        return _train(cfg, resumed, baselines_to_beat, final_eval, actors, rd)
+        return _train(cfg, resumed, baselines_to_beat, final_eval, actors, rd, within)
     finally:
         if owner is None:
             rd.release()
@@ -595,10 +596,19 @@ def _train(
     final_eval: bool,
     actors: Actors | None,
     rd: RunDir,
+    within: RunDir | None,
 ) -> RunResult:
     """``rd``: the claim on the run dir; its earlier run is cleared once the run has started (its
     actors up, its checks passed, its checkpoint loaded), before it writes its run dir
-    (--overwrite removes the earlier run then), and it is checked still held before each write."""
+    (--overwrite removes the earlier run then). It, and ``within`` (the claim on the dir that holds
+    this run's, as the learned global baseline's run is within its run's), are checked still this
+    process's before each write: a run dir another run took over is never written again."""
+
+    def check_held() -> None:
+        for claimed in (rd, within):
+            if claimed is not None:
+                claimed.check_held()
+
     run_dir = cfg.run_dir
     lc = cfg.learner
     store = CheckpointStore(cfg.checkpoint_root)
@@ -652,6 +662,7 @@ def _train(
         # the run dir is written from here, once the actors are up, the checks passed and the
         # checkpoint resumed from is loaded: a run that cannot start leaves it as it was (a resume
         # refused at the checkpoint's weights had its logs trimmed and config.yaml replaced)
+        check_held()
         rd.clear_earlier()
         logged = 0  # rollouts in the log so far (a checkpoint records it: a resume checks the log)
         if resume is not None and not (resume.fork and resume.source is None):
@@ -699,7 +710,7 @@ def _train(
         def save(iteration: int, cursor: int, drawn_under: _Sent | None) -> str:
             """A checkpoint of the state after ``iteration`` iterations; ``drawn_under``: the weights
             the next rollouts are (or would be) drawn under, kept where they are not the policy's."""
-            rd.check_held()
+            check_held()
             state = _checkpoint_state(cfg, iteration, version, cursor, logged)
             for log in (run_dir / "metrics.jsonl", run_dir / "rollouts.msgpack"):
                 if log.exists():  # on the disk before the checkpoint that counts their records (a machine's crash)
@@ -834,7 +845,7 @@ def _train(
                     **{f"baseline/{k}": float(np.mean(v)) for k, v in diag.items()},
                 }
             )
-            rd.check_held()  # a run that took the dir over while this process was stopped is never written over
+            check_held()  # a run that took the dir over while this process was stopped is never written over
             loggers.log(it + 1, m)
             bar.set_postfix(reward=f"{r.mean():.3f}")
             note = None if idle is None else idle.add(it + 1, step_s, sampled_s, tail_s, learner_s)
@@ -865,9 +876,10 @@ def _train(
                     ckpt = checkpointed or save_after(it, before)
                     print(f"stopping in an evaluation: {e.why}; checkpoint {ckpt} written, resume with --resume auto")
                     raise
+                check_held()  # an evaluation is a run's longest stretch without a write
                 loggers.log(it + 1, _eval_metrics(res))
         bar.close()
-        rd.check_held()
+        check_held()
         made = run_dir / f".policy.tmp-{os.getpid()}"
         policy.save_pretrained(made)  # whole, then in place: a crash leaves the earlier policy or none
         replace_dir(made, run_dir / "policy")
@@ -883,6 +895,7 @@ def _train(
             f" L={L}, reward {'+'.join(s.name for s in cfg.rewards)}"
         )
         print(result.table(title))
+        check_held()
         loggers.log(lc.iterations, _eval_metrics(result))
         loggers.close()
         write_atomic(run_dir / "eval.json", json.dumps(result.summary(), indent=1))

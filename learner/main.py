@@ -59,7 +59,7 @@ def run(cfg: Config) -> None:
                 check_policy_fits(resume.checkpoint, actors.rollouts.policy_kwargs())
             owner.clear_earlier()  # --overwrite: the actors are up; the global baseline's dir is cleared for it
             print("training the learned global schedule (the baseline to beat) ...")
-            res = train(g, final_eval=False, actors=actors, resume=g_resume)
+            res = train(g, final_eval=False, actors=actors, resume=g_resume, within=owner)
             to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
         train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors, resume=resume)
     finally:

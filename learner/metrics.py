@@ -5,28 +5,33 @@ from __future__ import annotations
 import json
 import math
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
 from common.codec import naming
 
+#: the writer threads of this program's TensorBoard loggers (a user's own SummaryWriter's are not)
+_WRITER_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
-def _quiet_writer_threads() -> None:
+
+def _quiet_writer_thread(thread: threading.Thread | None) -> None:
     """TensorBoard writes its events from a thread of its own, which prints the traceback of a
-    storage error (a disk full or gone read-only) before the writer's next call raises it again in
-    the learner, where the run stops on it in one line: that thread's OSErrors are left to that
-    call. Installed once per process, over the hook before it."""
-    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
-
+    storage error (a disk full or gone read-only) before the writer's next call, or its close,
+    raises it again in the learner, where the run stops on it in one line: that thread's OSErrors
+    are left to that call. The hook is installed once per process, over the one before it."""
+    if thread is None:
+        return
+    _WRITER_THREADS.add(thread)
     previous = threading.excepthook
-    if getattr(previous, "quiets", None) is _AsyncWriterThread:
+    if getattr(previous, "quiets_writers", False):
         return
 
     def hook(args: Any) -> None:
-        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+        if not (args.thread in _WRITER_THREADS and isinstance(args.exc_value, OSError)):
             previous(args)
 
-    hook.quiets = _AsyncWriterThread  # type: ignore[attr-defined]
+    hook.quiets_writers = True  # type: ignore[attr-defined]
     threading.excepthook = hook
 
 
@@ -59,9 +64,10 @@ class TensorBoardLogger:
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard.writer import FileWriter
 
-        _quiet_writer_threads()
         self._w = FileWriter(str(log_dir))
-        self.path = getattr(self._w.event_writer, "_file_name", str(log_dir))  # the event file
+        events = self._w.event_writer
+        self.path = getattr(events, "_file_name", str(log_dir))  # the event file
+        _quiet_writer_thread(getattr(getattr(events, "_async_writer", None), "_worker", None))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -81,8 +87,12 @@ class TensorBoardLogger:
             self._w.add_summary(image(tag, rgb, dataformats="HWC"), step)
 
     def close(self) -> None:
+        """Flushed first: the writer's close does not raise what its thread failed on, flush does."""
         with naming(self.path):
-            self._w.close()
+            try:
+                self._w.flush()
+            finally:
+                self._w.close()
 
     def __enter__(self) -> TensorBoardLogger:
         return self

@@ -110,7 +110,10 @@ class MetricServer(Actor):
         noise the two sets share cancels, where the two ``distance_with_se`` +-s count it twice.
         Whole prompts are not resampled: a distance to a fixed reference is not a sum over
         prompts, and a resampled mix (three sevens, no two) moves both distances far more than
-        the schedules do. None with fewer than 2 resamples."""
+        the schedules do. Drawing m rows among m shrinks a variance by (m - 1) / m (by half at
+        two noises a prompt): the spread is scaled back by sqrt(m / (m - 1)), exact for a linear
+        statistic where every prompt has m noises, as an evaluation's do. None with fewer than 2
+        resamples, or a prompt of one noise (nothing of its noise to resample)."""
         a, b = np.concatenate(features[:first]), np.concatenate(features[first:])
         if not len(a) == len(b) == len(strata):
             raise ValueError(
@@ -118,13 +121,14 @@ class MetricServer(Actor):
                 f" {len(a)} and {len(b)} rows, {len(strata)} contexts"
             )
         value = self.distance(a) - self.distance(b)
-        if resamples < 2:
-            return value, None
         labels = np.unique(np.asarray(strata), return_inverse=True)[1]
         members = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+        if resamples < 2 or min(len(m) for m in members) < 2:
+            return value, None
         rng = np.random.default_rng(seed)
         boot = []
         for _ in range(resamples):
             rows = np.concatenate([m[rng.integers(0, len(m), len(m))] for m in members])
             boot.append(self.distance(a[rows]) - self.distance(b[rows]))
-        return value, float(np.std(boot, ddof=1))
+        per_prompt = len(a) / len(members)
+        return value, float(np.std(boot, ddof=1) * np.sqrt(per_prompt / (per_prompt - 1)))

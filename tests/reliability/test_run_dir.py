@@ -359,6 +359,21 @@ def test_the_lock_of_a_stopped_run_is_its_own_past_its_lease_where_a_reused_pids
         _aged(run / LOCK, {**record, "pid_start": "1"})  # that pid, but another process's now
         with claim(load_config(_flags(tmp_path)), log=lambda _: None) as rd:
             assert json.loads((rd.path / LOCK).read_text())["pid_start"] == rundir._start_ticks(os.getpid())
+        # its process, running but not renewing it (its release failed): the lease rules, as before
+        os.kill(sleeper.pid, signal.SIGCONT)
+        _aged(run / LOCK, record)
+        said: list[str] = []
+        claim(load_config(_flags(tmp_path)), log=said.append).release()
+        assert len(said) == 1 and "not renewed for more than" in said[0], said
+        # a zombie (killed, not yet reaped by its parent) is gone, though /proc still has it
+        sleeper.kill()
+        deadline = time.monotonic() + 10
+        while rundir._stat(sleeper.pid)[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _aged(run / LOCK, record)
+        said.clear()
+        claim(load_config(_flags(tmp_path)), log=said.append).release()
+        assert len(said) == 1 and "no longer running" in said[0], said
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -389,6 +404,16 @@ def test_a_run_whose_dir_was_taken_over_writes_there_no_more(tmp_path, monkeypat
         lease.renewed -= 60  # stopped for a minute: no renewal has looked since
         with pytest.raises(RunDirLost, match="taken over by pid 4242"):
             rd.check_held()
+
+    # a renewal stuck in its storage call holds the guard: the check does not wait for it
+    (tmp_path / "r" / LOCK).unlink()
+    with claim(load_config(_flags(tmp_path))) as rd:
+        lease = rd.leases[0]
+        lease.renewed -= 60
+        with lease._guard:
+            t0 = time.monotonic()
+            rd.check_held()
+            assert time.monotonic() - t0 < 0.5
 
 
 def test_a_run_dir_in_rays_copy_of_the_jobs_working_dir_is_refused(tmp_path, monkeypatch):
@@ -435,6 +460,22 @@ def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / LOCK).exists()
     monkeypatch.setattr(rundir.os, "fdopen", real)
     claim(load_config(_flags(tmp_path))).release()  # the same command, at once
+
+    # a write that stalled long enough for another run to take the empty lock over and make its
+    # own: the failed claim removes only the file it made, never the other run's lock
+    other = json.dumps({"host": "elsewhere", "pid": 4242, "started": "later"})
+
+    class Stalled(Full):
+        def write(self, data):
+            lock = tmp_path / "r" / LOCK
+            lock.unlink()
+            lock.write_text(other)
+            super().write(data)
+
+    monkeypatch.setattr(rundir.os, "fdopen", Stalled)
+    with pytest.raises(OSError, match="No space left on device"):
+        claim(load_config(_flags(tmp_path)))
+    assert (tmp_path / "r" / LOCK).read_text() == other
 
 
 def test_a_live_owner_renews_its_lease_until_it_releases_the_dir(tmp_path, monkeypatch):
@@ -785,6 +826,52 @@ def test_a_run_whose_dir_is_taken_over_mid_run_stops_before_its_next_write(ray_l
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002", "latest"]
     assert not (run / "policy").exists()
     assert json.loads((run / LOCK).read_text()) == other
+
+
+@ray_needed
+@pytest.mark.parametrize("during", ["the final evaluation", "the global baseline"])
+def test_a_run_dir_taken_over_during_its_longest_stretches_is_not_written_after(
+    ray_local, tmp_path, capsys, monkeypatch, during
+):
+    """Taken over while the final evaluation ran, the run wrote its row, eval.json and plots into
+    the other run's dir and exited 0; while the learned global baseline trained (a claim of its
+    own, in <run>/global), the run's own lock was not looked at."""
+    import learner.loop as loop
+
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.05)
+    other = {"host": "elsewhere", "pid": 4242, "started": "later"}
+    lock = tmp_path / "r" / LOCK
+
+    def take_over() -> None:
+        lock.write_text(json.dumps(other))
+        time.sleep(0.3)
+
+    extra: list[str] = []
+    if during == "the final evaluation":
+        real_eval = loop.evaluate
+
+        def evaluated(*args, **kwargs):
+            out = real_eval(*args, **kwargs)
+            take_over()
+            return out
+
+        monkeypatch.setattr(loop, "evaluate", evaluated)
+    else:
+        extra = ["--learner.global_baseline=true"]
+        real, calls = loop.reinforce_step, []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                take_over()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "reinforce_step", step)
+    assert main(_flags(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the run dir {tmp_path / 'r'} was taken over by pid 4242"), err
+    assert not (tmp_path / "r" / "eval.json").exists() and json.loads(lock.read_text()) == other
+    assert not (tmp_path / "r" / "global" / "policy").exists()  # the global baseline stopped at its next write
 
 
 @ray_needed

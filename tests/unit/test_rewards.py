@@ -86,30 +86,34 @@ def test_a_metric_says_which_way_is_better_or_is_refused_naming_the_fix():
         build_metric("tests.unit.test_rewards:NoDirection", {})
 
 
-def test_a_metric_difference_is_paired_with_the_noises_resampled_within_each_prompt():
+@pytest.mark.parametrize("per_prompt", [2, 3, 40])
+def test_a_metric_difference_is_paired_with_the_noises_resampled_within_each_prompt(per_prompt):
     """The difference of two schedules' metric on the same contexts: its bootstrap resamples the
     same rows of both, each prompt's noises among its own. For a mean it is the standard error of
-    the per-context differences stratified by prompt (up to the bootstrap's own noise), far below
+    the per-context differences stratified by prompt, sqrt(sum_h n_h s_h^2) / n (up to the
+    bootstrap's own noise; at 2 noises a prompt the plain bootstrap gave 0.71 of it), far below
     the two sets' own noises, which count the shared prompt effect twice; and the prompt mix of a
     resample is the set's (a mean over a resampled mix would move with the prompt effect)."""
     from rewards.actors import MetricServer
 
-    rng = np.random.default_rng(0)
-    sizes = [20, 30, 40, 50, 60]
-    strata = [f"prompt {i}" for i, n in enumerate(sizes) for _ in range(n)]
-    prompt_effect = np.repeat(10 * rng.normal(size=len(sizes)), sizes)
-    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=200))[:, None]
-    b = (prompt_effect + 0.1 * rng.normal(size=200))[:, None]
+    rng = np.random.default_rng(per_prompt)
+    prompts = 400 // per_prompt
+    n = prompts * per_prompt
+    strata = [f"prompt {i}" for i in range(prompts) for _ in range(per_prompt)]
+    prompt_effect = np.repeat(10 * rng.normal(size=prompts), per_prompt)
+    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=n))[:, None]
+    b = (prompt_effect + 0.1 * rng.normal(size=n))[:, None]
     server = MetricServer("tests.unit.test_rewards:MeanOfFeatures", {})
-    value, se = server.difference_with_se(2, a[:150], a[150:], b, strata=strata, resamples=2000)
+    value, se = server.difference_with_se(2, a[:150], a[150:], b, strata=strata, resamples=3000)
     assert value == pytest.approx(float(a.mean() - b.mean()), abs=1e-12)
-    d, bounds = (a - b).ravel(), np.cumsum([0, *sizes])
-    expected = np.sqrt(sum(d[i:j].var() * (j - i) for i, j in zip(bounds[:-1], bounds[1:], strict=True))) / len(d)
-    assert se == pytest.approx(expected, rel=0.08)
+    d = (a - b).reshape(prompts, per_prompt)
+    expected = np.sqrt((per_prompt * d.var(axis=1, ddof=1)).sum()) / n
+    assert se == pytest.approx(expected, rel=0.06)
     unpaired = np.hypot(server.distance_with_se(a, resamples=200)[1], server.distance_with_se(b, resamples=200)[1])
     assert se < unpaired / 20
     assert server.difference_with_se(1, a, b, strata=strata, resamples=0) == (value, None)
-    with pytest.raises(ValueError, match="one row per context of both: 200 and 199 rows, 200 contexts"):
+    assert server.difference_with_se(1, a, b, strata=list(range(n)))[1] is None  # one noise a prompt
+    with pytest.raises(ValueError, match=f"one row per context of both: {n} and {n - 1} rows, {n} contexts"):
         server.difference_with_se(1, a, b[1:], strata=strata)
 
 

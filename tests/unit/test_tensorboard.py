@@ -44,6 +44,7 @@ def test_a_step_is_one_event_and_every_value_reads_back(tmp_path):
     assert (image.step, image.width, image.height) == (5, 200, 100)  # 2 x 1 inches at 100 dpi
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # pytest's catch of a thread's error
 def test_a_storage_error_of_the_logs_names_the_file_and_is_no_thread_traceback(tmp_path, capfd):
     """A disk full or gone read-only under the logs: the run's line said "storage failed" (no file:
     a file object's write names none), after TensorBoard's writer thread printed a 16-line
@@ -78,4 +79,14 @@ def test_a_storage_error_of_the_logs_names_the_file_and_is_no_thread_traceback(t
             tb.log(step, {"x": 1.0})
             time.sleep(0.01)
     assert e.value.filename == tb.path and tb.path.startswith(str(tmp_path / "tb"))
+    assert "Traceback" not in capfd.readouterr().err
+
+    # an error in the last writes before the close (the final row, the figures): the close raises it
+    last = TensorBoardLogger(tmp_path / "tb2")
+    last._w.event_writer._async_writer._writer.write = read_only
+    last.log(0, {"x": 1.0})
+    time.sleep(0.3)  # the writer thread has met it
+    with pytest.raises(OSError, match="Read-only file system") as e:
+        last.close()
+    assert e.value.filename == last.path
     assert "Traceback" not in capfd.readouterr().err
