@@ -82,7 +82,8 @@ class EvalResult:
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
         head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(
-            f"{m + ' (' + better(self.lower_is_better[m]) + ')':>26}" for m in metric_names
+            f"{m + (f' ({better(low)})' if (low := self.lower_is_better.get(m)) is not None else ''):>26}"
+            for m in metric_names
         )
         rows = [title, head]
         for name, s in self.summary().items():
