@@ -81,14 +81,14 @@ class EvalResult:
 
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
-        head = f"{'schedule':<34}{'reward (mean +- s.e.)':>25}" + "".join(
+        head = f"{'schedule':<40}{'reward (mean +- s.e.)':>25}" + "".join(
             f"{m + (f' ({better(low)})' if (low := self.lower_is_better.get(m)) is not None else ''):>26}"
             for m in metric_names
         )
         rows = [title, head]
         for name, s in self.summary().items():
             cells = "".join(_metric_cell(s, m) for m in metric_names)
-            rows.append(f"{name:<34}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
+            rows.append(f"{name:<40}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
         rows.append(
             "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
             " a set metric's +- is its bootstrap noise, its difference's a paired bootstrap of the noises)"
