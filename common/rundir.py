@@ -4,10 +4,11 @@
 
 - refuses a run dir path that is a file, and output or checkpoint dirs that cannot be written;
 - takes the lock ``<run dir>/.lock`` (host, pid, start time, and where the pid is a number: the
-  machine's boot id, the pid namespace and when the process started), created atomically (and the same in a local
-  ``learner.checkpoint_dir`` outside the run dir, and as an object ``<url>/.lock`` in one on an
-  object store: two runs sharing one would write each other's checkpoints), and renews it (its
-  mtime; a lock object is written again) every ``LEASE_RENEW_S`` while the run lives. A lock
+  machine's boot id, the pid namespace and when the process started), created atomically (and
+  the same in a local ``learner.checkpoint_dir`` outside the run dir, and as an object
+  ``<url>/.lock`` in one on an object store: two runs sharing one would write each other's
+  checkpoints), and renews it (its mtime; a lock object is written again) every
+  ``LEASE_RENEW_S`` while the run lives. A lock
   whose process is gone is stale and taken over with a warning: in this host's pid space, a pid
   not running; from another host, or a container of the same host name (a pod that was
   preempted, a node lost, a container with host networking: its pid cannot be asked), a lock not
