@@ -15,3 +15,12 @@ class StampedToy(ToySampler):
         super().__init__(**problem)
         with open(stamp, "a") as f:
             f.write(f"{time.time()}\n")
+
+
+class SlowToAnswer(ToySampler):
+    """The toy sampler, a second slow to say what it is (its spec): a question to its worker
+    outlives a short rollout.sample_timeout_s however idle the machine."""
+
+    def spec(self):
+        time.sleep(1.0)
+        return super().spec()

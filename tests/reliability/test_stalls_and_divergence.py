@@ -130,7 +130,11 @@ def test_a_grown_worker_that_finds_no_room_is_given_up_and_the_run_goes_on(ray_l
 def test_an_actor_that_does_not_answer_a_question_is_one_line(ray_local, tmp_path, capsys):
     """The control-plane calls (the workers' prompt check, a reward's needs, a metric's distance)
     let Ray's GetTimeoutError through: a 42-line traceback, exit 1."""
-    flags = [*TOY, f"--experiment.output_dir={tmp_path}"]
+    slow = [  # a worker slow to answer: not a race with 1 ms, however idle the machine
+        "--sampler.backend=tests.integration.samplers_for_tests:SlowToAnswer",
+        '--rewards=[{"name": "tests.integration.rewards_for_tests:NegativeNorm"}]',
+    ]
+    flags = [*TOY, f"--experiment.output_dir={tmp_path}", *slow]
     code = main([*flags, "--rollout.sample_timeout_s=0.001", "--learner.global_baseline=false"])
     err = capsys.readouterr().err
     assert code == 1, err
