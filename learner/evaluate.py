@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.overrides,
                 f"--prompt-file {args.prompt_file}",
             )
+            held.check_held()  # --out is still this evaluation's after the sweep: never written over another's
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

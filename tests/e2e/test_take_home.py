@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -386,6 +387,31 @@ def test_a_stop_while_the_evaluation_is_written_says_what_is_partial(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line.format(out=out)), err
     assert not (out / ".lock").exists(), "released"
+
+
+def test_an_evaluation_whose_out_dir_was_taken_over_writes_nothing_there(digits_run, tmp_path, monkeypatch, capsys):
+    """Its lock taken over while it swept (the process stopped past the lease): it wrote its
+    table, CSVs and plots over the other evaluation's."""
+    from common import rundir
+
+    out = tmp_path / "ev"
+    other = {"host": "elsewhere", "pid": 4242, "started": "later"}
+
+    class Written:
+        def write(self, out, tb_dir=None):
+            (out / "table.md").write_text("written over the other's")
+
+    def swept(*args, **kwargs):
+        (out / ".lock").write_text(json.dumps(other))
+        time.sleep(0.3)
+        return Written()
+
+    monkeypatch.setattr(rundir, "LEASE_RENEW_S", 0.05)
+    monkeypatch.setattr(evaluate_cli, "sweep", swept)
+    assert evaluate_cli.main(["--run", str(digits_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the evaluation dir {out} was taken over by pid 4242"), err
+    assert not (out / "table.md").exists() and json.loads((out / ".lock").read_text()) == other
 
 
 def test_generate_stopped_while_it_scores_says_the_image_is_kept(digits_run, tmp_path, monkeypatch, capsys):
