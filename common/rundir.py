@@ -144,13 +144,16 @@ def _stopped_owner(owner: dict[str, Any]) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process: a zombie (killed, not yet reaped by its parent) is not,
+    though /proc still has it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user
-        return True
-    return True
+        pass
+    got = _stat(pid)
+    return got is None or got[0] not in ("Z", "X")
 
 
 def _nonempty(p: Path) -> bool:
@@ -529,7 +532,7 @@ class _Lease:
         earlier = here and pid == os.getpid() and lock.key() not in _HELD
         if here and not earlier and _stopped_owner(owner):
             return None  # its very process, stopped past its lease: its run, never taken over
-        if here and (earlier or not _pid_alive(pid) or (_stat(pid) or ("", ""))[0] in ("Z", "X")):
+        if here and (earlier or not _pid_alive(pid)):
             gone = "left by an earlier process with this one's pid" if earlier else "no longer running"
             return (
                 f"warning: taking over the stale lock of pid {owner.get('pid')}"

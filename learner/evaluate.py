@@ -43,6 +43,11 @@ DEFAULT = "default"
 GLOBAL, INSTANCE = "learned global", "learned instance-level"
 
 
+def learned_name(variant: str) -> str:
+    """The name the tables give a policy of ``variant``'s learned schedules."""
+    return GLOBAL if variant == "global" else INSTANCE
+
+
 @dataclass
 class Schedule:
     """A schedule to evaluate: the backend default, the policy's Dirichlet mean, a fixed tau, or
@@ -82,8 +87,7 @@ class EvalResult:
     def table(self, title: str) -> str:
         metric_names = sorted({m for v in self.metrics.values() for m in v if not m.endswith("_se")})
         head = f"{'schedule':<40}{'reward (mean +- s.e.)':>25}" + "".join(
-            f"{m + (f' ({better(low)})' if (low := self.lower_is_better.get(m)) is not None else ''):>26}"
-            for m in metric_names
+            f"{labelled(m, self.lower_is_better.get(m)):>26}" for m in metric_names
         )
         rows = [title, head]
         for name, s in self.summary().items():
@@ -98,9 +102,9 @@ class EvalResult:
         return "\n".join(rows)
 
 
-def better(lower: bool) -> str:
-    """Which way a measure is better, as the tables and plots say it."""
-    return "lower better" if lower else "higher better"
+def labelled(measure: str, lower: bool | None) -> str:
+    """``measure`` with which way is better, as the tables and plots say it (None: not known)."""
+    return measure if lower is None else f"{measure} ({'lower' if lower else 'higher'} better)"
 
 
 def _metric_cell(s: dict[str, float], m: str) -> str:
@@ -150,8 +154,8 @@ def evaluate(
         if metrics is not None and metrics.names and sched.k == 1:
             features[name] = metrics.features(got.pending)
             result.metrics[name] = metrics.measure(features[name])
-            result.lower_is_better = dict(metrics.lower_is_better)
     if metrics is not None:
+        result.lower_is_better = dict(metrics.lower_is_better)
         for a, b in result.pairs():
             if a in features and b in features:
                 result.metrics[f"{a} - {b}"] = metrics.difference(
@@ -202,7 +206,7 @@ class Sweep:
     def label(self, measure: str) -> str:
         """``measure`` with which way is better: a reward's higher, a set metric's as its class says."""
         lower = any(res.lower_is_better.get(measure, False) for res in self.results.values())
-        return f"{measure} ({better(lower)})"
+        return labelled(measure, lower)
 
     def value(self, res: EvalResult, method: str, measure: str, minus: str | None = None) -> tuple[float, float] | None:
         """(mean, s.e.) of ``measure`` for ``method`` in ``res`` (a set metric: its bootstrap noise),
@@ -386,8 +390,8 @@ def sweep(
                     if n == policy.steps:
                         if (run / "global" / "policy").is_dir():
                             glob = read_policy(run / "global" / "policy")
-                            schedules["learned global"] = Schedule("fixed", glob.global_mean_tau())
-                        learned = "learned global" if policy.variant == "global" else "learned instance-level"
+                            schedules[GLOBAL] = Schedule("fixed", glob.global_mean_tau())
+                        learned = learned_name(policy.variant)
                         schedules[learned] = Schedule("mean")
                         if best_of > 1:
                             schedules[f"best of {best_of} (x{best_of} NFE)"] = Schedule("sample", k=best_of)

@@ -67,7 +67,7 @@ from common.signals import Terminated, held
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
 from learner.contexts import ContextStream, eval_contexts
-from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, run_schedule
+from learner.evaluate import DEFAULT, EvalResult, Schedule, evaluate, learned_name, run_schedule
 from learner.groups import (
     Dispatcher,
     InFlight,
@@ -678,7 +678,7 @@ def _train(
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())  # the config is accepted
         print(f"{describe(policy)}; run dir {run_dir}")
-        learned = "learned global" if cfg.policy.variant == "global" else "learned instance-level"
+        learned = learned_name(cfg.policy.variant)
 
         loggers = Loggers(JsonlLogger(run_dir / "metrics.jsonl"), TensorBoardLogger(run_dir / "tb"))
         if lc.broadcast == "collective":

@@ -36,7 +36,7 @@ def run(cfg: Config) -> None:
 
     from common.checkpoint import check_policy_fits
     from common.rundir import claim
-    from learner.evaluate import Schedule
+    from learner.evaluate import GLOBAL, Schedule
     from learner.loop import check_before_start, find_resume, init_ray, start_actors, train
 
     check_before_start(cfg)  # before the run dir is claimed (--overwrite clears it)
@@ -60,7 +60,7 @@ def run(cfg: Config) -> None:
             owner.clear_earlier()  # --overwrite: the actors are up; the global baseline's dir is cleared for it
             print("training the learned global schedule (the baseline to beat) ...")
             res = train(g, final_eval=False, actors=actors, resume=g_resume, within=owner)
-            to_beat["learned global"] = Schedule("fixed", res.policy.global_mean_tau())
+            to_beat[GLOBAL] = Schedule("fixed", res.policy.global_mean_tau())
         train(cfg, baselines_to_beat=to_beat, owner=owner, actors=actors, resume=resume)
     finally:
         if actors is not None:
