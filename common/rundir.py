@@ -74,7 +74,8 @@ ARTEFACTS = ("checkpoints", "policy", "eval.json", "metrics.jsonl", "rollouts.ms
 #: ``.<name>.old-<pid>`` (a directory being replaced: ``common.checkpoint.replace_dir``).
 _TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+")
 #: The logs' temporaries in the run dir (a log rewritten without its torn tail: learner.loop).
-_LOG_TEMPORARIES = ("rollouts.tmp", "metrics.tmp")
+ROLLOUTS_TMP, METRICS_TMP = "rollouts.tmp", "metrics.tmp"
+_LOG_TEMPORARIES = (ROLLOUTS_TMP, METRICS_TMP)
 #: Where ``learner.evaluate`` writes a run's evaluation unless told (``--out``).
 EVALUATION = "evaluation"
 

@@ -62,7 +62,7 @@ from common.config import (
 from common.devices import resolve_device
 from common.messages import Context, RolloutRecord
 from common.policy import FlatState, PolicyInputs, SchedulePolicy, Weights, collate, describe, state_to_numpy
-from common.rundir import EVALUATION, RunDir, artefacts, claim, local_checkpoint_dir
+from common.rundir import EVALUATION, METRICS_TMP, ROLLOUTS_TMP, RunDir, artefacts, claim, local_checkpoint_dir
 from common.signals import Terminated, held
 from learner import baselines, plots
 from learner.broadcast import CollectiveBroadcast
@@ -1082,12 +1082,12 @@ def _trim_logs(run_dir: Path, state: dict, source: Path | None = None, write: bo
     if not write:
         return len(keep)
     if scan is not None:
-        tmp = run_dir / "rollouts.tmp"
+        tmp = run_dir / ROLLOUTS_TMP
         tmp.unlink(missing_ok=True)
         append_records(tmp, keep)
         os.replace(tmp, run_dir / "rollouts.msgpack")
     if found is not None:
-        tmp = run_dir / "metrics.tmp"
+        tmp = run_dir / METRICS_TMP
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, run_dir / "metrics.jsonl")
     tb = run_dir / "tb"
