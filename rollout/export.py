@@ -229,6 +229,14 @@ class PipelineSchedule:
                 f" {str(has).upper()} tokens the policy never read: load the pipeline with its text encoders as in"
                 " training"
             )
+        if "prediction_type" in differ:  # a v-prediction fine-tune of the same architecture: another model
+            was, has = differ.pop("prediction_type")
+            raise ValueError(
+                f"this policy was trained on a model predicting {was!r}; this pipeline's scheduler says {has!r}:"
+                " another model, whose images at the policy's times are not the ones it learned (if the scheduler's"
+                f" config is what is wrong: set pipe.scheduler = {type(self.pipe.scheduler).__name__}.from_config("
+                f"pipe.scheduler.config, prediction_type={was!r}))"
+            )
         wanted = ", ".join(f"{k}={v!r}" for k, (v, _) in differ.items())
         has = ", ".join(f"{k}={n!r}" for k, (_, n) in differ.items())
         raise ValueError(
@@ -292,10 +300,18 @@ class PipelineSchedule:
         # one image: its schedule and noise are its own (another num_images_per_prompt is Python's one-line TypeError)
         return {"latents": self.latents(noise), "num_images_per_prompt": 1, **self.schedule_kwargs(times)}
 
-    def global_schedule(self) -> dict[str, Any]:
+    def global_schedule(self, batch: int | None = None) -> dict[str, Any]:
         """A global policy's one schedule (its Dirichlet mean), as ``sigmas=`` or ``timesteps=``
-        (plain lists) with ``num_inference_steps``, ``height`` and ``width``: no extra model."""
-        return self.schedule_kwargs(times_from_tau(np.asarray(self.policy.global_mean_tau())))
+        (plain lists) with ``num_inference_steps``, ``height`` and ``width``: no extra model.
+        ``batch``: the length of the list of prompts the pipeline is called with, if a list; the
+        negative prompt of training then goes as a list as long (SD1.x refuses a str beside a list)."""
+        out = self.schedule_kwargs(times_from_tau(np.asarray(self.policy.global_mean_tau())))
+        if batch is not None:
+            if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+                raise ValueError(f"batch must be the number of prompts, an integer from 1, got {batch!r}")
+            if isinstance(out.get("negative_prompt"), str):
+                out["negative_prompt"] = [out["negative_prompt"]] * int(batch)
+        return out
 
     # --- from our times to the pipeline's arguments -----------------------------------------------
 
@@ -313,6 +329,9 @@ class PipelineSchedule:
         """``times`` as the pipeline's ``sigmas=`` or ``timesteps=``, with the steps, the size and
         the training's call settings (``call_kwargs``)."""
         times = np.asarray(times, dtype=np.float64)
+        # the pipeline's scheduler as it is now: one swapped in after this was built ran other times silently
+        self._check_scheduler()
+        self._check_reads()
         size = {"num_inference_steps": len(times), "height": self.family.height, "width": self.family.width}
         if hasattr(self.pipe, "transformer"):  # a flow model: sigmas the scheduler's own shift maps onto ours
             return {**self.call_kwargs, "sigmas": [float(s) for s in self._unshift(times)], **size}
@@ -362,25 +381,24 @@ class PipelineSchedule:
                 )
             return
         c = sched.config
-        if not isinstance(sched, EulerDiscreteScheduler) or c.get("interpolation_type", "linear") != "linear":
-            raise ValueError(
-                f"the learned schedule runs on Euler in sigma(timestep), as in training; the pipeline has a"
-                f" {type(sched).__name__}: set"
-                " pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
-            )
-        grids = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
-        if grids:  # diffusers refuses timesteps= with them, at the pipeline's call
-            raise ValueError(
-                f"the pipeline's EulerDiscreteScheduler has {', '.join(grids)}, which takes no schedule of timesteps;"
-                " set pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,"
-                f" {', '.join(f'{k}=False' for k in grids)})"
-            )
-        if c.get("final_sigmas_type", "zero") != "zero":  # the last step would stop short of a clean image
-            raise ValueError(
-                f"the pipeline's EulerDiscreteScheduler ends at final_sigmas_type={c['final_sigmas_type']!r}; the"
-                " learned schedule ends at sigma 0, as in training: set pipe.scheduler ="
-                " EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type='zero')"
-            )
+        # every setting a stock Euler needs, fixed in the one line the refusal gives (a fix of one only
+        # met the next refusal: log_linear interpolation was kept by the from_config it advised)
+        fix: dict[str, Any] = {
+            k: v for k, v in (("interpolation_type", "linear"), ("final_sigmas_type", "zero")) if c.get(k, v) != v
+        }
+        fix.update({k: False for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)})
+        if isinstance(sched, EulerDiscreteScheduler) and not fix:
+            return
+        has = [f"{k}={c[k]!r}" for k in fix]  # karras and the like: diffusers refuses timesteps= with them
+        if "final_sigmas_type" in fix:
+            has[list(fix).index("final_sigmas_type")] += " (it stops short of sigma 0, where the schedule ends)"
+        has_them = f" with {', '.join(has)}" if has else ""
+        args = "".join(f", {k}={v!r}" for k, v in fix.items())
+        raise ValueError(
+            "the learned schedule runs on Euler in sigma(timestep), linearly interpolated and ending at sigma 0, as"
+            f" in training; the pipeline's scheduler is {type(sched).__name__}{has_them}:"
+            f" set pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config{args})"
+        )
 
 
 def pipeline_kwargs(

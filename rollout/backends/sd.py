@@ -56,7 +56,22 @@ SCHEDULE_SETTINGS = (
     "trained_betas",
     "rescale_betas_zero_snr",
     "timestep_spacing",
+    "prediction_type",
 )
+
+
+def euler_step(
+    out: torch.Tensor, latents: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, v_pred: bool
+) -> torch.Tensor:
+    """One sample's ``EulerDiscreteScheduler.step`` (s_churn = 0): x0 from the prediction, the ODE
+    derivative, Euler to ``sigma_next``; the sigmas 0-dim float32 CPU tensors, as the scheduler
+    holds them, so the model's dtype rounds them as it does there."""
+    x = latents.to(torch.float32)
+    if v_pred:
+        x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    else:
+        x0 = x - sigma * out
+    return (x + (x - x0) / sigma * (sigma_next - sigma)).to(out.dtype)
 
 
 class SDFamily:
@@ -107,8 +122,11 @@ class SDFamily:
 
     def reads(self) -> dict[str, Any]:
         """The scheduler settings of the time map and the initial noise: the betas (sigma of a
-        timestep) and the spacing (its rule for the initial noise's scale)."""
-        c = self.euler.config
+        timestep), the spacing (its rule for the initial noise's scale) and what the model predicts;
+        of the pipeline's scheduler as it is now (the export's pipeline may have had it swapped)."""
+        from diffusers import EulerDiscreteScheduler
+
+        c = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config).config
         return {k: c.get(k) for k in SCHEDULE_SETTINGS}
 
     def default_tau(self, steps: int) -> np.ndarray:
@@ -137,8 +155,8 @@ class SDFamily:
     def run(self, conds: list[dict], noise: np.ndarray, times: np.ndarray) -> np.ndarray:
         # Mirrors diffusers 0.42.1 StableDiffusionPipeline.__call__ / StableDiffusionXLPipeline.__call__
         # with EulerDiscreteScheduler (denoising loop and decode; no IP adapter, no guidance rescale,
-        # no watermark), with one change: per-sample sigma and timestep vectors instead of the
-        # scheduler's scalar step index; scale_model_input and step (s_churn = 0) inlined.
+        # no watermark), with one change: each sample its own sigma and timestep instead of the
+        # scheduler's step index; scale_model_input and step (s_churn = 0) inlined, per sample.
         pipe, cfg_g = self.pipe, self.cfg_guidance
         device = pipe._execution_device
         embeds = stack(conds, "embeds")
@@ -157,7 +175,10 @@ class SDFamily:
             if cfg_g:
                 text_embeds = torch.cat([stack(conds, "neg_pooled"), text_embeds])
             extra["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(len(embeds), 1)}
-        sig = torch.from_numpy(self.sigmas(times)).to(device)  # [n, L+1] float32
+        # [n, L+1] float32 on the CPU, where EulerDiscreteScheduler keeps its sigmas: each sample's arithmetic
+        # below is the scheduler's with its own sigma as the same 0-dim CPU tensor, so a reduced dtype rounds
+        # as stock does on any device (a CPU scalar's kernel path, not a broadcast vector's)
+        sig = torch.from_numpy(self.sigmas(times))
         n_train = self.euler.config.num_train_timesteps
         timesteps = torch.from_numpy(epsilon_model_timesteps(times, n_train).astype(np.float32)).to(device)
         # the initial noise is scaled as EulerDiscreteScheduler.init_noise_sigma scales it, at sigma(t_1)
@@ -166,26 +187,22 @@ class SDFamily:
         else:
             init = (sig[:, 0] ** 2 + 1) ** 0.5
         latents = torch.from_numpy(noise).to(device=device, dtype=embeds.dtype)
-        latents = (latents.float() * init.view(-1, 1, 1, 1)).to(latents.dtype)
+        latents = torch.stack([x * i for x, i in zip(latents, init, strict=True)])
         v_pred = self.euler.config.prediction_type == "v_prediction"
         for k in range(times.shape[1]):
-            s = sig[:, k].view(-1, 1, 1, 1)
-            x_in = torch.cat([latents] * 2) if cfg_g else latents
-            s_in = torch.cat([s] * 2) if cfg_g else s
-            x_in = (x_in.float() / ((s_in**2 + 1) ** 0.5)).to(x_in.dtype)  # scale_model_input
+            x_in = torch.stack([x / ((s**2 + 1) ** 0.5) for x, s in zip(latents, sig[:, k], strict=True)])
+            x_in = torch.cat([x_in] * 2) if cfg_g else x_in  # scale_model_input
             t_in = torch.cat([timesteps[:, k]] * 2) if cfg_g else timesteps[:, k]
             out = pipe.unet(x_in, t_in, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
             if cfg_g:
                 out_uncond, out_text = out.chunk(2)
                 out = out_uncond + self.cfg.guidance_scale * (out_text - out_uncond)
-            # EulerDiscreteScheduler.step: x0 from the prediction, the ODE derivative, Euler to sigma_next
-            x = latents.float()
-            if v_pred:
-                x0 = out.float() * (-s / (s**2 + 1) ** 0.5) + (x / (s**2 + 1))
-            else:
-                x0 = x - (s * out.float()).to(out.dtype)
-            d = (x - x0) / s
-            latents = (x + d * (sig[:, k + 1].view(-1, 1, 1, 1) - s)).to(out.dtype)
+            latents = torch.stack(
+                [
+                    euler_step(o, x, s, n, v_pred)
+                    for o, x, s, n in zip(out, latents, sig[:, k], sig[:, k + 1], strict=True)
+                ]
+            )
         return self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -175,10 +175,112 @@ def test_a_scheduler_that_cannot_run_the_schedule_is_refused():
 
     # it ran, and stopped at sigma_min: 1e-3 from the backend's image where the stock config gives 2e-7
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="sigma_min")
-    with pytest.raises(ValueError, match=r"ends at final_sigmas_type='sigma_min'; the learned schedule ends at"):
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler with final_sigmas_type='sigma_min' \(it stops short"):
         PipelineSchedule(policy, pipe)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="zero")
     PipelineSchedule(policy, pipe)
+
+
+def test_the_line_a_scheduler_refusal_gives_fixes_it_in_one_go():
+    """Each refusal gives one line to run. An Euler scheduler with log_linear interpolation was told
+    ``EulerDiscreteScheduler.from_config(pipe.scheduler.config)``, which kept log_linear: the same
+    refusal again; a fix of one setting met the next one's refusal."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    case = build("sdxl")
+    policy = _policy(case.sampler)
+    stock = case.pipe.scheduler
+    bad = [
+        EulerDiscreteScheduler.from_config(stock.config, interpolation_type="log_linear"),
+        EulerDiscreteScheduler.from_config(
+            stock.config, interpolation_type="log_linear", use_karras_sigmas=True, final_sigmas_type="sigma_min"
+        ),
+        DPMSolverMultistepScheduler.from_config(stock.config, use_karras_sigmas=True),
+    ]
+    try:
+        for scheduler in bad:
+            case.pipe.scheduler = scheduler
+            with pytest.raises(ValueError) as e:
+                PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+            line = str(e.value).split(": set ", 1)[1]
+            assert "\n" not in line and line.startswith("pipe.scheduler = EulerDiscreteScheduler.from_config("), line
+            pipe = case.pipe
+            exec(line, {"EulerDiscreteScheduler": EulerDiscreteScheduler, "pipe": pipe})  # as the user runs it
+            schedule = PipelineSchedule(policy, pipe, height=SIZE, width=SIZE)  # taken
+            kwargs = schedule(PROMPT, seed=3)
+            stock_image = pipe(PROMPT, **kwargs, output_type="np").images[0]
+            noise = case.sampler.initial_noise([3])
+            ours = case.sampler.generate([PROMPT], noise, schedule.times(PROMPT, noise[0])[None])[0]
+            assert np.abs(stock_image - ours).max() <= 1e-5, line
+    finally:
+        case.pipe.scheduler = stock
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_scheduler_swapped_in_after_the_schedule_was_made_is_refused_at_the_call(family):
+    """The scheduler was checked when the ``PipelineSchedule`` was built only: one swapped in after
+    it (a user trying another sampler) ran the learned schedule as other times, without a word
+    (SDXL with DPM-Solver: 0.027 from the training image; Flux with Karras sigmas 0.012)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    case = build(family)
+    schedule = PipelineSchedule(_policy(case.sampler), case.pipe, **_export_args(family))
+    schedule(PROMPT, seed=0)
+    stock = case.pipe.scheduler
+    if family == "sdxl":
+        swapped = DPMSolverMultistepScheduler.from_config(stock.config)
+    else:
+        swapped = FlowMatchEulerDiscreteScheduler.from_config(stock.config, use_karras_sigmas=True)
+    try:
+        case.pipe.scheduler = swapped
+        with pytest.raises(ValueError, match=type(swapped).__name__):
+            schedule(PROMPT, seed=0)
+        with pytest.raises(ValueError, match=type(swapped).__name__):
+            schedule.schedule_kwargs(np.array([0.9, 0.5, 0.1]))  # a global schedule's path too
+    finally:
+        case.pipe.scheduler = stock
+    schedule(PROMPT, seed=0)  # set back: taken
+
+
+def test_a_model_predicting_otherwise_than_in_training_is_refused():
+    """An SD pipeline whose scheduler says v_prediction (a v-prediction fine-tune of the same
+    architecture) took an epsilon-trained policy's schedule: 0.56 from its training image. A policy
+    saved before the prediction was recorded is taken as before."""
+    from diffusers import EulerDiscreteScheduler
+
+    case = build("sdxl")
+    policy = _policy(case.sampler)
+    assert policy.reads["prediction_type"] == "epsilon"
+    stock = case.pipe.scheduler
+    try:
+        case.pipe.scheduler = EulerDiscreteScheduler.from_config(stock.config, prediction_type="v_prediction")
+        with pytest.raises(ValueError, match=r"^this policy was trained on a model predicting 'epsilon'; this pipe"):
+            PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+        policy.reads = {k: v for k, v in policy.reads.items() if k != "prediction_type"}  # an older policy
+        PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+    finally:
+        case.pipe.scheduler = stock
+
+
+def test_a_global_schedule_for_a_list_of_prompts_gives_the_negative_prompt_as_a_list():
+    """SD1.x's pipeline refuses a str negative prompt beside a list of prompts (TypeError), so the
+    documented ``pipe(prompts, **plain)`` failed for a run trained with one."""
+    case = build("sd15", negative_prompt="blurry")
+    policy = _policy(case.sampler, variant="global")
+    schedule = PipelineSchedule(policy, case.pipe, height=SIZE, width=SIZE)
+    assert schedule.global_schedule()["negative_prompt"] == "blurry"
+    prompts = [PROMPT, "a dog"]
+    plain = schedule.global_schedule(batch=len(prompts))
+    assert plain["negative_prompt"] == ["blurry", "blurry"]
+    both = case.pipe(prompts, **plain, generator=torch.Generator().manual_seed(0), output_type="np").images
+    alone = [
+        case.pipe(p, **schedule.global_schedule(), latents=torch.from_numpy(n[None]), output_type="np").images[0]
+        for p, n in zip(prompts, case.sampler.initial_noise([0, 0]), strict=True)
+    ]
+    assert both.shape[0] == 2 and np.isfinite(both).all() and np.abs(both[0] - alone[0]).max() <= 1e-5
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"^batch must be the number of prompts"):
+            schedule.global_schedule(batch=bad)
 
 
 def test_align_your_steps_is_offered_where_diffusers_has_it():
@@ -392,7 +494,9 @@ def test_a_policy_of_another_model_or_a_scheduler_it_cannot_use_is_refused_at_on
     karras = EulerDiscreteScheduler.from_config(sdxl.pipe.scheduler.config, use_karras_sigmas=True)
     sdxl.pipe.scheduler, euler = karras, sdxl.pipe.scheduler
     try:
-        with pytest.raises(ValueError, match=r"has use_karras_sigmas, .*from_config\(.*use_karras_sigmas=False\)"):
+        with pytest.raises(
+            ValueError, match=r"with use_karras_sigmas=True: .*from_config\(.*use_karras_sigmas=False\)"
+        ):
             PipelineSchedule(_policy(sdxl.sampler), sdxl.pipe, height=SIZE, width=SIZE)
     finally:
         sdxl.pipe.scheduler = euler
