@@ -36,7 +36,7 @@ with loading(__name__):
     )
     from common.messages import Context, ScheduleMode
     from common.rundir import EVALUATION, hold
-    from learner.groups import Collected, Dispatcher, MetricGroup, RunStopped
+    from learner.groups import Collected, Dispatcher, MetricGroup, RewardGroup, RunStopped
     from learner.stats import mean_se
 
 DEFAULT = "default"
@@ -94,12 +94,22 @@ class EvalResult:
             cells = "".join(_metric_cell(s, m) for m in metric_names)
             rows.append(f"{name:<40}{s['mean']:>12.5g} +- {s['se']:<9.2g}{cells}".rstrip())
         rows.append(
-            "(+- one standard error, clustered by prompt; differences are paired: same prompts and noises;"
-            " a set metric's +- is its bootstrap noise, its difference's a paired bootstrap of the noises)"
+            f"(+- one standard error, clustered by prompt{self._t_reference()}; differences are paired: same prompts"
+            " and noises; a set metric's +- is a bootstrap of the noises within each prompt, paired for a difference)"
         )
         if self.prompts is not None and len(set(self.prompts)) < 2:
             rows.append("(no standard error: it is clustered by prompt and needs two held-out prompts or more)")
         return "\n".join(rows)
+
+    def _t_reference(self) -> str:
+        """What a ratio to a clustered standard error reads against: Student's t with one degree of
+        freedom fewer than the prompts (at 10 prompts +- 1.96 s.e. covers about 92%, not 95%)."""
+        g = len(set(self.prompts)) if self.prompts is not None else 0
+        if g < 2:
+            return ""
+        from scipy.stats import t
+
+        return f": {g} prompts, so t with {g - 1} degrees of freedom, 95% within +- {t.ppf(0.975, g - 1):.2f} s.e."
 
 
 def labelled(measure: str, lower: bool | None) -> str:
@@ -140,7 +150,8 @@ def evaluate(
     """Reward (and set metrics) of each schedule on ``contexts``, one sample per context (a
     best-of-k schedule: the best of its k samples by the total reward; no set metrics).
     ``progress``: told the number of samples of each unit as it is done."""
-    result = EvalResult({}, prompts=[c.prompt for c in contexts])
+    prompts = [c.prompt for c in contexts]
+    result = EvalResult({}, prompts=prompts)
     features = {}  # schedule -> each metric's features: its sets, and the paired differences of ``pairs``
     for name, sched in schedules.items():
         got = run_schedule(dispatcher, contexts, steps, version, weights, sched, progress)
@@ -153,14 +164,12 @@ def evaluate(
         result.taus[name] = tau[np.arange(len(best)), best]
         if metrics is not None and metrics.names and sched.k == 1:
             features[name] = metrics.features(got.pending)
-            result.metrics[name] = metrics.measure(features[name])
+            result.metrics[name] = metrics.measure(features[name], prompts)
     if metrics is not None:
         result.lower_is_better = dict(metrics.lower_is_better)
         for a, b in result.pairs():
             if a in features and b in features:
-                result.metrics[f"{a} - {b}"] = metrics.difference(
-                    features[a], features[b], [c.prompt for c in contexts]
-                )
+                result.metrics[f"{a} - {b}"] = metrics.difference(features[a], features[b], prompts)
     return result
 
 
@@ -303,7 +312,7 @@ def sweep(
     from common.checkpoint import load_run_config, load_run_policy, read_policy
     from common.policy import state_to_numpy
     from learner.contexts import eval_contexts
-    from learner.groups import RewardGroup, RolloutGroup, actor_asks, answer, check_room
+    from learner.groups import RolloutGroup, actor_asks, answer, check_room
     from learner.loop import init_ray, reference_steps_for
 
     if len({r.resolve() for r in runs}) != len(runs):
@@ -316,8 +325,19 @@ def sweep(
         _check_read(load_run_config(runs[0]), cfgs[0])
     first = cfgs[0]
     for r, c in zip(runs[1:], cfgs[1:], strict=True):
-        if c.sampler != first.sampler or c.rewards != first.rewards or c.experiment.seed != first.experiment.seed:
-            raise ConfigError(f"{r} differs from {runs[0]} in its sampler, rewards or seed: evaluate them apart")
+        differ = [
+            what
+            for what, a, b in (
+                ("sampler", c.sampler, first.sampler),
+                ("rewards", c.rewards, first.rewards),
+                ("experiment.seed", c.experiment.seed, first.experiment.seed),
+                # a reward that compares with the many-step reference scores against another at each L
+                ("rollout.reference_steps", c.rollout.reference_steps, first.rollout.reference_steps),
+            )
+            if a != b
+        ]
+        if differ:
+            raise ConfigError(f"{r} differs from {runs[0]} in its {', '.join(differ)}: evaluate them apart")
     policies = [load_run_policy(r, checkpoint) for r in runs]
     by_l = {p.steps: (r, c, p) for r, c, p in zip(runs, cfgs, policies, strict=True)}
     if len(by_l) != len(runs):
@@ -348,6 +368,7 @@ def sweep(
             metrics = MetricGroup(first.learner.eval_metrics, wait=False)
         rollouts = RolloutGroup(workers[0], wait=False)
         rewards.wait_started()  # a reward that cannot start is said first, then a metric, then a worker
+        _check_reference(first, rewards, all_l)
         if metrics is not None:
             metrics.wait_started()
         lc = first.learner
@@ -438,6 +459,23 @@ def _check_read(run: Any, evaluated: Any) -> None:
         raise ConfigError(
             f"--sampler.backend={now}: the run's policy was trained for the {was} backend, and reads its noise and"
             f" prompts; an evaluation samples with it (its settings, sampler.{was}.*, may change)"
+        )
+
+
+def _check_reference(cfg: Config, rewards: RewardGroup, steps: list[int]) -> None:
+    """No L evaluated reaches the many-step reference a reward compares with: there the reward
+    measures a sample against itself, or against a worse one (training refuses such an L)."""
+    from learner.loop import reference_steps_for
+
+    needing = [s.name for s, need in zip(cfg.rewards, rewards.needs_reference, strict=True) if need]
+    if not needing:
+        return
+    made = reference_steps_for(cfg, rewards)
+    reached = [n for n in steps if n >= made]
+    if reached:
+        raise ConfigError(
+            f"--steps {reached[0]}: reward {needing[0]!r} compares with the {made}-step reference sample"
+            f" (rollout.reference_steps), which {reached[0]} steps reach: evaluate fewer steps than {made}"
         )
 
 

@@ -859,11 +859,12 @@ class MetricGroup:
             for name, server in zip(self.names, self.servers, strict=True)
         }
 
-    def measure(self, features: dict[str, list[Any]]) -> dict[str, float]:
-        """Each metric over a set (its ``features``), and its bootstrap noise as ``<name>_se``."""
+    def measure(self, features: dict[str, list[Any]], prompts: list[str]) -> dict[str, float]:
+        """Each metric over a set (its ``features``; ``prompts``: each context's), and its bootstrap
+        noise, the noises resampled within each prompt, as ``<name>_se``."""
         return self._answers(
             {
-                name: server.distance_with_se.remote(*features[name], resamples=resamples)
+                name: server.distance_with_se.remote(*features[name], strata=prompts, resamples=resamples)
                 for name, server, resamples in zip(self.names, self.servers, self.resamples, strict=True)
             }
         )

@@ -298,6 +298,21 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, *run, "--out", str(out)])) == (
         "error: a run is given twice (--run): give each run once"
     )
+    # an L that reaches the fidelity reward's 64-step reference: it scored a sample against itself, exit 0
+    assert err_of(evaluate_cli.main([*run, "--steps", "4,64", "--seeds", "2", "--out", str(out)])) == (
+        "error: --steps 64: reward 'fidelity' compares with the 64-step reference sample (rollout.reference_steps),"
+        " which 64 steps reach: evaluate fewer steps than 64"
+    )
+    assert not out.exists()
+    # runs of other references, one per L: each L's fidelity was against another reference, in one table
+    other_ref = tmp_path / "other_ref"
+    shutil.copytree(digits_run, other_ref)
+    cfg = yaml.safe_load((other_ref / "config.yaml").read_text())
+    cfg["rollout"]["reference_steps"] = 32
+    (other_ref / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert err_of(evaluate_cli.main([*run, "--run", str(other_ref), "--out", str(out)])) == (
+        f"error: {other_ref} differs from {digits_run} in its rollout.reference_steps: evaluate them apart"
+    )
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.kk=1"])) == (
         "error: invalid command line: unrecognized arguments: --rollout.kk=1 (--help lists every flag)"
     )

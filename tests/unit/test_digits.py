@@ -150,12 +150,12 @@ def test_frechet_noise_is_small_against_a_real_difference(trained):
     prompts = [f"the digit {c}" for c in yh]
     server = MetricServer("digits_fd", {})
     one, many = (fd.features(_samples(sampler, prompts, n), prompts) for n in (1, 30))
-    v1, se1 = server.distance_with_se(one, resamples=20)
-    v30, se30 = server.distance_with_se(many[:180], many[180:], resamples=20)
+    v1, se1 = server.distance_with_se(one, strata=prompts, resamples=20)
+    v30, se30 = server.distance_with_se(many[:180], many[180:], strata=prompts, resamples=20)
     assert v1 == server.distance(one) and v30 == server.distance(many)
     assert 0 < se30 < 0.5 * v30 and 0 < se1 < 0.5 * v1
     assert v1 - v30 > 3 * (se1 + se30)
-    assert server.distance_with_se(one, resamples=0) == (v1, None)  # metrics[].noise_resamples = 0
+    assert server.distance_with_se(one, strata=prompts, resamples=0) == (v1, None)  # metrics[].noise_resamples = 0
 
 
 def test_a_misspelt_setting_is_refused_not_ignored():

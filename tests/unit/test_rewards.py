@@ -92,8 +92,9 @@ def test_a_metric_difference_is_paired_with_the_noises_resampled_within_each_pro
     same rows of both, each prompt's noises among its own. For a mean it is the standard error of
     the per-context differences stratified by prompt, sqrt(sum_h n_h s_h^2) / n (up to the
     bootstrap's own noise; at 2 noises a prompt the plain bootstrap gave 0.71 of it), far below
-    the two sets' own noises, which count the shared prompt effect twice; and the prompt mix of a
-    resample is the set's (a mean over a resampled mix would move with the prompt effect)."""
+    the two sets' own noises, which count what a noise does under both schedules twice; and the
+    prompt mix of a resample is the set's (a mean over a resampled mix would move with the prompt
+    effect)."""
     from rewards.actors import MetricServer
 
     rng = np.random.default_rng(per_prompt)
@@ -101,20 +102,51 @@ def test_a_metric_difference_is_paired_with_the_noises_resampled_within_each_pro
     n = prompts * per_prompt
     strata = [f"prompt {i}" for i in range(prompts) for _ in range(per_prompt)]
     prompt_effect = np.repeat(10 * rng.normal(size=prompts), per_prompt)
-    a = (prompt_effect + 0.3 + 0.1 * rng.normal(size=n))[:, None]
-    b = (prompt_effect + 0.1 * rng.normal(size=n))[:, None]
+    noise_effect = rng.normal(size=n)  # the same noise under both schedules
+    a = (prompt_effect + noise_effect + 0.3 + 0.1 * rng.normal(size=n))[:, None]
+    b = (prompt_effect + noise_effect + 0.1 * rng.normal(size=n))[:, None]
     server = MetricServer("tests.unit.test_rewards:MeanOfFeatures", {})
     value, se = server.difference_with_se(2, a[:150], a[150:], b, strata=strata, resamples=3000)
     assert value == pytest.approx(float(a.mean() - b.mean()), abs=1e-12)
     d = (a - b).reshape(prompts, per_prompt)
     expected = np.sqrt((per_prompt * d.var(axis=1, ddof=1)).sum()) / n
     assert se == pytest.approx(expected, rel=0.06)
-    unpaired = np.hypot(server.distance_with_se(a, resamples=200)[1], server.distance_with_se(b, resamples=200)[1])
-    assert se < unpaired / 20
+    unpaired = np.hypot(*(server.distance_with_se(x, strata=strata, resamples=200)[1] for x in (a, b)))
+    assert se < unpaired / 5
     assert server.difference_with_se(1, a, b, strata=strata, resamples=0) == (value, None)
     assert server.difference_with_se(1, a, b, strata=list(range(n)))[1] is None  # one noise a prompt
     with pytest.raises(ValueError, match=f"one row per context of both: {n} and {n - 1} rows, {n} contexts"):
         server.difference_with_se(1, a, b[1:], strata=strata)
+
+
+@pytest.mark.parametrize("per_prompt", [2, 5, 100])
+def test_a_sets_metric_noise_resamples_the_noises_within_each_prompt(per_prompt):
+    """One set's bootstrap noise, as the tables give it beside each schedule's FD: each resample
+    draws every prompt's noises among its own, so the prompt mix stays the held-out set's. The
+    pool resampled as one changed the mix, and its +- moved with how far apart the prompts are:
+    the digits FD's came out 3.8 times its spread over fresh noises. For a mean it is the
+    stratified standard error sqrt(sum_h n_h s_h^2) / n, whatever the prompt effect."""
+    from rewards.actors import MetricServer
+
+    rng = np.random.default_rng(per_prompt)
+    prompts = 400 // per_prompt
+    n = prompts * per_prompt
+    strata = [f"prompt {i}" for i in range(prompts) for _ in range(per_prompt)]
+    within = rng.normal(size=n)
+    server = MetricServer("tests.unit.test_rewards:MeanOfFeatures", {})
+    got = {}
+    for scale in (0.0, 10.0, 1000.0):  # how far apart the prompts' means are
+        x = (np.repeat(scale * rng.normal(size=prompts), per_prompt) + within)[:, None]
+        value, got[scale] = server.distance_with_se(x[:100], x[100:], strata=strata, resamples=3000)
+        assert value == pytest.approx(float(x.mean()), rel=1e-12)
+    w = within.reshape(prompts, per_prompt)
+    expected = np.sqrt((per_prompt * w.var(axis=1, ddof=1)).sum()) / n
+    assert got[0.0] == pytest.approx(expected, rel=0.06)
+    assert got[1000.0] == pytest.approx(got[0.0], rel=1e-6)  # the same draws: the prompt effect is no noise
+    assert server.distance_with_se(x, strata=strata, resamples=0)[1] is None
+    assert server.distance_with_se(x, strata=list(range(n)))[1] is None  # one noise a prompt
+    with pytest.raises(ValueError, match=f"one row per context: {n - 1} rows, {n} contexts"):
+        server.distance_with_se(x[1:], strata=strata)
 
 
 def test_non_finite_and_wrong_shape_name_reward_and_prompt():
