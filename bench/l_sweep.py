@@ -57,7 +57,8 @@ def sweep(config: Path, steps: list[int], output_dir: Path, extra: list[str], re
 
 
 def _metrics(results: dict[int, dict]) -> list[str]:
-    """The set-level metrics of the runs (each with its bootstrap noise under ``<name>_se``)."""
+    """The set-level metrics of the runs (each with its bootstrap noise under ``<name>_se``: the noises
+    resampled within each prompt, paired for a difference row)."""
     skip = ("mean", "se", "n")
     return sorted(
         {m for r in results.values() for s in r.values() for m in s if m not in skip and not m.endswith("_se")}
@@ -69,11 +70,13 @@ def table(results: dict[int, dict]) -> str:
     head = "| L | method | reward (mean +- s.e.) |" + "".join(f" {m} |" for m in metrics)
     rows = [head, "|" + " --- |" * (3 + len(metrics))]
     for L, res in results.items():
-        for name in METHODS:
+        # each method, then the run's paired rows (same prompts and noises: 'a - b'), which tell apart
+        # what the sets' +-s cannot
+        for name in [n for n in METHODS if n in res] + [n for n in res if " - " in n]:
             if name in res:
                 s = res[name]
                 cells = "".join(
-                    (f" {s[m]:.2f} +- {s[m + '_se']:.1f} |" if m + "_se" in s else f" {s[m]:.2f} |") if m in s else " |"
+                    (f" {s[m]:.2f} +- {s[m + '_se']:.2g} |" if m + "_se" in s else f" {s[m]:.2f} |") if m in s else " |"
                     for m in metrics
                 )
                 rows.append(f"| {L} | {name} | {s['mean']:.5g} +- {s['se']:.2g} |{cells}")

@@ -154,6 +154,8 @@ def list_checkpoints(root: Path) -> list[Path]:
 def verify(ckpt: Path) -> str | None:
     """None if every file of the manifest is there with its size and hash, else what is wrong."""
     mpath = ckpt / MANIFEST
+    if mpath.exists() and not mpath.is_file():  # a FIFO: reading it waits for a writer, forever
+        return f"unreadable manifest ({MANIFEST} is not a regular file)"
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
@@ -262,8 +264,9 @@ def storage(root: str | Path) -> tuple[Any, str]:
 
     try:
         return fsspec.core.url_to_fs(str(root))
-    except (ImportError, ValueError) as e:
-        raise ConfigError(f"checkpoint storage {str(root)!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any filesystem's own refusal (zip:// of a dir, ftp:// of no host): one line
+        why = " ".join(str(e).split()) or "cannot be opened"
+        raise ConfigError(f"checkpoint storage {str(root)!r}: {type(e).__name__}: {why}") from None
 
 
 class CheckpointStore:
@@ -498,6 +501,9 @@ def read_policy(directory: Path, checkpoint: Path | None = None) -> Any:
 
     if not (directory / "config.json").is_file():  # the hub mixin would say so, then fail on the missing arguments
         raise ConfigError(f"the policy in {directory} cannot be loaded: its config.json is missing")
+    weights = directory / "model.safetensors"
+    if weights.exists() and not weights.is_file():  # a FIFO: safetensors waits on it, deaf to SIGTERM
+        raise ConfigError(f"the policy in {directory} cannot be loaded: its model.safetensors is not a regular file")
     try:
         policy = SchedulePolicy.from_pretrained(directory).eval()
         if checkpoint is not None:

@@ -478,7 +478,7 @@ class RolloutConfig(Section):
     num_gpus: GpuShare = Field(0.0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")
     max_restarts: int = Field(
-        3, ge=0, description="Restarts of a dead rollout worker or reward server (Ray max_restarts)."
+        3, ge=0, le=1_000_000, description="Restarts of a dead rollout worker or reward server (Ray max_restarts)."
     )
     restart_timeout_s: float = Field(
         120.0, gt=0, description="Seconds a restarting actor has to answer before it counts as dead."
@@ -672,9 +672,12 @@ class LearnerConfig(Section):
 
 class RayConfig(Section):
     num_cpus: int | None = Field(
-        None, ge=1, description="CPUs of a local cluster started by this run (ignored when joining a cluster)."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="CPUs of a local cluster started by this run (ignored when joining a cluster).",
     )
-    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster started by this run.")
+    num_gpus: int | None = Field(None, ge=0, le=1_000_000, description="GPUs of a local cluster started by this run.")
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of ray.init().")
 
     @field_validator("init_kwargs")
@@ -956,6 +959,14 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# A number written without a point (1e-3, 1e400, -1e1) is a float, as YAML 1.2 and JSON read it;
+# PyYAML's YAML 1.1 read it as a string, which a typed field converts but a reward's or a plug-in's
+# free ``kwargs`` kept: {floor: 1e-3} reached the reward as the text '1e-3', its first step an error.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 #: The largest config file read (a config is kilobytes; prompt lists belong in a prompt file).
@@ -1088,6 +1099,7 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
         _set_at(data, path, value)
     for path, value in flagged:
         _set_at(data, path, value)
+    _check_sections(data, [path for path, _, _ in _fields([], overrides)] + [p for p, _ in flagged], argv)
     if files:
         data["config"] = files[0]
     try:
@@ -1283,6 +1295,25 @@ def _fields(path: list[Any], value: Any) -> Iterator[tuple[list[Any], Any, bool]
             yield from _fields([*path, key], sub)
     else:
         yield path, value, kind is not None
+
+
+def _check_sections(data: dict[str, Any], paths: list[list[str]], argv: list[str]) -> None:
+    """A section the file gives as something else than a mapping (``sampler: toy``) is an error
+    whatever flags set fields in it: pydantic-settings merged a dotted flag's section over it
+    (``--sampler.toy.dim=8`` made ``sampler: toy`` the default sampler, digits, without a word)."""
+    dotted = [a.partition("=")[0][2:].split(".") for a in argv if a.startswith("--") and "." in a.partition("=")[0]]
+    for path in [*paths, *dotted]:
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+            if node is not None and not isinstance(node, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(
+                    f"invalid config: {where}: a section of settings, given {node!r:.60} (a mapping such as"
+                    f" {where}: {{{path[depth + 1]}: ...}})"
+                )
 
 
 def _set_at(data: dict[str, Any], path: list[str], value: Any) -> None:

@@ -263,6 +263,7 @@ class Sweep:
         from learner.metrics import TensorBoardLogger
 
         out.mkdir(parents=True, exist_ok=True)
+        (out / MARK).touch()  # before the files: a partial evaluation's dir is still an evaluation's
         (out / "table.md").write_text(self.markdown() + "\n")
         with open(out / "summary.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -318,7 +319,8 @@ def sweep(
     if len({r.resolve() for r in runs}) != len(runs):
         raise ConfigError("a run is given twice (--run): give each run once")
     for flag in overrides or []:
-        if flag.split("=")[0] in ("--rollout.steps", "--rollout"):  # the policy's L is its run's
+        name, _, value = flag.partition("=")
+        if name == "--rollout.steps" or (name == "--rollout" and "steps" in _mapping_keys(value)):  # the run's L
             raise ConfigError(f"{flag}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag")
     cfgs = [load_run_config(r, overrides) for r in runs]
     if overrides:
@@ -462,6 +464,18 @@ def _check_read(run: Any, evaluated: Any) -> None:
         )
 
 
+def _mapping_keys(text: str) -> list[str]:
+    """The keys of a flag's mapping value (``{num_workers: 1}``), read as the config reads it
+    (YAML); none where it is not one (the config then names what is wrong)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    return [str(k) for k in value] if isinstance(value, dict) else []
+
+
 def _check_reference(cfg: Config, rewards: RewardGroup, steps: list[int]) -> None:
     """No L evaluated reaches the many-step reference a reward compares with: there the reward
     measures a sample against itself, or against a worse one (training refuses such an L)."""
@@ -477,6 +491,11 @@ def _check_reference(cfg: Config, rewards: RewardGroup, steps: list[int]) -> Non
             f"--steps {reached[0]}: reward {needing[0]!r} compares with the {made}-step reference sample"
             f" (rollout.reference_steps), which {reached[0]} steps reach: evaluate fewer steps than {made}"
         )
+
+
+#: The file that marks a directory as an evaluation's ``--out`` (written first): a later evaluation
+#: may replace what is in it.
+MARK = ".steinsched-evaluation"
 
 
 def run_tb_dir(run: Path) -> Path | None:
@@ -496,14 +515,27 @@ def run_tb_dir(run: Path) -> Path | None:
     return tb
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, own: bool = False) -> None:
     """``out`` is a directory the evaluation can write, or one it can make: nothing on its way is
     a file, and a directory can be made in the nearest one that exists (a read-only place, /sys
-    and /proc cannot)."""
+    and /proc cannot). A directory that exists is an earlier evaluation's (its ``MARK``), empty,
+    or the run's own (``own``: ``<run>/evaluation``): the evaluation replaces its table.md, CSVs
+    and plots, and removes a plot it does not make, so a directory of the user's files (``--out
+    .``, ``--out ~/results``) lost them."""
     import tempfile
+
+    from common.rundir import LOCK
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
+    if out.is_dir() and not own and not (out / MARK).exists():
+        theirs = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+            raise ConfigError(
+                f"--out {out} holds files no evaluation wrote ({shown}): an evaluation writes table.md, summary.csv,"
+                " contexts.csv and its plots there, replacing what it finds; give a new or an empty directory"
+            )
     above = out
     while not above.exists() and above != above.parent:
         above = above.parent
@@ -554,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for run in args.run:  # a run, before anything is made in it (tb/evaluation) or beside it
                 load_run_config(run)
-            check_out_dir(out)  # found now, not after the whole evaluation
+            check_out_dir(out, own=out.resolve() == (args.run[0] / EVALUATION).resolve())  # now, not after it all
             tb_dir = run_tb_dir(args.run[0])
             held = hold(out, "evaluation dir", "--out", "evaluation")  # one evaluation writes it at a time
             prompts = None

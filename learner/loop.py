@@ -164,6 +164,14 @@ def init_ray(cfg: RayConfig) -> bool:
             " takes RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token); a cluster of this"
             ' run\'s own: --ray.init_kwargs=\'{"address": "local"}\''
         ) from None
+    except (ValueError, TypeError, AttributeError, AssertionError, OSError) as e:  # Ray's checks of its arguments
+        if ray.is_initialized():
+            ray.shutdown()
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(
+            f"Ray could not start with the run's settings (ray.init_kwargs, ray.num_cpus, ray.num_gpus, RAY_*"
+            f" environment variables): {type(e).__name__}: {why}"
+        ) from None
     if stopped:  # Ctrl-C or SIGTERM while Ray started: it stops whole, as after any later stop
         ray.shutdown()
         raise Terminated if signal.SIGTERM in stopped else KeyboardInterrupt

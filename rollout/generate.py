@@ -17,7 +17,9 @@ reports for it. A backend without images (the toy) prints the samples.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -222,14 +224,19 @@ def check_image_path(path: Path) -> None:
         raise ConfigError(f"--out {path}: name a {', '.join(IMAGE_SUFFIXES)} file")
     if not path.parent.is_dir():
         raise ConfigError(f"--out {path}: the directory {path.parent} does not exist")
-    existed = path.exists()
-    try:
-        with open(path, "ab"):  # what writing it will need, tried now (a read-only place, /sys, /proc)
-            pass
+    if path.exists() and not path.is_file():  # a FIFO (opening it waits for a reader), a device
+        raise ConfigError(f"--out {path} is not a regular file; name an image file")
+    target = path.resolve()  # where the image goes: through a link, its target
+    try:  # what writing it will need, tried now (a read-only place, /sys, /proc), touching nothing of the user's
+        if target.exists():
+            with open(target, "ab"):
+                pass
+        else:  # a file made and removed beside it (a link to nothing was removed, its target left empty)
+            fd, probe = tempfile.mkstemp(prefix=".generate-probe-", dir=target.parent)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"--out {path} cannot be written: {e.strerror or e}") from None
-    if not existed:
-        path.unlink(missing_ok=True)
 
 
 def write_images(path: Path, images: dict[str, Any], captions: list[str]) -> None:

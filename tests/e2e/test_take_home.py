@@ -72,8 +72,11 @@ class _Bar:
 
 
 def test_evaluate_reproduces_the_run_and_sweeps_l(digits_run, tmp_path, capsys, monkeypatch):
+    from learner.evaluate import MARK
+
     out = tmp_path / "ev"
     out.mkdir()
+    (out / MARK).touch()  # an earlier evaluation's dir
     (out / "fidelity_vs_L.png").write_bytes(b"an earlier evaluation's plot, of a measure this one has not")
     monkeypatch.setattr("tqdm.auto.tqdm", _Bar)
     code = evaluate_cli.main(["--run", str(digits_run), "--steps", "2,3", "--best-of", "2", "--out", str(out)])
@@ -264,6 +267,17 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file)])) == (
         f"error: --out {a_file} is a file; the evaluation writes a directory"
     )
+    # a directory of the user's own files: its table.md and CSVs were replaced and a plot of theirs deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table.md").write_text("my notes")
+    (mine / "loss_vs_L.png").write_bytes(b"png")
+    assert err_of(evaluate_cli.main([*run, "--out", str(mine)])) == (
+        f"error: --out {mine} holds files no evaluation wrote (loss_vs_L.png, table.md): an evaluation writes"
+        " table.md, summary.csv, contexts.csv and its plots there, replacing what it finds; give a new or an empty"
+        " directory"
+    )
+    assert (mine / "table.md").read_text() == "my notes" and (mine / "loss_vs_L.png").read_bytes() == b"png"
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file / "sub")])) == (
         f"error: --out {a_file / 'sub'}: {a_file} is a file, not a directory"
     )  # was NotADirectoryError's traceback, after the whole evaluation
@@ -285,6 +299,14 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout.steps=8"])) == (
         "error: --rollout.steps=8: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag"
     )  # was ignored: the table at the run's own L, exit 0
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout={steps: 8, num_workers: 1}"])) == (
+        "error: --rollout={steps: 8, num_workers: 1}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a"
+        " config flag"
+    )
+    # the rollout workers may change, in a section's mapping as in its dotted flags (it was refused as the steps)
+    assert evaluate_cli.main([*run, "--seeds", "2", "--out", str(out), "--", "--rollout={num_workers: 1}"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(out)
     unread = ["--learner.lr=0.5", "--policy.groups=2", "--learner.eval_every=5"]
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", *unread])) == (
         "error: policy.groups, learner.lr, learner.eval_every: an evaluation does not read them (how the run trained);"

@@ -350,3 +350,75 @@ def test_a_prompt_in_a_message_is_cut_short():
     with pytest.raises(ValueError) as e:
         check_prompts(["ok", "\x00" + "z" * 4000])
     assert len(str(e.value)) < 160 and "(4001 characters)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "flag", "section"),
+    [
+        ("sampler: toy\n", "--sampler.toy.dim=8", "sampler: a section of settings, given 'toy'"),
+        ("experiment: 5\n", "--experiment.name=x", "experiment: a section of settings, given 5"),
+        ("experiment: [1]\n", "--experiment.name=x", "experiment: a section of settings, given [1]"),
+        ("sampler: {toy: 3}\n", "--sampler.toy.dim=8", "sampler.toy: a section of settings, given 3"),
+    ],
+)
+def test_a_section_given_as_something_else_is_refused_whatever_flags_set_in_it(capsys, tmp_path, text, flag, section):
+    """``sampler: toy`` was refused alone, but with ``--sampler.toy.dim=8`` pydantic-settings merged
+    the flag's section over it: the default sampler (digits) trained, without a word."""
+    config = _yaml(tmp_path, text)
+    _fails(capsys, ["--config", config, f"--experiment.output_dir={tmp_path / 'out'}"], text.split(":")[0])
+    _fails(capsys, ["--config", config, f"--experiment.output_dir={tmp_path / 'out'}", flag], section)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "why"),
+    [
+        ("--ray.init_kwargs={num_cpus: .inf}", "ValueError: Resource quantities must all be whole numbers."),
+        ('--ray.init_kwargs={num_cpus: "abc"}', "AssertionError: CPU (<class 'str'>): abc"),
+        ("--ray.init_kwargs={object_store_memory: 1}", "ValueError: Attempting to cap object store memory usage at 1"),
+        ("--ray.num_cpus=100000000000000000000", "ray.num_cpus"),
+        ("--rollout.max_restarts=100000000000000000000", "rollout.max_restarts"),  # Ray's OverflowError
+    ],
+)
+def test_ray_settings_it_cannot_start_with_are_one_line(capsys, tmp_path, flag, why):
+    """ray.init's own checks of its arguments were tracebacks (rc 1) after the run dir was made."""
+    import ray
+
+    err = _fails(capsys, ["--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", flag], why)
+    assert "\n" not in err.strip() and not ray.is_initialized()
+    if flag.startswith("--ray.init_kwargs"):
+        assert err.startswith("error: Ray could not start with the run's settings (ray.init_kwargs, ")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_image_path_is_checked_without_touching_what_the_user_has(tmp_path):
+    """rollout.generate's --out, checked before sampling: a FIFO waited for a reader forever; a link
+    to nothing was removed (its target left behind, empty); a file there is left as it was."""
+    import os
+
+    from rollout.generate import check_image_path
+
+    fifo = tmp_path / "o.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=rf"^--out {fifo} is not a regular file; name an image file$"):
+        check_image_path(fifo)
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "target.png")
+    check_image_path(link)
+    assert link.is_symlink() and not (tmp_path / "target.png").exists()
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"an image")
+    check_image_path(mine)
+    assert mine.read_bytes() == b"an image"
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["link.png", "mine.png", "o.png"]
+
+
+def test_a_number_without_a_point_is_a_number_in_free_kwargs_too(tmp_path):
+    """PyYAML (YAML 1.1) read 1e-3 as the text '1e-3': a typed field converted it, but a reward's
+    free kwargs kept the text, and the run failed at its first step (numpy's 'ufunc maximum did
+    not contain a loop' on a string), after Ray and the workers had started."""
+    config = _yaml(tmp_path, "rewards: [{name: toy, kwargs: {floor: 1e-3}}]\n")
+    cfg = load_config(["--config", config, "--rewards=[{name: toy, kwargs: {floor: -1e1}}]"])
+    assert cfg.rewards[0].kwargs == {"floor": -10.0}
+    assert load_config(["--config", config]).rewards[0].kwargs == {"floor": 0.001}
+    assert load_config(["--config", config, "--learner.lr=3e-4"]).learner.lr == 3e-4

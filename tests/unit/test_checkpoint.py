@@ -208,9 +208,14 @@ def test_checkpoint_storage_that_cannot_be_opened_is_one_line(tmp_path):
     from common.rundir import claim
 
     with pytest.raises(
-        ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run': Protocol not known: nosuchfs$"
+        ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run': ValueError: Protocol not known: nosuchfs$"
     ):
         CheckpointStore("nosuchfs://bucket/run")
+    # a filesystem's own refusal was its traceback: zip:// of a directory, github:// without its arguments
+    for url, why in (("zip://x", "IsADirectoryError: "), ("github://x/y", "TypeError: ")):
+        with pytest.raises(ConfigError, match=rf"^checkpoint storage '{url}': {why}") as e:
+            CheckpointStore(url)
+        assert "\n" not in str(e.value)
     cfg = load_config([f"--experiment.output_dir={tmp_path}", "--learner.checkpoint_dir=nosuchfs://bucket/run"])
     with pytest.raises(ConfigError, match=r"^checkpoint storage 'nosuchfs://bucket/run'"):
         claim(cfg, log=lambda _: None)
@@ -271,3 +276,25 @@ def _filled(d, text):
     d.mkdir()
     (d / "f").write_text(text)
     return d
+
+
+def test_a_fifo_where_a_file_is_read_is_one_line_not_a_hang(tmp_path):
+    """A FIFO in place of the policy's weights hung every tool in safetensors' open, deaf to
+    SIGTERM; one in place of a checkpoint's manifest hung its verification."""
+    import os
+
+    import pytest
+
+    from common.checkpoint import read_policy, verify
+    from common.config import ConfigError
+
+    pol = _policy()
+    pol.save_pretrained(tmp_path / "policy")
+    (tmp_path / "policy" / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "policy" / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"its model.safetensors is not a regular file$"):
+        read_policy(tmp_path / "policy")
+    ck = save_checkpoint(tmp_path / "ckpts", 1, pol, torch.optim.AdamW(pol.parameters()), {"iteration": 1})
+    (ck / "manifest.json").unlink()
+    os.mkfifo(ck / "manifest.json")
+    assert verify(ck) == "unreadable manifest (manifest.json is not a regular file)"
