@@ -171,8 +171,8 @@ class ToyConfig(Section):
         10, ge=1, le=100_000, description="Number of classes; prompts are 'class 0' .. 'class N-1'."
     )
     modes_per_class: int = Field(4, ge=1, le=10_000, description="Gaussian modes per class.")
-    mode_scale: float = Field(1.0, gt=0, description="Standard deviation of the random mode centres.")
-    spread: float = Field(0.1, gt=0, description="Standard deviation of each mode.")
+    mode_scale: float = Field(1.0, gt=0, le=1e6, description="Standard deviation of the random mode centres.")
+    spread: float = Field(0.1, gt=0, le=1e6, description="Standard deviation of each mode.")
     token_len: int = Field(4, ge=1, le=1024, description="Length of the fixed 'text token' embedding of a class.")
     token_dim: int = Field(16, ge=1, le=4096, description="Width of each 'text token'.")
     seed: int = Field(1234, ge=0, description="Seed that fixes the mixture and the class embeddings.")

@@ -182,7 +182,13 @@ def build(name: str, kwargs: dict[str, Any], sampler: dict[str, Any] | None = No
     problem = _kwargs_problem(cls, f"reward {name!r}", kwargs, sampler)  # a TypeError inside __init__ is its own bug
     if problem is not None:
         raise ValueError(problem)
-    return cls(**_with_sampler(cls, kwargs, sampler))
+    reward = cls(**_with_sampler(cls, kwargs, sampler))
+    if not callable(reward):  # a factory that returned something else: found at startup, not at the first step
+        raise ValueError(
+            f"reward {name!r} built a value of type {type(reward).__name__}, which cannot be called on images and"
+            " prompts (a reward is called as reward(images, prompts))"
+        )
+    return reward
 
 
 def limit_torch_threads(n: int) -> None:

@@ -422,3 +422,11 @@ def test_a_number_without_a_point_is_a_number_in_free_kwargs_too(tmp_path):
     assert cfg.rewards[0].kwargs == {"floor": -10.0}
     assert load_config(["--config", config]).rewards[0].kwargs == {"floor": 0.001}
     assert load_config(["--config", config, "--learner.lr=3e-4"]).learner.lr == 3e-4
+
+
+@pytest.mark.parametrize("flag", ["--sampler.toy.spread=1e300", "--sampler.toy.mode_scale=1e300"])
+def test_a_toy_mixture_too_wide_for_floats_is_refused_at_startup(capsys, tmp_path, flag):
+    """An OverflowError on a worker mid-run (rc 1, the run dir left behind)."""
+    field = flag[2:].split("=")[0]
+    _fails(capsys, ["--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", flag], field)
+    assert not any(tmp_path.iterdir())

@@ -251,3 +251,16 @@ def test_every_registered_reward_resolves_as_its_server_resolves_it():
         assert resolve(name) is not None
         assert "no __call__" not in (spec_problem("reward", name, {}, "digits") or "")
     assert resolve("digits").__name__ == "DigitsReward"
+
+
+def builds_a_number(images=None, prompts=None):
+    """A plug-in factory whose call builds no reward (it returns a number)."""
+    return 0
+
+
+def test_a_factory_that_builds_no_reward_is_refused_when_built():
+    """It passed the startup check and failed at the first step, after Ray and the workers."""
+    from rewards.registry import build
+
+    with pytest.raises(ValueError, match=r"^reward 'tests.unit.test_rewards:builds_a_number' built a value of type"):
+        build("tests.unit.test_rewards:builds_a_number", {})
