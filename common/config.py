@@ -834,7 +834,7 @@ class Config(BaseSettings):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude=RUN_FLAGS)
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 #: Top-level fields about this invocation, not the run (never saved, never compared).
@@ -962,11 +962,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 # A number written without a point (1e-3, 1e400, -1e1) is a float, as YAML 1.2 and JSON read it;
 # PyYAML's YAML 1.1 read it as a string, which a typed field converts but a reward's or a plug-in's
 # free ``kwargs`` kept: {floor: 1e-3} reached the reward as the text '1e-3', its first step an error.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes a text the loader above reads as a number (``name: '1e3'``), so that
+    a run's config.yaml loads as it was written."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
 
 
 #: The largest config file read (a config is kilobytes; prompt lists belong in a prompt file).
@@ -1298,22 +1303,34 @@ def _fields(path: list[Any], value: Any) -> Iterator[tuple[list[Any], Any, bool]
 
 
 def _check_sections(data: dict[str, Any], paths: list[list[str]], argv: list[str]) -> None:
-    """A section the file gives as something else than a mapping (``sampler: toy``) is an error
-    whatever flags set fields in it: pydantic-settings merged a dotted flag's section over it
-    (``--sampler.toy.dim=8`` made ``sampler: toy`` the default sampler, digits, without a word)."""
+    """A section the file gives as something else than a mapping (``sampler: toy``, or ``sampler:``
+    with nothing under it) is an error whatever flags set fields in it: pydantic-settings merged a
+    dotted flag's section over it (``--sampler.toy.dim=8`` made ``sampler: toy`` the default
+    sampler, digits, without a word). A flag into a value that is no section (``--learner.lr.x``)
+    is left for pydantic-settings to name."""
     dotted = [a.partition("=")[0][2:].split(".") for a in argv if a.startswith("--") and "." in a.partition("=")[0]]
     for path in [*paths, *dotted]:
         node: Any = data
         for depth, part in enumerate(path[:-1]):
             if not isinstance(node, dict) or part not in node:
                 break
-            node = node[part]
-            if node is not None and not isinstance(node, dict):
-                where = ".".join(path[: depth + 1])
-                raise ConfigError(
-                    f"invalid config: {where}: a section of settings, given {node!r:.60} (a mapping such as"
-                    f" {where}: {{{path[depth + 1]}: ...}})"
-                )
+            node, at = node[part], path[: depth + 1]
+            if isinstance(node, dict):
+                continue
+            if _field_kind(at) != "section" or (node is None and _takes_none(at)):
+                break
+            given = "nothing" if node is None else f"{node!r:.60}"
+            raise ConfigError(
+                f"invalid config: {'.'.join(at)}: a section of settings, given {given} (a mapping such as"
+                f" {'.'.join(at)}: {{{path[depth + 1]}: ...}})"
+            )
+
+
+def _takes_none(path: list[str]) -> bool:
+    """Whether the field at ``path`` may be None (an optional section: nothing given is its default)."""
+    parent = _field_annotation(path[:-1])
+    field = parent.model_fields.get(path[-1]) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
+    return field is not None and type(None) in typing.get_args(field.annotation)
 
 
 def _set_at(data: dict[str, Any], path: list[str], value: Any) -> None:

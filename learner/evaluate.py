@@ -318,8 +318,11 @@ def sweep(
 
     if len({r.resolve() for r in runs}) != len(runs):
         raise ConfigError("a run is given twice (--run): give each run once")
-    for flag in overrides or []:
-        name, _, value = flag.partition("=")
+    flags = list(overrides or [])
+    for i, flag in enumerate(flags):
+        name, eq, value = flag.partition("=")
+        if not eq and i + 1 < len(flags) and not flags[i + 1].startswith("--"):  # --rollout '{steps: 3}'
+            flag, value = f"{flag} {flags[i + 1]}", flags[i + 1]
         if name == "--rollout.steps" or (name == "--rollout" and "steps" in _mapping_keys(value)):  # the run's L
             raise ConfigError(f"{flag}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag")
     cfgs = [load_run_config(r, overrides) for r in runs]
@@ -496,6 +499,8 @@ def _check_reference(cfg: Config, rewards: RewardGroup, steps: list[int]) -> Non
 #: The file that marks a directory as an evaluation's ``--out`` (written first): a later evaluation
 #: may replace what is in it.
 MARK = ".steinsched-evaluation"
+#: The files an evaluation writes into ``--out`` beside its ``<measure>_vs_L.png`` plots.
+WRITTEN = ("table.md", "summary.csv", "contexts.csv")
 
 
 def run_tb_dir(run: Path) -> Path | None:
@@ -530,8 +535,14 @@ def check_out_dir(out: Path, own: bool = False) -> None:
         raise ConfigError(f"--out {out} is a file; the evaluation writes a directory")
     if out.is_dir() and not own and not (out / MARK).exists():
         theirs = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+        if theirs and all(n in WRITTEN or n.endswith("_vs_L.png") for n in theirs):  # written before the mark
+            raise ConfigError(
+                f"--out {out} holds an evaluation's files ({shown}) but not the mark an evaluation leaves ({MARK}):"
+                " one written before evaluations marked their dirs, or files of the same names; delete them, or"
+                " give a new or an empty directory"
+            )
         if theirs:
-            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
             raise ConfigError(
                 f"--out {out} holds files no evaluation wrote ({shown}): an evaluation writes table.md, summary.csv,"
                 " contexts.csv and its plots there, replacing what it finds; give a new or an empty directory"

@@ -169,8 +169,8 @@ def init_ray(cfg: RayConfig) -> bool:
             ray.shutdown()
         why = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(
-            f"Ray could not start with the run's settings (ray.init_kwargs, ray.num_cpus, ray.num_gpus, RAY_*"
-            f" environment variables): {type(e).__name__}: {why}"
+            f"Ray could not start (given ray.init_kwargs, ray.num_cpus, ray.num_gpus and the RAY_* environment"
+            f" variables as they are): {type(e).__name__}: {why}"
         ) from None
     if stopped:  # Ctrl-C or SIGTERM while Ray started: it stops whole, as after any later stop
         ray.shutdown()

@@ -226,8 +226,8 @@ def check_image_path(path: Path) -> None:
         raise ConfigError(f"--out {path}: the directory {path.parent} does not exist")
     if path.exists() and not path.is_file():  # a FIFO (opening it waits for a reader), a device
         raise ConfigError(f"--out {path} is not a regular file; name an image file")
-    target = path.resolve()  # where the image goes: through a link, its target
     try:  # what writing it will need, tried now (a read-only place, /sys, /proc), touching nothing of the user's
+        target = path.resolve()  # where the image goes: through a link, its target (a loop: RuntimeError)
         if target.exists():
             with open(target, "ab"):
                 pass
@@ -235,8 +235,8 @@ def check_image_path(path: Path) -> None:
             fd, probe = tempfile.mkstemp(prefix=".generate-probe-", dir=target.parent)
             os.close(fd)
             os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--out {path} cannot be written: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"--out {path} cannot be written: {getattr(e, 'strerror', None) or e}") from None
 
 
 def write_images(path: Path, images: dict[str, Any], captions: list[str]) -> None:

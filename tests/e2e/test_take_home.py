@@ -272,12 +272,19 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     mine.mkdir()
     (mine / "table.md").write_text("my notes")
     (mine / "loss_vs_L.png").write_bytes(b"png")
+    (mine / "notes.txt").write_text("mine")
     assert err_of(evaluate_cli.main([*run, "--out", str(mine)])) == (
-        f"error: --out {mine} holds files no evaluation wrote (loss_vs_L.png, table.md): an evaluation writes"
-        " table.md, summary.csv, contexts.csv and its plots there, replacing what it finds; give a new or an empty"
-        " directory"
+        f"error: --out {mine} holds files no evaluation wrote (loss_vs_L.png, notes.txt, table.md): an evaluation"
+        " writes table.md, summary.csv, contexts.csv and its plots there, replacing what it finds; give a new or an"
+        " empty directory"
     )
     assert (mine / "table.md").read_text() == "my notes" and (mine / "loss_vs_L.png").read_bytes() == b"png"
+    (mine / "notes.txt").unlink()  # an evaluation's names only, but no mark: one written before the mark, or not
+    assert err_of(evaluate_cli.main([*run, "--out", str(mine)])) == (
+        f"error: --out {mine} holds an evaluation's files (loss_vs_L.png, table.md) but not the mark an evaluation"
+        " leaves (.steinsched-evaluation): one written before evaluations marked their dirs, or files of the same"
+        " names; delete them, or give a new or an empty directory"
+    )
     assert err_of(evaluate_cli.main([*run, "--out", str(a_file / "sub")])) == (
         f"error: --out {a_file / 'sub'}: {a_file} is a file, not a directory"
     )  # was NotADirectoryError's traceback, after the whole evaluation
@@ -302,6 +309,9 @@ def test_careless_arguments_are_one_line_before_any_work(digits_run, tmp_path, c
     assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout={steps: 8, num_workers: 1}"])) == (
         "error: --rollout={steps: 8, num_workers: 1}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a"
         " config flag"
+    )
+    assert err_of(evaluate_cli.main([*run, "--out", str(out), "--", "--rollout", "{steps: 8}"])) == (
+        "error: --rollout {steps: 8}: the steps evaluated are --steps (e.g. --steps 2,4,8), not a config flag"
     )
     # the rollout workers may change, in a section's mapping as in its dotted flags (it was refused as the steps)
     assert evaluate_cli.main([*run, "--seeds", "2", "--out", str(out), "--", "--rollout={num_workers: 1}"]) == 0

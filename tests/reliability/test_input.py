@@ -359,6 +359,7 @@ def test_a_prompt_in_a_message_is_cut_short():
         ("experiment: 5\n", "--experiment.name=x", "experiment: a section of settings, given 5"),
         ("experiment: [1]\n", "--experiment.name=x", "experiment: a section of settings, given [1]"),
         ("sampler: {toy: 3}\n", "--sampler.toy.dim=8", "sampler.toy: a section of settings, given 3"),
+        ("sampler:\nexperiment: {name: a}\n", "--sampler.toy.dim=8", "sampler: a section of settings, given nothing"),
     ],
 )
 def test_a_section_given_as_something_else_is_refused_whatever_flags_set_in_it(capsys, tmp_path, text, flag, section):
@@ -387,7 +388,7 @@ def test_ray_settings_it_cannot_start_with_are_one_line(capsys, tmp_path, flag, 
     err = _fails(capsys, ["--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", flag], why)
     assert "\n" not in err.strip() and not ray.is_initialized()
     if flag.startswith("--ray.init_kwargs"):
-        assert err.startswith("error: Ray could not start with the run's settings (ray.init_kwargs, ")
+        assert err.startswith("error: Ray could not start (given ray.init_kwargs, ")
     assert not any(tmp_path.iterdir())
 
 
@@ -410,7 +411,11 @@ def test_an_image_path_is_checked_without_touching_what_the_user_has(tmp_path):
     mine.write_bytes(b"an image")
     check_image_path(mine)
     assert mine.read_bytes() == b"an image"
-    assert [p.name for p in sorted(tmp_path.iterdir())] == ["link.png", "mine.png", "o.png"]
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match=rf"^--out {loop} cannot be written: "):  # was a RuntimeError's traceback
+        check_image_path(loop)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["link.png", "loop.png", "mine.png", "o.png"]
 
 
 def test_a_number_without_a_point_is_a_number_in_free_kwargs_too(tmp_path):
@@ -430,3 +435,16 @@ def test_a_toy_mixture_too_wide_for_floats_is_refused_at_startup(capsys, tmp_pat
     field = flag[2:].split("=")[0]
     _fails(capsys, ["--config", "configs/toy.yaml", f"--experiment.output_dir={tmp_path}", flag], field)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text", ["1e3", "2e-5", "+1E3", "1_0e1", "1.5e3"])
+def test_a_text_that_reads_as_a_number_is_saved_quoted_and_loads_as_written(tmp_path, text):
+    """A run's config.yaml is written with the loader's own rule for numbers: ``--experiment.name=1e3``
+    was saved bare, then read back as 1000.0, and the run could not be resumed, evaluated or sampled."""
+    cfg = load_config(
+        ["--config", "configs/toy.yaml", f"--experiment.name={text}", f"--learner.eval_prompts=[{text!r}]"]
+    )
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config(["--config", str(saved)])
+    assert again.experiment.name == text and again.learner.eval_prompts == [text]
