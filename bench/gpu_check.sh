@@ -8,7 +8,8 @@
 #      from their configs (nothing downloaded), bf16: our batched per-sample loop against the
 #      stock pipeline called once per schedule (bench/rollout_throughput.py --arch real);
 #   4. bench/overhead.py at 16 and 32 workers with sampler calls of 1 s and a reward at 3% of
-#      sampling (the issue's goal settings), the learner on the GPU, on policy and one step off.
+#      sampling (the goal settings), on policy, the paper's 20.3M policy on the GPU on both sides:
+#      the learner's (learner.device auto) and the workers' (a 1/W share of the GPU each).
 # Every figure is printed; the ratios are what to compare across machines.
 #
 #     bash bench/gpu_check.sh                   # every step, from the repository root
@@ -112,7 +113,7 @@ EOF
         if [ ${#files[@]} -eq 0 ]; then
             skip 1 "gpu-marked tests" "no test file could be imported"
         else
-            run 1 150 "gpu-marked tests" python -m pytest -q -n 0 -m gpu -p no:cacheprovider "${files[@]}"
+            run 1 140 "gpu-marked tests" python -m pytest -q -n 0 -m gpu -p no:cacheprovider "${files[@]}"
         fi
         ;;
     2)
@@ -129,9 +130,9 @@ EOF
         if [ "$has_ray" -eq 0 ]; then
             skip 4 "overhead at the goal settings" "needs ray"
         else
-            run 4 120 "overhead at the goal settings, the learner on the GPU" \
-                python bench/overhead.py --workers 16 32 --iterations 4 --cpus 16 \
-                --seconds-per-image-step 0.1 --reward-seconds-per-image 0.015 \
+            run 4 130 "overhead at the goal settings: the paper's policy, learner and workers on the GPU" \
+                python bench/overhead.py --workers 16 32 --iterations 4 --cpus 16 --no-pipeline \
+                --policy paper --worker-gpus 1 --seconds-per-image-step 0.1 --reward-seconds-per-image 0.015 \
                 --png "${out:-/tmp}/overhead_gpu.png"
         fi
         ;;

@@ -5,8 +5,9 @@ policy forward, and the weight broadcast, on the CPU or a GPU, measured in one r
     python bench/learner_step.py --device cuda        # the same on a GPU (bench/gpu_check.sh runs it)
 
 The policy is configs/flux_dev_hps.yaml's (widths 80-640, 8 heads, head 1024: about 20M
-parameters) on Flux-shaped inputs at 1024² (x_T [16, 128, 128], 512 T5 tokens of 4096, a pooled
-768), built by the simulated backend's ``flux`` preset. Figures: seconds per learner step
+parameters) on Flux-shaped inputs at 1024² (x_T [16, 128, 128], a pooled 768, and T5 tokens of
+4096: a simulated prompt's words + 2, as the real backends pass a prompt's own tokens, not the 512
+T5 pads to), built by the simulated backend's ``flux`` preset. Figures: seconds per learner step
 (forward, backward, AdamW) and its peak memory; seconds per worker forward of ``--worker-batch``
 contexts; AdamW's step alone, on the learner's flat buffer against one tensor per parameter; for
 each broadcast dtype, the bytes and the seconds from the learner's parameters to a worker's

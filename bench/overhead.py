@@ -1,15 +1,24 @@
 """The system's own overhead: the real training loop on the simulated backend, against the time
 the sampler alone needs, as the number of rollout workers grows.
 
-    cd <repo> && python bench/overhead.py                       # W = 1..32, Flux shapes, ~15 min on 2 cores
-    python bench/overhead.py --workers 1 2 4 --iterations 3     # a quick look
+    cd <repo> && python bench/overhead.py --png docs/img/overhead.png   # W = 1..32, Flux shapes, ~15 min on 2 cores
+    python bench/overhead.py --workers 1 2 4 --iterations 3             # a quick look (its PNG: overhead.png)
+    python bench/overhead.py --policy paper --worker-gpus 1             # the paper's 20.3M policy, workers on a GPU
 
 Every worker sleeps ``--seconds-per-image-step`` per image per model evaluation and returns
 images of ``--image-size`` (the simulated backend, `rollout/backends/simulated.py`); the
 simulated reward sleeps ``--reward-seconds-per-image``. The ideal iteration is the busiest
-worker's sampler time, ceil(C / W) x K x L x cost: all else (dispatch, the object store, scoring
-that does not overlap sampling, the learner's update and the weight broadcast) is overhead.
-Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction of a CPU.
+worker's sampler time: C cut into requests as the loop cuts it and dealt round robin, each
+request its contexts x K x L x cost plus ``--seconds-per-call`` (ceil(C / W) x K x L x cost with
+one context per request or one request per worker); all else (dispatch, the object store,
+scoring that does not overlap sampling, the learner's update and the weight broadcast) is
+overhead. Sleep-based costs let 32 workers share 2 cores: each actor reserves a fraction of a
+CPU. The policy is a small one by default (``--policy small``: 1.9M parameters on Flux shapes, a
+tenth of the paper's); ``--policy paper`` is configs/flux_dev_hps.yaml's 20.3M, whose CPU update
+takes seconds: for a GPU learner (``learner.device`` is cuda wherever one is seen), with
+``--worker-gpus`` so the workers' forward runs on a GPU too. The timings compare clocks of the
+learner, the workers and the reward servers: one machine, as here, or a cluster whose clocks
+agree to well under a millisecond.
 
 Per worker count it prints: wall / ideal (the mean over iterations after the first; one step off
 policy, after the second); the same without the learner's update and broadcast (what the system
@@ -39,6 +48,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script (python bench/overhead.py), not installed
@@ -60,7 +70,7 @@ class Row:
     outside_learner: float  # (wall - update and broadcast) / ideal
     learner_share: float  # update + broadcast, as a share of the iteration
     scoring_overlap: float  # share of scoring time during which a worker was sampling
-    broadcast_mb: float
+    broadcast_mb: float  # MiB
     broadcast_s: float
     weights_load_s: float  # the slowest worker's read of a new version (0 where the workers held it)
     dispatch_skew_s: float
@@ -68,6 +78,28 @@ class Row:
     collect_latency_s: float  # the last result on an actor to the learner having them all
     iterations: int
     pipelined_ratio: float | None = None  # wall / ideal one step off policy (learner.pipeline)
+
+
+def ideal_seconds(
+    contexts: int, workers: int, micro_batch: int, k: int, steps: int, per_image_step: float, per_call: float
+) -> float:
+    """The busiest worker's sampler time: C cut into requests as the loop cuts it (micro-batches of
+    ``micro_batch`` contexts, or 0: evenly, one request per worker; ``RolloutGroup.requests``) and
+    dealt round robin over the workers (``Dispatcher._launch``), each request its fixed cost plus
+    its contexts x K x L model evaluations. With micro-batches of 2 over 16 workers and C = 32 the
+    first 16 requests fill every worker, so the busiest samples one request, not ceil(2 / 2)."""
+    n = micro_batch or math.ceil(contexts / workers)
+    load = [0.0] * workers
+    for j, start in enumerate(range(0, contexts, n)):
+        load[j % workers] += per_call + min(n, contexts - start) * k * steps * per_image_step
+    return max(load)
+
+
+def paper_policy() -> dict[str, Any]:
+    """The paper's Flux policy (about 20M parameters): configs/flux_dev_hps.yaml's."""
+    import yaml
+
+    return dict(yaml.safe_load((REPO / "configs" / "flux_dev_hps.yaml").read_text())["policy"])
 
 
 def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = False) -> Row:
@@ -87,10 +119,11 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
                 "seconds_per_call": args.seconds_per_call,
             },
         },
-        "policy": {"widths": args.widths, "groups": min(8, min(args.widths)), "head_hidden": args.head_hidden},
+        "policy": args.policy_settings,
         "rollout": {
             "num_workers": workers,
             "num_cpus": cpus,
+            "num_gpus": args.worker_gpus and args.worker_gpus / workers,
             "k": args.k,
             "steps": args.steps,
             "contexts_per_iter": args.contexts,
@@ -126,9 +159,9 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
     skip = 2 if pipeline else 1
     rows = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "system/step_seconds" in m][skip:]
     wall = float(np.mean([m["system/step_seconds"] for m in rows]))
-    per_worker = math.ceil(args.contexts / workers)
-    calls = math.ceil(per_worker / (args.micro_batch or per_worker))  # requests per worker, each with its fixed cost
-    ideal = calls * args.seconds_per_call + per_worker * args.k * args.steps * args.seconds_per_image_step
+    ideal = ideal_seconds(
+        args.contexts, workers, args.micro_batch, args.k, args.steps, args.seconds_per_image_step, args.seconds_per_call
+    )
     learner = float(np.mean([m["system/learner_seconds"] for m in rows]))
     return Row(
         workers=workers,
@@ -152,7 +185,7 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
 def table(rows: list[Row]) -> str:
     lines = [
         "| workers | reward servers | wall (s) | ideal (s) | wall / ideal | without the learner | learner share"
-        " | scoring overlapped | scoring tail (ms) | collect (ms) | broadcast (MB, s) | worker read (ms)"
+        " | scoring overlapped | scoring tail (ms) | collect (ms) | broadcast (MiB, s) | worker read (ms)"
         " | dispatch skew (ms) | one step off: wall / ideal |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -192,7 +225,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    p = argparse.ArgumentParser(prog="python bench/overhead.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/overhead.py", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument(
         "--reward-servers", type=int, default=0, help="Reward servers (0: one per 16 workers, at least one)."
@@ -216,12 +249,49 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--seconds-per-image-step", type=float, default=0.025)
     p.add_argument("--seconds-per-call", type=float, default=0.0)
     p.add_argument("--reward-seconds-per-image", type=float, default=0.004, help="About 3%% of sampling by default.")
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 32, 64, 64], help="The policy's block widths.")
-    p.add_argument("--head-hidden", type=int, default=128)
+    p.add_argument(
+        "--policy",
+        choices=["small", "paper"],
+        default="small",
+        help="small: --widths and --head-hidden (1.9M parameters on Flux shapes by default, a tenth of the paper's);"
+        " paper: configs/flux_dev_hps.yaml's policy, the paper's 20.3M (a learner step of seconds on a CPU).",
+    )
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 32, 64, 64], help="The small policy's block widths.")
+    p.add_argument("--head-hidden", type=int, default=128, help="The small policy's head width.")
     p.add_argument("--cpus", type=float, default=2.0, help="CPUs of the local Ray cluster.")
-    p.add_argument("--png", type=Path, default=REPO / "docs" / "img" / "overhead.png")
+    p.add_argument(
+        "--worker-gpus",
+        type=float,
+        default=0.0,
+        help="GPUs shared by the rollout workers, each taking an equal share (rollout.num_gpus = this / W), so"
+        " their policy forward runs there; 0: on the CPU.",
+    )
+    p.add_argument(
+        "--png",
+        type=Path,
+        default=Path("overhead.png"),
+        help="The scaling curve (docs/img/overhead.png is the README's); '' for none.",
+    )
     p.add_argument("--json", type=Path, help="Write the rows here as JSON.")
     args = p.parse_args(argv)
+    if args.iterations < 2 + args.pipeline:
+        p.error(
+            f"--iterations {args.iterations}: each run's first iteration is warm-up (one step off policy, its first"
+            f" two), so at least {2 + args.pipeline} are needed{'' if not args.pipeline else ' (or --no-pipeline)'}"
+        )
+    if args.cpus < 1:
+        p.error(f"--cpus {args.cpus}: the learner keeps half a core, every actor a share of the rest; give 1 or more")
+    if args.worker_gpus < 0:
+        p.error(f"--worker-gpus {args.worker_gpus}: must be 0 or more")
+    if args.policy == "paper":
+        args.policy_settings = paper_policy()
+    else:
+        divides = [g for g in range(1, 9) if all(w % g == 0 for w in args.widths)]  # GroupNorm's groups
+        args.policy_settings = {"widths": args.widths, "groups": max(divides), "head_hidden": args.head_hidden}
+    for w in args.workers:  # the requests an iteration is cut into (RolloutGroup.requests)
+        requests = math.ceil(args.contexts / (args.micro_batch or math.ceil(args.contexts / w)))
+        if requests < w:
+            print(f"note: at W = {w} an iteration is {requests} requests: {w - requests} workers sit idle")
 
     import ray
 
@@ -245,12 +315,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
             off = "" if rows[-1].pipelined_ratio is None else f", one step off {rows[-1].pipelined_ratio:.3f}"
             print(f"W={w}: wall/ideal {rows[-1].ratio:.3f}{off} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(table(rows))
-    if args.png:
+    if str(args.png) not in ("", "."):
         args.png.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.png)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    last = next((r for r in rows if r.workers == 16), rows[-1])
+    last = next((r for r in rows if r.workers == 16), max(rows, key=lambda r: r.workers))
     print(f"overhead ratio at {last.workers} workers: {last.ratio:.3f}")
     return rows
 
