@@ -208,8 +208,10 @@ def load_checkpoint(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.
 
         raise ConfigError(f"checkpoint {ckpt} holds another policy's weights: {_lines(e, 1, 2)}") from None
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+        # onto the CPU first: a GPU learner's moments are CUDA tensors (its device index, which a
+        # resume on a CPU host or another GPU lacks); load_state_dict moves them to the parameters'
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["torch"])
     return json.loads((ckpt / "state.json").read_text())
 
 

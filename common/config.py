@@ -218,7 +218,10 @@ class DiffusersSection(Section):
     local_files_only: bool = Field(False, description="Never contact the hub: load from the local cache or path only.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of the model weights.")
     device: str = Field(
-        "auto", min_length=1, description="Torch device of the models ('auto': cuda if available, else cpu)."
+        "auto",
+        min_length=1,
+        description="Torch device of the models ('auto': the GPU share a rollout worker was given by rollout.num_gpus,"
+        " or in a command that samples in its own process the first GPU it sees; else cpu).",
     )
     cpu_offload: Literal["none", "model", "sequential"] = Field(
         "none", description="diffusers CPU offload: 'model' (enable_model_cpu_offload), 'sequential', or 'none'."
@@ -471,8 +474,8 @@ class RolloutConfig(Section):
     policy_device: str = Field(
         "auto",
         pattern=DEVICE_PATTERN,
-        description="Device of the workers' policy copy: 'auto' (the worker's GPU if it has one, else cpu), 'cpu',"
-        " 'cuda' or 'cuda:N'.",
+        description="Device of the workers' policy copy: 'auto' (the GPU share the worker was given by"
+        " rollout.num_gpus, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
     )
     num_cpus: CpuShare = Field(0.5, description="CPUs reserved by each rollout worker.")
     num_gpus: GpuShare = Field(0.0, description="GPUs reserved by each rollout worker.")

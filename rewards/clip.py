@@ -48,11 +48,13 @@ class ClipEmbedder:
     ):
         import torch
 
+        from common.devices import resolve_device
+
         try:
             from transformers import AutoProcessor, CLIPModel
         except ImportError as e:  # pragma: no cover - transformers is a core dependency
             raise ImportError(f"CLIP rewards need transformers: {e}") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")  # 'auto': the GPU its server was given, if any
         with fetched(f"CLIP model {model!r}", "give a local directory as the reward's kwargs model"):
             # transformers types .to() loosely
             clip: Any = CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype))

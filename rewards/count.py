@@ -114,10 +114,12 @@ class CountReward:
         device: str | None = None,
         batch_size: int = 8,
     ):
-        import torch
+
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from common.devices import resolve_device
+
+        self.device = resolve_device(device or "auto")  # 'auto': the GPU its server was given, if any
         with fetched(f"count: the OWLv2 model {model!r}", "give a local directory as the reward's kwargs model"):
             detector: Any = Owlv2ForObjectDetection.from_pretrained(model)  # transformers types .to() loosely
             self.processor = Owlv2Processor.from_pretrained(model)

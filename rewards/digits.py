@@ -117,7 +117,7 @@ class DigitsModels:
             raise ValueError(f"unknown digits reward settings {unknown}; the settings are {sorted(SETTINGS)}")
         s = {**SETTINGS, **(settings or {})}
         path = cached("digits-rewards", s, lambda out: train_reward_models(out, s))
-        state = torch.load(path / "models.pt", weights_only=True)
+        state = torch.load(path / "models.pt", map_location="cpu", weights_only=True)
         self.classifier = _classifier(s["hidden"], s["features"])
         self.classifier.load_state_dict(state["classifier"])
         self.discriminator = _discriminator(s["hidden"])

@@ -105,7 +105,8 @@ class HPSReward:
         amp: fp16 autocast (default: on CUDA, as hpsv2; never on CPU).
         random_weights: skip the checkpoint (benchmarks of the architecture only).
         """
-        import torch
+
+        from common.devices import resolve_device
 
         open_clip = _open_clip()
         if version not in CHECKPOINTS:
@@ -115,7 +116,7 @@ class HPSReward:
                 raise FileNotFoundError(f"hps: no model config at {arch}")
             open_clip.add_model_config(arch)
             arch = Path(arch).stem
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")  # 'auto': the GPU its server was given, if any
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.batch_size = batch_size
         self.scale = scale

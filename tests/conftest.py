@@ -78,7 +78,15 @@ def tiny_overrides(tmp_path: Path, **sections) -> dict:
         "experiment": {"name": "t", "seed": 0, "output_dir": str(tmp_path)},
         "sampler": {"backend": "toy", "toy": {"dim": 4}},
         "policy": {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16},
-        "rollout": {"num_workers": 1, "k": 2, "steps": 3, "contexts_per_iter": 4, "num_cpus": 0.5},
+        # the policy on the CPU on both sides, GPU or not: the tests of bits compare CPU runs
+        "rollout": {
+            "num_workers": 1,
+            "k": 2,
+            "steps": 3,
+            "contexts_per_iter": 4,
+            "num_cpus": 0.5,
+            "policy_device": "cpu",
+        },
         "rewards": [{"name": "toy", "num_cpus": 0.5}],
         "learner": {
             "iterations": 3,
@@ -88,6 +96,7 @@ def tiny_overrides(tmp_path: Path, **sections) -> dict:
             "eval_metrics": [],
             "global_baseline": False,
             "plots": False,
+            "device": "cpu",
         },
     }
     for name, values in sections.items():

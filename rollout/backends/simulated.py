@@ -89,7 +89,9 @@ class SimulatedSampler:
         if self.busy == "gpu":
             import torch
 
-            if torch.cuda.is_available():
+            from common.devices import resolve_device
+
+            if resolve_device("auto").type == "cuda":  # a GPU this worker was given, not one it only sees
                 a = torch.randn(2048, 2048, device="cuda")
                 while time.perf_counter() - start < seconds:
                     a = a @ a

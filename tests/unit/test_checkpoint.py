@@ -298,3 +298,26 @@ def test_a_fifo_where_a_file_is_read_is_one_line_not_a_hang(tmp_path):
     (ck / "manifest.json").unlink()
     os.mkfifo(ck / "manifest.json")
     assert verify(ck) == "unreadable manifest (manifest.json is not a regular file)"
+
+
+def test_a_gpu_learners_checkpoint_resumes_on_a_cpu_host(tmp_path):
+    """A CUDA learner's optimizer.pt holds its moments as cuda:0 tensors (with fused AdamW its
+    step too); loaded as saved, a resume on a host without that GPU failed: 'Attempting to
+    deserialize object on a CUDA device'. The tensors are tagged cuda:0 here as a GPU save tags them."""
+    pol = _policy(0)
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
+    pol(_inp()).sum().backward()
+    opt.step()
+    registry = list(torch.serialization._package_registry)
+    torch.serialization.register_package(0, lambda obj: "cuda:0", lambda obj, location: None)
+    try:
+        ck = save_checkpoint(tmp_path, 3, pol, opt, {"iteration": 3})
+    finally:
+        torch.serialization._package_registry[:] = registry
+    with pytest.raises(RuntimeError, match="CUDA"):  # as it was saved: a GPU's tensors
+        torch.load(ck / "optimizer.pt", weights_only=True)
+    other = _policy(1)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    assert load_checkpoint(ck, other, opt2) == {"iteration": 3}
+    moments = opt2.state_dict()["state"][0]["exp_avg"]
+    assert moments.device.type == "cpu" and torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])
