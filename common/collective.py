@@ -50,6 +50,32 @@ def backend_for(learner_device: torch.device, worker_gpus: float) -> str:
     return "nccl" if learner_device.type == "cuda" and worker_gpus >= 1 else "gloo"
 
 
+def gpu_uuid(device: torch.device | None = None) -> str | None:
+    """The UUID of ``device`` (default: this process's current GPU), None without a GPU: the
+    physical device, which an index under each process's own ``CUDA_VISIBLE_DEVICES`` is not."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def group_backend(wanted: str, devices: list[str | None]) -> tuple[str, str | None]:
+    """(the backend a group of ranks on ``devices`` (their GPUs' UUIDs, the learner's first) can
+    use, why not ``wanted`` where it cannot): NCCL refuses two ranks on one GPU ('Duplicate GPU
+    detected') and a rank without one. On a node whose GPUs all went to workers, the learner's
+    cuda:0 is one of theirs: there the group is gloo's."""
+    if wanted != "nccl":
+        return wanted, None
+    for i, d in enumerate(devices):
+        if d is None:
+            return "gloo", f"{'the learner' if i == 0 else f'worker rank {i}'} has no GPU"
+        ranks = [j for j, e in enumerate(devices) if e == d]
+        if len(ranks) > 1:
+            who = " and ".join("the learner" if j == 0 else f"worker rank {j}" for j in ranks)
+            return "gloo", f"{who} are on one GPU ({d}), which NCCL refuses"
+    return "nccl", None
+
+
 def init_group(backend: str, store: dist.Store, group_id: str, rank: int, world: int, timeout_s: float) -> None:
     """Join group ``group_id`` (this process's default group; any earlier one is left first)."""
     leave_group()

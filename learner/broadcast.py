@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import GetTimeoutError
 
-from common.collective import backend_for, init_group, leave_group
+from common.collective import backend_for, gpu_uuid, group_backend, init_group, leave_group
 from common.policy import Weights
 from learner.groups import ACTOR_FAULTS, RolloutGroup
 
@@ -33,8 +33,11 @@ MAX_FAILURES = 3
 class CollectiveBroadcast:
     def __init__(self, rollouts: RolloutGroup, device: torch.device, timeout_s: float):
         self.rollouts, self.timeout_s = rollouts, timeout_s
-        self.backend = backend_for(device, rollouts.num_gpus)
+        self.wanted = backend_for(device, rollouts.num_gpus)  # NCCL where each rank has a GPU of its own
+        self.learner_device = device
+        self.backend = self.wanted  # this group's, once formed (``_form``)
         self.device = device if self.backend == "nccl" else torch.device("cpu")  # where the bytes are sent from
+        self._said: set[str] = set()  # why a group is gloo's where NCCL was wanted: said once
         self.group_id: str | None = None
         self.members: list[int] = []
         self.failures = 0
@@ -60,6 +63,16 @@ class CollectiveBroadcast:
         self.close()
         members = list(self.rollouts.alive)
         world, group_id = len(members) + 1, uuid.uuid4().hex
+        devices = (
+            []
+            if self.wanted != "nccl"
+            else ray.get([self._call(w, "gpu_uuid") for w in members], timeout=self.timeout_s)
+        )
+        self.backend, why = group_backend(self.wanted, [gpu_uuid(self.learner_device), *devices])
+        self.device = self.learner_device if self.backend == "nccl" else torch.device("cpu")
+        if why is not None and why not in self._said:
+            self._said.add(why)
+            print(f"warning: learner.broadcast=collective: {why}; the weights go over gloo (through the CPU)")
         host = ray.util.get_node_ip_address()
         store = dist.TCPStore(
             host, 0, world, is_master=True, timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False

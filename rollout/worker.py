@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common.actors import Actor, started
-from common.collective import FETCH_TIMEOUT_S, Receiver, WeightsHandle
+from common.collective import FETCH_TIMEOUT_S, Receiver, WeightsHandle, gpu_uuid
 from common.config import PolicyConfig, SamplerConfig
 from common.devices import resolve_device
 from common.messages import RolloutBatch, RolloutRequest
@@ -105,6 +105,10 @@ class RolloutWorker(Actor):
         self, group_id: str, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float
     ) -> None:
         self._receiver.join(group_id, host, port, rank, world, backend, timeout_s)
+
+    def gpu_uuid(self) -> str | None:
+        """The GPU this worker's side of an NCCL group would use (None without one)."""
+        return gpu_uuid()
 
     def in_weights_group(self, group_id: str) -> bool:
         return self._receiver.group_id == group_id

@@ -84,3 +84,19 @@ def test_nccl_only_where_every_worker_holds_whole_gpus():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert backend_for(gpu, 1.0) == "nccl" and backend_for(gpu, 2.0) == "nccl"
     assert backend_for(gpu, 0.5) == "gloo" and backend_for(gpu, 0.0) == "gloo" and backend_for(cpu, 1.0) == "gloo"
+
+
+def test_ranks_on_one_gpu_form_a_gloo_group():
+    """Where the workers took every GPU of the learner's node (``rollout.num_workers: auto``, one
+    GPU each), the learner's cuda:0 is worker 1's: NCCL refused the group ('Duplicate GPU
+    detected') three times before the run kept to the object store. The group is gloo's there."""
+    from common.collective import gpu_uuid, group_backend
+
+    assert group_backend("nccl", ["GPU-a", "GPU-b", "GPU-c"]) == ("nccl", None)
+    backend, why = group_backend("nccl", ["GPU-a", "GPU-a", "GPU-b"])
+    assert backend == "gloo" and why == "the learner and worker rank 1 are on one GPU (GPU-a), which NCCL refuses"
+    backend, why = group_backend("nccl", ["GPU-a", "GPU-b", "GPU-c", "GPU-b"])
+    assert backend == "gloo" and why is not None and why.startswith("worker rank 1 and worker rank 3 are on one GPU")
+    assert group_backend("nccl", ["GPU-a", None]) == ("gloo", "worker rank 1 has no GPU")
+    assert group_backend("gloo", ["GPU-a", "GPU-a"]) == ("gloo", None)
+    assert gpu_uuid() is None  # this process sees no GPU
