@@ -15,6 +15,7 @@ the version (restarted, just started, or the broadcast failed) reads it from the
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -76,9 +77,17 @@ def group_backend(wanted: str, devices: list[str | None]) -> tuple[str, str | No
     return "nccl", None
 
 
+#: NCCL's handling of an operation past the group's time-out (a rank died in a broadcast): abort
+#: the communicator and raise in this process (2), where PyTorch's default (3) ends the process: the
+#: learner, which was to read that version from the object store and go on.
+NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+
+
 def init_group(backend: str, store: dist.Store, group_id: str, rank: int, world: int, timeout_s: float) -> None:
     """Join group ``group_id`` (this process's default group; any earlier one is left first)."""
     leave_group()
+    if backend == "nccl":  # read as the group is made; an operator's own setting stays
+        os.environ.setdefault(*NCCL_ERROR_HANDLING)
     dist.init_process_group(
         backend,
         store=dist.PrefixStore(group_id, store),

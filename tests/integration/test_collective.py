@@ -100,3 +100,26 @@ def test_ranks_on_one_gpu_form_a_gloo_group():
     assert group_backend("nccl", ["GPU-a", None]) == ("gloo", "worker rank 1 has no GPU")
     assert group_backend("gloo", ["GPU-a", "GPU-a"]) == ("gloo", None)
     assert gpu_uuid() is None  # this process sees no GPU
+
+
+def test_an_nccl_group_that_times_out_leaves_the_learner_running(monkeypatch):
+    """PyTorch's default for an NCCL operation past its time-out ends the process: a worker lost
+    in a broadcast took the learner down with it, where the version was to be read from the object
+    store. The group is made with NCCL's errors raised in the process instead; gloo's raise as is."""
+    import os
+
+    import torch.distributed as dist
+
+    from common import collective
+
+    seen = []
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda *a, **k: seen.append(os.environ.get(*collective.NCCL_ERROR_HANDLING[:1]))
+    )
+    collective.init_group("gloo", dist.HashStore(), "g", 0, 1, 5.0)
+    collective.init_group("nccl", dist.HashStore(), "g", 0, 1, 5.0)
+    assert seen == [None, "2"]
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the operator's choice stays
+    collective.init_group("nccl", dist.HashStore(), "g", 0, 1, 5.0)
+    assert seen[-1] == "1"
