@@ -8,12 +8,12 @@ import torch
 
 
 def given_gpus() -> bool | None:
-    """Whether Ray gave this process a GPU share, where it is one of Ray's actors; None elsewhere
-    (the driver: the learner, ``rollout.generate``, a reward's HTTP server). Ray leaves
-    ``CUDA_VISIBLE_DEVICES`` as it was for an actor that asked for no GPU (since Ray 2.5x; it used
-    to hide them all), so such an actor sees every GPU of its node without owning any of it."""
+    """Whether Ray gave this process a GPU share, where it is one of Ray's workers (an actor or a
+    task); None elsewhere (a driver: the learner, ``rollout.generate``, a reward's HTTP server).
+    Ray leaves ``CUDA_VISIBLE_DEVICES`` as it was for an actor that asked for no GPU (it used to
+    hide them all), so such an actor sees every GPU of its node without owning any of it."""
     ray = sys.modules.get("ray")  # not imported: not in a Ray process
-    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None
     return bool(ray.get_gpu_ids())
 

@@ -50,3 +50,32 @@ def test_the_driver_takes_the_first_gpu_it_sees(ray_local, monkeypatch):
     assert given_gpus() is None and str(resolve_device("auto")) == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert str(resolve_device("auto")) == "cpu"
+
+
+@ray.remote(num_cpus=0.1)
+def _where() -> tuple[str, bool]:
+    import torch
+
+    from common.devices import resolve_device
+
+    return str(resolve_device("auto")), torch.cuda.is_available()
+
+
+def test_a_task_without_a_gpu_share_runs_on_the_cpu_though_it_sees_a_gpu(ray_local):
+    @ray.remote(num_cpus=0.1)
+    def probe() -> str:
+        import torch
+
+        from common.devices import resolve_device
+
+        torch.cuda.is_available = lambda: True
+        return str(resolve_device("auto"))
+
+    assert ray.get(probe.remote(), timeout=60) == "cpu"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_node_only_the_actors_given_a_share_use_it(ray_local):
+    """On a real GPU node: Ray lets an actor with no GPU share see the GPU; 'auto' leaves it alone."""
+    assert ray.get(_where.remote(), timeout=120) == ("cpu", True)  # sees it, was given none
+    assert ray.get(_where.options(num_gpus=0.5).remote(), timeout=120) == ("cuda", True)

@@ -321,3 +321,29 @@ def test_a_gpu_learners_checkpoint_resumes_on_a_cpu_host(tmp_path):
     assert load_checkpoint(ck, other, opt2) == {"iteration": 3}
     moments = opt2.state_dict()["state"][0]["exp_avg"]
     assert moments.device.type == "cpu" and torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.gpu
+def test_a_cuda_learners_checkpoint_with_fused_adamw_resumes_on_the_cpu(tmp_path):
+    """The same on a GPU: the learner's policy on CUDA, its fused AdamW's state (step included)
+    CUDA tensors; resumed by a CPU learner, every moment lands on the CPU, equal."""
+    pol = _policy(0).cuda()
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-3, fused=True)
+    from common.policy import PolicyInputs
+
+    cuda = torch.device("cuda")
+    inp = PolicyInputs(
+        torch.randn(2, 4, device=cuda),
+        torch.randn(2, 3, 6, device=cuda),
+        torch.ones(2, 3, dtype=torch.bool, device=cuda),
+    )
+    pol(inp).sum().backward()
+    opt.step()
+    ck = save_checkpoint(tmp_path, 3, pol, opt, {"iteration": 3})
+    other = _policy(1)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    load_checkpoint(ck, other, opt2)
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
+        assert b["exp_avg"].device.type == "cpu" and torch.equal(a["exp_avg"].cpu(), b["exp_avg"])
+    for a, b in zip(pol.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b)
