@@ -20,8 +20,8 @@ def given_gpus() -> bool | None:
 
 def resolve_device(name: str) -> torch.device:
     """A device setting ('auto', 'cpu', 'cuda', 'cuda:N') as a torch device: 'auto' is the GPU
-    this process was given (a Ray actor: by its ``num_gpus``; elsewhere the first it sees), else
-    the CPU. Asking for a GPU that is not there is a ValueError."""
+    this process was given (an actor or task of Ray's: by its ``num_gpus``; elsewhere the first
+    it sees), else the CPU. Asking for a GPU that is not there is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if given_gpus() is not False and torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -114,7 +114,6 @@ class CountReward:
         device: str | None = None,
         batch_size: int = 8,
     ):
-
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
         from common.devices import resolve_device

@@ -105,7 +105,6 @@ class HPSReward:
         amp: fp16 autocast (default: on CUDA, as hpsv2; never on CPU).
         random_weights: skip the checkpoint (benchmarks of the architecture only).
         """
-
         from common.devices import resolve_device
 
         open_clip = _open_clip()
