@@ -57,6 +57,7 @@ if str(REPO) not in sys.path:  # run as a script (python bench/overhead.py), not
 import numpy as np  # noqa: E402
 
 from common.config import load_config  # noqa: E402
+from learner.groups import request_size  # noqa: E402
 from learner.metrics import read_jsonl  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def ideal_seconds(
     dealt round robin over the workers (``Dispatcher._launch``), each request its fixed cost plus
     its contexts x K x L model evaluations. With micro-batches of 2 over 16 workers and C = 32 the
     first 16 requests fill every worker, so the busiest samples one request, not ceil(2 / 2)."""
-    n = micro_batch or math.ceil(contexts / workers)
+    n = request_size(contexts, workers, micro_batch)
     load = [0.0] * workers
     for j, start in enumerate(range(0, contexts, n)):
         load[j % workers] += per_call + min(n, contexts - start) * k * steps * per_image_step
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     else:
         divides = [g for g in range(1, 9) if all(w % g == 0 for w in args.widths)]  # GroupNorm's groups
         args.policy_settings = {"widths": args.widths, "groups": max(divides), "head_hidden": args.head_hidden}
-    for w in args.workers:  # the requests an iteration is cut into (RolloutGroup.requests)
-        requests = math.ceil(args.contexts / (args.micro_batch or math.ceil(args.contexts / w)))
+    for w in args.workers:  # the requests an iteration is cut into
+        requests = math.ceil(args.contexts / request_size(args.contexts, w, args.micro_batch))
         if requests < w:
             print(f"note: at W = {w} an iteration is {requests} requests: {w - requests} workers sit idle")
 
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             off = "" if rows[-1].pipelined_ratio is None else f", one step off {rows[-1].pipelined_ratio:.3f}"
             print(f"W={w}: wall/ideal {rows[-1].ratio:.3f}{off} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(table(rows))
-    if str(args.png) not in ("", "."):
+    if args.png != Path(""):  # --png '': none
         args.png.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.png)
     if args.json:

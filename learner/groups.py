@@ -77,6 +77,12 @@ class NoAnswer(RunStopped):
     metric's distance) did not answer in its time, or died: the message names it and the setting."""
 
 
+def request_size(contexts: int, workers: int, micro_batch: int | None) -> int:
+    """Contexts per request: ``rollout.micro_batch``, or (None, 0) C split evenly, one request per
+    worker (``RolloutGroup.requests``; ``bench/overhead.py`` models the same split)."""
+    return micro_batch or math.ceil(contexts / workers)
+
+
 def answer(ref: Any, timeout_s: float, who: str, setting: str) -> Any:
     """``ray.get(ref)`` of a call to the actor ``who``, within ``timeout_s`` (the ``setting`` that
     gives it): a time-out or a dead actor is a ``NoAnswer`` of one line, not Ray's traceback; its
@@ -623,7 +629,7 @@ class RolloutGroup:
     ) -> list[RolloutRequest]:
         """Split ``contexts`` into requests, in context order: micro-batches of ``rollout.micro_batch``
         contexts, or (None) evenly, one request per live worker."""
-        n = self.micro_batch or math.ceil(len(contexts) / len(self.alive))
+        n = request_size(len(contexts), len(self.alive), self.micro_batch)
         return [
             RolloutRequest(
                 request_id=uuid.uuid4().hex,

@@ -115,7 +115,7 @@ def test_an_nccl_group_that_times_out_leaves_the_learner_running(monkeypatch):
     seen = []
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     monkeypatch.setattr(
-        dist, "init_process_group", lambda *a, **k: seen.append(os.environ.get(*collective.NCCL_ERROR_HANDLING[:1]))
+        dist, "init_process_group", lambda *a, **k: seen.append(os.environ.get(collective.NCCL_ERROR_HANDLING[0]))
     )
     collective.init_group("gloo", dist.HashStore(), "g", 0, 1, 5.0)
     collective.init_group("nccl", dist.HashStore(), "g", 0, 1, 5.0)
