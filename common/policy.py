@@ -489,7 +489,15 @@ def load_numpy_state(policy: nn.Module | dict[str, torch.Tensor], state: Weights
             target = own[name]
             if target.shape != t.shape:
                 raise ValueError(f"broadcast weight {name}: shape {tuple(t.shape)}, the policy's {tuple(target.shape)}")
-            target.copy_(t)
+            copy_cast(target, t)
+
+
+def copy_cast(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, with the cast done where ``target`` lives: ``source`` moves to
+    its device first, in its own dtype. ``copy_`` from the CPU to a GPU with another dtype casts on
+    the CPU and sends the cast bytes, so a bfloat16 version loading into a GPU worker's float32
+    policy would cast 20M weights on one CPU thread and send twice the bytes."""
+    target.copy_(source.to(target.device))
 
 
 class FlatState:
@@ -547,7 +555,7 @@ class FlatState:
             and [(k, tuple(shape)) for k, shape in weights.layout] == self.layout
         ):
             with torch.no_grad():
-                self.flat.copy_(weights.wire_tensor())
+                copy_cast(self.flat, weights.wire_tensor())
             return
         load_numpy_state(self.state, weights)
 

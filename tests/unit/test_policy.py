@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.devices import resolve_device
 from common.policy import (
@@ -183,6 +184,38 @@ def test_a_flat_state_loads_a_version_in_one_copy_as_tensor_by_tensor(dtype):
     other = SchedulePolicy(steps=4, in_channels=4, token_dim=6, **TINY).eval()  # another head: another layout
     with pytest.raises(ValueError, match=r"head\.2\.weight: shape \(4, 16\), the policy's \(5, 16\)"):
         FlatState(other).load(sent)
+
+
+class _DeviceCrossings(TorchDispatchMode):
+    """The ops that take a CPU tensor and give one on another device: (input dtype, output dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crossings: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        cpu_in = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
+        if cpu_in and isinstance(out, torch.Tensor) and out.device.type != "cpu":
+            self.crossings.append((cpu_in[-1], out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("path", ["one copy", "tensor by tensor"])
+def test_a_version_crosses_to_the_workers_device_as_sent_and_is_cast_there(path):
+    # copy_ from the CPU to a GPU of another dtype casts on the CPU and sends the cast bytes; the
+    # meta device stands in for the GPU (the same dispatch, no memory): the bfloat16 wire moves as
+    # it is, and the cast to the policy's float32 happens on the device
+    a = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    with torch.device("meta"):
+        on_device = SchedulePolicy(steps=3, in_channels=4, token_dim=6, **TINY).eval()
+    kept = FlatState(on_device)
+    assert kept.flat is not None and kept.flat.device.type == "meta"
+    sent = state_to_numpy(a, "bfloat16")
+    with _DeviceCrossings() as log:
+        kept.load(sent) if path == "one copy" else load_numpy_state(kept.state, sent)
+    assert log.crossings and set(log.crossings) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 for p in on_device.parameters())
 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
