@@ -477,6 +477,14 @@ class RolloutConfig(Section):
         description="Device of the workers' policy copy: 'auto' (the GPU share the worker was given by"
         " rollout.num_gpus, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
     )
+    image_threads: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Threads on which each worker downscales its images to what the rewards read, one image each"
+        " (the same images for any number): at 1024² the resize is most of a request's CPU work, and a GPU node's"
+        " cores sit idle while it samples.",
+    )
     num_cpus: CpuShare = Field(0.5, description="CPUs reserved by each rollout worker.")
     num_gpus: GpuShare = Field(0.0, description="GPUs reserved by each rollout worker.")
     min_workers: int = Field(1, ge=1, description="The run stops when fewer workers than this are alive.")

@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from common.collective import WeightsHandle
-from common.config import Config, ConfigError, MetricSpec, RewardSpec, reward_keys
+from common.config import Config, ConfigError, MetricSpec, RewardSpec, RolloutConfig, reward_keys
 from common.messages import Context, RolloutBatch, RolloutRequest, SamplerSpec, ScheduleMode
 from rewards.actors import MetricServer, RewardServer
 from rewards.registry import shown_prompts
@@ -441,6 +441,11 @@ class Pending:
 Launched = tuple[dict[str, Pending], float]
 
 
+def worker_kwargs(r: RolloutConfig) -> dict[str, Any]:
+    """The keyword arguments of every ``RolloutWorker`` a run starts, from ``rollout``."""
+    return {"prompt_cache": r.prompt_cache, "policy_device": r.policy_device, "image_threads": r.image_threads}
+
+
 class RolloutGroup:
     def __init__(self, cfg: Config, wait: bool = True):
         """The run's rollout workers. ``wait=False`` starts them without waiting for them
@@ -462,7 +467,7 @@ class RolloutGroup:
             runtime_env=cfg.sampler.runtime_env,  # a plug-in sampler's own dependencies
         )
         self._args = (cfg.sampler.model_dump(), cfg.policy.model_dump(), r.steps, cfg.experiment.seed)
-        self._kwargs = {"prompt_cache": r.prompt_cache, "policy_device": r.policy_device}
+        self._kwargs = worker_kwargs(r)
         self.num_cpus, self.num_gpus, self.start_timeout_s = r.num_cpus, r.num_gpus, r.start_timeout_s
         self.min_workers, self.restart_timeout_s = r.min_workers, r.restart_timeout_s
         self.reference_steps, self.micro_batch = 0, r.micro_batch

@@ -10,6 +10,8 @@ repeated to RGB; PIL images are converted.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -66,13 +68,23 @@ def stack_uint8(images: Any) -> np.ndarray:
     return np.stack(arrs) if arrs else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def downscale(images: np.ndarray, size: int) -> np.ndarray:
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="downscale")
+
+
+def downscale(images: np.ndarray, size: int, threads: int = 1) -> np.ndarray:
     """A batch [N, H, W, 3] uint8 (or float [N, 3, H, W] / [N, H, W, 3]) with its longest side
     brought down to ``size`` (bicubic, antialiased: PIL's for uint8 RGB, as CLIP resizes; torch's,
     which matches it, otherwise), in the same layout
     and dtype; smaller images and non-image batches (e.g. the toy's vectors) are returned as they
     are. The rollout workers apply it where every reward declares the side it reads
-    (``input_size``), so 1024² images do not travel to a reward that reads 224²."""
+    (``input_size``), so 1024² images do not travel to a reward that reads 224².
+
+    ``threads`` > 1 resizes uint8 RGB images that many at a time (PIL releases the GIL while it
+    resizes), each image by the same call: the result is the same for any number. A worker's
+    cores sit idle while its GPU samples, and at 1024² the resize is the most CPU a request costs
+    (``rollout.image_threads``)."""
     import torch
     import torch.nn.functional as F
 
@@ -87,8 +99,11 @@ def downscale(images: np.ndarray, size: int) -> np.ndarray:
     if a.dtype == np.uint8 and last and a.shape[-1] == 3:  # the common case: PIL's SIMD resize, as CLIP's own
         from PIL import Image
 
-        bicubic = Image.Resampling.BICUBIC
-        return np.stack([np.asarray(Image.fromarray(img).resize((new[1], new[0]), bicubic)) for img in a])
+        def one(img: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(img).resize((new[1], new[0]), Image.Resampling.BICUBIC))
+
+        workers = min(threads, len(a))
+        return np.stack(list(_pool(workers).map(one, a)) if workers > 1 else [one(img) for img in a])
     x = torch.from_numpy(np.ascontiguousarray(a)).float()
     if last:
         x = x.permute(0, 3, 1, 2)

@@ -47,9 +47,11 @@ class RolloutWorker(Actor):
         torch_threads: int = 1,
         prompt_cache: int = 256,
         policy_device: str = "auto",
+        image_threads: int = 1,
     ):
         torch.set_num_threads(torch_threads)
         self.worker_id, self.run_seed = worker_id, run_seed
+        self.image_threads = image_threads  # the images' downscaling, one image each (rollout.image_threads)
         self.sampler = build_sampler(SamplerConfig(**sampler))
         self._policy_cfg, self._steps = PolicyConfig(**policy), steps
         self.device = resolve_device(policy_device)  # 'auto': the GPU Ray gave this worker, if any
@@ -194,10 +196,10 @@ class RolloutWorker(Actor):
             ref_times = np.tile(times_from_tau(self.sampler.default_tau(request.reference_steps)), (len(ctxs), 1))
             references = self.sampler.sample(prompts, x, ref_times)
             if request.image_size is not None:
-                references = downscale(references, request.image_size)
+                references = downscale(references, request.image_size, self.image_threads)
             references = np.repeat(references, k, axis=0)
         if request.image_size is not None:
-            images = downscale(images, request.image_size)
+            images = downscale(images, request.image_size, self.image_threads)
         batch = RolloutBatch(
             request_id=request.request_id,
             iteration=request.iteration,
