@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:  # run as a script (python bench/overhead.py), not
 
 import numpy as np  # noqa: E402
 
-from common.config import load_config  # noqa: E402
+from common.config import RolloutConfig, load_config  # noqa: E402
 from learner.groups import request_size  # noqa: E402
 from learner.metrics import read_jsonl  # noqa: E402
 
@@ -130,6 +130,7 @@ def run_one(args: argparse.Namespace, workers: int, out: Path, pipeline: bool = 
             "contexts_per_iter": args.contexts,
             "reference_steps": 0,
             "micro_batch": args.micro_batch or None,
+            "image_threads": args.image_threads,
         },
         "rewards": [
             {
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     p.add_argument(
         "--micro-batch", type=int, default=1, help="Contexts per request (rollout.micro_batch); 0: one per worker."
+    )
+    p.add_argument(
+        "--image-threads",
+        type=int,
+        default=RolloutConfig.model_fields["image_threads"].default,
+        help="Threads each worker downscales its images on (rollout.image_threads).",
     )
     p.add_argument("--broadcast-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="Skip the one-step-off-policy runs.")

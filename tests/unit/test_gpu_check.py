@@ -31,14 +31,14 @@ def test_every_step_runs_within_ten_minutes_and_logs_to_its_folder(tmp_path):
     res = _run(env={"GPU_CHECK_OUT": str(tmp_path)})
     assert res.returncode == 0, res.stderr
     limits = [int(n) for n in re.findall(r"^timeout (\d+) ", res.stdout, re.M)]
-    assert len(limits) == 5 and sum(limits) <= 600, limits
+    assert len(limits) == 6 and sum(limits) <= 600, limits
     assert "-m gpu" in res.stdout and "tests/unit/test_backends.py" in res.stdout
     assert "tests/integration/test_loop.py" in res.stdout  # Ray is installed here
     assert "bench/learner_step.py --device cuda" in res.stdout
     assert "bench/rollout_throughput.py --arch real" in res.stdout
     assert "bench/overhead.py --workers 16 32" in res.stdout
     summary = (tmp_path / "summary.log").read_text().splitlines()
-    assert [line.split(" (")[0] for line in summary] == ["step 1", "step 2", "step 2c", "step 3", "step 4"]
+    assert [line.split(" (")[0] for line in summary] == ["step 1", "step 2", "step 2c", "step 2w", "step 3", "step 4"]
     assert "bench/learner_step.py --device cuda" in (tmp_path / "step2.log").read_text()
 
 
@@ -46,7 +46,7 @@ def test_only_the_steps_asked_for_run_and_an_unknown_one_runs_none():
     res = _run("3", "2")
     assert res.returncode == 0, res.stderr
     heads = re.findall(r"^== (\w+)\.", res.stdout, re.M)
-    assert heads == ["3", "2", "2c"]
+    assert heads == ["3", "2", "2c", "2w"]
     bad = _run("2", "5")
     assert bad.returncode == 2
     assert "no step '5'" in bad.stderr and "== 2." not in bad.stdout
