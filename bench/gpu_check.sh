@@ -13,7 +13,7 @@
 #      GPU on both sides: the learner's (learner.device auto) and the workers' (a 1/W share of the
 #      GPU each).
 # Every figure is printed; the ratios are what to compare across machines. On one H200 (16 cores)
-# the steps took 69, 14, 16, about 20, 51 and 144 s.
+# steps 1, 2, 2c and 3 took 69, 14, 16 and 51 s, and step 4's runs about 144 s (step 2w has not run).
 #
 #     bash bench/gpu_check.sh                   # every step, from the repository root
 #     bash bench/gpu_check.sh 2 3               # only those steps (a rerun of the ones that failed)

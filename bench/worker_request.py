@@ -8,7 +8,8 @@ Each request is one context, K images of 1024² (``rollout.micro_batch: 1``), as
 ``bench/overhead.py``. Figures, in milliseconds per request: the whole request without
 downscaling (the images sent as made: noise, the policy's forward, the draws, the simulated
 images), then with the images downscaled to 224² (HPS's input) on ``rollout.image_threads`` of
-1 and of ``--threads``, and the downscale alone on each. A request of a real sampler costs
+1 and of ``--threads`` (as many at a time as a request has images: K), and the downscale alone
+on each. A request of a real sampler costs
 these on top of its sampling; the ratios are what compare across machines. The last line is
 ``downscale on <T> threads / on 1: X``.
 """
@@ -96,14 +97,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "downscale_threads_ms": _median_ms(lambda: downscale(images, args.reward_size, args.threads), args.repeats),
     }
     side = f"{args.image_size}² to {args.reward_size}²"
+    used = f"{args.threads} ({min(args.threads, args.k)} at a time: {args.k} images)"
     print(f"one request: 1 context, K={args.k}, L={args.steps}, {args.preset} shapes, policy on {args.device}")
     print("| per request (ms) | value |")
     print("| --- | --- |")
     print(f"| the images as made | {out['request_ms']:.1f} |")
     print(f"| downscaled {side}, image_threads 1 | {out['request_downscaled_1_ms']:.1f} |")
-    print(f"| downscaled {side}, image_threads {args.threads} | {out['request_downscaled_threads_ms']:.1f} |")
+    print(f"| downscaled {side}, image_threads {used} | {out['request_downscaled_threads_ms']:.1f} |")
     print(f"| the downscale alone ({args.k} images), 1 thread | {out['downscale_1_ms']:.1f} |")
-    print(f"| the downscale alone ({args.k} images), {args.threads} threads | {out['downscale_threads_ms']:.1f} |")
+    print(f"| the downscale alone ({args.k} images), image_threads {used} | {out['downscale_threads_ms']:.1f} |")
     print(f"downscale on {args.threads} threads / on 1: {out['downscale_threads_ms'] / out['downscale_1_ms']:.2f}")
     return out
 

@@ -884,6 +884,7 @@ RESUME_FREE = {
     "rollout.sample_timeout_per_nfe_s",
     "rollout.micro_batch",
     "rollout.policy_device",
+    "rollout.image_threads",
     "learner.device",
 }
 _REWARD_RESOURCES = {

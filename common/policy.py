@@ -493,11 +493,14 @@ def load_numpy_state(policy: nn.Module | dict[str, torch.Tensor], state: Weights
 
 
 def copy_cast(target: torch.Tensor, source: torch.Tensor) -> None:
-    """``target.copy_(source)``, with the cast done where ``target`` lives: ``source`` moves to
-    its device first, in its own dtype. ``copy_`` from the CPU to a GPU with another dtype casts on
-    the CPU and sends the cast bytes, so a bfloat16 version loading into a GPU worker's float32
-    policy would cast 20M weights on one CPU thread and send twice the bytes."""
-    target.copy_(source.to(target.device))
+    """``target.copy_(source)``, with the cast done where ``target`` lives: across devices with
+    another dtype, ``source`` moves to ``target``'s device first, as it is. ``copy_`` from the CPU
+    to a GPU with another dtype casts on the CPU and sends the cast bytes, so a bfloat16 version
+    loading into a GPU worker's float32 policy would cast 20M weights on one CPU thread and send
+    twice the bytes. Of one dtype, or on one device, the copy is direct (no temporary)."""
+    if source.device != target.device and source.dtype != target.dtype:
+        source = source.to(target.device)
+    target.copy_(source)
 
 
 class FlatState:

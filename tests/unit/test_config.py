@@ -555,3 +555,12 @@ def test_schedule_entries_past_the_end_of_the_run_are_announced(tmp_path, capsys
         "warning: policy.concentration_schedule at iteration 5000 is never in force: the run has learner.iterations=10",
     ]
     assert load_config(["--learner.iterations=10", "--rollout.k_schedule={9: 4}"]).never_in_force() == []
+
+
+def test_a_resume_may_change_how_workers_downscale_but_not_what_they_sample():
+    from common.config import RUN_FLAGS, resume_conflicts
+
+    saved = Config().model_dump(mode="json", exclude=RUN_FLAGS)
+    # the same images on any number of threads (rewards.images.downscale)
+    assert resume_conflicts(saved, Config(rollout={"image_threads": 8})) == []
+    assert resume_conflicts(saved, Config(rollout={"image_threads": 8, "k": 4})) == ["rollout.k"]
