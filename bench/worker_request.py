@@ -27,15 +27,15 @@ if str(REPO) not in sys.path:  # run as a script (python bench/worker_request.py
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from common.config import load_config  # noqa: E402
 from common.messages import Context, RolloutRequest  # noqa: E402
 from rewards.images import downscale  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: the first call builds caches (the prompt's features, the thread pool)
+    fn()  # warm-up: the first call fills the worker's prompt cache
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(1)  # as a worker holds it (RolloutWorker's torch_threads)
 
     if args.policy == "paper":
-        policy = dict(yaml.safe_load((REPO / "configs" / "flux_dev_hps.yaml").read_text())["policy"])
+        policy = load_config(["--config", str(REPO / "configs" / "flux_dev_hps.yaml")]).policy.model_dump()
     else:
         policy = {"widths": [8, 8, 16, 16], "groups": 4, "attn_heads": 2, "head_hidden": 16}
     sampler = {
